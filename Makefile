@@ -1,0 +1,31 @@
+# Set-up is part of every target: the first `make run` or `make test` creates .venv and installs.
+PYTHON ?= python3
+VENV   := .venv
+# The torch/torchvision pair is pinned here (not in pyproject) so users with another CUDA build can override it.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+SOURCE ?=
+ARGS   ?=
+
+.PHONY: setup run test test-slow clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet $(TORCH)
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+run: setup
+	@test -n "$(SOURCE)" || { echo 'usage: make run SOURCE=path/to/images [ARGS="--out DIR ..."]' >&2; exit 2; }
+	$(VENV)/bin/label-images run "$(SOURCE)" $(ARGS)
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+test-slow: setup
+	$(VENV)/bin/python -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,5 @@
+"""`python -m pipeline` is the same as the `label-images` command."""
+
+from pipeline.cli import main
+
+main()

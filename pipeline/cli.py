@@ -1,0 +1,135 @@
+"""The `label-images` command: config file + flags -> one frozen RunConfig -> runner."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline import config as configuration
+from pipeline.errors import Interrupted, RunError, UsageError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+    help="Label image collections with a torchvision classifier: top-k labels to Parquet/CSV, "
+         "resumable.",
+)
+
+
+class Format(str, Enum):
+    parquet = "parquet"
+    csv = "csv"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+@app.callback()
+def _root() -> None:
+    """Label image collections with a torchvision classifier."""
+
+
+def _fail(exc: Exception, code: int) -> typer.Exit:
+    typer.echo(f"label-images: error: {exc}", err=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def run(
+    source: Annotated[Optional[str], typer.Argument(
+        help="A folder of images, or a manifest (.csv .tsv .parquet .jsonl .txt).",
+        show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Run directory (default: outputs/<source name>).",
+        show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        help="TOML file with any of these options; flags override it.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="torchvision classification model name (default: resnet50).")] = None,
+    weights: Annotated[Optional[str], typer.Option(
+        help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...) or a local checkpoint "
+             "file (default: DEFAULT).")] = None,
+    labels: Annotated[Optional[Path], typer.Option(
+        help="Class names, one a line, in class-index order.")] = None,
+    resize: Annotated[Optional[int], typer.Option(
+        help="Resize the shorter side to this (default: from the weights, else 256).")] = None,
+    crop: Annotated[Optional[int], typer.Option(
+        help="Centre crop size (default: from the weights, else 224).")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help="auto, cpu, cuda or cuda:N (default: auto).")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(
+        help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 (default: auto)."
+    )] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Images per batch (default: 256 on CUDA, 32 on CPU).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Decoding worker processes (default: chosen for the device).")] = None,
+    format: Annotated[Optional[Format], typer.Option(
+        "--format", help="Output format (default: parquet).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(
+        help="Labels per image (default: 5).")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(
+        help="Images per shard, the unit of commit and resume (default: 1000).")] = None,
+    path_column: Annotated[Optional[str], typer.Option(
+        help="Manifest column with the image paths (default: detected).")] = None,
+    id_column: Annotated[Optional[str], typer.Option(
+        help="Manifest column with a stable id, used as the key (default: the path).")] = None,
+    root: Annotated[Optional[str], typer.Option(
+        help="Folder that relative manifest paths resolve against (default: the manifest's)."
+    )] = None,
+    keep_columns: Annotated[Optional[str], typer.Option(
+        help="Manifest columns to copy into the output, comma-separated.")] = None,
+    max_pixels: Annotated[Optional[int], typer.Option(
+        help="Images larger than this (width x height) become error rows "
+             "[default: 100000000].")] = None,
+    allow_duplicates: Annotated[Optional[bool], typer.Option(
+        "--allow-duplicates", help="Accept a manifest that lists a key twice.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option(
+        "--overwrite", help="Discard a previous run in --out and start afresh.")] = None,
+    quiet: Annotated[Optional[bool], typer.Option(
+        "--quiet", "-q", help="No progress bar.")] = None,
+    compile: Annotated[Optional[bool], typer.Option(
+        "--compile", help="torch.compile the model (pays off on long GPU runs).")] = None,
+) -> None:
+    """Label every image of SOURCE into OUT/labels.parquet (or .csv); rerun to resume."""
+    flags = {
+        "source": source, "out": out, "model": model, "weights": weights, "labels": labels,
+        "resize": resize, "crop": crop, "device": device,
+        "precision": precision.value if precision else None, "batch_size": batch_size,
+        "workers": workers, "format": format.value if format else None, "top_k": top_k,
+        "shard_size": shard_size, "path_column": path_column, "id_column": id_column,
+        "root": root, "keep_columns": keep_columns, "max_pixels": max_pixels,
+        "allow_duplicates": allow_duplicates, "overwrite": overwrite, "quiet": quiet,
+        "compile": compile,
+    }
+    # Imported here so that `--help` and config errors answer without loading torch.
+    try:
+        file_values = configuration.read_toml(str(config)) if config else {}
+        resolved = configuration.resolve(file_values, flags)
+        from pipeline import runner
+
+        summary = runner.run(resolved)
+    except (UsageError, RunError, Interrupted) as exc:
+        raise _fail(exc, exc.exit_code) from None
+    typer.echo(summary.line(), err=True)
+
+
+def main() -> None:
+    """Console entry point: usage errors become one line and exit 2, like ours."""
+    if len(sys.argv) == 1:
+        sys.argv.append("--help")
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # the parser's bad-usage errors (exit code 2)
+        typer.echo(f"label-images: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code or 0)

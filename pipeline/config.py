@@ -1,0 +1,145 @@
+"""One frozen run configuration: defaults, then a TOML file, then command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UsageError
+
+FORMATS = ("parquet", "csv")
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `label-images run` needs; each field is also a key in the TOML file."""
+
+    source: str
+    out: str
+    model: str = "resnet50"
+    weights: str = "DEFAULT"
+    labels: str | None = None
+    resize: int | None = None
+    crop: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None  # None: chosen for the device
+    workers: int | None = None  # None: chosen for the device
+    format: str = "parquet"
+    top_k: int = 5
+    shard_size: int = 1000
+    path_column: str | None = None
+    id_column: str | None = None
+    root: str | None = None
+    keep_columns: tuple[str, ...] = field(default_factory=tuple)
+    max_pixels: int = 100_000_000
+    allow_duplicates: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    compile: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["keep_columns"] = list(self.keep_columns)
+        return data
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_INT_FIELDS = {"resize", "crop", "batch_size", "workers", "top_k", "shard_size", "max_pixels"}
+_BOOL_FIELDS = {"allow_duplicates", "overwrite", "quiet", "compile"}
+
+
+def default_out(source: str) -> str:
+    """outputs/<source name without suffix>: where a run goes when --out is not given."""
+    name = Path(source.rstrip("/")).stem or "run"
+    return str(Path("outputs") / name)
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Read a config file; keys may be spelled with dashes or underscores."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            known = ", ".join(sorted(FIELDS))
+            raise UsageError(f"unknown key '{key}' in {path} (known keys: {known})")
+        values[name] = value
+    return values
+
+
+def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConfig:
+    """Merge defaults < config file < flags (flags that are None were not given) and validate."""
+    values = dict(file_values)
+    values.update({k: v for k, v in flag_values.items() if v is not None})
+    if not values.get("source"):
+        raise UsageError("no SOURCE given: pass a folder or manifest, or set 'source' in --config")
+    if isinstance(values.get("keep_columns"), str):
+        values["keep_columns"] = [c.strip() for c in values["keep_columns"].split(",") if c.strip()]
+    values.setdefault("out", None)
+    if not values["out"]:
+        values["out"] = default_out(str(values["source"]))
+    for name, value in values.items():
+        _check_type(name, value)
+    values["keep_columns"] = tuple(values.get("keep_columns", ()))
+    for name in ("source", "out", "labels", "root"):
+        if values.get(name) is not None:
+            values[name] = os.fspath(values[name])
+    config = RunConfig(**values)
+    _check_values(config)
+    return config
+
+
+def _check_type(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if name in _INT_FIELDS:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        expected = "a whole number"
+    elif name in _BOOL_FIELDS:
+        ok = isinstance(value, bool)
+        expected = "true or false"
+    elif name == "keep_columns":
+        ok = isinstance(value, (list, tuple)) and all(isinstance(c, str) for c in value)
+        expected = "a list of column names"
+    else:
+        ok = isinstance(value, (str, os.PathLike))
+        expected = "a string"
+    if not ok:
+        raise UsageError(f"{_flag(name)} must be {expected}, got {value!r}")
+
+
+def _check_values(config: RunConfig) -> None:
+    if config.format not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {config.format!r}")
+    if config.precision not in PRECISIONS:
+        raise UsageError(
+            f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}"
+        )
+    if not _DEVICE_PATTERN.match(config.device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
+    for name in ("top_k", "shard_size", "max_pixels", "batch_size", "resize", "crop"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise UsageError(f"{_flag(name)} must be at least 1, got {value}")
+    if config.workers is not None and config.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {config.workers}")
+    if len(set(config.keep_columns)) != len(config.keep_columns):
+        raise UsageError(f"--keep-columns names a column twice: {','.join(config.keep_columns)}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")

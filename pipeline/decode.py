@@ -1,0 +1,116 @@
+"""Image bytes to a uint8 CHW crop: EXIF orientation, RGB, resize, centre crop; errors raised per item."""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+# We refuse oversized images ourselves (--max-pixels, from the header, before decoding), so
+# PIL's own global guard, which warns or raises at a fixed size, is switched off.
+Image.MAX_IMAGE_PIXELS = None
+
+# What a broken, truncated or hostile file can raise while being identified or decoded.
+# Anything else is a bug in this code and should surface.
+DECODE_ERRORS = (OSError, ValueError, RuntimeError, SyntaxError, EOFError, struct.error,
+                 Image.DecompressionBombError)
+
+# EXIF orientations that swap width and height when applied.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+class ImageError(Exception):
+    """This item cannot be labelled; the message becomes the row's `error` text."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Eval preprocessing: resize the shorter side, centre crop, then normalise on the device."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean),
+                "std": list(self.std), "interpolation": self.interpolation}
+
+
+@dataclass(frozen=True)
+class Decoded:
+    image: torch.Tensor  # uint8 (3, crop, crop)
+    width: int  # as displayed, after EXIF orientation
+    height: int
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def decode(data: bytes, preprocess: Preprocess, max_pixels: int) -> Decoded:
+    """Decode and preprocess one image; raises ImageError or one of DECODE_ERRORS."""
+    if not data:
+        raise ImageError("empty file")
+    image = Image.open(io.BytesIO(data))  # reads the header only
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(f"{width}x{height} is over the --max-pixels limit of {max_pixels}")
+    orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    if image.format == "JPEG" and image.mode in ("RGB", "L"):
+        pixels = _decode_jpeg(data)
+    else:
+        pixels = _decode_with_pil(image)
+    return Decoded(image=resize_and_crop(pixels, preprocess), width=width, height=height)
+
+
+def _decode_jpeg(data: bytes) -> torch.Tensor:
+    """libjpeg-turbo through torchvision: faster than PIL for the common case."""
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work
+        # and are what this project measures against. Moving is an extra dependency, left
+        # for later; until then the warning would repeat for every image.
+        warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                message=".*decoding and encoding capabilities of TorchVision")
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+
+
+def _decode_with_pil(image: Image.Image) -> torch.Tensor:
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    return F.pil_to_tensor(to_rgb(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB the way a viewer would show it (alpha is dropped)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit greyscale: PIL's own conversion clips at 255, which turns most of it white.
+        scaled = (np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if image.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P":
+        # Via RGBA so that palette transparency does not trigger PIL's warning; same colours.
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """Shorter side to `resize` (antialiased, like PIL), then the centre `crop` square."""
+    mode = InterpolationMode(preprocess.interpolation)
+    resized = F.resize(pixels, [preprocess.resize], interpolation=mode, antialias=True)
+    return F.center_crop(resized, [preprocess.crop, preprocess.crop]).contiguous()

@@ -1,0 +1,25 @@
+"""The kinds of fatal failure, and the exit codes the CLI maps them to."""
+
+import signal
+
+
+class UsageError(Exception):
+    """Bad usage, configuration or input, found before any image is labelled: exit 2."""
+
+    exit_code = 2
+
+
+class RunError(Exception):
+    """A fatal failure while running (disk, workers, lock): exit 1, committed shards intact."""
+
+    exit_code = 1
+
+
+class Interrupted(Exception):
+    """Stopped by a signal (exit 128 + signal number); every shard committed so far is intact."""
+
+    def __init__(self, signum: int, committed: int, total: int):
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}: {committed} of {total} shards committed; "
+                         "run the same command again to resume")

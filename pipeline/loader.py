@@ -1,0 +1,130 @@
+"""Dataset and DataLoader over the pending shards of a plan; keys travel beside the tensors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+import torch
+from PIL import UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode, read_bytes
+from pipeline.plan import Plan
+
+
+@dataclass
+class Batch:
+    """A batch in plan order. `images` holds only the decoded items, at `decoded` positions."""
+
+    indices: list[int]
+    keys: list[str]
+    images: torch.Tensor  # uint8 (len(decoded), 3, crop, crop)
+    decoded: list[int]  # positions in this batch whose image decoded
+    widths: list[int]
+    heights: list[int]
+    errors: list[str | None]
+
+    def pin_memory(self) -> Batch:
+        # Called by the DataLoader's pin thread (CUDA only): page-locked for async copies.
+        self.images = self.images.pin_memory()
+        return self
+
+
+class PlanItems(Dataset):
+    """Item i of the plan, decoded. Each worker keeps only the shard it is reading in memory."""
+
+    def __init__(self, plan: Plan, preprocess: Preprocess, max_pixels: int):
+        self.plan = plan
+        self.preprocess = preprocess
+        self.max_pixels = max_pixels
+        self._shard: int | None = None
+        self._keys: list[str] = []
+        self._paths: list[str] = []
+
+    def __len__(self) -> int:
+        return self.plan.num_items
+
+    def __getitem__(self, index: int) -> dict:
+        shard, offset = divmod(index, self.plan.shard_size)
+        if shard != self._shard:
+            rows = self.plan.read_shard(shard, columns=["key", "path"])
+            self._keys = rows["key"].to_pylist()
+            self._paths = rows["path"].to_pylist()
+            self._shard = shard
+        key, path = self._keys[offset], self._paths[offset]
+        sample = {"index": index, "key": key, "image": None, "width": 0, "height": 0,
+                  "error": None}
+        try:
+            decoded = decode(read_bytes(path), self.preprocess, self.max_pixels)
+        except ImageError as exc:
+            sample["error"] = str(exc)
+        except DECODE_ERRORS as exc:
+            sample["error"] = describe_error(exc)
+        else:
+            sample.update(image=decoded.image, width=decoded.width, height=decoded.height)
+        return sample
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, path-free reason: the path is already in the row."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a readable image (unknown or corrupt format)"
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    else:
+        text = str(exc).splitlines()[0] if str(exc) else ""
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text[:200]
+
+
+def collate(samples: list[dict]) -> Batch:
+    decoded = [i for i, s in enumerate(samples) if s["image"] is not None]
+    if decoded:
+        images = torch.stack([samples[i]["image"] for i in decoded])
+    else:
+        images = torch.empty((0, 3, 1, 1), dtype=torch.uint8)
+    return Batch(
+        indices=[s["index"] for s in samples], keys=[s["key"] for s in samples],
+        images=images, decoded=decoded,
+        widths=[s["width"] for s in samples], heights=[s["height"] for s in samples],
+        errors=[s["error"] for s in samples],
+    )
+
+
+class PendingItems(Sampler[int]):
+    """Item indices of the given shards, in plan order, generated lazily."""
+
+    def __init__(self, plan: Plan, shards: list[int]):
+        self.plan = plan
+        self.shards = sorted(shards)
+
+    def __iter__(self) -> Iterator[int]:
+        for shard in self.shards:
+            yield from range(*self.plan.shard_bounds(shard))
+
+    def __len__(self) -> int:
+        return sum(end - start for start, end in map(self.plan.shard_bounds, self.shards))
+
+
+def _init_worker(_: int) -> None:
+    # Decoding is one image per worker at a time; torch's own thread pool there would only
+    # fight the model's threads for the same cores.
+    torch.set_num_threads(1)
+
+
+def make_loader(plan: Plan, shards: list[int], preprocess: Preprocess, *, batch_size: int,
+                workers: int, max_pixels: int, pin_memory: bool) -> DataLoader:
+    """Batches of the pending shards in plan order (DataLoader keeps order across workers)."""
+    extra = {}
+    if workers > 0:
+        extra = {"persistent_workers": True, "prefetch_factor": 4,
+                 "worker_init_fn": _init_worker,
+                 "multiprocessing_context": "fork" if os.name == "posix" else None}
+    return DataLoader(
+        PlanItems(plan, preprocess, max_pixels), batch_size=batch_size,
+        sampler=PendingItems(plan, shards), num_workers=workers, collate_fn=collate,
+        pin_memory=pin_memory, **extra,
+    )

@@ -1,0 +1,91 @@
+"""Freeze the item list into numbered shards (one Parquet row group each); find the done ones."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.writer import atomic_path
+
+PLAN_FILE = "plan.parquet"
+PARTS_DIR = "parts"
+_SHARD_SIZE_KEY = "label_images.shard_size"
+_PART_NAME = re.compile(r"^part-(\d{6})\.parquet$")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The frozen items of a run: shard i is row group i of plan.parquet."""
+
+    path: Path
+    num_items: int
+    shard_size: int
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_items / self.shard_size)
+
+    def shard_bounds(self, shard: int) -> tuple[int, int]:
+        """First item index of the shard and one past its last."""
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.num_items)
+
+    def read_shard(self, shard: int, columns: list[str] | None = None) -> pa.Table:
+        return pq.ParquetFile(self.path).read_row_group(shard, columns=columns)
+
+
+def freeze(table: pa.Table, run_dir: Path, shard_size: int) -> Plan:
+    """Write the items once, atomically; from then on the plan, not the source, is the truth."""
+    path = run_dir / PLAN_FILE
+    table = table.replace_schema_metadata({_SHARD_SIZE_KEY: str(shard_size)})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=shard_size)
+    return load(run_dir)
+
+
+def load(run_dir: Path) -> Plan:
+    """The frozen plan; its shard size is the one it was made with, whatever is asked now."""
+    path = run_dir / PLAN_FILE
+    meta = pq.ParquetFile(path).metadata
+    shard_size = int(meta.metadata[_SHARD_SIZE_KEY.encode()])
+    plan = Plan(path=path, num_items=meta.num_rows, shard_size=shard_size)
+    # Shard = row group is what makes a shard cheap to read; check it rather than trust it.
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    expected = [plan.shard_bounds(i)[1] - plan.shard_bounds(i)[0] for i in range(plan.num_shards)]
+    if sizes != expected:
+        raise ValueError(f"{path}: row groups {sizes[:5]}... do not match shard size {shard_size}")
+    return plan
+
+
+def items_digest(table: pa.Table) -> str:
+    """A hash of the keys and paths in order: a changed source gives a different digest."""
+    digest = hashlib.sha256()
+    for batch in table.select(["key", "path"]).to_batches(max_chunksize=65536):
+        for column in batch.columns:
+            digest.update(b"\x1e".join(v.encode() for v in column.to_pylist()))
+            digest.update(b"\x1d")
+    return digest.hexdigest()
+
+
+def part_path(run_dir: Path, shard: int) -> Path:
+    return run_dir / PARTS_DIR / f"part-{shard:06d}.parquet"
+
+
+def committed_shards(run_dir: Path) -> set[int]:
+    """Shards whose part file was committed (renamed into place); temporaries do not count."""
+    parts = run_dir / PARTS_DIR
+    if not parts.is_dir():
+        return set()
+    done = set()
+    for name in os.listdir(parts):
+        match = _PART_NAME.match(name)
+        if match:
+            done.add(int(match.group(1)))
+    return done

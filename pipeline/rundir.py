@@ -1,0 +1,102 @@
+"""The run directory: its lock, its run.json and fingerprint, and starting afresh."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.errors import RunError, UsageError
+from pipeline.plan import PARTS_DIR, PLAN_FILE
+from pipeline.writer import remove_temporaries, write_json
+
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".lock"
+OUTPUT_STEM = "labels"
+
+
+class RunDirectory:
+    """An output directory held by one run at a time (an flock: a killed run's lock goes with it)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> RunDirectory:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"cannot create output directory {self.path}: {exc.strerror}") from None
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunError(f"another label-images run (pid {holder}) is using {self.path}; "
+                           "wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        remove_temporaries(self.path)
+        remove_temporaries(self.path / PARTS_DIR)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def output_path(self, fmt: str) -> Path:
+        return self.path / f"{OUTPUT_STEM}.{fmt}"
+
+    def read_run(self) -> dict | None:
+        try:
+            return json.loads((self.path / RUN_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UsageError(f"{self.path / RUN_FILE} is damaged; rerun with --overwrite "
+                             "to start afresh") from None
+
+    def clear(self) -> None:
+        """Forget a previous run: only the files this tool writes are removed."""
+        for name in (RUN_FILE, SUMMARY_FILE, PLAN_FILE, f"{OUTPUT_STEM}.parquet",
+                     f"{OUTPUT_STEM}.csv"):
+            (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.path / PARTS_DIR, ignore_errors=True)
+
+    def prepare(self, fingerprint: dict, record: dict, overwrite: bool) -> bool:
+        """Check a previous run here is the same job, then record this one; True if resuming."""
+        if overwrite:
+            self.clear()
+        previous = self.read_run()
+        if previous is not None:
+            differences = describe_differences(previous.get("fingerprint", {}), fingerprint)
+            if differences:
+                raise UsageError(
+                    f"{self.path} holds a run with a different {'; '.join(differences)}; "
+                    "rerun with --overwrite to start afresh, or choose another --out")
+        write_json(self.path / RUN_FILE, {"fingerprint": fingerprint, **record})
+        return previous is not None
+
+
+def describe_differences(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """Human-readable 'what changed' between two fingerprints, e.g. 'top_k (5 -> 3)'."""
+    differences = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += describe_differences(old, new, prefix=f"{name}.")
+        elif isinstance(old, str) and len(old) > 40 or isinstance(new, str) and len(new) > 40:
+            differences.append(f"{name} (changed)")
+        else:
+            differences.append(f"{name} ({old} -> {new})")
+    return differences

@@ -1,0 +1,204 @@
+"""List a folder or read a manifest into a table of (key, path, extra columns); no torch."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from pipeline.errors import UsageError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+)
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl", ".txt")
+# Column names taken as the path column when --path-column is not given, in no order:
+# more than one of them present is ambiguous and refused.
+PATH_COLUMN_NAMES = frozenset(
+    {"path", "filepath", "file_path", "filename", "file_name", "file", "image", "image_path",
+     "img", "img_path", "url", "uri", "location"}
+)
+# Output columns a passed-through manifest column may not shadow.
+RESERVED_COLUMNS = frozenset(
+    {"key", "path", "status", "error", "width", "height", "top1_label", "top1_score",
+     "labels", "scores", "class_ids"}
+)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where the items come from and how a manifest is read."""
+
+    location: str
+    path_column: str | None = None
+    id_column: str | None = None
+    root: str | None = None
+    keep_columns: tuple[str, ...] = ()
+    allow_duplicates: bool = False
+
+    def describe(self) -> dict:
+        """The parts of the spec that decide which items a run labels (for the fingerprint)."""
+        return {
+            "location": os.path.abspath(self.location),
+            "path_column": self.path_column,
+            "id_column": self.id_column,
+            "root": os.path.abspath(self.root) if self.root else None,
+            "keep_columns": list(self.keep_columns),
+        }
+
+
+def read_source(spec: SourceSpec) -> pa.Table:
+    """Return the items as a table: `key`, `path` (as it will be read), then kept columns."""
+    location = Path(spec.location)
+    if location.is_dir():
+        if spec.path_column or spec.id_column or spec.keep_columns:
+            raise UsageError(
+                "--path-column, --id-column and --keep-columns apply to manifests, "
+                f"but {spec.location} is a folder"
+            )
+        table = list_directory(location)
+    elif location.is_file():
+        table = _items_from_manifest(spec)
+    else:
+        raise UsageError(f"source not found: {spec.location}")
+    if table.num_rows == 0:
+        raise UsageError(f"no images in {spec.location}")
+    if not spec.allow_duplicates:
+        _refuse_duplicate_keys(table["key"], spec)
+    return table
+
+
+def list_directory(root: Path) -> pa.Table:
+    """Image files below root, recursively, sorted by relative path; hidden entries skipped.
+
+    The key is the path relative to root (stable when the folder moves); symlinked
+    folders are not followed (no cycles), symlinked files are listed, broken ones too,
+    so that they become error rows instead of vanishing.
+    """
+    relative: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        base = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            relative.append(name if base == "." else f"{base}/{name}".replace(os.sep, "/"))
+    relative.sort()
+    paths = [os.path.join(root, rel) for rel in relative]
+    return pa.table({"key": pa.array(relative, pa.string()), "path": pa.array(paths, pa.string())})
+
+
+def read_manifest(path: Path) -> pa.Table:
+    """Read a manifest file as it is; CSV/TSV/TXT columns stay text, so ids like 007 survive."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            frame = pd.read_csv(
+                path, sep="\t" if suffix == ".tsv" else ",", dtype=str,
+                keep_default_na=False, encoding="utf-8-sig",
+            )
+            return pa.Table.from_pandas(frame, preserve_index=False)
+        if suffix == ".txt":
+            with open(path, encoding="utf-8-sig", newline="") as fh:
+                lines = [line.rstrip("\r\n") for line in fh]
+            return pa.table({"path": pa.array([line for line in lines if line.strip()], pa.string())})
+        if suffix == ".jsonl":
+            return pajson.read_json(path)
+        if suffix == ".parquet":
+            return pq.read_table(path)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"manifest {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except pd.errors.EmptyDataError:
+        raise UsageError(f"manifest {path} is empty") from None
+    except (pd.errors.ParserError, pa.ArrowInvalid) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot read manifest {path}: {first_line}") from None
+    raise UsageError(
+        f"{path} is neither a folder nor a manifest ({', '.join(MANIFEST_SUFFIXES)})"
+    )
+
+
+def _items_from_manifest(spec: SourceSpec) -> pa.Table:
+    manifest_path = Path(spec.location)
+    table = read_manifest(manifest_path)
+    if table.num_rows == 0:
+        raise UsageError(f"manifest {manifest_path} is empty")
+    columns = table.column_names
+    path_column = spec.path_column or _detect_path_column(columns, manifest_path)
+    for option, name in (("--path-column", path_column), ("--id-column", spec.id_column)):
+        if name is not None and name not in columns:
+            raise UsageError(f"{option} {name!r} is not a column of {manifest_path} "
+                             f"(columns: {', '.join(columns)})")
+    unknown = [c for c in spec.keep_columns if c not in columns]
+    if unknown:
+        raise UsageError(f"--keep-columns names {', '.join(unknown)}, not in {manifest_path} "
+                         f"(columns: {', '.join(columns)})")
+    clashing = [c for c in spec.keep_columns if c in RESERVED_COLUMNS]
+    if clashing:
+        raise UsageError(f"--keep-columns {', '.join(clashing)} would clash with output columns "
+                         f"of the same name; rename them in the manifest")
+
+    listed = _as_text(table[path_column], path_column, manifest_path)
+    empty = pc.equal(pc.utf8_trim_whitespace(listed), "")
+    if pc.any(empty).as_py():
+        rows = [i + 2 for i, e in enumerate(empty.to_pylist()) if e][:5]
+        raise UsageError(f"{manifest_path}: empty path in column {path_column!r} "
+                         f"(line(s) {', '.join(map(str, rows))})")
+    keys = listed if spec.id_column is None else _as_text(
+        table[spec.id_column], spec.id_column, manifest_path)
+    base = spec.root if spec.root is not None else str(manifest_path.parent)
+    paths = [_resolve(p, base) for p in listed.to_pylist()]
+    result = pa.table({"key": keys, "path": pa.array(paths, pa.string())})
+    for name in spec.keep_columns:
+        result = result.append_column(name, table[name])
+    return result
+
+
+def _detect_path_column(columns: list[str], manifest_path: Path) -> str:
+    if len(columns) == 1:
+        return columns[0]
+    found = [c for c in columns if c.lower() in PATH_COLUMN_NAMES]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise UsageError(f"cannot tell which column of {manifest_path} holds the image paths "
+                         f"(columns: {', '.join(columns)}); pass --path-column")
+    raise UsageError(f"{manifest_path} has several columns that could hold the paths "
+                     f"({', '.join(found)}); pass --path-column")
+
+
+def _as_text(column: pa.ChunkedArray, name: str, manifest_path: Path) -> pa.ChunkedArray:
+    if column.null_count:
+        rows = [i + 1 for i, v in enumerate(column.is_null().to_pylist()) if v][:5]
+        raise UsageError(f"{manifest_path}: column {name!r} is empty in row(s) "
+                         f"{', '.join(map(str, rows))}")
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.cast(pa.string())
+    try:
+        return pc.cast(column, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise UsageError(f"column {name!r} of {manifest_path} has type {column.type}, "
+                         f"which cannot serve as a path or key") from None
+
+
+def _resolve(listed: str, base: str) -> str:
+    """A relative path resolves against base; absolute paths and URLs stay as they are."""
+    if "://" in listed or os.path.isabs(listed):
+        return listed
+    return os.path.join(base, listed)
+
+
+def _refuse_duplicate_keys(keys: pa.ChunkedArray, spec: SourceSpec) -> None:
+    counts = pc.value_counts(keys)
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        examples = ", ".join(repr(v) for v in repeated.field("values")[:5].to_pylist())
+        what = "id" if spec.id_column else "path"
+        raise UsageError(f"{len(repeated)} {what}(s) appear more than once in {spec.location} "
+                         f"(e.g. {examples}); fix the manifest or pass --allow-duplicates")

@@ -1,0 +1,121 @@
+"""Shared fixtures: generated images, seeded checkpoints, and ways to call the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+# The colour classes the test checkpoint was fitted to recognise, with their base RGB.
+COLOURS = {"red": (210, 45, 40), "green": (50, 190, 70), "blue": (45, 70, 215),
+           "grey": (128, 128, 128)}
+# Small preprocessing keeps the CPU tests fast; the code path is the same at 256/224.
+FAST = ["--resize", "72", "--crop", "64"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def colour_array(colour: str, width: int, height: int, seed: int) -> np.ndarray:
+    """A noisy, shaded image of one colour: easy to classify, never two alike."""
+    rng = np.random.default_rng(seed)
+    base = np.array(COLOURS[colour], dtype=np.float32)
+    shade = np.linspace(0.75, 1.15, width, dtype=np.float32)[None, :, None]
+    noise = rng.normal(0, 18, (height, width, 3)).astype(np.float32)
+    return np.clip(base * shade + noise, 0, 255).astype(np.uint8)
+
+
+def write_colour_images(folder: Path, count: int, *, seed: int = 0,
+                        formats: tuple[str, ...] = ("jpg", "png")) -> dict[str, str]:
+    """Write `count` images into folder; returns {relative path: colour}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    truth = {}
+    for i in range(count):
+        colour = names[(i * 7 + seed) % len(names)]
+        width, height = 60 + (i * 13) % 50, 50 + (i * 7) % 40
+        fmt = formats[i % len(formats)]
+        name = f"img_{i:04d}.{fmt}"
+        Image.fromarray(colour_array(colour, width, height, seed * 10_000 + i)).save(
+            folder / name, quality=92)
+        truth[name] = colour
+    return truth
+
+
+def _fit_colour_head(net: torch.nn.Module, crop: int = 64) -> None:
+    """Fit the final layer by least squares on features of generated colour images."""
+    names = list(COLOURS)
+    images, targets = [], []
+    for c, colour in enumerate(names):
+        for j in range(12):
+            pixels = colour_array(colour, crop, crop, 90_000 + 100 * c + j)
+            images.append(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+            targets.append(c)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    batch = (torch.stack(images) - mean) / std
+    head = net.fc
+    net.fc = torch.nn.Identity()
+    with torch.no_grad():
+        features = net(batch)
+    net.fc = head
+    design = torch.cat([features, torch.ones(len(features), 1)], dim=1)
+    # Targets of +/-2 give confident but not saturated probabilities (top-1 around 0.9),
+    # so score differences between the pipeline and the reference stay visible.
+    onehot = torch.full((len(targets), len(names)), -1.0)
+    onehot[torch.arange(len(targets)), torch.tensor(targets)] = 2.0
+    solution = torch.linalg.lstsq(design, onehot, driver="gelsd").solution
+    with torch.no_grad():
+        head.weight.copy_(solution[:-1].T)
+        head.bias.copy_(solution[-1])
+
+
+@pytest.fixture(scope="session")
+def colour_checkpoint(tmp_path_factory) -> Path:
+    """A seeded resnet18 whose 4-class head tells red, green, blue and grey apart."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=len(COLOURS)).eval()
+    _fit_colour_head(net)
+    path = tmp_path_factory.mktemp("checkpoints") / "colours.pt"
+    torch.save({"state_dict": net.state_dict(), "categories": list(COLOURS)}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def colour_folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    folder = tmp_path_factory.mktemp("colours")
+    return folder, write_colour_images(folder, 24)
+
+
+@pytest.fixture
+def cli():
+    """Invoke `label-images` in-process; returns the click Result."""
+    runner = CliRunner()
+
+    def invoke(*args: str | os.PathLike):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def run_subprocess(*args: str | os.PathLike, env: dict | None = None, **kwargs):
+    """Run `python -m pipeline ...` as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})}, **kwargs)
+
+
+def read_output(path: Path) -> pd.DataFrame:
+    if path.suffix == ".csv":
+        return pd.read_csv(path, dtype={"key": str, "path": str}, keep_default_na=False,
+                           na_values={"error": [""]})
+    return pd.read_parquet(path)

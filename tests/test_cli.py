@@ -1,0 +1,189 @@
+"""End to end through the CLI: outputs, formats, refusals, exit codes, config precedence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import FAST, read_output, run_subprocess, write_colour_images
+
+
+def base_args(source, out, checkpoint, *extra):
+    return ["run", source, "--out", out, "--model", "resnet18", "--weights", checkpoint,
+            "--top-k", "3", "--workers", "1", "--batch-size", "5", "--shard-size", "7",
+            "--quiet", *FAST, *extra]
+
+
+def test_labels_every_image_once_in_source_order_and_correctly(
+        cli, tmp_path, colour_folder, colour_checkpoint):
+    folder, truth = colour_folder
+    result = cli(*base_args(folder, tmp_path / "run", colour_checkpoint))
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    assert table["key"].tolist() == sorted(truth)
+    assert (table["status"] == "ok").all()
+    assert table["top1_label"].tolist() == [truth[k] for k in table["key"]]
+    first = table.iloc[0]
+    assert list(first["labels"])[0] == first["top1_label"]
+    assert first["scores"][0] == pytest.approx(first["top1_score"])
+    assert all(a >= b for a, b in zip(first["scores"], first["scores"][1:]))
+    assert math.isclose(sum(first["scores"]), 1.0, abs_tol=0.2)  # top 3 of 4 classes
+    # parts are merged away; the run directory describes itself
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "parts").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["items"] == len(truth) and summary["ok"] == len(truth)
+    assert {"load_seconds", "compute_seconds", "write_seconds"} <= set(summary)
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["fingerprint"]["model"] == "resnet18"
+    assert run["config"]["top_k"] == 3
+    meta = pq.read_schema(run_dir / "labels.parquet").metadata
+    assert meta[b"label_images.model"] == b"resnet18"
+    assert meta[b"label_images.weights"].startswith(b"sha256:")
+
+
+def test_csv_output_has_flat_top_k_columns_matching_parquet(
+        cli, tmp_path, colour_folder, colour_checkpoint):
+    folder, _ = colour_folder
+    assert cli(*base_args(folder, tmp_path / "p", colour_checkpoint)).exit_code == 0
+    assert cli(*base_args(folder, tmp_path / "c", colour_checkpoint,
+                          "--format", "csv")).exit_code == 0
+    parquet = read_output(tmp_path / "p" / "labels.parquet")
+    csv = read_output(tmp_path / "c" / "labels.csv")
+    assert list(csv.columns[:8]) == ["key", "path", "status", "error", "width", "height",
+                                     "top1_label", "top1_score"]
+    assert [c for c in csv.columns if c.startswith(("label_", "score_", "class_id_"))] == [
+        "label_1", "label_2", "label_3", "score_1", "score_2", "score_3",
+        "class_id_1", "class_id_2", "class_id_3"]
+    assert csv["key"].tolist() == parquet["key"].tolist()
+    assert csv["label_2"].tolist() == [labels[1] for labels in parquet["labels"]]
+    assert csv["score_1"].to_numpy() == pytest.approx(parquet["top1_score"].to_numpy(), abs=1e-6)
+
+
+def test_unreadable_files_become_error_rows_without_stopping_the_run(
+        cli, tmp_path, colour_checkpoint):
+    folder = tmp_path / "imgs"
+    truth = write_colour_images(folder, 6)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "noise.png").write_bytes(b"this is not an image")
+    good = (folder / "img_0000.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    result = cli(*base_args(folder, tmp_path / "run", colour_checkpoint))
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "run" / "labels.parquet").set_index("key")
+    assert len(table) == 9
+    bad = table.loc[["empty.jpg", "noise.png", "truncated.jpg"]]
+    assert (bad["status"] == "error").all()
+    assert bad["error"].str.len().gt(0).all()
+    assert bad["top1_label"].isna().all() and bad["width"].isna().all()
+    ok = table.loc[list(truth)]
+    assert (ok["status"] == "ok").all() and ok["error"].isna().all()
+    assert ok["top1_label"].tolist() == list(truth.values())  # no neighbour's label leaked
+
+
+def test_manifest_keep_and_id_columns_pass_through(cli, tmp_path, colour_checkpoint):
+    folder = tmp_path / "images"
+    truth = write_colour_images(folder, 5)
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({
+        "id": [f"00{i}" for i in range(5)],
+        "filename": [f"images/{name}" for name in truth],
+        "caption": [f"a, \"quoted\" caption {i}" for i in range(5)],
+    }).to_csv(manifest, index=False)
+    result = cli(*base_args(manifest, tmp_path / "run", colour_checkpoint,
+                            "--id-column", "id", "--keep-columns", "caption"))
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    assert table["key"].tolist() == ["000", "001", "002", "003", "004"]  # ids stay text
+    assert table["caption"].tolist() == [f"a, \"quoted\" caption {i}" for i in range(5)]
+    assert table["path"].tolist() == [str(tmp_path / "images" / n) for n in truth]
+    assert list(table.columns)[-1] == "caption"
+
+
+def test_a_different_job_in_the_same_directory_is_refused(
+        cli, tmp_path, colour_folder, colour_checkpoint):
+    folder, _ = colour_folder
+    out = tmp_path / "run"
+    assert cli(*base_args(folder, out, colour_checkpoint)).exit_code == 0
+    before = (out / "labels.parquet").read_bytes()
+    result = cli(*base_args(folder, out, colour_checkpoint, "--top-k", "2"))
+    assert result.exit_code == 2
+    assert "top_k (3 -> 2)" in result.output and "--overwrite" in result.output
+    assert (out / "labels.parquet").read_bytes() == before
+    result = cli(*base_args(folder, out, colour_checkpoint, "--top-k", "2", "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert len(read_output(out / "labels.parquet")["labels"][0]) == 2
+
+
+def test_a_changed_source_is_refused_on_resume(cli, tmp_path, colour_checkpoint):
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 4)
+    out = tmp_path / "run"
+    assert cli(*base_args(folder, out, colour_checkpoint)).exit_code == 0
+    write_colour_images(folder / "more", 1)
+    result = cli(*base_args(folder, out, colour_checkpoint))
+    assert result.exit_code == 2
+    assert "source.items (4 -> 5)" in result.output
+
+
+def test_rerun_of_a_finished_run_does_nothing_and_can_convert_format(
+        cli, tmp_path, colour_folder, colour_checkpoint):
+    folder, truth = colour_folder
+    out = tmp_path / "run"
+    assert cli(*base_args(folder, out, colour_checkpoint)).exit_code == 0
+    again = cli(*base_args(folder, out, colour_checkpoint))
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    converted = cli(*base_args(folder, out, colour_checkpoint, "--format", "csv"))
+    assert converted.exit_code == 0
+    assert read_output(out / "labels.csv")["key"].tolist() == sorted(truth)
+
+
+def test_config_file_sets_options_and_flags_override_it(
+        cli, tmp_path, colour_folder, colour_checkpoint):
+    folder, _ = colour_folder
+    config = tmp_path / "job.toml"
+    config.write_text(
+        f'source = "{folder}"\nout = "{tmp_path / "run"}"\nmodel = "resnet18"\n'
+        f'weights = "{colour_checkpoint}"\ntop-k = 2\nformat = "csv"\nworkers = 0\n'
+        f'resize = 72\ncrop = 64\nquiet = true\n')
+    result = cli("run", "--config", config, "--top-k", "3")
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "run" / "labels.csv")
+    assert "label_3" in table.columns and "label_4" not in table.columns  # flag won
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["workers"] == 0 and run["config"]["format"] == "csv"  # file kept
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("topk = 3\n", "unknown key 'topk'"),
+    ("top_k = 'three'\n", "--top-k must be a whole number"),
+    ("format = 'xlsx'\n", "--format must be one of parquet, csv"),
+])
+def test_bad_config_file_is_one_line_and_exit_2(cli, tmp_path, colour_folder, toml, message):
+    folder, _ = colour_folder
+    config = tmp_path / "bad.toml"
+    config.write_text(toml)
+    result = cli("run", folder, "--config", config)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_exit_codes_and_one_line_errors_from_the_real_command(tmp_path, colour_checkpoint):
+    missing = run_subprocess("run", tmp_path / "nowhere")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"label-images: error: source not found: {tmp_path / 'nowhere'}"]
+    bad_flag = run_subprocess("run", tmp_path, "--top-k", "many")
+    assert bad_flag.returncode == 2 and len(bad_flag.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in bad_flag.stderr
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 2)
+    (tmp_path / "run").write_text("a file where the run directory should be")
+    blocked = run_subprocess(*base_args(folder, tmp_path / "run", colour_checkpoint))
+    assert blocked.returncode == 1
+    assert blocked.stderr.strip().startswith("label-images: error: cannot create output")
