@@ -100,7 +100,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit greyscale: PIL's own conversion clips at 255, which turns most of it white.
         scaled = (np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8)
-        return Image.fromarray(scaled, mode="L").convert("RGB")
+        return Image.fromarray(scaled).convert("RGB")  # 2-D uint8: mode L
     if image.mode == "F":
         return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode == "P":

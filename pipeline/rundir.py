@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -19,7 +20,7 @@ OUTPUT_STEM = "labels"
 
 
 class RunDirectory:
-    """An output directory held by one run at a time (an flock: a killed run's lock goes with it)."""
+    """An output directory held by one run at a time; a killed run's lock goes with it."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -32,8 +33,13 @@ class RunDirectory:
             raise RunError(f"cannot create output directory {self.path}: {exc.strerror}") from None
         fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # A POSIX record lock, not flock: forked loader workers do not inherit it, so a
+            # killed run's orphaned workers cannot keep the next run out; the kernel drops
+            # it when the process dies, so a lock is never left behind.
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise RunError(f"another label-images run (pid {holder}) is using {self.path}; "
@@ -47,7 +53,7 @@ class RunDirectory:
 
     def __exit__(self, *exc_info) -> None:
         if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
 

@@ -187,3 +187,17 @@ def test_exit_codes_and_one_line_errors_from_the_real_command(tmp_path, colour_c
     blocked = run_subprocess(*base_args(folder, tmp_path / "run", colour_checkpoint))
     assert blocked.returncode == 1
     assert blocked.stderr.strip().startswith("label-images: error: cannot create output")
+
+
+def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(
+        tmp_path, colour_checkpoint):
+    from pipeline.rundir import RunDirectory
+
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 2)
+    with RunDirectory(tmp_path / "run"):  # this test process plays the first run
+        second = run_subprocess(*base_args(folder, tmp_path / "run", colour_checkpoint))
+    assert second.returncode == 1
+    assert "another label-images run" in second.stderr and "is using" in second.stderr
+    third = run_subprocess(*base_args(folder, tmp_path / "run", colour_checkpoint))
+    assert third.returncode == 0, third.stderr

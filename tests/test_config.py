@@ -1,0 +1,53 @@
+"""Configuration: defaults < TOML file < flags, validated before any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import RunConfig, read_toml, resolve
+from pipeline.errors import UsageError
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("name", ["default.toml", "nightly.toml"])
+def test_shipped_configs_are_valid(name):
+    values = read_toml(str(REPO / "configs" / name))
+    config = resolve(values, {"source": "photos"})
+    assert isinstance(config, RunConfig)
+
+
+def test_precedence_and_defaults(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('source = "a"\ntop-k = 3\nkeep_columns = ["x", "y"]\nworkers = 2\n')
+    config = resolve(read_toml(str(path)), {"top_k": 7, "workers": None, "source": None})
+    assert config.top_k == 7  # flag beats file
+    assert config.workers == 2  # a flag not given leaves the file's value
+    assert config.keep_columns == ("x", "y")
+    assert config.model == "resnet50" and config.shard_size == 1000  # defaults
+    assert config.out == "outputs/a"
+
+
+def test_keep_columns_flag_is_comma_separated():
+    assert resolve({}, {"source": "m.csv", "keep_columns": "a, b"}).keep_columns == ("a", "b")
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({}, "no SOURCE given"),
+    ({"source": "s", "device": "gpu"}, "--device must be auto, cpu, cuda or cuda:N"),
+    ({"source": "s", "top_k": 0}, "--top-k must be at least 1"),
+    ({"source": "s", "workers": -1}, "--workers must be 0 or more"),
+    ({"source": "s", "quiet": "yes"}, "--quiet must be true or false"),
+    ({"source": "s", "keep_columns": "a,a"}, "names a column twice"),
+])
+def test_bad_values_name_the_option(flags, message):
+    with pytest.raises(UsageError, match=message):
+        resolve({}, flags)
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(UsageError, match="config file not found"):
+        read_toml(str(tmp_path / "missing.toml"))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("top_k = [\n")
+    with pytest.raises(UsageError, match="not valid TOML"):
+        read_toml(str(broken))

@@ -1,0 +1,97 @@
+"""Decoding: orientation, colour modes, sizes, and per-image errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
+
+SMALL = Preprocess(resize=40, crop=32)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def halves_image(width=80, height=40) -> Image.Image:
+    """Left half red, right half blue: orientation is visible in the crop."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, : width // 2] = (255, 0, 0)
+    pixels[:, width // 2:] = (0, 0, 255)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied_and_size_is_as_displayed(fmt):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: displayed rotated 90 degrees clockwise
+    data = encode(halves_image(), fmt, exif=exif.tobytes())
+    decoded = decode(data, SMALL, max_pixels=10**8)
+    assert (decoded.width, decoded.height) == (40, 80)
+    red, blue = decoded.image[0].float(), decoded.image[2].float()
+    # after rotating clockwise the red half is on top
+    assert red[:8].mean() > 200 and blue[:8].mean() < 60
+    assert blue[-8:].mean() > 200 and red[-8:].mean() < 60
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16", "1"])
+def test_every_colour_mode_becomes_rgb_uint8(mode):
+    rgb = halves_image()
+    if mode == "I;16":
+        grey = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+        image = Image.fromarray(grey)  # uint16: mode I;16
+        fmt = "PNG"
+    else:
+        image = rgb.convert(mode)
+        fmt = "JPEG" if mode == "CMYK" else "PNG"
+    decoded = decode(encode(image, fmt), SMALL, max_pixels=10**8)
+    assert decoded.image.shape == (3, 32, 32) and decoded.image.dtype == torch.uint8
+    if mode == "I;16":  # 16-bit levels are scaled, not clipped to white
+        expected = T.functional.pil_to_tensor(rgb.convert("L").convert("RGB").resize((64, 32)))
+        assert abs(decoded.image.float().mean() - expected.float().mean()) < 3
+
+
+def test_animated_gif_uses_its_first_frame():
+    frames = [Image.new("RGB", (50, 50), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    image = decode(buffer.getvalue(), SMALL, max_pixels=10**8).image
+    assert image[0].float().mean() > 200 and image[1].float().mean() < 50
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "TIFF", "BMP"])
+def test_other_formats_decode(fmt):
+    assert decode(encode(halves_image(), fmt), SMALL, 10**8).image.shape == (3, 32, 32)
+
+
+def test_extreme_aspect_ratios_still_give_a_full_crop():
+    for size in [(1, 1), (3000, 3)]:
+        image = decode(encode(Image.new("RGB", size, (9, 9, 9)), "PNG"), SMALL, 10**8).image
+        assert image.shape == (3, 32, 32)
+
+
+def test_images_over_the_pixel_limit_are_refused_from_the_header():
+    data = encode(Image.new("L", (4000, 4000)), "PNG")
+    with pytest.raises(ImageError, match="4000x4000 is over the --max-pixels limit"):
+        decode(data, SMALL, max_pixels=10_000_000)
+
+
+@pytest.mark.parametrize("data", [b"", b"\xff\xd8\xff" + bytes(range(256)) * 4,
+                                  b"plain text, not a png"])
+def test_broken_bytes_raise_a_per_image_error(data):
+    with pytest.raises((ImageError, *DECODE_ERRORS)):
+        decode(data, SMALL, max_pixels=10**8)
+
+
+def test_truncated_jpeg_is_an_error_not_a_grey_guess():
+    data = encode(halves_image(400, 300), "JPEG", quality=90)
+    with pytest.raises((ImageError, *DECODE_ERRORS)):
+        decode(data[: len(data) // 2], SMALL, max_pixels=10**8)

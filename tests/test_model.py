@@ -1,0 +1,193 @@
+"""Weights: torchvision names (cached or not), local checkpoints, class names, devices."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from pipeline import model
+from pipeline.errors import UsageError
+from pipeline.model import Classifier, resolve_device, resolve_model, resolve_precision
+from tests.conftest import COLOURS, read_output, write_colour_images
+
+
+@pytest.fixture(scope="module")
+def staged_torch_home(tmp_path_factory) -> Path:
+    """A TORCH_HOME holding a seeded stand-in for torchvision's ResNet-50 file, as staged offline."""
+    home = tmp_path_factory.mktemp("torch_home")
+    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+    target = home / "hub" / "checkpoints" / Path(weights.url).name
+    target.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet50().state_dict(), target)
+    return home
+
+
+def test_default_resnet50_weights_load_from_the_torch_cache(staged_torch_home, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(staged_torch_home))
+    spec = resolve_model("resnet50", "DEFAULT")
+    assert spec.weights_id == "ResNet50_Weights.IMAGENET1K_V2"
+    assert spec.num_classes == 1000 and spec.categories[0] == "tench"
+    # preprocessing comes from the weights' own metadata, not the 256/224 recipe
+    assert (spec.preprocess.resize, spec.preprocess.crop) == (232, 224)
+
+
+def test_the_default_job_runs_resnet50_end_to_end(cli, tmp_path, staged_torch_home, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(staged_torch_home))
+    write_colour_images(tmp_path / "imgs", 2)
+    result = cli("run", tmp_path / "imgs", "--out", tmp_path / "run", "--workers", "0", "-q")
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    imagenet = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
+    assert (table["status"] == "ok").all() and len(table["labels"][0]) == 5
+    assert set(table["top1_label"]) <= set(imagenet)
+
+
+def test_missing_weights_offline_is_one_clear_error_never_random_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(UsageError) as caught:
+        resolve_model("resnet50", "DEFAULT")
+    message = str(caught.value)
+    expected = tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    assert str(expected) in message and "--weights PATH" in message
+    assert "name resolution" in message and "\n" not in message
+
+
+def test_a_staged_torchvision_file_passed_as_path_keeps_its_class_names(staged_torch_home):
+    path = next((staged_torch_home / "hub" / "checkpoints").iterdir())
+    spec = resolve_model("resnet50", str(path))
+    assert spec.categories[1] == "goldfish" and spec.preprocess.resize == 232
+    assert spec.weights_id.startswith("sha256:")
+
+
+def save(path, obj):
+    torch.save(obj, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_state_dict():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=4).state_dict()
+
+
+def test_plain_state_dict_gets_index_names_and_default_preprocessing(tmp_path, small_state_dict):
+    spec = resolve_model("resnet18", save(tmp_path / "w.pth", small_state_dict))
+    assert spec.num_classes == 4  # from the checkpoint's head, not ImageNet's 1000
+    assert spec.categories == ("0", "1", "2", "3")
+    assert (spec.preprocess.resize, spec.preprocess.crop) == (256, 224)
+    overridden = resolve_model("resnet18", save(tmp_path / "w.pth", small_state_dict),
+                               resize=80, crop=64)
+    assert (overridden.preprocess.resize, overridden.preprocess.crop) == (80, 64)
+
+
+def test_labels_file_names_the_classes_and_must_match_the_head(tmp_path, small_state_dict):
+    weights = save(tmp_path / "w.pth", small_state_dict)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("sun\ncloud\nrain\nsnow\n")
+    assert resolve_model("resnet18", weights, str(labels)).categories[2] == "rain"
+    labels.write_text("sun\ncloud\nrain\n")
+    with pytest.raises(UsageError, match="names 3 classes, but the model has 4"):
+        resolve_model("resnet18", weights, str(labels))
+
+
+def test_ddp_prefixed_checkpoint_with_categories_loads(tmp_path, small_state_dict):
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in small_state_dict.items()},
+               "categories": list(COLOURS)}
+    spec = resolve_model("resnet18", save(tmp_path / "ddp.pt", wrapped))
+    assert spec.categories == tuple(COLOURS)
+    model.build_network(spec)  # loads without missing or unexpected keys
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a checkpoint at all", "not a"),
+    (None, "do not fit resnet50"),
+])
+def test_files_that_are_not_this_models_checkpoint_are_refused(tmp_path, small_state_dict,
+                                                              content, message):
+    path = tmp_path / "w.pt"
+    if content is None:
+        save(path, small_state_dict)  # a resnet18 file given to resnet50
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UsageError, match=message):
+        model.build_network(resolve_model("resnet50", str(path)))
+
+
+class _Payload:
+    """Unpickling this would create a file: a checkpoint must never be able to run code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_unexecuted(tmp_path,
+                                                                       small_state_dict):
+    marker = tmp_path / "pwned"
+    path = save(tmp_path / "evil.pt", {"state_dict": small_state_dict,
+                                       "extra": _Payload(marker)})
+    with pytest.raises(UsageError, match="not a plain checkpoint"):
+        resolve_model("resnet18", path)
+    assert not marker.exists()
+
+
+def test_unknown_model_and_weights_names_are_refused_with_hints(tmp_path):
+    with pytest.raises(UsageError, match="did you mean resnet50"):
+        resolve_model("resnet05", "DEFAULT")
+    with pytest.raises(UsageError, match="IMAGENET1K_V1"):
+        resolve_model("resnet50", "IMAGENET22K")
+    with pytest.raises(UsageError, match="weights file not found"):
+        resolve_model("resnet50", str(tmp_path / "missing.pth"))
+
+
+def test_top_k_larger_than_the_class_count_is_refused(tmp_path, small_state_dict):
+    spec = resolve_model("resnet18", save(tmp_path / "w.pth", small_state_dict))
+    with pytest.raises(UsageError, match="--top-k 5 is more than the model's 4 classes"):
+        Classifier(spec, torch.device("cpu"), torch.float32, top_k=5)
+
+
+def test_precision_follows_the_device(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) == torch.float32
+    assert resolve_precision("fp16", cpu) == torch.float16
+
+
+def test_device_auto_and_unavailable_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UsageError, match="CUDA is not available"):
+        resolve_device("cuda:0")
+
+
+def test_predict_returns_sorted_probabilities_for_uint8_batches(tmp_path, small_state_dict):
+    spec = resolve_model("resnet18", save(tmp_path / "w.pth", small_state_dict),
+                         resize=40, crop=32)
+    classifier = Classifier(spec, torch.device("cpu"), torch.float32, top_k=4)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    prediction = classifier.predict(images)
+    assert prediction.class_ids.shape == (3, 4) and prediction.class_ids.dtype.name == "int32"
+    assert (prediction.scores[:, :-1] >= prediction.scores[:, 1:]).all()
+    assert prediction.scores.sum(axis=1) == pytest.approx(1.0, abs=1e-5)  # all 4 classes
+    # the device-side normalisation equals the usual float pipeline
+    net = model.build_network(spec)
+    mean = torch.tensor(spec.preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.preprocess.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = net((images.float() / 255 - mean) / std).softmax(1).topk(4)
+    assert prediction.scores == pytest.approx(expected.values.numpy(), abs=1e-5)

@@ -1,0 +1,120 @@
+"""Listing folders and reading every manifest format into (key, path, kept columns)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import UsageError
+from pipeline.sources import SourceSpec, read_source
+
+
+def touch(path, content=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def test_folder_is_listed_recursively_sorted_case_insensitive_without_hidden(tmp_path):
+    for name in ["b.JPG", "a.png", "sub/c.jpeg", "sub/deeper/d.WebP", ".hidden.jpg",
+                 ".cache/e.jpg", "notes.txt", "z.tiff"]:
+        touch(tmp_path / name)
+    (tmp_path / "dir.jpg").mkdir()  # a folder with an image's name is not an image
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "broken.jpg")  # listed: becomes an error row
+    table = read_source(SourceSpec(str(tmp_path)))
+    assert table["key"].to_pylist() == ["a.png", "b.JPG", "broken.jpg", "sub/c.jpeg",
+                                        "sub/deeper/d.WebP", "z.tiff"]
+    assert table["path"].to_pylist()[3] == os.path.join(tmp_path, "sub/c.jpeg")
+
+
+def test_empty_folder_is_refused(tmp_path):
+    touch(tmp_path / "readme.md")
+    with pytest.raises(UsageError, match="no images in"):
+        read_source(SourceSpec(str(tmp_path)))
+
+
+def write_manifest(path, rows: list[dict]):
+    suffix = path.suffix
+    frame = pd.DataFrame(rows)
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".tsv":
+        frame.to_csv(path, index=False, sep="\t")
+    elif suffix == ".parquet":
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet", ".jsonl"])
+def test_every_table_manifest_format(tmp_path, suffix):
+    rows = [{"image_path": "imgs/a.jpg", "id": "007", "caption": "first, with comma"},
+            {"image_path": "/abs/b.png", "id": "008", "caption": "second"}]
+    manifest = write_manifest(tmp_path / f"m{suffix}", rows)
+    table = read_source(SourceSpec(str(manifest), id_column="id", keep_columns=("caption",)))
+    assert table.column_names == ["key", "path", "caption"]
+    assert table["key"].to_pylist() == ["007", "008"]
+    assert table["path"].to_pylist() == [str(tmp_path / "imgs/a.jpg"), "/abs/b.png"]
+    assert table["caption"].to_pylist() == ["first, with comma", "second"]
+
+
+def test_txt_manifest_is_one_path_a_line_resolved_against_root(tmp_path):
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("a.jpg\n\nsub/b c.png\r\ns3://bucket/x.jpg\n")
+    table = read_source(SourceSpec(str(manifest), root="/data"))
+    assert table["key"].to_pylist() == ["a.jpg", "sub/b c.png", "s3://bucket/x.jpg"]
+    assert table["path"].to_pylist() == ["/data/a.jpg", "/data/sub/b c.png", "s3://bucket/x.jpg"]
+
+
+def test_numeric_ids_from_jsonl_become_text_keys(tmp_path):
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"path": "a.jpg", "id": 1},
+                                                     {"path": "b.jpg", "id": 2}])
+    table = read_source(SourceSpec(str(manifest), id_column="id"))
+    assert table["key"].to_pylist() == ["1", "2"]
+
+
+@pytest.mark.parametrize("columns, spec, message", [
+    ({"a": ["x.jpg"], "b": ["y"]}, {}, "cannot tell which column"),
+    ({"path": ["x.jpg"], "url": ["y"]}, {}, "several columns that could hold the paths"),
+    ({"path": ["x.jpg"]}, {"path_column": "file"}, "--path-column 'file' is not a column"),
+    ({"path": ["x.jpg"]}, {"id_column": "uid"}, "--id-column 'uid' is not a column"),
+    ({"path": ["x.jpg"]}, {"keep_columns": ("caption",)}, "--keep-columns names caption"),
+    ({"path": ["x.jpg"], "status": ["s"]}, {"keep_columns": ("status",)}, "would clash"),
+    ({"path": ["x.jpg", "x.jpg", "y.jpg"]}, {}, r"1 path\(s\) appear more than once.*'x.jpg'"),
+    ({"path": ["x.jpg", ""]}, {}, "empty path"),
+])
+def test_bad_manifests_are_refused_with_the_reason(tmp_path, columns, spec, message):
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame(columns).to_csv(manifest, index=False)
+    with pytest.raises(UsageError, match=message):
+        read_source(SourceSpec(str(manifest), **spec))
+
+
+def test_duplicates_are_allowed_when_asked(tmp_path):
+    manifest = write_manifest(tmp_path / "m.csv", [{"path": "x.jpg"}, {"path": "x.jpg"}])
+    table = read_source(SourceSpec(str(manifest), allow_duplicates=True))
+    assert table.num_rows == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"path\n", "is empty"),
+    ("path\nfoto_\u00e9.jpg\n".encode("latin-1"), "not UTF-8"),
+])
+def test_empty_or_undecodable_manifests_are_refused(tmp_path, content, message):
+    manifest = touch(tmp_path / "m.csv", content)
+    with pytest.raises(UsageError, match=message):
+        read_source(SourceSpec(str(manifest)))
+
+
+def test_unknown_source_kinds_are_refused(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        read_source(SourceSpec(str(tmp_path / "missing.csv")))
+    with pytest.raises(UsageError, match="neither a folder nor a manifest"):
+        read_source(SourceSpec(str(touch(tmp_path / "m.xlsx"))))

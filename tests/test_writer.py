@@ -1,0 +1,124 @@
+"""Part files, atomic commit, the plan's shards and the streaming merge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import plan as planning
+from pipeline.writer import (ShardResult, atomic_path, merge_parts, output_schema, part_table,
+                             remove_temporaries, write_part)
+
+CATEGORIES = ["cat", "dog", "eel"]
+ODD_KEYS = ["plain.jpg", "with space.jpg", "comma,name.jpg", 'quote"name.jpg',
+            "new\nline.jpg", "n\u00e4me-\u65e5\u672c.jpg"]
+
+
+def shard_rows(keys, extra=None):
+    columns = {"key": keys, "path": [f"/data/{k}" for k in keys], **(extra or {})}
+    return pa.table(columns)
+
+
+def result_for(n, failed=()):
+    result = ShardResult.empty(n, 2)
+    for i in range(n):
+        if i in failed:
+            result.errors[i] = "not a readable image"
+        else:
+            result.ok[i] = True
+            result.class_ids[i] = [i % 3, (i + 1) % 3]
+            result.scores[i] = [0.7, 0.2]
+            result.width[i], result.height[i] = 640, 480
+    return result
+
+
+def schema(extra=pa.schema([])):
+    return output_schema(2, extra, {"label_images.model": "m", "label_images.weights": "w"})
+
+
+def test_part_rows_carry_labels_or_an_error_never_both():
+    table = part_table(shard_rows(["a", "b", "c"]), result_for(3, failed={1}), CATEGORIES,
+                       schema()).to_pylist()
+    assert table[0]["labels"] == ["cat", "dog"] and table[0]["class_ids"] == [0, 1]
+    assert table[0]["top1_label"] == "cat" and table[0]["error"] is None
+    assert table[1]["status"] == "error" and table[1]["error"] == "not a readable image"
+    assert table[1]["labels"] is None and table[1]["top1_score"] is None
+    assert table[1]["width"] is None
+    assert table[2]["labels"] == ["eel", "cat"]
+
+
+def test_atomic_path_leaves_nothing_visible_when_writing_fails(tmp_path):
+    target = tmp_path / "parts" / "part-000000.parquet"
+    with pytest.raises(OSError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+    assert not target.exists()
+    assert list((tmp_path / "parts").iterdir()) == []
+    assert planning.committed_shards(tmp_path) == set()
+
+
+def test_only_committed_parts_count_and_temporaries_are_cleaned(tmp_path):
+    write_part(planning.part_path(tmp_path, 3), part_table(
+        shard_rows(["a"]), result_for(1), CATEGORIES, schema()))
+    leftover = tmp_path / "parts" / ".part-000004.parquet.tmp-999"
+    leftover.write_bytes(b"killed mid-write")
+    assert planning.committed_shards(tmp_path) == {3}
+    remove_temporaries(tmp_path / "parts")
+    assert not leftover.exists() and planning.part_path(tmp_path, 3).exists()
+
+
+def test_plan_shards_are_row_groups_and_survive_reload(tmp_path):
+    items = pa.table({"key": [f"k{i}" for i in range(25)], "path": [f"p{i}" for i in range(25)]})
+    plan = planning.freeze(items, tmp_path, shard_size=10)
+    assert plan.num_shards == 3 and plan.shard_bounds(2) == (20, 25)
+    again = planning.load(tmp_path)
+    assert again.shard_size == 10  # the frozen size wins over whatever is asked later
+    assert again.read_shard(1, ["key"])["key"].to_pylist() == [f"k{i}" for i in range(10, 20)]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_merge_streams_parts_in_order_and_odd_names_round_trip(tmp_path, fmt):
+    extra = pa.schema([pa.field("caption", pa.string())])
+    keys = [ODD_KEYS[:3], ODD_KEYS[3:]]
+    parts = []
+    for shard, shard_keys in enumerate(keys):
+        rows = shard_rows(shard_keys, {"caption": [f"c,{k}" for k in shard_keys]})
+        path = planning.part_path(tmp_path, shard)
+        write_part(path, part_table(rows, result_for(3, failed={2}), CATEGORIES, schema(extra)))
+        parts.append(path)
+    out = tmp_path / f"labels.{fmt}"
+    counts = merge_parts(parts, out, fmt)
+    assert (counts.rows, counts.ok, counts.errors) == (6, 4, 2)
+    if fmt == "parquet":
+        table = pd.read_parquet(out)
+        assert pq.read_schema(out).metadata[b"label_images.model"] == b"m"
+        assert table["labels"][0].tolist() == ["cat", "dog"]
+    else:
+        table = pd.read_csv(out, dtype=str, keep_default_na=False)
+        assert table.columns.tolist()[8:] == ["label_1", "label_2", "score_1", "score_2",
+                                              "class_id_1", "class_id_2", "caption"]
+        assert table["label_1"].tolist()[:2] == ["cat", "dog"]
+        assert table["label_1"][2] == ""  # an error row has no labels
+    assert table["key"].tolist() == ODD_KEYS
+    assert table["path"].tolist() == [f"/data/{k}" for k in ODD_KEYS]
+    assert table["caption"].tolist() == [f"c,{k}" for k in ODD_KEYS]
+
+
+def test_merge_output_has_large_row_groups(tmp_path, monkeypatch):
+    from pipeline import writer
+    monkeypatch.setattr(writer, "MERGE_ROW_GROUP", 4)
+    parts = []
+    for shard in range(4):
+        path = planning.part_path(tmp_path, shard)
+        write_part(path, part_table(shard_rows([f"{shard}-{i}" for i in range(2)]),
+                                    result_for(2), CATEGORIES, schema()))
+        parts.append(path)
+    merge_parts(parts, tmp_path / "labels.parquet", "parquet")
+    meta = pq.ParquetFile(tmp_path / "labels.parquet").metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4]
+    assert np.array_equal(pq.read_table(tmp_path / "labels.parquet")["key"].to_pylist(),
+                          [f"{s}-{i}" for s in range(4) for i in range(2)])
