@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -119,6 +120,47 @@ def run(
     except (UsageError, RunError, Interrupted) as exc:
         raise _fail(exc, exc.exit_code) from None
     typer.echo(summary.line(), err=True)
+
+
+@app.command()
+def bench(
+    source: Annotated[str, typer.Argument(help="A folder of images or a manifest to sample.")],
+    images: Annotated[int, typer.Option(help="Images to use from SOURCE.")] = 500,
+    reference_images: Annotated[int, typer.Option(
+        help="Images for the (slow) tutorials' loop.")] = 64,
+    plan_rows: Annotated[Optional[int], typer.Option(
+        help="Also time planning a generated manifest of this many rows.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", help="Write the figures to this JSON file.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file, as for run.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="As for run.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="As for run.")] = None,
+    resize: Annotated[Optional[int], typer.Option(help="As for run.")] = None,
+    crop: Annotated[Optional[int], typer.Option(help="As for run.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="As for run.")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help="As for run.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="As for run.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="As for run.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="As for run.")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile", help="As for run.")] = None,
+) -> None:
+    """Measure decode, loader alone, model alone, end to end and the tutorials' loop."""
+    flags = {"source": source, "model": model, "weights": weights, "resize": resize,
+             "crop": crop, "device": device, "precision": precision.value if precision else None,
+             "batch_size": batch_size, "workers": workers, "top_k": top_k, "compile": compile}
+    try:
+        file_values = configuration.read_toml(str(config)) if config else {}
+        resolved = configuration.resolve(file_values, flags)
+        if images < 1 or reference_images < 1:
+            raise UsageError("--images and --reference-images must be at least 1")
+        from pipeline import bench as benchmark
+
+        result = benchmark.bench(resolved, images, reference_images, plan_rows)
+    except (UsageError, RunError, Interrupted) as exc:
+        raise _fail(exc, exc.exit_code) from None
+    typer.echo(benchmark.render(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:

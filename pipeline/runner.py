@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import time
@@ -25,8 +26,8 @@ from pipeline.model import (Classifier, ModelSpec, default_batch_size, default_w
                             resolve_device, resolve_model, resolve_precision)
 from pipeline.rundir import SUMMARY_FILE, RunDirectory
 from pipeline.sources import SourceSpec, read_source
-from pipeline.writer import (ShardResult, merge_parts, output_schema, part_table, write_json,
-                             write_part)
+from pipeline.writer import (ShardResult, count_rows, merge_parts, output_schema, part_table,
+                             write_json, write_part)
 
 # Part files waiting for the writer thread at most; beyond that the loop waits (bounded memory).
 MAX_PENDING_PARTS = 2
@@ -40,6 +41,7 @@ class RunSummary:
     errors: int = 0
     labelled_now: int = 0  # images labelled by this invocation (resume skips the rest)
     seconds: float = 0.0
+    loop_seconds: float = 0.0  # the labelling loop alone: no start-up, no merge
     load_seconds: float = 0.0
     compute_seconds: float = 0.0
     write_seconds: float = 0.0
@@ -51,20 +53,24 @@ class RunSummary:
 
     @property
     def images_per_second(self) -> float:
-        return self.labelled_now / self.seconds if self.seconds > 0 else 0.0
+        """Throughput of the labelling loop (start-up and merge are in `seconds`)."""
+        return self.labelled_now / self.loop_seconds if self.loop_seconds > 0 else 0.0
+
+    loop_images_per_second = images_per_second
 
     def line(self) -> str:
         if self.already_complete:
             return f"nothing to do: {self.output} is complete ({self.items} rows)"
         return (f"{self.items} images: {self.ok} ok, {self.errors} errors; labelled "
-                f"{self.labelled_now} in {self.seconds:.1f} s ({self.images_per_second:.1f} "
-                f"images/s) -> {self.output}")
+                f"{self.labelled_now} at {self.images_per_second:.1f} images/s; wall time "
+                f"{self.seconds:.1f} s -> {self.output}")
 
     def to_dict(self) -> dict:
         return {
             "output": str(self.output), "items": self.items, "ok": self.ok,
             "errors": self.errors, "labelled_now": self.labelled_now, "resumed": self.resumed,
             "wall_seconds": round(self.seconds, 3),
+            "loop_seconds": round(self.loop_seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
             "load_seconds": round(self.load_seconds, 3),
             "compute_seconds": round(self.compute_seconds, 3),
@@ -138,8 +144,22 @@ def _raise_interrupt(signum, _frame):
     raise KeyboardInterrupt(signum)
 
 
-def run(config: RunConfig, *, progress: bool | None = None) -> RunSummary:
-    """Label every item of config.source into config.out, resuming what a previous run began."""
+@dataclass
+class Job:
+    """A validated run, ready to go: everything checked before the run directory is touched."""
+
+    config: RunConfig
+    source: SourceSpec
+    items: pa.Table
+    classifier: Classifier
+    batch_size: int
+    workers: int
+    record: dict
+    started: float = field(default_factory=time.perf_counter)
+
+
+def prepare(config: RunConfig) -> Job:
+    """Validate the whole configuration: source, model, weights, device. Writes nothing."""
     started = time.perf_counter()
     device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
@@ -158,53 +178,77 @@ def run(config: RunConfig, *, progress: bool | None = None) -> RunSummary:
                      "torchvision": torchvision.__version__},
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    with RunDirectory(config.out) as run_dir:
-        resumed = run_dir.prepare(fingerprint(config, spec, source, items), record,
-                                  config.overwrite)
-        output = run_dir.output_path(config.format)
-        summary = RunSummary(output=output, resumed=resumed, device=str(device),
-                             precision=record["resolved"]["precision"])
-        if output.exists():
-            summary.already_complete = True
-            summary.items = items.num_rows
-            return summary
-        other = run_dir.output_path("parquet")
-        if config.format != "parquet" and other.exists():
-            # A finished run asked for in another format: convert, do not relabel.
-            counts = merge_parts([other], output, config.format)
+    return Job(config, source, items, classifier, batch_size, workers, record, started)
+
+
+def run(config: RunConfig, *, progress: bool | None = None) -> RunSummary:
+    """Label every item of config.source into config.out, resuming what a previous run began."""
+    job = prepare(config)
+    try:
+        with RunDirectory(config.out) as run_dir:
+            summary = _run_in(run_dir, job, progress)
+    except OSError as exc:  # disk full, permissions, a vanished mount: not a bug of ours
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise RunError(f"{where}{exc.strerror or exc}; the shards committed so far are "
+                       "intact: fix that and run the same command to resume") from None
+    return summary
+
+
+def _run_in(run_dir: RunDirectory, job: Job, progress: bool | None) -> RunSummary:
+    config, spec = job.config, job.classifier.spec
+    fingerprint_now = fingerprint(config, spec, job.source, job.items)
+    resumed = run_dir.prepare(fingerprint_now, job.record, config.overwrite)
+    output = run_dir.output_path(config.format)
+    summary = RunSummary(output=output, resumed=resumed, device=job.record["resolved"]["device"],
+                         precision=job.record["resolved"]["precision"])
+    finished = run_dir.output_path("parquet")
+    if output.exists():
+        # Killed after the final rename but before the parts were removed: finish that.
+        shutil.rmtree(run_dir.path / planning.PARTS_DIR, ignore_errors=True)
+        summary.already_complete = True
+        summary.items = job.items.num_rows
+        if not (run_dir.path / SUMMARY_FILE).exists():
+            counts = count_rows(output)
             summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
-            summary.seconds = time.perf_counter() - started
-            return summary
-        plan_file = run_dir.path / planning.PLAN_FILE
-        plan = (planning.load(run_dir.path) if plan_file.exists()
-                else planning.freeze(items, run_dir.path, config.shard_size))
-        extra = items.select(list(config.keep_columns)).schema
-        del items  # from here on, memory is bounded by shards, not by the dataset
-        schema = output_schema(config.top_k, extra, {
-            "label_images.model": spec.model, "label_images.weights": spec.weights_id})
-        committed = planning.committed_shards(run_dir.path)
-        pending = [s for s in range(plan.num_shards) if s not in committed]
-        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
-        try:
-            _label_pending(plan, pending, classifier, schema, run_dir.path, config,
-                           batch_size, workers, summary, progress)
-        except KeyboardInterrupt as exc:
-            signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
-            done = len(planning.committed_shards(run_dir.path))
-            raise Interrupted(signum, done, plan.num_shards) from None
-        finally:
-            signal.signal(signal.SIGTERM, previous_handler)
-        merge_started = time.perf_counter()
-        counts = _merge(run_dir.path, plan, output, config.format)
-        summary.write_seconds += time.perf_counter() - merge_started
-        summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
-        summary.seconds = time.perf_counter() - started
-        write_json(run_dir.path / SUMMARY_FILE, summary.to_dict())
+            write_json(run_dir.path / SUMMARY_FILE, summary.to_dict())
         return summary
+    if finished.exists():
+        # A finished run asked for in another format: convert, do not relabel.
+        counts = merge_parts([finished], output, config.format)
+        summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
+        return summary
+    plan_file = run_dir.path / planning.PLAN_FILE
+    plan = (planning.load(run_dir.path) if plan_file.exists()
+            else planning.freeze(job.items, run_dir.path, config.shard_size))
+    extra = job.items.select(list(config.keep_columns)).schema
+    job.items = None  # from here on, memory is bounded by shards, not by the dataset
+    schema = output_schema(config.top_k, extra, {
+        "label_images.model": spec.model, "label_images.weights": spec.weights_id})
+    committed = planning.committed_shards(run_dir.path)
+    pending = [s for s in range(plan.num_shards) if s not in committed]
+    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    loop_started = time.perf_counter()
+    try:
+        _label_pending(plan, pending, job, schema, run_dir.path, summary, progress)
+        summary.loop_seconds = time.perf_counter() - loop_started
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        done = len(planning.committed_shards(run_dir.path))
+        raise Interrupted(signum, done, plan.num_shards) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    merge_started = time.perf_counter()
+    counts = _merge(run_dir.path, plan, output, config.format)
+    summary.write_seconds += time.perf_counter() - merge_started
+    summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
+    summary.seconds = time.perf_counter() - job.started
+    write_json(run_dir.path / SUMMARY_FILE, summary.to_dict())
+    return summary
 
 
-def _label_pending(plan, pending, classifier, schema, run_path, config, batch_size, workers,
-                   summary, progress) -> None:
+def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa.Schema,
+                   run_path: Path, summary: RunSummary, progress: bool | None) -> None:
+    config, classifier = job.config, job.classifier
     done_items = plan.num_items - sum(end - start for start, end in map(plan.shard_bounds, pending))
     show = (not config.quiet) if progress is None else progress
     bar = tqdm(total=plan.num_items, initial=done_items, unit="img", disable=not show,
@@ -212,8 +256,8 @@ def _label_pending(plan, pending, classifier, schema, run_path, config, batch_si
     if not pending:
         bar.close()
         return
-    loader = make_loader(plan, pending, classifier.spec.preprocess, batch_size=batch_size,
-                         workers=workers, max_pixels=config.max_pixels,
+    loader = make_loader(plan, pending, classifier.spec.preprocess, batch_size=job.batch_size,
+                         workers=job.workers, max_pixels=config.max_pixels,
                          pin_memory=classifier.on_cuda)
     batches = iter(loader)  # starts the workers before any thread of ours exists (fork-safe)
     committer = PartCommitter(run_path, plan, schema, list(classifier.spec.categories))
@@ -221,16 +265,9 @@ def _label_pending(plan, pending, classifier, schema, run_path, config, batch_si
     try:
         while True:
             waited = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
+            batch = next(batches, None)
+            if batch is None:
                 break
-            except RuntimeError as exc:
-                if "DataLoader worker" in str(exc):
-                    raise RunError(f"a loader worker died ({str(exc).splitlines()[0]}); "
-                                   "committed shards are intact: run the same command to "
-                                   "resume") from None
-                raise
             computing = time.perf_counter()
             summary.load_seconds += computing - waited
             prediction = classifier.predict(batch.images) if batch.decoded else None
@@ -239,6 +276,12 @@ def _label_pending(plan, pending, classifier, schema, run_path, config, batch_si
                 committer.submit(shard, buffer.result)
             summary.labelled_now += len(batch.indices)
             bar.update(len(batch.indices))
+    except RuntimeError as exc:
+        # torch reports a dead worker from its SIGCHLD handler, wherever the loop was.
+        if "DataLoader worker" not in str(exc):
+            raise
+        raise RunError(f"a loader worker died ({str(exc).splitlines()[0]}); committed shards "
+                       "are intact: run the same command to resume") from None
     finally:
         bar.close()
         del batches, loader  # stops the workers

@@ -207,3 +207,17 @@ def merge_parts(parts: list[Path], out_path: Path, fmt: str) -> MergeCounts:
         finally:
             sink.close()
     return MergeCounts(rows=rows, ok=ok, errors=rows - ok)
+
+
+def count_rows(path: Path) -> MergeCounts:
+    """Count rows and statuses of a finished output file, streaming (Parquet or CSV)."""
+    rows = ok = 0
+    if path.suffix == ".parquet":
+        batches = pq.ParquetFile(path).iter_batches(columns=["status"])
+    else:
+        batches = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(
+            include_columns=["status"]))
+    for batch in batches:
+        rows += batch.num_rows
+        ok += pc.sum(pc.equal(batch.column(0), "ok")).as_py() or 0
+    return MergeCounts(rows=rows, ok=ok, errors=rows - ok)

@@ -95,3 +95,27 @@ def test_truncated_jpeg_is_an_error_not_a_grey_guess():
     data = encode(halves_image(400, 300), "JPEG", quality=90)
     with pytest.raises((ImageError, *DECODE_ERRORS)):
         decode(data[: len(data) // 2], SMALL, max_pixels=10**8)
+
+
+@pytest.mark.parametrize("size, drafted", [((500, 375), False), ((1024, 768), True),
+                                           ((4000, 3000), True)],
+                         ids=["imagenet-size", "1-megapixel", "12-megapixel"])
+def test_fast_paths_stay_within_1_5_levels_of_the_reference_crop(size, drafted, monkeypatch):
+    """decode_jpeg and DCT-downscaled decoding against PIL Resize(256) + CenterCrop(224)."""
+    from PIL.JpegImagePlugin import JpegImageFile
+
+    from tests.photos import photo_jpeg
+
+    drafts = []
+    real_draft = JpegImageFile.draft
+    monkeypatch.setattr(JpegImageFile, "draft",
+                        lambda self, *a, **k: drafts.append(a) or real_draft(self, *a, **k))
+    reference = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
+    differences = []
+    for seed in range(2):
+        data = photo_jpeg(*size, seed=seed)
+        ours = decode(data, Preprocess(), max_pixels=10**9).image
+        expected = reference(Image.open(io.BytesIO(data)).convert("RGB"))
+        differences.append((ours.float() - expected.float()).abs().mean().item())
+    assert max(differences) <= 1.5, differences
+    assert bool(drafts) == drafted  # the path the size calls for was the one taken

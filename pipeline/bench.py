@@ -1,0 +1,203 @@
+"""`label-images bench`: decode, loader, model, end to end and the tutorials' loop, side by side."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from pipeline import plan as planning
+from pipeline import runner
+from pipeline.config import RunConfig
+from pipeline.decode import DECODE_ERRORS, ImageError, decode, read_bytes
+from pipeline.loader import make_loader
+from pipeline.model import build_network
+
+# Planning is measured in a fresh process so that its peak memory is its own.
+_PLAN_PROBE = """
+import json, sys, time
+from pathlib import Path
+from pipeline import plan, sources
+started = time.perf_counter()
+items = sources.read_source(sources.SourceSpec(sys.argv[1]))
+digest = plan.items_digest(items)
+frozen = plan.freeze(items, Path(sys.argv[2]), 1000)
+del items
+planned = time.perf_counter()
+# what a resume does: read the source again, compare, find the committed shards
+items = sources.read_source(sources.SourceSpec(sys.argv[1]))
+assert plan.items_digest(items) == digest
+plan.load(Path(sys.argv[2])); plan.committed_shards(Path(sys.argv[2]))
+# VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
+print(json.dumps({"rows": frozen.num_items, "plan_seconds": planned - started,
+                  "resume_seconds": time.perf_counter() - planned,
+                  "peak_rss_mb": int(hwm) / 1024}))
+"""
+
+
+@dataclasses.dataclass
+class Figure:
+    name: str
+    images_per_second: float
+    note: str = ""
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0
+
+
+def _per_core_decode(paths: list[str], preprocess) -> tuple[float, float]:
+    """Images/s on one core: our decode, and the PIL reference transform, same files.
+
+    The reference is the tutorials' whole per-image transform, normalisation included: that
+    is the work their loader does per image. Ours stops at uint8; the model step normalises.
+    """
+    reference = T.Compose([T.Resize(preprocess.resize), T.CenterCrop(preprocess.crop),
+                           T.ToTensor(), T.Normalize(preprocess.mean, preprocess.std)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker's setting
+    try:
+        started = time.perf_counter()
+        for path in paths:
+            try:
+                decode(read_bytes(path), preprocess, max_pixels=10**10)
+            except (ImageError, *DECODE_ERRORS):
+                pass
+        ours = _rate(len(paths), time.perf_counter() - started)
+        started = time.perf_counter()
+        for path in paths:
+            try:
+                reference(Image.open(path).convert("RGB"))
+            except DECODE_ERRORS:
+                pass
+        pil = _rate(len(paths), time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return ours, pil
+
+
+def _loader_alone(plan, job) -> float:
+    loader = make_loader(plan, list(range(plan.num_shards)), job.classifier.spec.preprocess,
+                         batch_size=job.batch_size, workers=job.workers,
+                         max_pixels=job.config.max_pixels, pin_memory=job.classifier.on_cuda)
+    batches = iter(loader)
+    first = next(batches)  # worker start-up is not throughput
+    started, count = time.perf_counter(), 0
+    for batch in batches:
+        count += len(batch.indices)
+    seconds = time.perf_counter() - started
+    del batches, loader
+    return _rate(count, seconds) if count else _rate(len(first.indices), seconds)
+
+
+def _model_alone(job, batches: int) -> float:
+    crop = job.classifier.spec.preprocess.crop
+    images = torch.randint(0, 256, (job.batch_size, 3, crop, crop), dtype=torch.uint8)
+    if job.classifier.on_cuda:
+        images = images.pin_memory()
+    for _ in range(2):  # warm-up: allocator, oneDNN/cuDNN kernel choice, compile
+        job.classifier.predict(images)
+    started = time.perf_counter()
+    for _ in range(batches):
+        job.classifier.predict(images)
+    return _rate(batches * job.batch_size, time.perf_counter() - started)
+
+
+def _plain_loop(paths: list[str], job) -> float:
+    """The tutorials' loop: PIL, Resize, CenterCrop, ToTensor, Normalize, fp32, one at a time."""
+    spec, device = job.classifier.spec, job.classifier.device
+    net = build_network(spec).to(device)
+    transform = T.Compose([
+        T.Resize(spec.preprocess.resize), T.CenterCrop(spec.preprocess.crop), T.ToTensor(),
+        T.Normalize(spec.preprocess.mean, spec.preprocess.std)])
+    count = 0
+    started = time.perf_counter()
+    with torch.no_grad():
+        for path in paths:
+            try:
+                x = transform(Image.open(path).convert("RGB")).unsqueeze(0).to(device)
+            except DECODE_ERRORS:
+                continue
+            net(x).softmax(dim=1).topk(job.config.top_k)
+            count += 1
+    return _rate(count, time.perf_counter() - started)
+
+
+def plan_probe(rows: int, workdir: Path) -> dict:
+    """Time planning a `rows`-row manifest (and a resume over it) in a fresh process."""
+    manifest = workdir / "plan-probe.txt"
+    with open(manifest, "w") as fh:
+        for i in range(rows):
+            fh.write(f"shard-{i // 10000:05d}/image-{i:09d}.jpg\n")
+    done = subprocess.run([sys.executable, "-c", _PLAN_PROBE, str(manifest),
+                           str(workdir / "plan-probe")], capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout)
+
+
+def bench(config: RunConfig, images: int, reference_images: int,
+          plan_rows: int | None) -> dict:
+    """Measure everything with the same settings in one process; returns the figures."""
+    with tempfile.TemporaryDirectory(prefix="label-images-bench-") as tmp:
+        workdir = Path(tmp)
+        job = runner.prepare(dataclasses.replace(config, out=str(workdir / "unused")))
+        items = job.items.slice(0, images)
+        paths = [os.path.abspath(p) for p in items["path"].to_pylist()]
+        manifest = workdir / "sample.txt"
+        manifest.write_text("".join(p + "\n" for p in paths))
+        plan = planning.freeze(items, workdir, config.shard_size)
+        ours, pil = _per_core_decode(paths[:200], job.classifier.spec.preprocess)
+        loader = _loader_alone(plan, job)
+        model = _model_alone(job, batches=max(4, min(20, len(paths) // job.batch_size)))
+        end_to_end = runner.run(dataclasses.replace(
+            config, source=str(manifest), out=str(workdir / "run"), quiet=True,
+            overwrite=True, path_column=None, id_column=None, root=None, keep_columns=()))
+        e2e = end_to_end.loop_images_per_second
+        plain = _plain_loop(paths[:reference_images], job)
+        figures = [
+            Figure("PIL reference transform, 1 core", pil),
+            Figure("decode + resize (ours), 1 core", ours, f"{ours / pil:.2f}x PIL"),
+            Figure("loader alone", loader,
+                   f"{job.workers} worker(s), {loader / max(job.workers, 1):.1f}/worker"),
+            Figure("model alone (synthetic batches)", model),
+            Figure("end to end", e2e, f"{e2e / model:.2f}x model, {e2e / plain:.2f}x plain loop"),
+            Figure("plain loop (tutorials, fp32, 1 image)", plain),
+        ]
+        result = {
+            "source": config.source, "images": len(paths),
+            "model": job.classifier.spec.model, "device": job.record["resolved"]["device"],
+            "precision": job.record["resolved"]["precision"], "batch_size": job.batch_size,
+            "workers": job.workers, "torch_threads": torch.get_num_threads(),
+            "figures": [dataclasses.asdict(f) for f in figures],
+            "ratios": {"decode_vs_pil_per_core": ours / pil,
+                       "end_to_end_vs_model": e2e / model,
+                       "end_to_end_vs_plain_loop": e2e / plain},
+        }
+        if plan_rows:
+            result["planning"] = plan_probe(plan_rows, workdir)
+        return result
+
+
+def render(result: dict) -> str:
+    lines = [f"label-images bench: {result['images']} images from {result['source']}; "
+             f"{result['model']} {result['precision']} on {result['device']}, batch "
+             f"{result['batch_size']}, {result['workers']} worker(s), "
+             f"{result['torch_threads']} torch thread(s)",
+             f"{'stage':<40} {'images/s':>9}  note"]
+    for figure in result["figures"]:
+        lines.append(f"{figure['name']:<40} {figure['images_per_second']:>9.1f}  {figure['note']}")
+    if "planning" in result:
+        p = result["planning"]
+        lines.append(f"planning {p['rows']:,} rows: {p['plan_seconds']:.1f} s, resume check "
+                     f"{p['resume_seconds']:.1f} s, peak {p['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)

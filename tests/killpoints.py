@@ -1,0 +1,80 @@
+"""Run `label-images` and SIGKILL it at an exact moment: `python killpoints.py POINT N ARGS...`.
+
+POINT is where the process dies, at the N-th time it gets there (1-based):
+  part-mid-write      a part's temporary file is half written
+  part-before-rename  a part is fully written but not yet renamed into place
+  part-after-rename   a part was renamed into place, before anything else happens
+  merge-mid-write     the final file is being assembled
+  merge-after-rename  the final file is in place, before the parts are removed
+Used by tests/test_crash.py; the production code has no hooks for this.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pyarrow.parquet as pq
+
+from pipeline import cli, writer
+
+POINT, COUNT = sys.argv[1], int(sys.argv[2])
+seen = {"n": 0}
+
+
+def die_on_count() -> bool:
+    seen["n"] += 1
+    return seen["n"] == COUNT
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def is_part(path) -> bool:
+    return "part-" in os.path.basename(str(path))  # also its hidden temporary name
+
+
+real_replace = os.replace
+
+
+def replace(src, dst, *args, **kwargs):
+    part = is_part(dst)
+    wanted = {"part-before-rename": part, "part-after-rename": part,
+              "merge-after-rename": os.path.basename(str(dst)).startswith("labels.")}
+    if wanted.get(POINT) and die_on_count():
+        if POINT == "part-before-rename":
+            die()
+        real_replace(src, dst, *args, **kwargs)
+        die()
+    return real_replace(src, dst, *args, **kwargs)
+
+
+real_write_table = pq.write_table
+
+
+def write_table(table, where, *args, **kwargs):
+    if POINT == "part-mid-write" and is_part(where) and die_on_count():
+        half = table.slice(0, max(1, table.num_rows // 2))
+        real_write_table(half, where, *args, **kwargs)
+        die()
+    return real_write_table(table, where, *args, **kwargs)
+
+
+class ParquetWriter(pq.ParquetWriter):
+    def __init__(self, where, *args, **kwargs):
+        super().__init__(where, *args, **kwargs)
+        self.merging = "labels." in os.path.basename(str(where))
+
+    def write_table(self, table, *args, **kwargs):
+        super().write_table(table, *args, **kwargs)
+        if POINT == "merge-mid-write" and self.merging and die_on_count():
+            die()
+
+
+os.replace = replace
+writer.pq.write_table = write_table
+writer.pq.ParquetWriter = ParquetWriter
+sys.argv = ["label-images", *sys.argv[3:]]
+cli.main()

@@ -1,0 +1,213 @@
+"""Kill anywhere, stop on signals, fail while writing: every key exactly once afterwards.
+
+The long series is behind the `slow` marker: `make test-slow` (or `pytest -m slow`).
+Each trial prints its seed; replay one with
+KILL_SEED=<seed> pytest -m slow "tests/test_crash.py::test_kill_series[0]".
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import loader, writer
+from tests.conftest import REPO, read_output, write_colour_images
+
+IMAGES = 200
+SHARD = 10
+KILL_POINTS = ["time", "part-mid-write", "part-before-rename", "part-after-rename",
+               "merge-mid-write", "merge-after-rename"]
+
+
+def job(folder, out, checkpoint):
+    return ["run", str(folder), "--out", str(out), "--model", "resnet18", "--weights",
+            str(checkpoint), "--top-k", "2", "--shard-size", str(SHARD), "--batch-size", "8",
+            "--workers", "1", "--resize", "72", "--crop", "64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, colour_checkpoint):
+    """A few hundred images (some broken) and the output of one uninterrupted run."""
+    root = tmp_path_factory.mktemp("crash")
+    folder = root / "imgs"
+    write_colour_images(folder, IMAGES - 2, seed=11)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    (folder / "empty.png").write_bytes(b"")
+    done = subprocess.run([sys.executable, "-m", "pipeline",
+                           *job(folder, root / "reference", colour_checkpoint)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return folder, read_output(root / "reference" / "labels.parquet")
+
+
+def assert_same_as_reference(out, reference_table):
+    table = read_output(out / "labels.parquet")
+    assert table["key"].is_unique and len(table) == IMAGES
+    for column in ("key", "status", "error", "top1_label"):
+        assert table[column].tolist() == reference_table[column].tolist(), column
+    visible = [name for name in os.listdir(out) if not name.startswith(".")]
+    assert sorted(visible) == ["labels.parquet", "plan.parquet", "run.json", "summary.json"]
+    assert [n for n in os.listdir(out) if ".tmp-" in n] == []
+
+
+def count_parts(out):
+    parts = out / "parts"
+    return sum(n.startswith("part-") for n in os.listdir(parts)) if parts.is_dir() else 0
+
+
+def kill_once(rng, folder, out, checkpoint):
+    """One run killed at a random moment: a random time, or a random exact point."""
+    point = rng.choice(KILL_POINTS)
+    args = job(folder, out, checkpoint)
+    if point == "time":
+        process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO,
+                                   stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 8.0))  # from start-up through loading to merging
+        process.kill()
+        process.wait()
+        return point
+    shards_left = IMAGES // SHARD - count_parts(out)
+    nth = 1 if point.startswith("merge") else rng.randint(1, max(1, shards_left))
+    subprocess.run([sys.executable, str(REPO / "tests" / "killpoints.py"), point, str(nth),
+                    *args], cwd=REPO, capture_output=True)
+    return f"{point}#{nth}"
+
+
+def kill_trial(seed, folder, out, checkpoint, reference_table):
+    rng = random.Random(seed)
+    print(f"kill trial seed={seed}", flush=True)
+    kills = [kill_once(rng, folder, out, checkpoint) for _ in range(rng.randint(1, 3))]
+    print(f"  killed at: {', '.join(kills)}", flush=True)
+    final = subprocess.run([sys.executable, "-m", "pipeline", *job(folder, out, checkpoint)],
+                           cwd=REPO, capture_output=True, text=True)
+    assert final.returncode == 0, f"seed {seed}: {final.stderr}"
+    assert_same_as_reference(out, reference_table)
+
+
+def test_killed_at_every_kind_of_moment_then_rerun(tmp_path, colour_checkpoint, reference):
+    """The default suite: one trial per exact kill point, so each is exercised every run."""
+    folder, reference_table = reference
+    for point in KILL_POINTS[1:]:
+        out = tmp_path / point
+        done = subprocess.run([sys.executable, str(REPO / "tests" / "killpoints.py"), point,
+                               "3" if point.startswith("part") else "1",
+                               *job(folder, out, colour_checkpoint)], cwd=REPO,
+                              capture_output=True, text=True)
+        assert done.returncode == -signal.SIGKILL, (point, done.stderr)
+        rerun = subprocess.run([sys.executable, "-m", "pipeline", *job(folder, out,
+                                                                        colour_checkpoint)],
+                               cwd=REPO, capture_output=True, text=True)
+        assert rerun.returncode == 0, (point, rerun.stderr)
+        assert_same_as_reference(out, reference_table)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(30))
+def test_kill_series(tmp_path, colour_checkpoint, reference, trial):
+    base = int(os.environ.get("KILL_SEED", "20261123"))
+    folder, reference_table = reference
+    kill_trial(base + trial, folder, tmp_path / "run", colour_checkpoint, reference_table)
+
+
+@pytest.mark.parametrize("signum, group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM", "ctrl-c"])
+def test_signals_stop_promptly_commit_nothing_half_written_and_say_how_to_resume(
+        tmp_path, colour_checkpoint, reference, signum, group):
+    folder, reference_table = reference
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "pipeline", *job(folder, out, colour_checkpoint)]
+    # Ctrl-C in a terminal reaches the whole process group, workers included.
+    process = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while count_parts(out) < 2 and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert process.poll() is None, "finished before the signal"
+    sent = time.monotonic()
+    (os.killpg if group else os.kill)(process.pid, signum)
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 15, "did not stop promptly"
+    assert process.returncode == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name}" in stderr
+    assert "run the same command again to resume" in stderr
+    assert "Traceback" not in stderr
+    for part in (out / "parts").iterdir():  # whatever is committed is whole
+        assert part.name.startswith("part-") and pq.read_metadata(part).num_rows == SHARD
+    rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_as_reference(out, reference_table)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_write_failure_exits_1_keeps_committed_shards_and_rerun_finishes(
+        cli, tmp_path, colour_checkpoint, reference, monkeypatch, code):
+    folder, reference_table = reference
+    out = tmp_path / "run"
+    real_write_part = writer.write_part
+    calls = []
+
+    def failing_write_part(path, table):
+        calls.append(path)
+        if len(calls) == 4:
+            raise OSError(code, os.strerror(code), str(path))
+        real_write_part(path, table)
+
+    monkeypatch.setattr("pipeline.runner.write_part", failing_write_part)
+    failed = cli(*job(folder, out, colour_checkpoint))
+    assert failed.exit_code == 1
+    assert os.strerror(code) in failed.output and "run the same command to resume" in failed.output
+    committed = sorted((out / "parts").iterdir())
+    assert len(committed) >= 3
+    for part in committed:
+        assert pq.read_metadata(part).num_rows == SHARD
+    monkeypatch.setattr("pipeline.runner.write_part", real_write_part)
+    assert cli(*job(folder, out, colour_checkpoint)).exit_code == 0
+    assert_same_as_reference(out, reference_table)
+
+
+def test_disk_full_while_merging_keeps_every_part(cli, tmp_path, colour_checkpoint, reference,
+                                                  monkeypatch):
+    folder, reference_table = reference
+    out = tmp_path / "run"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("pipeline.runner.merge_parts", full_disk)
+    failed = cli(*job(folder, out, colour_checkpoint))
+    assert failed.exit_code == 1 and "No space left on device" in failed.output
+    assert count_parts(out) == IMAGES // SHARD
+    monkeypatch.undo()
+    assert cli(*job(folder, out, colour_checkpoint)).exit_code == 0
+    assert_same_as_reference(out, reference_table)
+
+
+def test_a_worker_that_dies_ends_the_run_with_a_message_and_rerun_resumes(
+        cli, tmp_path, colour_checkpoint, reference, monkeypatch):
+    folder, reference_table = reference
+    out = tmp_path / "run"
+    marker = tmp_path / "worker-died"
+    real_decode = loader.decode
+
+    def decode_then_die(data, *args, **kwargs):
+        if not marker.exists() and count_parts(out) >= 2:
+            marker.write_text("once")
+            os.kill(os.getpid(), signal.SIGKILL)  # the worker process, not the test
+        return real_decode(data, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "decode", decode_then_die)
+    failed = cli(*job(folder, out, colour_checkpoint))
+    assert failed.exit_code == 1 and "a loader worker died" in failed.output
+    assert marker.exists()
+    monkeypatch.undo()
+    assert cli(*job(folder, out, colour_checkpoint)).exit_code == 0
+    assert_same_as_reference(out, reference_table)

@@ -1,0 +1,186 @@
+"""Hostile and odd input: a correct label or an error row each, never a crash or a hang."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from tests.conftest import FAST, colour_array, read_output
+
+RED = colour_array("red", 90, 60, seed=1)
+
+
+def save(path, image: Image.Image, fmt=None, **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt, **kwargs)
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A tiny file that claims to be width x height: a decompression bomb's calling card."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr: ihdr + 17]))
+    data[ihdr + 17: ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Every odd file we could think of, with what each should become."""
+    root = tmp_path_factory.mktemp("zoo")
+    red = Image.fromarray(RED)
+    expect = {}  # key -> "red" (label), "ok" (any label), or "error"
+
+    def add(name, outcome, writer):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer(path)
+        expect[name] = outcome
+
+    add("zero.jpg", "error", lambda p: p.write_bytes(b""))
+    jpeg = io.BytesIO()
+    red.save(jpeg, format="JPEG")
+    add("truncated.jpg", "error", lambda p: p.write_bytes(jpeg.getvalue()[:200]))
+    add("random.jpg", "error", lambda p: p.write_bytes(np.random.default_rng(0).bytes(5000)))
+    add("text.png", "error", lambda p: p.write_text("hello, I am text"))
+    add("broken-link.jpg", "error", lambda p: os.symlink(root / "nowhere.jpg", p))
+    add("bomb.png", "error", lambda p: p.write_bytes(huge_png_header(60_000, 60_000)))
+    add("grey.png", "ok", lambda p: save(p, red.convert("L")))
+    add("palette.png", "red", lambda p: save(p, red.convert("P")))
+    add("palette-transparent.gif", "red",
+        lambda p: save(p, red.convert("P"), transparency=0))
+    add("cmyk.jpg", "red", lambda p: save(p, red.convert("CMYK")))
+    add("rgba.png", "red", lambda p: save(p, red.convert("RGBA")))
+    add("sixteen-bit.png", "ok", lambda p: save(
+        p, Image.fromarray((np.asarray(red.convert("L"), np.uint16) * 257))))
+    add("one-pixel.png", "red", lambda p: save(p, Image.new("RGB", (1, 1), (210, 45, 40))))
+    add("long-strip.png", "ok", lambda p: save(p, Image.new("RGB", (10_000, 3), (210, 45, 40))))
+    frames = [red, Image.new("RGB", red.size, (40, 60, 220))]
+    add("animated.gif", "red",
+        lambda p: frames[0].save(p, save_all=True, append_images=frames[1:]))
+    add("photo.webp", "red", lambda p: save(p, red))
+    add("photo.tiff", "red", lambda p: save(p, red))
+    add("photo.bmp", "red", lambda p: save(p, red))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    add("rotated.jpg", "red", lambda p: save(p, red, exif=exif.tobytes()))
+    for name in ["with space.jpg", "comma,name.jpg", 'quote"name.jpg', "it's.jpg",
+                 "new\nline.jpg", "n\u00e4me-\u65e5\u672c-\U0001F600.jpg"]:
+        add(name, "red", lambda p: save(p, red))
+    (root / "folder.jpg").mkdir()  # a directory with an image's name: not an image
+    (root / "folder.jpg" / "inside.png").write_bytes(b"")
+    expect["folder.jpg/inside.png"] = "error"
+    return root, expect
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_every_odd_file_gets_a_label_or_an_error_row(cli, tmp_path, zoo, colour_checkpoint,
+                                                     fmt):
+    root, expect = zoo
+    result = cli("run", root, "--out", tmp_path / "run", "--model", "resnet18", "--weights",
+                 colour_checkpoint, "--top-k", "2", "--workers", "1", "--batch-size", "4",
+                 "--shard-size", "5", "--max-pixels", "50000000", "--format", fmt, "--quiet",
+                 *FAST)
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "run" / f"labels.{fmt}").set_index("key")
+    assert sorted(table.index) == sorted(expect)  # names round-trip unchanged
+    for key, outcome in expect.items():
+        row = table.loc[key]
+        assert row["path"] == str(root / key)
+        if outcome == "error":
+            assert row["status"] == "error" and isinstance(row["error"], str), key
+        else:
+            assert row["status"] == "ok", (key, row["error"])
+        if outcome == "red":
+            assert row["top1_label"] == "red", key
+    assert "--max-pixels" in table.loc["bomb.png", "error"]
+    assert int(table.loc["rotated.jpg", "width"]) == 60  # as displayed: 90x60 stored sideways
+    assert "No such file" in table.loc["broken-link.jpg", "error"]
+
+
+def test_max_pixels_is_configurable(cli, tmp_path, colour_checkpoint):
+    save(tmp_path / "imgs" / "big.png", Image.fromarray(colour_array("red", 2000, 1000, 0)))
+    result = cli("run", tmp_path / "imgs", "--out", tmp_path / "run", "--model", "resnet18",
+                 "--weights", colour_checkpoint, "--top-k", "1", "--max-pixels", "1000000",
+                 "--workers", "0", "-q", *FAST)
+    assert result.exit_code == 0
+    row = read_output(tmp_path / "run" / "labels.parquet").iloc[0]
+    assert row["status"] == "error" and "2000x1000" in row["error"]
+
+
+def test_manifest_paths_are_never_run_by_a_shell(cli, tmp_path, colour_checkpoint):
+    marker = tmp_path / "pwned"
+    hostile = [f"$(touch {marker})", f"`touch {marker}`", f"x.jpg; touch {marker}",
+               f"| touch {marker}", "../../../../etc/passwd", "missing.jpg"]
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"path": hostile}).to_csv(manifest, index=False)
+    result = cli("run", manifest, "--out", tmp_path / "run", "--model", "resnet18",
+                 "--weights", colour_checkpoint, "--top-k", "1", "--workers", "0", "-q", *FAST)
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    assert (table["status"] == "error").all() and table["key"].tolist() == hostile
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def resnet18_4_classes(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "four.pth"
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("case", [
+    "no path column", "ambiguous path column", "empty manifest", "duplicate keys",
+    "unknown keep column", "not utf-8", "weights not a checkpoint", "labels do not match",
+    "unknown model", "top-k too large", "unknown config key",
+])
+def test_bad_manifests_and_configuration_exit_2_in_one_line_before_any_work(
+        cli, tmp_path, resnet18_4_classes, case):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,note\na.jpg,x\nb.jpg,y\n")
+    args = {"--model": "resnet18", "--weights": str(resnet18_4_classes), "--top-k": "2"}
+    extra = []
+    if case == "no path column":
+        manifest.write_text("a,b\nx.jpg,y\n")
+    elif case == "ambiguous path column":
+        manifest.write_text("path,url\nx.jpg,y\n")
+    elif case == "empty manifest":
+        manifest.write_text("path\n")
+    elif case == "duplicate keys":
+        manifest.write_text("path\na.jpg\nb.jpg\na.jpg\n")
+    elif case == "unknown keep column":
+        extra = ["--keep-columns", "caption"]
+    elif case == "not utf-8":
+        manifest.write_bytes("path\nf\u00f6to.jpg\n".encode("latin-1"))
+    elif case == "weights not a checkpoint":
+        (tmp_path / "w.pth").write_text("not weights")
+        args["--weights"] = str(tmp_path / "w.pth")
+    elif case == "labels do not match":
+        (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+        extra = ["--labels", str(tmp_path / "labels.txt")]
+    elif case == "unknown model":
+        args["--model"] = "resnet5000"
+    elif case == "top-k too large":
+        args["--top-k"] = "5"
+    elif case == "unknown config key":
+        (tmp_path / "c.toml").write_text("modle = 'resnet18'\n")
+        extra = ["--config", str(tmp_path / "c.toml")]
+    flat = [x for pair in args.items() for x in pair]
+    result = cli("run", manifest, "--out", tmp_path / "run", *flat, *extra)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("label-images: error: "), result.output
+    assert not (tmp_path / "run").exists()  # refused before any work
