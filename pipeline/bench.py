@@ -64,26 +64,33 @@ def _per_core_decode(paths: list[str], preprocess) -> tuple[float, float]:
     """
     reference = T.Compose([T.Resize(preprocess.resize), T.CenterCrop(preprocess.crop),
                            T.ToTensor(), T.Normalize(preprocess.mean, preprocess.std)])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a worker's setting
-    try:
-        started = time.perf_counter()
+    def ours() -> None:
         for path in paths:
             try:
                 decode(read_bytes(path), preprocess, max_pixels=10**10)
             except (ImageError, *DECODE_ERRORS):
                 pass
-        ours = _rate(len(paths), time.perf_counter() - started)
-        started = time.perf_counter()
+
+    def pil() -> None:
         for path in paths:
             try:
                 reference(Image.open(path).convert("RGB"))
             except DECODE_ERRORS:
                 pass
-        pil = _rate(len(paths), time.perf_counter() - started)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker's setting
+    try:
+        # Alternate and keep each one's best of three: a shared VM's noise hits both alike.
+        best = {ours: float("inf"), pil: float("inf")}
+        for _ in range(3):
+            for fn in best:
+                started = time.perf_counter()
+                fn()
+                best[fn] = min(best[fn], time.perf_counter() - started)
     finally:
         torch.set_num_threads(threads)
-    return ours, pil
+    return _rate(len(paths), best[ours]), _rate(len(paths), best[pil])
 
 
 def _loader_alone(plan, job) -> float:
@@ -156,7 +163,7 @@ def bench(config: RunConfig, images: int, reference_images: int,
         manifest = workdir / "sample.txt"
         manifest.write_text("".join(p + "\n" for p in paths))
         plan = planning.freeze(items, workdir, config.shard_size)
-        ours, pil = _per_core_decode(paths[:200], job.classifier.spec.preprocess)
+        ours, pil = _per_core_decode(paths[:100], job.classifier.spec.preprocess)
         loader = _loader_alone(plan, job)
         model = _model_alone(job, batches=max(4, min(20, len(paths) // job.batch_size)))
         end_to_end = runner.run(dataclasses.replace(

@@ -97,7 +97,12 @@ def run(
     quiet: Annotated[Optional[bool], typer.Option(
         "--quiet", "-q", help="No progress bar.")] = None,
     compile: Annotated[Optional[bool], typer.Option(
-        "--compile", help="torch.compile the model (pays off on long GPU runs).")] = None,
+        "--compile", help="torch.compile the model (pays off on long runs).")] = None,
+    num_shards: Annotated[Optional[int], typer.Option(
+        help="Split the job into this many slices (array jobs); see --shard-index.")] = None,
+    shard_index: Annotated[Optional[int], typer.Option(
+        help="The slice this process labels, 0-based (default: SLURM_ARRAY_TASK_ID or "
+             "JOB_COMPLETION_INDEX when set).")] = None,
 ) -> None:
     """Label every image of SOURCE into OUT/labels.parquet (or .csv); rerun to resume."""
     flags = {
@@ -108,7 +113,7 @@ def run(
         "shard_size": shard_size, "path_column": path_column, "id_column": id_column,
         "root": root, "keep_columns": keep_columns, "max_pixels": max_pixels,
         "allow_duplicates": allow_duplicates, "overwrite": overwrite, "quiet": quiet,
-        "compile": compile,
+        "compile": compile, "num_shards": num_shards, "shard_index": shard_index,
     }
     # Imported here so that `--help` and config errors answer without loading torch.
     try:
@@ -117,6 +122,22 @@ def run(
         from pipeline import runner
 
         summary = runner.run(resolved)
+    except (UsageError, RunError, Interrupted) as exc:
+        raise _fail(exc, exc.exit_code) from None
+    typer.echo(summary.line(), err=True)
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="The run directory the slices wrote to.")],
+    format: Annotated[Optional[Format], typer.Option(
+        "--format", help="Output format (default: the run's).")] = None,
+) -> None:
+    """Assemble OUT/labels.* once every slice of an array job has committed its shards."""
+    try:
+        from pipeline import runner
+
+        summary = runner.merge(str(out), format.value if format else None)
     except (UsageError, RunError, Interrupted) as exc:
         raise _fail(exc, exc.exit_code) from None
     typer.echo(summary.line(), err=True)

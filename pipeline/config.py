@@ -44,6 +44,8 @@ class RunConfig:
     overwrite: bool = False
     quiet: bool = False
     compile: bool = False
+    num_shards: int | None = None  # slices of an array job (not the --shard-size shards)
+    shard_index: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -52,7 +54,8 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-_INT_FIELDS = {"resize", "crop", "batch_size", "workers", "top_k", "shard_size", "max_pixels"}
+_INT_FIELDS = {"resize", "crop", "batch_size", "workers", "top_k", "shard_size", "max_pixels",
+               "num_shards", "shard_index"}
 _BOOL_FIELDS = {"allow_duplicates", "overwrite", "quiet", "compile"}
 
 
@@ -131,7 +134,8 @@ def _check_values(config: RunConfig) -> None:
         )
     if not _DEVICE_PATTERN.match(config.device):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
-    for name in ("top_k", "shard_size", "max_pixels", "batch_size", "resize", "crop"):
+    for name in ("top_k", "shard_size", "max_pixels", "batch_size", "resize", "crop",
+                 "num_shards"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UsageError(f"{_flag(name)} must be at least 1, got {value}")

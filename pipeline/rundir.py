@@ -6,24 +6,28 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from pipeline.errors import RunError, UsageError
 from pipeline.plan import PARTS_DIR, PLAN_FILE
+from pipeline.slices import Slice
 from pipeline.writer import remove_temporaries, write_json
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".lock"
 OUTPUT_STEM = "labels"
+_TEMPORARY_PART = re.compile(r"^\.part-(\d+)\.parquet\.tmp-")
 
 
 class RunDirectory:
     """An output directory held by one run at a time; a killed run's lock goes with it."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, part: Slice = Slice()):
         self.path = Path(path)
+        self.part = part
         self._lock_fd: int | None = None
 
     def __enter__(self) -> RunDirectory:
@@ -31,7 +35,10 @@ class RunDirectory:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunError(f"cannot create output directory {self.path}: {exc.strerror}") from None
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        # Slices of one job run side by side, each with a lock of its own.
+        lock_name = (LOCK_FILE if self.part.whole
+                     else f"{LOCK_FILE}-{self.part.index}-of-{self.part.count}")
+        fd = os.open(self.path / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             # A POSIX record lock, not flock: forked loader workers do not inherit it, so a
             # killed run's orphaned workers cannot keep the next run out; the kernel drops
@@ -42,14 +49,22 @@ class RunDirectory:
                 raise
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise RunError(f"another label-images run (pid {holder}) is using {self.path}; "
-                           "wait for it to finish or choose another --out") from None
+            which = "" if self.part.whole else f" ({self.part.describe()})"
+            raise RunError(f"another label-images run{which} (pid {holder}) is using "
+                           f"{self.path}; wait for it to finish or choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
-        remove_temporaries(self.path)
-        remove_temporaries(self.path / PARTS_DIR)
+        # Only temporaries nobody else can be writing: this slice's own parts, and the
+        # top-level files when no other slice can be running.
+        if self.part.whole:
+            remove_temporaries(self.path)
+        remove_temporaries(self.path / PARTS_DIR, owned=self._owns_temporary)
         return self
+
+    def _owns_temporary(self, name: str) -> bool:
+        match = _TEMPORARY_PART.match(name)
+        return bool(match) and self.part.owns(int(match.group(1)))
 
     def __exit__(self, *exc_info) -> None:
         if self._lock_fd is not None:

@@ -19,12 +19,14 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline import plan as planning
+from pipeline import slices
 from pipeline.config import RunConfig
-from pipeline.errors import Interrupted, RunError
+from pipeline.errors import Interrupted, RunError, UsageError
 from pipeline.loader import Batch, make_loader
 from pipeline.model import (Classifier, ModelSpec, default_batch_size, default_workers,
                             resolve_device, resolve_model, resolve_precision)
 from pipeline.rundir import SUMMARY_FILE, RunDirectory
+from pipeline.slices import Slice
 from pipeline.sources import SourceSpec, read_source
 from pipeline.writer import (ShardResult, count_rows, merge_parts, output_schema, part_table,
                              write_json, write_part)
@@ -47,6 +49,8 @@ class RunSummary:
     write_seconds: float = 0.0
     resumed: bool = False
     already_complete: bool = False
+    slice_done: str = ""  # set when this process labelled one slice and did not merge
+    missing: list[int] = field(default_factory=list)  # shards other slices still owe
     device: str = ""
     precision: str = ""
     timings: dict = field(default_factory=dict)
@@ -61,6 +65,15 @@ class RunSummary:
     def line(self) -> str:
         if self.already_complete:
             return f"nothing to do: {self.output} is complete ({self.items} rows)"
+        if not self.labelled_now:  # a merge
+            return (f"{self.items} images: {self.ok} ok, {self.errors} errors -> "
+                    f"{self.output}")
+        if self.slice_done:
+            waiting = (f"{len(self.missing)} shards still to come from other slices, then run "
+                       f"`label-images merge {self.output.parent}`" if self.missing else
+                       f"all shards are committed: run `label-images merge {self.output.parent}`")
+            return (f"{self.slice_done} done: labelled {self.labelled_now} at "
+                    f"{self.images_per_second:.1f} images/s; {waiting}")
         return (f"{self.items} images: {self.ok} ok, {self.errors} errors; labelled "
                 f"{self.labelled_now} at {self.images_per_second:.1f} images/s; wall time "
                 f"{self.seconds:.1f} s -> {self.output}")
@@ -158,10 +171,12 @@ class Job:
     started: float = field(default_factory=time.perf_counter)
 
 
-def prepare(config: RunConfig) -> Job:
+def prepare(config: RunConfig, part: Slice = Slice()) -> Job:
     """Validate the whole configuration: source, model, weights, device. Writes nothing."""
     started = time.perf_counter()
     device = resolve_device(config.device)
+    if part.distributed and device.type == "cuda" and config.device in ("auto", "cuda"):
+        device = torch.device("cuda", part.local_rank)  # one GPU per torchrun process
     dtype = resolve_precision(config.precision, device)
     source = source_spec(config)
     items = read_source(source)
@@ -173,7 +188,7 @@ def prepare(config: RunConfig) -> Job:
         "config": config.to_dict(),
         "resolved": {"device": str(device), "precision": str(dtype).removeprefix("torch."),
                      "batch_size": batch_size, "workers": workers,
-                     "preprocess": spec.preprocess.to_dict()},
+                     "preprocess": spec.preprocess.to_dict(), "slices": part.count},
         "versions": {"label-images": pipeline.__version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__},
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -181,51 +196,70 @@ def prepare(config: RunConfig) -> Job:
     return Job(config, source, items, classifier, batch_size, workers, record, started)
 
 
+def _os_failure(exc: OSError) -> RunError:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return RunError(f"{where}{exc.strerror or exc}; the shards committed so far are intact: "
+                    "fix that and run the same command to resume")
+
+
 def run(config: RunConfig, *, progress: bool | None = None) -> RunSummary:
-    """Label every item of config.source into config.out, resuming what a previous run began."""
-    job = prepare(config)
+    """Label every item of config.source into config.out, resuming what a previous run began.
+
+    Under torchrun every rank labels its share and rank 0 assembles the table; as one slice
+    of an array job it labels its slice and leaves the assembly to `label-images merge`.
+    """
+    part = slices.from_environment(config.num_shards, config.shard_index)
+    if config.overwrite and not part.whole and not part.distributed:
+        raise UsageError("--overwrite would let each slice wipe the others' work: clear the "
+                         "run directory once before starting the array job instead")
+    job = prepare(config, part)
+    group = slices.ProcessGroup(part, backend="gloo") if part.distributed else None
     try:
-        with RunDirectory(config.out) as run_dir:
-            summary = _run_in(run_dir, job, progress)
+        with RunDirectory(config.out, part) as run_dir:
+            return _run_in(run_dir, job, part, group, progress)
     except OSError as exc:  # disk full, permissions, a vanished mount: not a bug of ours
-        where = f"{exc.filename}: " if exc.filename else ""
-        raise RunError(f"{where}{exc.strerror or exc}; the shards committed so far are "
-                       "intact: fix that and run the same command to resume") from None
-    return summary
+        raise _os_failure(exc) from None
+    finally:
+        if group is not None:
+            group.close()
 
 
-def _run_in(run_dir: RunDirectory, job: Job, progress: bool | None) -> RunSummary:
+def _open_plan(run_dir: RunDirectory, job: Job, part: Slice, group) -> tuple[bool, planning.Plan]:
+    """Check or record the job in the run directory and freeze the plan (rank 0 only)."""
+    config = job.config
+    if group is None or part.index == 0:
+        try:
+            fingerprint_now = fingerprint(config, job.classifier.spec, job.source, job.items)
+            resumed = run_dir.prepare(fingerprint_now, job.record, config.overwrite)
+            if not (run_dir.path / planning.PLAN_FILE).exists():
+                planning.freeze(job.items, run_dir.path, config.shard_size)
+            verdict = None
+        except UsageError as exc:
+            verdict = str(exc)
+        if group is not None:
+            group.share((verdict, resumed if verdict is None else False))
+    else:  # the other ranks wait for rank 0's verdict, then read what it wrote
+        verdict, resumed = group.share(None)
+    if verdict is not None:
+        raise UsageError(verdict)
+    return resumed, planning.load(run_dir.path)
+
+
+def _run_in(run_dir: RunDirectory, job: Job, part: Slice, group,
+            progress: bool | None) -> RunSummary:
     config, spec = job.config, job.classifier.spec
-    fingerprint_now = fingerprint(config, spec, job.source, job.items)
-    resumed = run_dir.prepare(fingerprint_now, job.record, config.overwrite)
     output = run_dir.output_path(config.format)
-    summary = RunSummary(output=output, resumed=resumed, device=job.record["resolved"]["device"],
+    summary = RunSummary(output=output, device=job.record["resolved"]["device"],
                          precision=job.record["resolved"]["precision"])
-    finished = run_dir.output_path("parquet")
-    if output.exists():
-        # Killed after the final rename but before the parts were removed: finish that.
-        shutil.rmtree(run_dir.path / planning.PARTS_DIR, ignore_errors=True)
-        summary.already_complete = True
-        summary.items = job.items.num_rows
-        if not (run_dir.path / SUMMARY_FILE).exists():
-            counts = count_rows(output)
-            summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
-            write_json(run_dir.path / SUMMARY_FILE, summary.to_dict())
-        return summary
-    if finished.exists():
-        # A finished run asked for in another format: convert, do not relabel.
-        counts = merge_parts([finished], output, config.format)
-        summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
-        return summary
-    plan_file = run_dir.path / planning.PLAN_FILE
-    plan = (planning.load(run_dir.path) if plan_file.exists()
-            else planning.freeze(job.items, run_dir.path, config.shard_size))
+    summary.resumed, plan = _open_plan(run_dir, job, part, group)
+    if output.exists() or (run_dir.output_path("parquet").exists() and part.whole):
+        return _already_complete(run_dir, job, summary)
     extra = job.items.select(list(config.keep_columns)).schema
     job.items = None  # from here on, memory is bounded by shards, not by the dataset
     schema = output_schema(config.top_k, extra, {
         "label_images.model": spec.model, "label_images.weights": spec.weights_id})
     committed = planning.committed_shards(run_dir.path)
-    pending = [s for s in range(plan.num_shards) if s not in committed]
+    pending = [s for s in range(plan.num_shards) if part.owns(s) and s not in committed]
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     loop_started = time.perf_counter()
     try:
@@ -237,13 +271,82 @@ def _run_in(run_dir: RunDirectory, job: Job, progress: bool | None) -> RunSummar
         raise Interrupted(signum, done, plan.num_shards) from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    merge_started = time.perf_counter()
-    counts = _merge(run_dir.path, plan, output, config.format)
-    summary.write_seconds += time.perf_counter() - merge_started
-    summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
+    if group is not None:
+        group.barrier()  # every rank's shards are committed
+        if part.index != 0:
+            summary.slice_done = part.describe()
+            return summary
+    elif not part.whole:
+        summary.slice_done = part.describe()
+        summary.missing = _missing(run_dir.path, plan)
+        return summary
+    _assemble(run_dir.path, plan, output, config.format, summary)
     summary.seconds = time.perf_counter() - job.started
     write_json(run_dir.path / SUMMARY_FILE, summary.to_dict())
     return summary
+
+
+def _already_complete(run_dir: RunDirectory, job: Job, summary: RunSummary) -> RunSummary:
+    output = summary.output
+    if not output.exists():
+        # A finished run asked for in another format: convert, do not relabel.
+        counts = merge_parts([run_dir.output_path("parquet")], output, job.config.format)
+        summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
+        return summary
+    # Killed after the final rename but before the parts were removed: finish that.
+    shutil.rmtree(run_dir.path / planning.PARTS_DIR, ignore_errors=True)
+    summary.already_complete = True
+    summary.items = job.items.num_rows
+    if not (run_dir.path / SUMMARY_FILE).exists():
+        counts = count_rows(output)
+        summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
+        write_json(run_dir.path / SUMMARY_FILE, summary.to_dict())
+    return summary
+
+
+def _assemble(run_path: Path, plan: planning.Plan, output: Path, fmt: str,
+              summary: RunSummary) -> None:
+    started = time.perf_counter()
+    counts = _merge(run_path, plan, output, fmt)
+    summary.write_seconds += time.perf_counter() - started
+    summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
+
+
+def _missing(run_path: Path, plan: planning.Plan) -> list[int]:
+    committed = planning.committed_shards(run_path)
+    return [s for s in range(plan.num_shards) if s not in committed]
+
+
+def merge(out: str, fmt: str | None = None) -> RunSummary:
+    """`label-images merge`: assemble the table once every slice has committed its shards."""
+    try:
+        with RunDirectory(out) as run_dir:
+            record = run_dir.read_run()
+            if record is None or not (run_dir.path / planning.PLAN_FILE).exists():
+                raise UsageError(f"{out} holds no label-images run (no run.json or plan)")
+            fmt = fmt or record["config"]["format"]
+            plan = planning.load(run_dir.path)
+            output = run_dir.output_path(fmt)
+            summary = RunSummary(output=output, resumed=True)
+            if output.exists():
+                summary.already_complete = True
+                summary.items = plan.num_items
+                return summary
+            missing = _missing(run_dir.path, plan)
+            if missing:
+                slice_count = record.get("resolved", {}).get("slices", 1)
+                owners = sorted({s % slice_count for s in missing})
+                raise RunError(
+                    f"{len(missing)} of {plan.num_shards} shards are not committed yet "
+                    f"({slices.shard_ranges(missing)[:300]}), owned by slice(s) "
+                    f"{', '.join(map(str, owners))} of {slice_count}; run those, then merge again")
+            started = time.perf_counter()
+            _assemble(run_dir.path, plan, output, fmt, summary)
+            summary.seconds = time.perf_counter() - started
+            write_json(run_dir.path / SUMMARY_FILE, summary.to_dict())
+            return summary
+    except OSError as exc:
+        raise _os_failure(exc) from None
 
 
 def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa.Schema,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,7 +50,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    # pid and a random tag: unique even among hosts sharing one directory
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -72,12 +74,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def remove_temporaries(directory: Path) -> None:
+def remove_temporaries(directory: Path, owned=lambda name: True) -> None:
     """Delete temporaries a killed run left behind (never a committed file)."""
     if not directory.is_dir():
         return
     for entry in os.scandir(directory):
-        if entry.name.startswith(".") and TMP_MARK in entry.name and entry.is_file():
+        if (entry.name.startswith(".") and TMP_MARK in entry.name and entry.is_file()
+                and owned(entry.name)):
             os.unlink(entry.path)
 
 

@@ -35,3 +35,14 @@ def photo_jpeg(width: int, height: int, seed: int, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     photo(width, height, seed).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+if __name__ == "__main__":
+    # python -m tests.photos DIR COUNT WIDTH HEIGHT: a folder of synthetic JPEGs for `bench`.
+    import sys
+    from pathlib import Path
+
+    folder, count, width, height = Path(sys.argv[1]), *map(int, sys.argv[2:5])
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        photo(width, height, seed=i).save(folder / f"{i:05d}.jpg", quality=90)
