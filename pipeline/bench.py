@@ -18,25 +18,28 @@ from torchvision import transforms as T
 from pipeline import plan as planning
 from pipeline import runner
 from pipeline.config import RunConfig
-from pipeline.decode import DECODE_ERRORS, ImageError, decode, read_bytes
+from pipeline.decode import DECODE_ERRORS, ImageError, decode
 from pipeline.loader import make_loader
 from pipeline.model import build_network
+from pipeline.storage import Store, is_remote, open_input, read_bytes
 
 # Planning is measured in a fresh process so that its peak memory is its own.
 _PLAN_PROBE = """
 import json, sys, time
 from pathlib import Path
 from pipeline import plan, sources
+from pipeline.storage import Store
 started = time.perf_counter()
 items = sources.read_source(sources.SourceSpec(sys.argv[1]))
 digest = plan.items_digest(items)
-frozen = plan.freeze(items, Path(sys.argv[2]), 1000)
+store = Store(sys.argv[2])
+frozen = plan.freeze(items, store, 1000)
 del items
 planned = time.perf_counter()
 # what a resume does: read the source again, compare, find the committed shards
 items = sources.read_source(sources.SourceSpec(sys.argv[1]))
 assert plan.items_digest(items) == digest
-plan.load(Path(sys.argv[2])); plan.committed_shards(Path(sys.argv[2]))
+plan.load(store); plan.committed_shards(store)
 # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
 print(json.dumps({"rows": frozen.num_items, "plan_seconds": planned - started,
@@ -74,7 +77,8 @@ def _per_core_decode(paths: list[str], preprocess) -> tuple[float, float]:
     def pil() -> None:
         for path in paths:
             try:
-                reference(Image.open(path).convert("RGB"))
+                with open_input(path) as fh:
+                    reference(Image.open(fh).convert("RGB"))
             except DECODE_ERRORS:
                 pass
 
@@ -132,7 +136,8 @@ def _plain_loop(paths: list[str], job) -> float:
     with torch.no_grad():
         for path in paths:
             try:
-                x = transform(Image.open(path).convert("RGB")).unsqueeze(0).to(device)
+                with open_input(path) as fh:
+                    x = transform(Image.open(fh).convert("RGB")).unsqueeze(0).to(device)
             except DECODE_ERRORS:
                 continue
             net(x).softmax(dim=1).topk(job.config.top_k)
@@ -159,10 +164,10 @@ def bench(config: RunConfig, images: int, reference_images: int,
         workdir = Path(tmp)
         job = runner.prepare(dataclasses.replace(config, out=str(workdir / "unused")))
         items = job.items.slice(0, images)
-        paths = [os.path.abspath(p) for p in items["path"].to_pylist()]
+        paths = [p if is_remote(p) else os.path.abspath(p) for p in items["path"].to_pylist()]
         manifest = workdir / "sample.txt"
         manifest.write_text("".join(p + "\n" for p in paths))
-        plan = planning.freeze(items, workdir, config.shard_size)
+        plan = planning.freeze(items, Store(str(workdir)), config.shard_size)
         ours, pil = _per_core_decode(paths[:100], job.classifier.spec.preprocess)
         loader = _loader_alone(plan, job)
         model = _model_alone(job, batches=max(4, min(20, len(paths) // job.batch_size)))

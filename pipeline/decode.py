@@ -59,11 +59,6 @@ class Decoded:
     height: int
 
 
-def read_bytes(path: str) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
-
-
 def decode(data: bytes, preprocess: Preprocess, max_pixels: int) -> Decoded:
     """Decode and preprocess one image; raises ImageError or one of DECODE_ERRORS."""
     if not data:

@@ -11,8 +11,9 @@ import torch
 from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode, read_bytes
+from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
 from pipeline.plan import Plan
+from pipeline.storage import read_bytes
 
 
 @dataclass

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.writer import atomic_path
+from pipeline.storage import Store
 
 PLAN_FILE = "plan.parquet"
 PARTS_DIR = "parts"
@@ -24,7 +22,7 @@ _PART_NAME = re.compile(r"^part-(\d{6})\.parquet$")
 class Plan:
     """The frozen items of a run: shard i is row group i of plan.parquet."""
 
-    path: Path
+    store: Store
     num_items: int
     shard_size: int
 
@@ -38,29 +36,30 @@ class Plan:
         return start, min(start + self.shard_size, self.num_items)
 
     def read_shard(self, shard: int, columns: list[str] | None = None) -> pa.Table:
-        return pq.ParquetFile(self.path).read_row_group(shard, columns=columns)
+        with self.store.open(PLAN_FILE) as fh:
+            return pq.ParquetFile(fh).read_row_group(shard, columns=columns)
 
 
-def freeze(table: pa.Table, run_dir: Path, shard_size: int) -> Plan:
+def freeze(table: pa.Table, store: Store, shard_size: int) -> Plan:
     """Write the items once, atomically; from then on the plan, not the source, is the truth."""
-    path = run_dir / PLAN_FILE
     table = table.replace_schema_metadata({_SHARD_SIZE_KEY: str(shard_size)})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=shard_size)
-    return load(run_dir)
+    with store.writing(PLAN_FILE) as sink:
+        pq.write_table(table, sink, row_group_size=shard_size)
+    return load(store)
 
 
-def load(run_dir: Path) -> Plan:
+def load(store: Store) -> Plan:
     """The frozen plan; its shard size is the one it was made with, whatever is asked now."""
-    path = run_dir / PLAN_FILE
-    meta = pq.ParquetFile(path).metadata
+    with store.open(PLAN_FILE) as fh:
+        meta = pq.ParquetFile(fh).metadata
     shard_size = int(meta.metadata[_SHARD_SIZE_KEY.encode()])
-    plan = Plan(path=path, num_items=meta.num_rows, shard_size=shard_size)
+    plan = Plan(store=store, num_items=meta.num_rows, shard_size=shard_size)
     # Shard = row group is what makes a shard cheap to read; check it rather than trust it.
     sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     expected = [plan.shard_bounds(i)[1] - plan.shard_bounds(i)[0] for i in range(plan.num_shards)]
     if sizes != expected:
-        raise ValueError(f"{path}: row groups {sizes[:5]}... do not match shard size {shard_size}")
+        raise ValueError(f"{store.url(PLAN_FILE)}: row groups {sizes[:5]}... do not match "
+                         f"shard size {shard_size}")
     return plan
 
 
@@ -74,17 +73,14 @@ def items_digest(table: pa.Table) -> str:
     return digest.hexdigest()
 
 
-def part_path(run_dir: Path, shard: int) -> Path:
-    return run_dir / PARTS_DIR / f"part-{shard:06d}.parquet"
+def part_name(shard: int) -> str:
+    return f"{PARTS_DIR}/part-{shard:06d}.parquet"
 
 
-def committed_shards(run_dir: Path) -> set[int]:
-    """Shards whose part file was committed (renamed into place); temporaries do not count."""
-    parts = run_dir / PARTS_DIR
-    if not parts.is_dir():
-        return set()
+def committed_shards(store: Store) -> set[int]:
+    """Shards whose part file was committed; temporaries and aborted uploads do not count."""
     done = set()
-    for name in os.listdir(parts):
+    for name in store.list(PARTS_DIR):
         match = _PART_NAME.match(name)
         if match:
             done.add(int(match.group(1)))

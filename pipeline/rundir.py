@@ -7,13 +7,13 @@ import fcntl
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 from pipeline.errors import RunError, UsageError
 from pipeline.plan import PARTS_DIR, PLAN_FILE
 from pipeline.slices import Slice
-from pipeline.writer import remove_temporaries, write_json
+from pipeline.storage import Store, remove_temporaries
+from pipeline.writer import write_json
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
@@ -23,22 +23,32 @@ _TEMPORARY_PART = re.compile(r"^\.part-(\d+)\.parquet\.tmp-")
 
 
 class RunDirectory:
-    """An output directory held by one run at a time; a killed run's lock goes with it."""
+    """An output directory held by one run at a time; a killed run's lock goes with it.
 
-    def __init__(self, path: str | Path, part: Slice = Slice()):
-        self.path = Path(path)
+    Local directories are locked (a POSIX lock); object-store prefixes cannot be, so two runs
+    on one s3:// prefix at once are not detected there.
+    """
+
+    def __init__(self, location: str, part: Slice = Slice()):
+        self.store = Store(str(location))
         self.part = part
         self._lock_fd: int | None = None
 
     def __enter__(self) -> RunDirectory:
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self.store.makedirs()
         except OSError as exc:
-            raise RunError(f"cannot create output directory {self.path}: {exc.strerror}") from None
+            raise RunError(f"cannot create output directory {self.store.url()}: "
+                           f"{exc.strerror or exc}") from None
+        if not self.store.remote:
+            self._lock(Path(self.store.root))
+        return self
+
+    def _lock(self, path: Path) -> None:
         # Slices of one job run side by side, each with a lock of its own.
         lock_name = (LOCK_FILE if self.part.whole
                      else f"{LOCK_FILE}-{self.part.index}-of-{self.part.count}")
-        fd = os.open(self.path / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             # A POSIX record lock, not flock: forked loader workers do not inherit it, so a
             # killed run's orphaned workers cannot keep the next run out; the kernel drops
@@ -51,16 +61,15 @@ class RunDirectory:
             os.close(fd)
             which = "" if self.part.whole else f" ({self.part.describe()})"
             raise RunError(f"another label-images run{which} (pid {holder}) is using "
-                           f"{self.path}; wait for it to finish or choose another --out") from None
+                           f"{path}; wait for it to finish or choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
         # Only temporaries nobody else can be writing: this slice's own parts, and the
         # top-level files when no other slice can be running.
         if self.part.whole:
-            remove_temporaries(self.path)
-        remove_temporaries(self.path / PARTS_DIR, owned=self._owns_temporary)
-        return self
+            remove_temporaries(path)
+        remove_temporaries(path / PARTS_DIR, owned=self._owns_temporary)
 
     def _owns_temporary(self, name: str) -> bool:
         match = _TEMPORARY_PART.match(name)
@@ -72,24 +81,25 @@ class RunDirectory:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def output_path(self, fmt: str) -> Path:
-        return self.path / f"{OUTPUT_STEM}.{fmt}"
+    @staticmethod
+    def output_name(fmt: str) -> str:
+        return f"{OUTPUT_STEM}.{fmt}"
 
     def read_run(self) -> dict | None:
-        try:
-            return json.loads((self.path / RUN_FILE).read_text())
-        except FileNotFoundError:
+        text = self.store.read_text(RUN_FILE)
+        if text is None:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UsageError(f"{self.path / RUN_FILE} is damaged; rerun with --overwrite "
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise UsageError(f"{self.store.url(RUN_FILE)} is damaged; rerun with --overwrite "
                              "to start afresh") from None
 
     def clear(self) -> None:
         """Forget a previous run: only the files this tool writes are removed."""
         for name in (RUN_FILE, SUMMARY_FILE, PLAN_FILE, f"{OUTPUT_STEM}.parquet",
-                     f"{OUTPUT_STEM}.csv"):
-            (self.path / name).unlink(missing_ok=True)
-        shutil.rmtree(self.path / PARTS_DIR, ignore_errors=True)
+                     f"{OUTPUT_STEM}.csv", PARTS_DIR):
+            self.store.remove(name)
 
     def prepare(self, fingerprint: dict, record: dict, overwrite: bool) -> bool:
         """Check a previous run here is the same job, then record this one; True if resuming."""
@@ -100,9 +110,9 @@ class RunDirectory:
             differences = describe_differences(previous.get("fingerprint", {}), fingerprint)
             if differences:
                 raise UsageError(
-                    f"{self.path} holds a run with a different {'; '.join(differences)}; "
+                    f"{self.store.url()} holds a run with a different {'; '.join(differences)}; "
                     "rerun with --overwrite to start afresh, or choose another --out")
-        write_json(self.path / RUN_FILE, {"fingerprint": fingerprint, **record})
+        write_json(self.store, RUN_FILE, {"fingerprint": fingerprint, **record})
         return previous is not None
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import sys
 import time
@@ -10,7 +9,6 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pyarrow as pa
 import torch
@@ -28,6 +26,7 @@ from pipeline.model import (Classifier, ModelSpec, default_batch_size, default_w
 from pipeline.rundir import SUMMARY_FILE, RunDirectory
 from pipeline.slices import Slice
 from pipeline.sources import SourceSpec, read_source
+from pipeline.storage import Store
 from pipeline.writer import (ShardResult, count_rows, merge_parts, output_schema, part_table,
                              write_json, write_part)
 
@@ -37,7 +36,8 @@ MAX_PENDING_PARTS = 2
 
 @dataclass
 class RunSummary:
-    output: Path
+    output: str  # path or URL of the final table
+    run_dir: str = ""
     items: int = 0
     ok: int = 0
     errors: int = 0
@@ -70,8 +70,8 @@ class RunSummary:
                     f"{self.output}")
         if self.slice_done:
             waiting = (f"{len(self.missing)} shards still to come from other slices, then run "
-                       f"`label-images merge {self.output.parent}`" if self.missing else
-                       f"all shards are committed: run `label-images merge {self.output.parent}`")
+                       f"`label-images merge {self.run_dir}`" if self.missing else
+                       f"all shards are committed: run `label-images merge {self.run_dir}`")
             return (f"{self.slice_done} done: labelled {self.labelled_now} at "
                     f"{self.images_per_second:.1f} images/s; {waiting}")
         return (f"{self.items} images: {self.ok} ok, {self.errors} errors; labelled "
@@ -80,7 +80,7 @@ class RunSummary:
 
     def to_dict(self) -> dict:
         return {
-            "output": str(self.output), "items": self.items, "ok": self.ok,
+            "output": self.output, "items": self.items, "ok": self.ok,
             "errors": self.errors, "labelled_now": self.labelled_now, "resumed": self.resumed,
             "wall_seconds": round(self.seconds, 3),
             "loop_seconds": round(self.loop_seconds, 3),
@@ -111,9 +111,9 @@ def fingerprint(config: RunConfig, spec: ModelSpec, source: SourceSpec, items: p
 class PartCommitter:
     """Writes and commits part files on a thread beside the compute loop, a bounded few at once."""
 
-    def __init__(self, run_dir: Path, plan: planning.Plan, schema: pa.Schema,
+    def __init__(self, store: Store, plan: planning.Plan, schema: pa.Schema,
                  categories: list[str]):
-        self.run_dir, self.plan, self.schema, self.categories = run_dir, plan, schema, categories
+        self.store, self.plan, self.schema, self.categories = store, plan, schema, categories
         self.seconds = 0.0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="part-writer")
         self._pending: deque[Future] = deque()
@@ -125,12 +125,13 @@ class PartCommitter:
 
     def _commit(self, shard: int, result: ShardResult) -> None:
         started = time.perf_counter()
-        path = planning.part_path(self.run_dir, shard)
+        name = planning.part_name(shard)
         items = self.plan.read_shard(shard)
         try:
-            write_part(path, part_table(items, result, self.categories, self.schema))
+            write_part(self.store, name, part_table(items, result, self.categories, self.schema))
         except OSError as exc:
-            raise RunError(f"cannot write {path}: {exc.strerror or exc}; the shards committed "
+            raise RunError(f"cannot write {self.store.url(name)}: {exc.strerror or exc}; the "
+                           "shards committed "
                            "so far are intact: fix that and run the same command to resume"
                            ) from None
         self.seconds += time.perf_counter() - started
@@ -231,8 +232,8 @@ def _open_plan(run_dir: RunDirectory, job: Job, part: Slice, group) -> tuple[boo
         try:
             fingerprint_now = fingerprint(config, job.classifier.spec, job.source, job.items)
             resumed = run_dir.prepare(fingerprint_now, job.record, config.overwrite)
-            if not (run_dir.path / planning.PLAN_FILE).exists():
-                planning.freeze(job.items, run_dir.path, config.shard_size)
+            if not run_dir.store.exists(planning.PLAN_FILE):
+                planning.freeze(job.items, run_dir.store, config.shard_size)
             verdict = None
         except UsageError as exc:
             verdict = str(exc)
@@ -242,32 +243,34 @@ def _open_plan(run_dir: RunDirectory, job: Job, part: Slice, group) -> tuple[boo
         verdict, resumed = group.share(None)
     if verdict is not None:
         raise UsageError(verdict)
-    return resumed, planning.load(run_dir.path)
+    return resumed, planning.load(run_dir.store)
 
 
 def _run_in(run_dir: RunDirectory, job: Job, part: Slice, group,
             progress: bool | None) -> RunSummary:
     config, spec = job.config, job.classifier.spec
-    output = run_dir.output_path(config.format)
-    summary = RunSummary(output=output, device=job.record["resolved"]["device"],
+    store = run_dir.store
+    output = run_dir.output_name(config.format)
+    summary = RunSummary(output=store.url(output), run_dir=store.url(),
+                         device=job.record["resolved"]["device"],
                          precision=job.record["resolved"]["precision"])
     summary.resumed, plan = _open_plan(run_dir, job, part, group)
-    if output.exists() or (run_dir.output_path("parquet").exists() and part.whole):
+    if store.exists(output) or (store.exists(run_dir.output_name("parquet")) and part.whole):
         return _already_complete(run_dir, job, summary)
     extra = job.items.select(list(config.keep_columns)).schema
     job.items = None  # from here on, memory is bounded by shards, not by the dataset
     schema = output_schema(config.top_k, extra, {
         "label_images.model": spec.model, "label_images.weights": spec.weights_id})
-    committed = planning.committed_shards(run_dir.path)
+    committed = planning.committed_shards(store)
     pending = [s for s in range(plan.num_shards) if part.owns(s) and s not in committed]
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     loop_started = time.perf_counter()
     try:
-        _label_pending(plan, pending, job, schema, run_dir.path, summary, progress)
+        _label_pending(plan, pending, job, schema, store, summary, progress)
         summary.loop_seconds = time.perf_counter() - loop_started
     except KeyboardInterrupt as exc:
         signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
-        done = len(planning.committed_shards(run_dir.path))
+        done = len(planning.committed_shards(store))
         raise Interrupted(signum, done, plan.num_shards) from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
@@ -278,42 +281,42 @@ def _run_in(run_dir: RunDirectory, job: Job, part: Slice, group,
             return summary
     elif not part.whole:
         summary.slice_done = part.describe()
-        summary.missing = _missing(run_dir.path, plan)
+        summary.missing = _missing(store, plan)
         return summary
-    _assemble(run_dir.path, plan, output, config.format, summary)
+    _assemble(store, plan, output, config.format, summary)
     summary.seconds = time.perf_counter() - job.started
-    write_json(run_dir.path / SUMMARY_FILE, summary.to_dict())
+    write_json(store, SUMMARY_FILE, summary.to_dict())
     return summary
 
 
 def _already_complete(run_dir: RunDirectory, job: Job, summary: RunSummary) -> RunSummary:
-    output = summary.output
-    if not output.exists():
+    store, output = run_dir.store, run_dir.output_name(job.config.format)
+    if not store.exists(output):
         # A finished run asked for in another format: convert, do not relabel.
-        counts = merge_parts([run_dir.output_path("parquet")], output, job.config.format)
+        counts = merge_parts(store, [run_dir.output_name("parquet")], output, job.config.format)
         summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
         return summary
     # Killed after the final rename but before the parts were removed: finish that.
-    shutil.rmtree(run_dir.path / planning.PARTS_DIR, ignore_errors=True)
+    store.remove(planning.PARTS_DIR)
     summary.already_complete = True
     summary.items = job.items.num_rows
-    if not (run_dir.path / SUMMARY_FILE).exists():
-        counts = count_rows(output)
+    if not store.exists(SUMMARY_FILE):
+        counts = count_rows(store, output)
         summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
-        write_json(run_dir.path / SUMMARY_FILE, summary.to_dict())
+        write_json(store, SUMMARY_FILE, summary.to_dict())
     return summary
 
 
-def _assemble(run_path: Path, plan: planning.Plan, output: Path, fmt: str,
+def _assemble(store: Store, plan: planning.Plan, output: str, fmt: str,
               summary: RunSummary) -> None:
     started = time.perf_counter()
-    counts = _merge(run_path, plan, output, fmt)
+    counts = _merge(store, plan, output, fmt)
     summary.write_seconds += time.perf_counter() - started
     summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
 
 
-def _missing(run_path: Path, plan: planning.Plan) -> list[int]:
-    committed = planning.committed_shards(run_path)
+def _missing(store: Store, plan: planning.Plan) -> list[int]:
+    committed = planning.committed_shards(store)
     return [s for s in range(plan.num_shards) if s not in committed]
 
 
@@ -321,18 +324,19 @@ def merge(out: str, fmt: str | None = None) -> RunSummary:
     """`label-images merge`: assemble the table once every slice has committed its shards."""
     try:
         with RunDirectory(out) as run_dir:
+            store = run_dir.store
             record = run_dir.read_run()
-            if record is None or not (run_dir.path / planning.PLAN_FILE).exists():
+            if record is None or not store.exists(planning.PLAN_FILE):
                 raise UsageError(f"{out} holds no label-images run (no run.json or plan)")
             fmt = fmt or record["config"]["format"]
-            plan = planning.load(run_dir.path)
-            output = run_dir.output_path(fmt)
-            summary = RunSummary(output=output, resumed=True)
-            if output.exists():
+            plan = planning.load(store)
+            output = run_dir.output_name(fmt)
+            summary = RunSummary(output=store.url(output), run_dir=store.url(), resumed=True)
+            if store.exists(output):
                 summary.already_complete = True
                 summary.items = plan.num_items
                 return summary
-            missing = _missing(run_dir.path, plan)
+            missing = _missing(store, plan)
             if missing:
                 slice_count = record.get("resolved", {}).get("slices", 1)
                 owners = sorted({s % slice_count for s in missing})
@@ -341,16 +345,16 @@ def merge(out: str, fmt: str | None = None) -> RunSummary:
                     f"({slices.shard_ranges(missing)[:300]}), owned by slice(s) "
                     f"{', '.join(map(str, owners))} of {slice_count}; run those, then merge again")
             started = time.perf_counter()
-            _assemble(run_dir.path, plan, output, fmt, summary)
+            _assemble(store, plan, output, fmt, summary)
             summary.seconds = time.perf_counter() - started
-            write_json(run_dir.path / SUMMARY_FILE, summary.to_dict())
+            write_json(store, SUMMARY_FILE, summary.to_dict())
             return summary
     except OSError as exc:
         raise _os_failure(exc) from None
 
 
 def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa.Schema,
-                   run_path: Path, summary: RunSummary, progress: bool | None) -> None:
+                   store: Store, summary: RunSummary, progress: bool | None) -> None:
     config, classifier = job.config, job.classifier
     done_items = plan.num_items - sum(end - start for start, end in map(plan.shard_bounds, pending))
     show = (not config.quiet) if progress is None else progress
@@ -363,7 +367,7 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
                          workers=job.workers, max_pixels=config.max_pixels,
                          pin_memory=classifier.on_cuda)
     batches = iter(loader)  # starts the workers before any thread of ours exists (fork-safe)
-    committer = PartCommitter(run_path, plan, schema, list(classifier.spec.categories))
+    committer = PartCommitter(store, plan, schema, list(classifier.spec.categories))
     buffers: dict[int, ShardBuffer] = {}
     try:
         while True:
@@ -415,17 +419,13 @@ def _fill(batch: Batch, prediction, plan, buffers: dict[int, ShardBuffer], top_k
             yield shard, buffers.pop(shard)
 
 
-def _merge(run_path: Path, plan: planning.Plan, output: Path, fmt: str):
-    committed = planning.committed_shards(run_path)
+def _merge(store: Store, plan: planning.Plan, output: str, fmt: str):
+    committed = planning.committed_shards(store)
     missing = [s for s in range(plan.num_shards) if s not in committed]
     if missing:
         raise RunError(f"shards {missing[:10]} are not committed; run the same command again")
-    parts = [planning.part_path(run_path, s) for s in range(plan.num_shards)]
-    counts = merge_parts(parts, output, fmt)
-    if counts.rows != plan.num_items:  # the exactly-once check, before anything is removed
-        raise RunError(f"merged {counts.rows} rows for {plan.num_items} planned items; "
-                       f"parts kept in {run_path / planning.PARTS_DIR}")
-    for part in parts:
-        part.unlink()
-    (run_path / planning.PARTS_DIR).rmdir()
+    parts = [planning.part_name(s) for s in range(plan.num_shards)]
+    sizes = [end - start for start, end in map(plan.shard_bounds, range(plan.num_shards))]
+    counts = merge_parts(store, parts, output, fmt, expected_rows=sizes)
+    store.remove(planning.PARTS_DIR)  # only once the whole table is committed
     return counts

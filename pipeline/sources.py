@@ -13,6 +13,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
+from pipeline.storage import filesystem, is_remote, local_path, open_input
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -45,25 +46,31 @@ class SourceSpec:
     def describe(self) -> dict:
         """The parts of the spec that decide which items a run labels (for the fingerprint)."""
         return {
-            "location": os.path.abspath(self.location),
+            "location": _absolute(self.location),
             "path_column": self.path_column,
             "id_column": self.id_column,
-            "root": os.path.abspath(self.root) if self.root else None,
+            "root": _absolute(self.root) if self.root else None,
             "keep_columns": list(self.keep_columns),
         }
 
 
 def read_source(spec: SourceSpec) -> pa.Table:
     """Return the items as a table: `key`, `path` (as it will be read), then kept columns."""
-    location = Path(spec.location)
-    if location.is_dir():
+    if is_remote(spec.location):
+        fs, root = filesystem(spec.location)
+        is_dir, is_file = fs.isdir(root), fs.isfile(root)
+    else:
+        location = Path(local_path(spec.location))
+        is_dir, is_file = location.is_dir(), location.is_file()
+    if is_dir:
         if spec.path_column or spec.id_column or spec.keep_columns:
             raise UsageError(
                 "--path-column, --id-column and --keep-columns apply to manifests, "
                 f"but {spec.location} is a folder"
             )
-        table = list_directory(location)
-    elif location.is_file():
+        table = (list_remote_directory(spec.location) if is_remote(spec.location)
+                 else list_directory(location))
+    elif is_file:
         table = _items_from_manifest(spec)
     else:
         raise UsageError(f"source not found: {spec.location}")
@@ -89,29 +96,52 @@ def list_directory(root: Path) -> pa.Table:
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             relative.append(name if base == "." else f"{base}/{name}".replace(os.sep, "/"))
+    return _listing(relative, lambda rel: os.path.join(root, rel))
+
+
+def list_remote_directory(location: str) -> pa.Table:
+    """The same listing under an object-store prefix: keys relative to it, paths as URLs."""
+    fs, root = filesystem(location)
+    root = root.rstrip("/")
+    relative = []
+    for path in fs.find(root):
+        rel = path[len(root) + 1:]
+        parts = rel.split("/")
+        if any(p.startswith(".") for p in parts):
+            continue
+        if os.path.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS:
+            relative.append(rel)
+    base = location.rstrip("/")
+    return _listing(relative, lambda rel: f"{base}/{rel}")
+
+
+def _listing(relative: list[str], full_path) -> pa.Table:
     relative.sort()
-    paths = [os.path.join(root, rel) for rel in relative]
+    paths = [full_path(rel) for rel in relative]
     return pa.table({"key": pa.array(relative, pa.string()), "path": pa.array(paths, pa.string())})
 
 
-def read_manifest(path: Path) -> pa.Table:
+def read_manifest(path: str) -> pa.Table:
     """Read a manifest file as it is; CSV/TSV/TXT columns stay text, so ids like 007 survive."""
-    suffix = path.suffix.lower()
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in MANIFEST_SUFFIXES:
+        raise UsageError(
+            f"{path} is neither a folder nor a manifest ({', '.join(MANIFEST_SUFFIXES)})")
     try:
-        if suffix in (".csv", ".tsv"):
-            frame = pd.read_csv(
-                path, sep="\t" if suffix == ".tsv" else ",", dtype=str,
-                keep_default_na=False, encoding="utf-8-sig",
-            )
-            return pa.Table.from_pandas(frame, preserve_index=False)
-        if suffix == ".txt":
-            with open(path, encoding="utf-8-sig", newline="") as fh:
-                lines = [line.rstrip("\r\n") for line in fh]
-            return pa.table({"path": pa.array([line for line in lines if line.strip()], pa.string())})
-        if suffix == ".jsonl":
-            return pajson.read_json(path)
-        if suffix == ".parquet":
-            return pq.read_table(path)
+        with open_input(path) as fh:
+            if suffix in (".csv", ".tsv"):
+                frame = pd.read_csv(
+                    fh, sep="\t" if suffix == ".tsv" else ",", dtype=str,
+                    keep_default_na=False, encoding="utf-8-sig",
+                )
+                return pa.Table.from_pandas(frame, preserve_index=False)
+            if suffix == ".txt":
+                text = fh.read().decode("utf-8-sig")
+                lines = [line.rstrip("\r") for line in text.split("\n")]
+                return pa.table({"path": pa.array([ln for ln in lines if ln.strip()], pa.string())})
+            if suffix == ".jsonl":
+                return pajson.read_json(fh)
+            return pq.read_table(fh)
     except UnicodeDecodeError as exc:
         raise UsageError(f"manifest {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except pd.errors.EmptyDataError:
@@ -119,13 +149,10 @@ def read_manifest(path: Path) -> pa.Table:
     except (pd.errors.ParserError, pa.ArrowInvalid) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot read manifest {path}: {first_line}") from None
-    raise UsageError(
-        f"{path} is neither a folder nor a manifest ({', '.join(MANIFEST_SUFFIXES)})"
-    )
 
 
 def _items_from_manifest(spec: SourceSpec) -> pa.Table:
-    manifest_path = Path(spec.location)
+    manifest_path = spec.location
     table = read_manifest(manifest_path)
     if table.num_rows == 0:
         raise UsageError(f"manifest {manifest_path} is empty")
@@ -152,7 +179,7 @@ def _items_from_manifest(spec: SourceSpec) -> pa.Table:
                          f"(line(s) {', '.join(map(str, rows))})")
     keys = listed if spec.id_column is None else _as_text(
         table[spec.id_column], spec.id_column, manifest_path)
-    base = spec.root if spec.root is not None else str(manifest_path.parent)
+    base = spec.root if spec.root is not None else _parent(manifest_path)
     paths = [_resolve(p, base) for p in listed.to_pylist()]
     result = pa.table({"key": keys, "path": pa.array(paths, pa.string())})
     for name in spec.keep_columns:
@@ -187,10 +214,21 @@ def _as_text(column: pa.ChunkedArray, name: str, manifest_path: Path) -> pa.Chun
                          f"which cannot serve as a path or key") from None
 
 
+def _absolute(location: str) -> str:
+    return location if is_remote(location) else os.path.abspath(local_path(location))
+
+
+def _parent(location: str) -> str:
+    return location.rsplit("/", 1)[0] if is_remote(location) else os.path.dirname(
+        os.path.abspath(local_path(location)))
+
+
 def _resolve(listed: str, base: str) -> str:
     """A relative path resolves against base; absolute paths and URLs stay as they are."""
     if "://" in listed or os.path.isabs(listed):
         return listed
+    if is_remote(base):
+        return f"{base.rstrip('/')}/{listed}"
     return os.path.join(base, listed)
 
 

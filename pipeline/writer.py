@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,10 +11,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipeline.errors import RunError
+from pipeline.storage import Store
+
 # Rows gathered before the merge writes a row group: big enough for DuckDB/Spark to scan
 # well, small enough to keep memory flat.
 MERGE_ROW_GROUP = 65_536
-TMP_MARK = ".tmp-"
 
 
 @dataclass
@@ -42,51 +39,8 @@ class ShardResult:
         )
 
 
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a hidden temporary path beside `path`; on success flush it and rename it into place.
-
-    A reader (or a resumed run) sees either the old file or the whole new one, never half.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # pid and a random tag: unique even among hosts sharing one directory
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_temporaries(directory: Path, owned=lambda name: True) -> None:
-    """Delete temporaries a killed run left behind (never a committed file)."""
-    if not directory.is_dir():
-        return
-    for entry in os.scandir(directory):
-        if (entry.name.startswith(".") and TMP_MARK in entry.name and entry.is_file()
-                and owned(entry.name)):
-            os.unlink(entry.path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+def write_json(store: Store, name: str, data: dict) -> None:
+    store.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def output_schema(top_k: int, extra: pa.Schema, metadata: dict[str, str]) -> pa.Schema:
@@ -140,10 +94,10 @@ def part_table(items: pa.Table, result: ShardResult, categories: list[str],
     return pa.table(columns).cast(schema)
 
 
-def write_part(path: Path, table: pa.Table) -> None:
+def write_part(store: Store, name: str, table: pa.Table) -> None:
     """Commit one shard: the part appears under its final name only when complete."""
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    with store.writing(name) as sink:
+        pq.write_table(table, sink)
 
 
 def csv_schema(schema: pa.Schema) -> pa.Schema:
@@ -177,18 +131,24 @@ class MergeCounts:
     errors: int
 
 
-def merge_parts(parts: list[Path], out_path: Path, fmt: str) -> MergeCounts:
-    """Stream the parts, in shard order, into one Parquet or CSV file, committed atomically."""
-    schema = pq.read_schema(parts[0])
+def merge_parts(store: Store, parts: list[str], output: str, fmt: str,
+                expected_rows: list[int] | None = None) -> MergeCounts:
+    """Stream the parts, in shard order, into one Parquet or CSV file, committed atomically.
+
+    With expected_rows, a part with another row count aborts the merge before the commit:
+    the exactly-once check.
+    """
+    with store.open(parts[0]) as fh:
+        schema = pq.read_schema(fh)
     top_k = int(schema.metadata[b"label_images.top_k"])
     rows = ok = 0
-    with atomic_path(out_path) as tmp:
+    with store.writing(output) as target:
         if fmt == "parquet":
-            sink = pq.ParquetWriter(tmp, schema)
+            sink = pq.ParquetWriter(target, schema)
             write = sink.write_table
         else:
             flat = csv_schema(schema)
-            sink = pacsv.CSVWriter(tmp, flat)
+            sink = pacsv.CSVWriter(target, flat)
 
             def write(table: pa.Table) -> None:
                 for batch in table.to_batches():
@@ -196,8 +156,12 @@ def merge_parts(parts: list[Path], out_path: Path, fmt: str) -> MergeCounts:
         try:
             pending: list[pa.Table] = []
             pending_rows = 0
-            for part in parts:
-                table = pq.read_table(part, schema=schema)
+            for i, part in enumerate(parts):
+                with store.open(part) as fh:
+                    table = pq.read_table(fh, schema=schema)
+                if expected_rows is not None and table.num_rows != expected_rows[i]:
+                    raise RunError(f"{store.url(part)} has {table.num_rows} rows for a shard "
+                                   f"of {expected_rows[i]}; delete it and run again to redo it")
                 rows += table.num_rows
                 ok += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
                 pending.append(table)
@@ -212,15 +176,16 @@ def merge_parts(parts: list[Path], out_path: Path, fmt: str) -> MergeCounts:
     return MergeCounts(rows=rows, ok=ok, errors=rows - ok)
 
 
-def count_rows(path: Path) -> MergeCounts:
+def count_rows(store: Store, name: str) -> MergeCounts:
     """Count rows and statuses of a finished output file, streaming (Parquet or CSV)."""
     rows = ok = 0
-    if path.suffix == ".parquet":
-        batches = pq.ParquetFile(path).iter_batches(columns=["status"])
-    else:
-        batches = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(
-            include_columns=["status"]))
-    for batch in batches:
-        rows += batch.num_rows
-        ok += pc.sum(pc.equal(batch.column(0), "ok")).as_py() or 0
+    with store.open(name) as fh:
+        if name.endswith(".parquet"):
+            batches = pq.ParquetFile(fh).iter_batches(columns=["status"])
+        else:
+            batches = pacsv.open_csv(fh, convert_options=pacsv.ConvertOptions(
+                include_columns=["status"]))
+        for batch in batches:
+            rows += batch.num_rows
+            ok += pc.sum(pc.equal(batch.column(0), "ok")).as_py() or 0
     return MergeCounts(rows=rows, ok=ok, errors=rows - ok)

@@ -155,11 +155,11 @@ def test_write_failure_exits_1_keeps_committed_shards_and_rerun_finishes(
     real_write_part = writer.write_part
     calls = []
 
-    def failing_write_part(path, table):
-        calls.append(path)
+    def failing_write_part(store, name, table):
+        calls.append(name)
         if len(calls) == 4:
-            raise OSError(code, os.strerror(code), str(path))
-        real_write_part(path, table)
+            raise OSError(code, os.strerror(code), store.url(name))
+        real_write_part(store, name, table)
 
     monkeypatch.setattr("pipeline.runner.write_part", failing_write_part)
     failed = cli(*job(folder, out, colour_checkpoint))

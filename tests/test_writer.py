@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import plan as planning
-from pipeline.writer import (ShardResult, atomic_path, merge_parts, output_schema, part_table,
-                             remove_temporaries, write_part)
+from pipeline.storage import Store, atomic_path, remove_temporaries
+from pipeline.writer import ShardResult, merge_parts, output_schema, part_table, write_part
 
 CATEGORIES = ["cat", "dog", "eel"]
 ODD_KEYS = ["plain.jpg", "with space.jpg", "comma,name.jpg", 'quote"name.jpg',
@@ -58,24 +58,25 @@ def test_atomic_path_leaves_nothing_visible_when_writing_fails(tmp_path):
             raise OSError(28, "No space left on device")
     assert not target.exists()
     assert list((tmp_path / "parts").iterdir()) == []
-    assert planning.committed_shards(tmp_path) == set()
+    assert planning.committed_shards(Store(str(tmp_path))) == set()
 
 
 def test_only_committed_parts_count_and_temporaries_are_cleaned(tmp_path):
-    write_part(planning.part_path(tmp_path, 3), part_table(
+    store = Store(str(tmp_path))
+    write_part(store, planning.part_name(3), part_table(
         shard_rows(["a"]), result_for(1), CATEGORIES, schema()))
-    leftover = tmp_path / "parts" / ".part-000004.parquet.tmp-999"
+    leftover = tmp_path / "parts" / ".part-000004.parquet.tmp-999-ab12"
     leftover.write_bytes(b"killed mid-write")
-    assert planning.committed_shards(tmp_path) == {3}
+    assert planning.committed_shards(store) == {3}
     remove_temporaries(tmp_path / "parts")
-    assert not leftover.exists() and planning.part_path(tmp_path, 3).exists()
+    assert not leftover.exists() and (tmp_path / planning.part_name(3)).exists()
 
 
 def test_plan_shards_are_row_groups_and_survive_reload(tmp_path):
     items = pa.table({"key": [f"k{i}" for i in range(25)], "path": [f"p{i}" for i in range(25)]})
-    plan = planning.freeze(items, tmp_path, shard_size=10)
+    plan = planning.freeze(items, Store(str(tmp_path)), shard_size=10)
     assert plan.num_shards == 3 and plan.shard_bounds(2) == (20, 25)
-    again = planning.load(tmp_path)
+    again = planning.load(Store(str(tmp_path)))
     assert again.shard_size == 10  # the frozen size wins over whatever is asked later
     assert again.read_shard(1, ["key"])["key"].to_pylist() == [f"k{i}" for i in range(10, 20)]
 
@@ -85,13 +86,14 @@ def test_merge_streams_parts_in_order_and_odd_names_round_trip(tmp_path, fmt):
     extra = pa.schema([pa.field("caption", pa.string())])
     keys = [ODD_KEYS[:3], ODD_KEYS[3:]]
     parts = []
+    store = Store(str(tmp_path))
     for shard, shard_keys in enumerate(keys):
         rows = shard_rows(shard_keys, {"caption": [f"c,{k}" for k in shard_keys]})
-        path = planning.part_path(tmp_path, shard)
-        write_part(path, part_table(rows, result_for(3, failed={2}), CATEGORIES, schema(extra)))
-        parts.append(path)
+        write_part(store, planning.part_name(shard),
+                   part_table(rows, result_for(3, failed={2}), CATEGORIES, schema(extra)))
+        parts.append(planning.part_name(shard))
     out = tmp_path / f"labels.{fmt}"
-    counts = merge_parts(parts, out, fmt)
+    counts = merge_parts(store, parts, out.name, fmt)
     assert (counts.rows, counts.ok, counts.errors) == (6, 4, 2)
     if fmt == "parquet":
         table = pd.read_parquet(out)
@@ -112,13 +114,25 @@ def test_merge_output_has_large_row_groups(tmp_path, monkeypatch):
     from pipeline import writer
     monkeypatch.setattr(writer, "MERGE_ROW_GROUP", 4)
     parts = []
+    store = Store(str(tmp_path))
     for shard in range(4):
-        path = planning.part_path(tmp_path, shard)
-        write_part(path, part_table(shard_rows([f"{shard}-{i}" for i in range(2)]),
-                                    result_for(2), CATEGORIES, schema()))
-        parts.append(path)
-    merge_parts(parts, tmp_path / "labels.parquet", "parquet")
+        write_part(store, planning.part_name(shard), part_table(
+            shard_rows([f"{shard}-{i}" for i in range(2)]), result_for(2), CATEGORIES, schema()))
+        parts.append(planning.part_name(shard))
+    merge_parts(store, parts, "labels.parquet", "parquet")
     meta = pq.ParquetFile(tmp_path / "labels.parquet").metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4]
     assert np.array_equal(pq.read_table(tmp_path / "labels.parquet")["key"].to_pylist(),
                           [f"{s}-{i}" for s in range(4) for i in range(2)])
+
+
+def test_merge_refuses_a_part_with_the_wrong_row_count_before_committing(tmp_path):
+    from pipeline.errors import RunError
+
+    store = Store(str(tmp_path))
+    write_part(store, planning.part_name(0), part_table(
+        shard_rows(["a", "b"]), result_for(2), CATEGORIES, schema()))
+    with pytest.raises(RunError, match="has 2 rows for a shard of 3"):
+        merge_parts(store, [planning.part_name(0)], "labels.parquet", "parquet",
+                    expected_rows=[3])
+    assert not (tmp_path / "labels.parquet").exists()

@@ -1,0 +1,184 @@
+"""Where files live: local paths, or fsspec URLs (s3://, gs://, ...) for sources and run directories.
+
+A local commit is write-to-temporary, fsync, rename. Object stores have no atomic rename, but
+an object appears only once its upload completes: there a commit is writing the object once,
+and a failed or killed write leaves nothing behind. Local paths need no extra package; remote
+ones need fsspec's backend for the scheme (`pip install '.[s3]'` for S3).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from pipeline.errors import UsageError
+
+TMP_MARK = ".tmp-"
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a hidden temporary path beside `path`; on success flush it and rename it into place.
+
+    A reader (or a resumed run) sees either the old file or the whole new one, never half.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # pid and a random tag: unique even among hosts sharing one directory
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(directory: Path, owned=lambda name: True) -> None:
+    """Delete temporaries a killed run left behind (never a committed file)."""
+    if not directory.is_dir():
+        return
+    for entry in os.scandir(directory):
+        if (entry.name.startswith(".") and TMP_MARK in entry.name and entry.is_file()
+                and owned(entry.name)):
+            os.unlink(entry.path)
+
+
+
+
+def is_remote(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def local_path(location: str) -> str:
+    return location.removeprefix("file://")
+
+
+def filesystem(location: str):
+    """The fsspec filesystem for a URL, and the path within it."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(location)
+    except ImportError as exc:
+        scheme = location.split("://", 1)[0]
+        raise UsageError(f"{location}: reading {scheme}:// needs an extra package ({exc}); "
+                         f"for S3: pip install 'label-images[s3]'") from None
+    except ValueError as exc:
+        raise UsageError(f"{location}: {exc}") from None
+
+
+def read_bytes(location: str) -> bytes:
+    """One image's bytes, from disk or object storage (workers call this concurrently)."""
+    if not is_remote(location):
+        with open(local_path(location), "rb") as fh:
+            return fh.read()
+    fs, path = filesystem(location)
+    return fs.cat_file(path)
+
+
+def open_input(location: str) -> IO[bytes]:
+    if not is_remote(location):
+        return open(local_path(location), "rb")
+    fs, path = filesystem(location)
+    return fs.open(path, "rb")
+
+
+class Store:
+    """The files of one run directory, addressed by names relative to it ('parts/part-1')."""
+
+    def __init__(self, location: str):
+        self.location = location.rstrip("/") or location
+        self.remote = is_remote(location)
+        if self.remote:
+            self.fs, self.root = filesystem(self.location)
+        else:
+            self.fs, self.root = None, local_path(self.location)
+
+    def url(self, name: str = "") -> str:
+        """The full path or URL of a name, for messages and for readers."""
+        return f"{self.location}/{name}" if name else self.location
+
+    def _path(self, name: str) -> str:
+        return posixpath.join(self.root, name) if self.remote else os.path.join(self.root, name)
+
+    def makedirs(self) -> None:
+        if self.remote:
+            self.fs.makedirs(self.root, exist_ok=True)  # buckets: a no-op beyond existing
+        else:
+            os.makedirs(self.root, exist_ok=True)
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self._path(name)) if self.remote else os.path.exists(
+            self._path(name))
+
+    def open(self, name: str) -> IO[bytes]:
+        return self.fs.open(self._path(name), "rb") if self.remote else open(self._path(name),
+                                                                             "rb")
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            with self.open(name) as fh:
+                return fh.read().decode()
+        except FileNotFoundError:
+            return None
+
+    def list(self, folder: str) -> list[str]:
+        """Names (not paths) of the files directly in folder; empty if it does not exist."""
+        path = self._path(folder)
+        if self.remote:
+            try:
+                return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False)]
+            except FileNotFoundError:
+                return []
+        return os.listdir(path) if os.path.isdir(path) else []
+
+    def remove(self, name: str) -> None:
+        path = self._path(name)
+        if self.remote:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        elif os.path.isdir(path):
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.unlink(path)
+
+    @contextmanager
+    def writing(self, name: str) -> Iterator[IO[bytes]]:
+        """A file to write `name` through; it becomes visible whole, on success only."""
+        if self.remote:
+            handle = self.fs.open(self._path(name), "wb")
+            try:
+                yield handle
+            except BaseException:
+                handle.discard()  # abort the upload: the object never appears
+                raise
+            handle.close()  # completes the upload: the object appears whole
+            return
+        with atomic_path(self._path(name)) as tmp, open(tmp, "wb") as handle:
+            yield handle
+
+    def write_text(self, name: str, text: str) -> None:
+        with self.writing(name) as fh:
+            fh.write(text.encode())
