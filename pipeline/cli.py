@@ -47,8 +47,9 @@ def run(
     source: Annotated[Optional[str], typer.Argument(
         help="A folder of images, or a manifest (.csv .tsv .parquet .jsonl .txt).",
         show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Run directory (default: outputs/<source name>).",
+    out: Annotated[Optional[str], typer.Option(
+        "--out", "-o", help="Run directory, a path or a URL such as s3://bucket/run "
+                            "(default: outputs/<source name>).",
         show_default=False)] = None,
     config: Annotated[Optional[Path], typer.Option(
         help="TOML file with any of these options; flags override it.")] = None,
@@ -129,7 +130,7 @@ def run(
 
 @app.command()
 def merge(
-    out: Annotated[Path, typer.Argument(help="The run directory the slices wrote to.")],
+    out: Annotated[str, typer.Argument(help="The run directory the slices wrote to.")],
     format: Annotated[Optional[Format], typer.Option(
         "--format", help="Output format (default: the run's).")] = None,
 ) -> None:
@@ -137,7 +138,7 @@ def merge(
     try:
         from pipeline import runner
 
-        summary = runner.merge(str(out), format.value if format else None)
+        summary = runner.merge(out, format.value if format else None)
     except (UsageError, RunError, Interrupted) as exc:
         raise _fail(exc, exc.exit_code) from None
     typer.echo(summary.line(), err=True)

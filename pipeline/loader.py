@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
@@ -13,7 +14,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
 from pipeline.plan import Plan
-from pipeline.storage import read_bytes
+from pipeline.storage import is_remote, read_bytes
+
+# Concurrent object reads inside each worker: on a store with ~50 ms per request, one worker
+# then reads about 300 images/s instead of 20, without more processes decoding.
+REMOTE_READS_PER_WORKER = 16
 
 
 @dataclass
@@ -44,22 +49,42 @@ class PlanItems(Dataset):
         self._shard: int | None = None
         self._keys: list[str] = []
         self._paths: list[str] = []
+        self._fetchers: ThreadPoolExecutor | None = None  # made in the worker, never forked
 
     def __len__(self) -> int:
         return self.plan.num_items
 
-    def __getitem__(self, index: int) -> dict:
+    def _item(self, index: int) -> tuple[str, str]:
         shard, offset = divmod(index, self.plan.shard_size)
         if shard != self._shard:
             rows = self.plan.read_shard(shard, columns=["key", "path"])
             self._keys = rows["key"].to_pylist()
             self._paths = rows["path"].to_pylist()
             self._shard = shard
-        key, path = self._keys[offset], self._paths[offset]
+        return self._keys[offset], self._paths[offset]
+
+    def __getitem__(self, index: int) -> dict:
+        key, path = self._item(index)
+        return self._sample(index, key, _fetch(path))
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A whole batch: on object storage its reads overlap, so latency is paid once."""
+        items = [self._item(i) for i in indices]
+        if any(is_remote(path) for _, path in items):
+            if self._fetchers is None:
+                self._fetchers = ThreadPoolExecutor(REMOTE_READS_PER_WORKER)
+            fetched = list(self._fetchers.map(_fetch, [path for _, path in items]))
+        else:
+            fetched = [_fetch(path) for _, path in items]
+        return [self._sample(i, key, data) for i, (key, _), data in zip(indices, items, fetched)]
+
+    def _sample(self, index: int, key: str, data: bytes | BaseException) -> dict:
         sample = {"index": index, "key": key, "image": None, "width": 0, "height": 0,
                   "error": None}
         try:
-            decoded = decode(read_bytes(path), self.preprocess, self.max_pixels)
+            if isinstance(data, BaseException):
+                raise data
+            decoded = decode(data, self.preprocess, self.max_pixels)
         except ImageError as exc:
             sample["error"] = str(exc)
         except DECODE_ERRORS as exc:
@@ -67,6 +92,14 @@ class PlanItems(Dataset):
         else:
             sample.update(image=decoded.image, width=decoded.width, height=decoded.height)
         return sample
+
+
+def _fetch(path: str) -> bytes | BaseException:
+    """The file's bytes, or the error reading it: one unreadable file fails only its row."""
+    try:
+        return read_bytes(path)
+    except DECODE_ERRORS as exc:
+        return exc
 
 
 def describe_error(exc: BaseException) -> str:

@@ -385,7 +385,7 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
             bar.update(len(batch.indices))
     except RuntimeError as exc:
         # torch reports a dead worker from its SIGCHLD handler, wherever the loop was.
-        if "DataLoader worker" not in str(exc):
+        if "DataLoader worker (pid" not in str(exc):  # died, as opposed to raised
             raise
         raise RunError(f"a loader worker died ({str(exc).splitlines()[0]}); committed shards "
                        "are intact: run the same command to resume") from None

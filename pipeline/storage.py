@@ -109,10 +109,16 @@ class Store:
     def __init__(self, location: str):
         self.location = location.rstrip("/") or location
         self.remote = is_remote(location)
-        if self.remote:
-            self.fs, self.root = filesystem(self.location)
-        else:
-            self.fs, self.root = None, local_path(self.location)
+        self._fs, self._pid = None, None
+        self.root = filesystem(self.location)[1] if self.remote else local_path(self.location)
+
+    @property
+    def fs(self):
+        # fsspec's async filesystems refuse to be used across fork (loader workers are
+        # forked): each process gets its own instance.
+        if self._pid != os.getpid():
+            self._fs, self._pid = filesystem(self.location)[0], os.getpid()
+        return self._fs
 
     def url(self, name: str = "") -> str:
         """The full path or URL of a name, for messages and for readers."""
@@ -128,8 +134,10 @@ class Store:
             os.makedirs(self.root, exist_ok=True)
 
     def exists(self, name: str) -> bool:
-        return self.fs.exists(self._path(name)) if self.remote else os.path.exists(
-            self._path(name))
+        if not self.remote:
+            return os.path.exists(self._path(name))
+        self.fs.invalidate_cache(self._path(name))  # other processes write here too
+        return self.fs.exists(self._path(name))
 
     def open(self, name: str) -> IO[bytes]:
         return self.fs.open(self._path(name), "rb") if self.remote else open(self._path(name),
@@ -146,6 +154,7 @@ class Store:
         """Names (not paths) of the files directly in folder; empty if it does not exist."""
         path = self._path(folder)
         if self.remote:
+            self.fs.invalidate_cache(path)  # other slices and ranks commit here too
             try:
                 return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False)]
             except FileNotFoundError:

@@ -1,0 +1,177 @@
+"""Images, manifests and run directories on S3: a real S3 API (moto's server) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO, read_output, run_subprocess, write_colour_images
+
+s3fs = pytest.importorskip("s3fs")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback; yields (environment for clients, filesystem)."""
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H",
+                               "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "moto server did not start"
+            time.sleep(0.1)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint)
+    fs.mkdir("bucket")
+    yield env, fs
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def uploaded(s3, tmp_path_factory, colour_checkpoint):
+    """A folder uploaded to s3://bucket/images/, and a local run over the same folder."""
+    env, fs = s3
+    root = tmp_path_factory.mktemp("local")
+    folder = root / "images"
+    write_colour_images(folder, 30, seed=31)
+    (folder / "sub").mkdir()
+    write_colour_images(folder / "sub", 3, seed=32)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 broken")
+    fs.put(str(folder), "bucket/images", recursive=True)
+    local = run_subprocess(*job(folder, root / "run", colour_checkpoint))
+    assert local.returncode == 0, local.stderr
+    return folder, read_output(root / "run" / "labels.parquet")
+
+
+def job(source, out, checkpoint, *extra):
+    return ["run", str(source), "--out", str(out), "--model", "resnet18", "--weights",
+            str(checkpoint), "--top-k", "2", "--shard-size", "5", "--batch-size", "4",
+            "--workers", "1", "--resize", "72", "--crop", "64", "--quiet", *extra]
+
+
+def read_s3_table(fs, key) -> pd.DataFrame:
+    with fs.open(key, "rb") as fh:
+        return pd.read_parquet(fh)
+
+
+def assert_matches_local(table, reference):
+    assert table["key"].tolist() == reference["key"].tolist()
+    assert table["status"].tolist() == reference["status"].tolist()
+    assert table["top1_label"].tolist() == reference["top1_label"].tolist()
+
+
+def test_a_bucket_prefix_labelled_into_a_bucket(s3, uploaded, colour_checkpoint):
+    env, fs = s3
+    _, reference = uploaded
+    done = run_subprocess(*job("s3://bucket/images/", "s3://bucket/runs/one",
+                               colour_checkpoint), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "s3://bucket/runs/one/labels.parquet" in done.stderr
+    table = read_s3_table(fs, "bucket/runs/one/labels.parquet")
+    assert_matches_local(table, reference)
+    assert table["path"].iloc[1] == f"s3://bucket/images/{table['key'].iloc[1]}"
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("bucket/runs/one"))
+    assert names == ["labels.parquet", "plan.parquet", "run.json", "summary.json"]
+
+
+def test_a_manifest_in_the_bucket_with_relative_paths(s3, uploaded, colour_checkpoint,
+                                                       tmp_path):
+    env, fs = s3
+    _, reference = uploaded
+    keys = reference["key"].tolist()
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({"path": [f"images/{k}" for k in keys]}).to_csv(manifest, index=False)
+    fs.put(str(manifest), "bucket/manifest.csv")
+    done = run_subprocess(*job("s3://bucket/manifest.csv", tmp_path / "run",
+                               colour_checkpoint), env=env)
+    assert done.returncode == 0, done.stderr
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    assert table["path"].tolist() == [f"s3://bucket/images/{k}" for k in keys]
+    assert table["top1_label"].tolist() == reference["top1_label"].tolist()
+
+
+@pytest.mark.parametrize("point", ["while-computing", "part-mid-write", "merge-mid-write"])
+def test_killed_on_object_storage_then_resumed_exactly_once(s3, uploaded, colour_checkpoint,
+                                                            point):
+    env, fs = s3
+    _, reference = uploaded
+    out = f"s3://bucket/runs/kill-{point}"
+    args = job("s3://bucket/images/", out, colour_checkpoint)
+    if point == "while-computing":
+        process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO,
+                                   env={**os.environ, **env}, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while process.poll() is None and len(
+                fs.ls(f"{out[5:]}/parts", refresh=True) if fs.exists(f"{out[5:]}/parts")
+                else []) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert process.poll() is None, "finished before it could be killed"
+        process.kill()
+        assert process.wait() == -9
+    else:  # no rename on object storage: the kill lands inside an upload
+        killed = subprocess.run([sys.executable, str(REPO / "tests" / "killpoints.py"), point,
+                                 "3" if point.startswith("part") else "1", *args],
+                                cwd=REPO, capture_output=True, text=True,
+                                env={**os.environ, **env})
+        assert killed.returncode == -9, killed.stderr[-2000:]
+    fs.invalidate_cache()
+    parts = fs.ls(f"{out[5:]}/parts") if fs.exists(f"{out[5:]}/parts") else []
+    assert not fs.exists(f"{out[5:]}/labels.parquet")
+    assert all(p.rsplit("/", 1)[1].startswith("part-") for p in parts)  # nothing half-written
+    rerun = run_subprocess(*job("s3://bucket/images/", out, colour_checkpoint), env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    table = read_s3_table(fs, f"{out[5:]}/labels.parquet")
+    assert table["key"].is_unique
+    assert_matches_local(table, reference)
+
+
+def test_remote_reads_in_a_worker_overlap(monkeypatch, tmp_path):
+    """A batch's object reads run concurrently, so one worker is not bound by latency."""
+    from pipeline import loader, plan as planning
+    from pipeline.decode import Preprocess
+    from pipeline.storage import Store
+    import pyarrow as pa
+
+    items = pa.table({"key": [f"k{i}" for i in range(8)],
+                      "path": [f"s3://bucket/k{i}.jpg" for i in range(8)]})
+    plan = planning.freeze(items, Store(str(tmp_path)), shard_size=8)
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def slow_read(path):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.2)
+        with lock:
+            in_flight[0] -= 1
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(loader, "read_bytes", slow_read)
+    samples = loader.PlanItems(plan, Preprocess(), 10**8).__getitems__(list(range(8)))
+    assert peak[0] == 8
+    assert [s["key"] for s in samples] == [f"k{i}" for i in range(8)]
+    assert all(s["error"] == "FileNotFoundError: No such file or directory" for s in samples)
