@@ -99,6 +99,9 @@ def run(
         "--quiet", "-q", help="No progress bar.")] = None,
     compile: Annotated[Optional[bool], typer.Option(
         "--compile", help="torch.compile the model (pays off on long runs).")] = None,
+    incremental: Annotated[Optional[bool], typer.Option(
+        "--incremental", help="Nightly mode: label only new and changed images, drop removed "
+                              "ones, keep the rest.")] = None,
     num_shards: Annotated[Optional[int], typer.Option(
         help="Split the job into this many slices (array jobs); see --shard-index.")] = None,
     shard_index: Annotated[Optional[int], typer.Option(
@@ -115,6 +118,7 @@ def run(
         "root": root, "keep_columns": keep_columns, "max_pixels": max_pixels,
         "allow_duplicates": allow_duplicates, "overwrite": overwrite, "quiet": quiet,
         "compile": compile, "num_shards": num_shards, "shard_index": shard_index,
+        "incremental": incremental,
     }
     # Imported here so that `--help` and config errors answer without loading torch.
     try:

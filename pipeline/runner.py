@@ -51,6 +51,7 @@ class RunSummary:
     already_complete: bool = False
     slice_done: str = ""  # set when this process labelled one slice and did not merge
     missing: list[int] = field(default_factory=list)  # shards other slices still owe
+    changes: dict = field(default_factory=dict)  # incremental runs: new/changed/unchanged/removed
     device: str = ""
     precision: str = ""
     timings: dict = field(default_factory=dict)
@@ -63,8 +64,10 @@ class RunSummary:
     loop_images_per_second = images_per_second
 
     def line(self) -> str:
+        changes = (", ".join(f"{v} {k}" for k, v in self.changes.items()) + "; "
+                   if self.changes else "")
         if self.already_complete:
-            return f"nothing to do: {self.output} is complete ({self.items} rows)"
+            return f"nothing to do: {changes}{self.output} is complete ({self.items} rows)"
         if not self.labelled_now:  # a merge
             return (f"{self.items} images: {self.ok} ok, {self.errors} errors -> "
                     f"{self.output}")
@@ -74,7 +77,7 @@ class RunSummary:
                        f"all shards are committed: run `label-images merge {self.run_dir}`")
             return (f"{self.slice_done} done: labelled {self.labelled_now} at "
                     f"{self.images_per_second:.1f} images/s; {waiting}")
-        return (f"{self.items} images: {self.ok} ok, {self.errors} errors; labelled "
+        return (f"{self.items} images: {changes}{self.ok} ok, {self.errors} errors; labelled "
                 f"{self.labelled_now} at {self.images_per_second:.1f} images/s; wall time "
                 f"{self.seconds:.1f} s -> {self.output}")
 
@@ -89,6 +92,7 @@ class RunSummary:
             "compute_seconds": round(self.compute_seconds, 3),
             "write_seconds": round(self.write_seconds, 3),
             "device": self.device, "precision": self.precision,
+            **({"changes": self.changes} if self.changes else {}),
         }
 
 
@@ -172,7 +176,7 @@ class Job:
     started: float = field(default_factory=time.perf_counter)
 
 
-def prepare(config: RunConfig, part: Slice = Slice()) -> Job:
+def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False) -> Job:
     """Validate the whole configuration: source, model, weights, device. Writes nothing."""
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -180,7 +184,7 @@ def prepare(config: RunConfig, part: Slice = Slice()) -> Job:
         device = torch.device("cuda", part.local_rank)  # one GPU per torchrun process
     dtype = resolve_precision(config.precision, device)
     source = source_spec(config)
-    items = read_source(source)
+    items = read_source(source, versions=versions)
     spec = resolve_model(config.model, config.weights, config.labels, config.resize, config.crop)
     classifier = Classifier(spec, device, dtype, config.top_k, compile=config.compile)
     batch_size = config.batch_size or default_batch_size(device)
@@ -197,7 +201,7 @@ def prepare(config: RunConfig, part: Slice = Slice()) -> Job:
     return Job(config, source, items, classifier, batch_size, workers, record, started)
 
 
-def _os_failure(exc: OSError) -> RunError:
+def os_failure(exc: OSError) -> RunError:
     where = f"{exc.filename}: " if exc.filename else ""
     return RunError(f"{where}{exc.strerror or exc}; the shards committed so far are intact: "
                     "fix that and run the same command to resume")
@@ -209,6 +213,10 @@ def run(config: RunConfig, *, progress: bool | None = None) -> RunSummary:
     Under torchrun every rank labels its share and rank 0 assembles the table; as one slice
     of an array job it labels its slice and leaves the assembly to `label-images merge`.
     """
+    if config.incremental:
+        from pipeline import incremental
+
+        return incremental.run(config, progress=progress)
     part = slices.from_environment(config.num_shards, config.shard_index)
     if config.overwrite and not part.whole and not part.distributed:
         raise UsageError("--overwrite would let each slice wipe the others' work: clear the "
@@ -219,7 +227,7 @@ def run(config: RunConfig, *, progress: bool | None = None) -> RunSummary:
         with RunDirectory(config.out, part) as run_dir:
             return _run_in(run_dir, job, part, group, progress)
     except OSError as exc:  # disk full, permissions, a vanished mount: not a bug of ours
-        raise _os_failure(exc) from None
+        raise os_failure(exc) from None
     finally:
         if group is not None:
             group.close()
@@ -350,7 +358,7 @@ def merge(out: str, fmt: str | None = None) -> RunSummary:
             write_json(store, SUMMARY_FILE, summary.to_dict())
             return summary
     except OSError as exc:
-        raise _os_failure(exc) from None
+        raise os_failure(exc) from None
 
 
 def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa.Schema,

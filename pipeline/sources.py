@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +55,12 @@ class SourceSpec:
         }
 
 
-def read_source(spec: SourceSpec) -> pa.Table:
-    """Return the items as a table: `key`, `path` (as it will be read), then kept columns."""
+def read_source(spec: SourceSpec, versions: bool = False) -> pa.Table:
+    """Return the items as a table: `key`, `path` (as it will be read), then kept columns.
+
+    With versions, also `source_size` and `source_version` (modification time in ns, or the
+    object's ETag): what incremental runs compare to find changed images.
+    """
     if is_remote(spec.location):
         fs, root = filesystem(spec.location)
         is_dir, is_file = fs.isdir(root), fs.isfile(root)
@@ -78,7 +83,43 @@ def read_source(spec: SourceSpec) -> pa.Table:
         raise UsageError(f"no images in {spec.location}")
     if not spec.allow_duplicates:
         _refuse_duplicate_keys(table["key"], spec)
+    if versions:
+        sizes, stamps = zip(*_versions(table["path"].to_pylist()))
+        table = table.append_column("source_size", pa.array(sizes, pa.int64()))
+        table = table.append_column("source_version", pa.array(stamps, pa.string()))
     return table
+
+
+def _versions(paths: list[str]) -> list[tuple[int, str]]:
+    """(size, version) per path; (-1, "missing") for what cannot be found."""
+    remote = [p for p in paths if is_remote(p)]
+    infos = {}
+    if remote:
+        fs, _ = filesystem(remote[0])
+        with ThreadPoolExecutor(32) as pool:  # one request each: overlap them
+            for path, info in zip(remote, pool.map(_remote_info, [fs] * len(remote), remote)):
+                infos[path] = info
+    result = []
+    for path in paths:
+        if path in infos:
+            result.append(infos[path])
+            continue
+        try:
+            st = os.stat(local_path(path))
+            result.append((st.st_size, str(st.st_mtime_ns)))
+        except OSError:
+            result.append((-1, "missing"))
+    return result
+
+
+def _remote_info(fs, path: str) -> tuple[int, str]:
+    try:
+        info = fs.info(path)
+    except (FileNotFoundError, OSError):
+        return -1, "missing"
+    version = info.get("ETag") or info.get("etag") or info.get("md5Hash") or str(
+        info.get("mtime") or info.get("LastModified") or "")
+    return int(info.get("size") or 0), str(version).strip('"')
 
 
 def list_directory(root: Path) -> pa.Table:

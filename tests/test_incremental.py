@@ -1,0 +1,92 @@
+"""Incremental nightly runs: each night's table equals a from-scratch run on the same folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from tests.conftest import REPO, colour_array, read_output, write_colour_images
+
+
+def job(folder, out, checkpoint, *extra):
+    return ["run", str(folder), "--out", str(out), "--model", "resnet18", "--weights",
+            str(checkpoint), "--top-k", "2", "--shard-size", "4", "--batch-size", "4",
+            "--workers", "0", "--resize", "72", "--crop", "64", "--quiet", *extra]
+
+
+def night(cli, folder, out, checkpoint, *extra):
+    result = cli(*job(folder, out, checkpoint, "--incremental", *extra))
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "summary.json").read_text()), result.output
+
+
+def assert_equals_scratch(cli, tmp_path, folder, out, checkpoint, name):
+    scratch = tmp_path / f"scratch-{name}"
+    assert cli(*job(folder, scratch, checkpoint)).exit_code == 0
+    table, reference = read_output(out / "labels.parquet"), read_output(
+        scratch / "labels.parquet")
+    for column in ("key", "path", "status", "error", "top1_label"):
+        assert table[column].tolist() == reference[column].tolist(), column
+    assert table["top1_score"].to_numpy() == __import__("pytest").approx(
+        reference["top1_score"].to_numpy(), abs=1e-6)
+    assert not (out / "increments").exists()
+
+
+def test_three_nights_add_modify_delete(cli, tmp_path, colour_checkpoint):
+    folder, out = tmp_path / "photos", tmp_path / "nightly"
+    truth = write_colour_images(folder, 10, seed=41)
+    summary, _ = night(cli, folder, out, colour_checkpoint)
+    assert summary["changes"] == {"new": 10, "changed": 0, "unchanged": 0, "removed": 0}
+    assert_equals_scratch(cli, tmp_path, folder, out, colour_checkpoint, "1")
+
+    # night 2: three new images, one modified (now blue), one deleted
+    write_colour_images(folder / "new", 3, seed=42)
+    modified = sorted(truth)[2]
+    stat = os.stat(folder / modified)
+    Image.fromarray(colour_array("blue", 80, 60, seed=7)).save(folder / modified)
+    os.utime(folder / modified, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    os.unlink(folder / sorted(truth)[5])
+    summary, _ = night(cli, folder, out, colour_checkpoint)
+    assert summary["changes"] == {"new": 3, "changed": 1, "unchanged": 8, "removed": 1}
+    assert summary["labelled_now"] == 4  # only what is new or changed was computed
+    table = read_output(out / "labels.parquet").set_index("key")
+    assert table.loc[modified, "top1_label"] == "blue"
+    assert_equals_scratch(cli, tmp_path, folder, out, colour_checkpoint, "2")
+
+    # night 3: nothing changed
+    summary_before = (out / "summary.json").read_text()
+    result = cli(*job(folder, out, colour_checkpoint, "--incremental"))
+    assert result.exit_code == 0 and "nothing to do" in result.output
+    assert "0 new, 0 changed, 12 unchanged, 0 removed" in result.output
+    assert (out / "summary.json").read_text() == summary_before
+    assert_equals_scratch(cli, tmp_path, folder, out, colour_checkpoint, "3")
+
+
+def test_a_model_change_is_refused_for_an_incremental_table(cli, tmp_path, colour_checkpoint):
+    folder, out = tmp_path / "photos", tmp_path / "nightly"
+    write_colour_images(folder, 3)
+    night(cli, folder, out, colour_checkpoint)
+    refused = cli(*job(folder, out, colour_checkpoint, "--incremental", "--top-k", "3"))
+    assert refused.exit_code == 2
+    assert "never mixes two models" in refused.output and "--overwrite" in refused.output
+
+
+def test_killed_mid_night_then_resumed(cli, tmp_path, colour_checkpoint):
+    folder, out = tmp_path / "photos", tmp_path / "nightly"
+    write_colour_images(folder, 6, seed=43)
+    night(cli, folder, out, colour_checkpoint)
+    write_colour_images(folder / "tonight", 24, seed=44)
+    killed = subprocess.run([sys.executable, str(REPO / "tests" / "killpoints.py"),
+                             "part-mid-write", "3",
+                             *job(folder, out, colour_checkpoint, "--incremental")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert len(read_output(out / "labels.parquet")) == 6  # last night's table is untouched
+    summary, _ = night(cli, folder, out, colour_checkpoint)
+    assert summary["changes"]["new"] == 24
+    assert summary["labelled_now"] < 24  # the committed shards of the killed night were kept
+    assert_equals_scratch(cli, tmp_path, folder, out, colour_checkpoint, "resumed")
