@@ -99,6 +99,9 @@ def run(
         "--quiet", "-q", help="No progress bar.")] = None,
     compile: Annotated[Optional[bool], typer.Option(
         "--compile", help="torch.compile the model (pays off on long runs).")] = None,
+    embeddings: Annotated[Optional[bool], typer.Option(
+        "--embeddings", help="Also write each image's pooled penultimate features (float16) "
+                             "to Parquet, from the same forward pass.")] = None,
     incremental: Annotated[Optional[bool], typer.Option(
         "--incremental", help="Nightly mode: label only new and changed images, drop removed "
                               "ones, keep the rest.")] = None,
@@ -118,7 +121,7 @@ def run(
         "root": root, "keep_columns": keep_columns, "max_pixels": max_pixels,
         "allow_duplicates": allow_duplicates, "overwrite": overwrite, "quiet": quiet,
         "compile": compile, "num_shards": num_shards, "shard_index": shard_index,
-        "incremental": incremental,
+        "incremental": incremental, "embeddings": embeddings,
     }
     # Imported here so that `--help` and config errors answer without loading torch.
     try:

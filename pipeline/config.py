@@ -47,6 +47,7 @@ class RunConfig:
     num_shards: int | None = None  # slices of an array job (not the --shard-size shards)
     shard_index: int | None = None
     incremental: bool = False
+    embeddings: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -57,7 +58,8 @@ class RunConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 _INT_FIELDS = {"resize", "crop", "batch_size", "workers", "top_k", "shard_size", "max_pixels",
                "num_shards", "shard_index"}
-_BOOL_FIELDS = {"allow_duplicates", "overwrite", "quiet", "compile", "incremental"}
+_BOOL_FIELDS = {"allow_duplicates", "overwrite", "quiet", "compile", "incremental",
+                "embeddings"}
 
 
 def default_out(source: str) -> str:

@@ -272,13 +272,14 @@ def _builder_overrides(spec: ModelSpec) -> dict:
 class Prediction:
     class_ids: np.ndarray  # int32 (n, k), best first
     scores: np.ndarray  # float32 (n, k), softmax probabilities
+    embeddings: np.ndarray | None = None  # float16 (n, d): the head's input, when asked
 
 
 class Classifier:
     """Weights cast once onto the device; uint8 batches in, top-k probabilities out (numpy)."""
 
     def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, top_k: int,
-                 compile: bool = False):
+                 compile: bool = False, embeddings: bool = False):
         if top_k > spec.num_classes:
             raise UsageError(f"--top-k {top_k} is more than the model's {spec.num_classes} classes")
         self.spec = spec
@@ -289,6 +290,14 @@ class Classifier:
         if self.on_cuda:  # the only CUDA-specific knobs; everything else is the same code
             torch.backends.cudnn.benchmark = True
         net = build_network(spec).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        self._features: list[torch.Tensor] = []
+        self.embedding_size = None
+        if embeddings:
+            # The pooled penultimate features are the head's input: catch them on the way in,
+            # from the same forward pass that gives the labels.
+            head = net.get_submodule(_head_name(net))
+            head.register_forward_pre_hook(lambda _, inputs: self._features.append(inputs[0]))
+            self.embedding_size = head.in_features
         self.net = torch.compile(net) if compile else net
         mean = torch.tensor(spec.preprocess.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(spec.preprocess.std, device=device).view(1, 3, 1, 1)
@@ -301,9 +310,14 @@ class Classifier:
         x = images.to(self.device, non_blocking=self.on_cuda)
         x = torch.addcmul(self._shift, x.float(), self._scale)
         x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        self._features.clear()
         probs = self.net(x).float().softmax(dim=1)
         scores, ids = probs.topk(self.top_k, dim=1)
-        return Prediction(class_ids=ids.to(torch.int32).cpu().numpy(), scores=scores.cpu().numpy())
+        embeddings = None
+        if self.embedding_size is not None:
+            embeddings = self._features[-1].to(torch.float16).cpu().numpy()
+        return Prediction(class_ids=ids.to(torch.int32).cpu().numpy(), scores=scores.cpu().numpy(),
+                          embeddings=embeddings)
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -107,6 +107,7 @@ def fingerprint(config: RunConfig, spec: ModelSpec, source: SourceSpec, items: p
     return {
         **spec.describe(),
         "top_k": config.top_k,
+        "embeddings": config.embeddings,
         "source": {**source.describe(), "items": len(items),
                    "items_sha256": planning.items_digest(items)},
     }
@@ -152,9 +153,9 @@ class PartCommitter:
 class ShardBuffer:
     """The results of one shard as its batches arrive; complete when every item is in."""
 
-    def __init__(self, start: int, end: int, top_k: int):
+    def __init__(self, start: int, end: int, top_k: int, embedding_size: int | None):
         self.start = start
-        self.result = ShardResult.empty(end - start, top_k)
+        self.result = ShardResult.empty(end - start, top_k, embedding_size)
         self.remaining = end - start
 
 
@@ -186,7 +187,10 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False) ->
     source = source_spec(config)
     items = read_source(source, versions=versions)
     spec = resolve_model(config.model, config.weights, config.labels, config.resize, config.crop)
-    classifier = Classifier(spec, device, dtype, config.top_k, compile=config.compile)
+    if config.embeddings and config.format == "csv":
+        raise UsageError("--embeddings are written to Parquet only: use --format parquet")
+    classifier = Classifier(spec, device, dtype, config.top_k, compile=config.compile,
+                            embeddings=config.embeddings)
     batch_size = config.batch_size or default_batch_size(device)
     workers = config.workers if config.workers is not None else default_workers(device)
     record = {
@@ -268,7 +272,8 @@ def _run_in(run_dir: RunDirectory, job: Job, part: Slice, group,
     extra = job.items.select(list(config.keep_columns)).schema
     job.items = None  # from here on, memory is bounded by shards, not by the dataset
     schema = output_schema(config.top_k, extra, {
-        "label_images.model": spec.model, "label_images.weights": spec.weights_id})
+        "label_images.model": spec.model, "label_images.weights": spec.weights_id},
+        embedding_size=job.classifier.embedding_size)
     committed = planning.committed_shards(store)
     pending = [s for s in range(plan.num_shards) if part.owns(s) and s not in committed]
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -387,7 +392,8 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
             summary.load_seconds += computing - waited
             prediction = classifier.predict(batch.images) if batch.decoded else None
             summary.compute_seconds += time.perf_counter() - computing
-            for shard, buffer in _fill(batch, prediction, plan, buffers, config.top_k):
+            for shard, buffer in _fill(batch, prediction, plan, buffers, config.top_k,
+                                       classifier.embedding_size):
                 committer.submit(shard, buffer.result)
             summary.labelled_now += len(batch.indices)
             bar.update(len(batch.indices))
@@ -406,19 +412,23 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
         raise RuntimeError(f"shards {sorted(buffers)} did not receive all their items")
 
 
-def _fill(batch: Batch, prediction, plan, buffers: dict[int, ShardBuffer], top_k: int):
+def _fill(batch: Batch, prediction, plan, buffers: dict[int, ShardBuffer], top_k: int,
+          embedding_size: int | None):
     """Put a batch's rows into their shards' buffers; yield the shards that became complete."""
     rank = {pos: j for j, pos in enumerate(batch.decoded)}
     for pos, index in enumerate(batch.indices):
         shard = index // plan.shard_size
         buffer = buffers.get(shard)
         if buffer is None:
-            buffer = buffers[shard] = ShardBuffer(*plan.shard_bounds(shard), top_k)
+            buffer = buffers[shard] = ShardBuffer(*plan.shard_bounds(shard), top_k,
+                                                  embedding_size)
         row, result = index - buffer.start, buffer.result
         if pos in rank:
             result.ok[row] = True
             result.class_ids[row] = prediction.class_ids[rank[pos]]
             result.scores[row] = prediction.scores[rank[pos]]
+            if prediction.embeddings is not None:
+                result.embeddings[row] = prediction.embeddings[rank[pos]]
             result.width[row], result.height[row] = batch.widths[pos], batch.heights[pos]
         else:
             result.errors[row] = batch.errors[pos]

@@ -29,13 +29,16 @@ class ShardResult:
     height: np.ndarray  # int32 (n,)
     class_ids: np.ndarray  # int32 (n, k), best first; rows that are not ok are ignored
     scores: np.ndarray  # float32 (n, k)
+    embeddings: np.ndarray | None = None  # float16 (n, d), with --embeddings
 
     @classmethod
-    def empty(cls, n: int, top_k: int) -> ShardResult:
+    def empty(cls, n: int, top_k: int, embedding_size: int | None = None) -> ShardResult:
         return cls(
             ok=np.zeros(n, bool), errors=[None] * n,
             width=np.zeros(n, np.int32), height=np.zeros(n, np.int32),
             class_ids=np.zeros((n, top_k), np.int32), scores=np.zeros((n, top_k), np.float32),
+            embeddings=(None if embedding_size is None
+                        else np.zeros((n, embedding_size), np.float16)),
         )
 
 
@@ -43,7 +46,8 @@ def write_json(store: Store, name: str, data: dict) -> None:
     store.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def output_schema(top_k: int, extra: pa.Schema, metadata: dict[str, str]) -> pa.Schema:
+def output_schema(top_k: int, extra: pa.Schema, metadata: dict[str, str],
+                  embedding_size: int | None = None) -> pa.Schema:
     """The Parquet schema of DESIGN.md; top-k lists best first, kept manifest columns last."""
     fields = [
         pa.field("key", pa.string(), nullable=False),
@@ -57,6 +61,8 @@ def output_schema(top_k: int, extra: pa.Schema, metadata: dict[str, str]) -> pa.
         pa.field("labels", pa.list_(pa.string())),
         pa.field("scores", pa.list_(pa.float32())),
         pa.field("class_ids", pa.list_(pa.int32())),
+        *([pa.field("embedding", pa.list_(pa.float16(), embedding_size))]
+          if embedding_size else []),
         *extra,
     ]
     meta = {**metadata, "label_images.top_k": str(top_k)}
@@ -89,6 +95,10 @@ def part_table(items: pa.Table, result: ShardResult, categories: list[str],
         "scores": top_k_list(pa.array(result.scores.ravel(), pa.float32())),
         "class_ids": top_k_list(pa.array(ids.ravel(), pa.int32())),
     }
+    if "embedding" in schema.names:
+        size = result.embeddings.shape[1]
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(result.embeddings.ravel(), pa.float16()), size, mask=null_rows)
     for name in schema.names[len(columns):]:
         columns[name] = items[name]
     return pa.table(columns).cast(schema)
