@@ -192,6 +192,44 @@ def bench(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+weights_app = typer.Typer(no_args_is_help=True,
+                          help="List torchvision's weights; stage them for offline machines.")
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("list")
+def weights_list(
+    model: Annotated[Optional[str], typer.Option(help="Only this model's weights.")] = None,
+) -> None:
+    """Weights usable with --model/--weights: classes, published top-1, size, cached here."""
+    try:
+        from pipeline import weights
+
+        typer.echo(weights.render(weights.catalogue(model)))
+    except UsageError as exc:
+        raise _fail(exc, exc.exit_code) from None
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    model: Annotated[str, typer.Option(help="torchvision model name.")] = "resnet50",
+    weights_name: Annotated[str, typer.Option("--weights", help="Weights name.")] = "DEFAULT",
+    to: Annotated[Optional[str], typer.Option(
+        help="Folder to put the file in (default: torch's cache on this machine).")] = None,
+) -> None:
+    """Download one weights file on a connected machine, check its hash, say how to use it."""
+    try:
+        from pipeline import weights
+
+        path = weights.fetch(model, weights_name, to)
+    except (UsageError, RunError) as exc:
+        raise _fail(exc, exc.exit_code) from None
+    typer.echo(f"{path} (sha256 checked)")
+    typer.echo(f"offline: copy it into $TORCH_HOME/hub/checkpoints/ (default "
+               f"~/.cache/torch/hub/checkpoints/), or run with "
+               f"--model {model} --weights /path/to/{path.name}")
+
+
 def main() -> None:
     """Console entry point: usage errors become one line and exit 2, like ours."""
     if len(sys.argv) == 1:

@@ -1,0 +1,58 @@
+"""`label-images weights list|fetch`: staging torchvision weights for offline machines."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+
+from pipeline import weights
+
+
+def test_list_shows_names_classes_accuracy_size_and_cache(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    staged = tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"staged")
+    result = cli("weights", "list", "--model", "resnet50")
+    assert result.exit_code == 0
+    lines = result.output.strip().splitlines()
+    v2 = next(line for line in lines if "IMAGENET1K_V2" in line)
+    assert "(DEFAULT)" in v2 and "1000" in v2 and "80.9" in v2 and "97.8" in v2
+    assert v2.rstrip().endswith("yes")  # cached here
+    assert not next(line for line in lines if "IMAGENET1K_V1" in line).rstrip().endswith("yes")
+    everything = weights.catalogue()
+    assert len({row["model"] for row in everything}) > 50
+
+
+def test_fetch_without_network_is_one_line_and_exit_1(cli, tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    result = cli("weights", "fetch", "--model", "resnet18", "--to", tmp_path)
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1
+    assert "Name or service not known" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("hash_ok", [False, True])
+def test_fetch_verifies_the_hash_and_says_what_to_pass(cli, tmp_path, monkeypatch, hash_ok):
+    def download(url, dst, progress=True):
+        with open(dst, "wb") as fh:
+            fh.write(b"weights")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    if hash_ok:  # pretend the bytes hash to what torchvision's file name says
+        monkeypatch.setattr(weights, "_sha256", lambda path: "f37072fd" + "0" * 56)
+    result = cli("weights", "fetch", "--model", "resnet18", "--to", tmp_path)
+    target = tmp_path / "resnet18-f37072fd.pth"
+    if not hash_ok:
+        assert result.exit_code == 1 and "arrived damaged" in result.output
+        assert list(tmp_path.iterdir()) == []
+    else:
+        assert result.exit_code == 0, result.output
+        assert target.read_bytes() == b"weights"
+        assert f"--model resnet18 --weights /path/to/{target.name}" in result.output
