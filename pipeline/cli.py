@@ -192,6 +192,36 @@ def bench(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+@app.command()
+def report(
+    out: Annotated[str, typer.Argument(help="A finished run directory (path or URL).")],
+    html_file: Annotated[Optional[Path], typer.Option(
+        "--html", help="Also write one self-contained HTML page here.")] = None,
+    review_below: Annotated[Optional[float], typer.Option(
+        help="With --export: rows whose top-1 score is below this.")] = None,
+    export: Annotated[Optional[Path], typer.Option(
+        help="CSV of the rows to review (key, path, top1_label, top1_score).")] = None,
+) -> None:
+    """Summarise a run: counts, errors by kind, frequent labels, confidence; HTML; review CSV."""
+    try:
+        if (review_below is None) != (export is None):
+            raise UsageError("--review-below and --export go together")
+        from pipeline import report as reporting
+        from pipeline.storage import atomic_path
+
+        found = reporting.analyse(reporting.read_table(out))
+        typer.echo(reporting.render_text(found))
+        if html_file is not None:
+            with atomic_path(html_file) as tmp:
+                tmp.write_text(reporting.render_html(found, f"label-images report: {out}"))
+            typer.echo(f"report page: {html_file}")
+        if export is not None:
+            count = reporting.export_review(out, review_below, str(export))
+            typer.echo(f"{count} rows below {review_below} -> {export}")
+    except (UsageError, RunError) as exc:
+        raise _fail(exc, exc.exit_code) from None
+
+
 weights_app = typer.Typer(no_args_is_help=True,
                           help="List torchvision's weights; stage them for offline machines.")
 app.add_typer(weights_app, name="weights")

@@ -137,7 +137,8 @@ def list_directory(root: Path) -> pa.Table:
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             relative.append(name if base == "." else f"{base}/{name}".replace(os.sep, "/"))
-    return _listing(relative, lambda rel: os.path.join(root, rel))
+    base = os.path.abspath(root)  # paths that still resolve from elsewhere (reports, users)
+    return _listing(relative, lambda rel: os.path.join(base, rel))
 
 
 def list_remote_directory(location: str) -> pa.Table:

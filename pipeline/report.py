@@ -1,0 +1,202 @@
+"""`label-images report`: what a run found, in the terminal or as one self-contained HTML page.
+
+Only the columns a report needs are read, and everything shown is bounded (top labels, a
+sample of thumbnails per label, the lowest scores, the first errors), so a table of millions
+of rows gives a page of a few megabytes at most.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.decode import DECODE_ERRORS, ImageError, to_rgb
+from pipeline.errors import UsageError
+from pipeline.storage import Store, read_bytes
+
+COLUMNS = ["key", "path", "status", "error", "top1_label", "top1_score"]
+CONFIDENCE_EDGES = (0.2, 0.5, 0.8)
+TOP_LABELS = 20  # labels in the histogram and the contact sheet
+THUMBNAILS_PER_LABEL = 8
+REVIEW_ROWS = 50
+ERROR_ROWS = 100
+THUMBNAIL_PX = 96
+
+
+@dataclass
+class Findings:
+    """Everything a report shows, computed once from the table."""
+
+    rows: int = 0
+    ok: int = 0
+    errors: int = 0
+    error_kinds: list[tuple[str, int]] = field(default_factory=list)
+    labels: list[tuple[str, int]] = field(default_factory=list)
+    confidence: dict[str, int] = field(default_factory=dict)  # "< 0.2" -> count, ...
+    histogram: list[int] = field(default_factory=list)  # top-1 scores in 10 bins of 0.1
+    samples: dict[str, list[tuple[str, str, float]]] = field(default_factory=dict)
+    review: list[tuple[str, str, str, float]] = field(default_factory=list)
+    error_rows: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def read_table(out: str) -> pa.Table:
+    store = Store(out)
+    for name in ("labels.parquet", "labels.csv"):
+        if store.exists(name):
+            with store.open(name) as fh:
+                if name.endswith(".parquet"):
+                    return pq.read_table(fh, columns=COLUMNS)
+                return pacsv.read_csv(fh, convert_options=pacsv.ConvertOptions(
+                    include_columns=COLUMNS, column_types={"top1_score": pa.float32(),
+                                                          "key": pa.string(),
+                                                          "path": pa.string()}))
+    raise UsageError(f"no finished table in {out} (labels.parquet or labels.csv); "
+                     "run `label-images run` to the end first")
+
+
+def error_kind(text: str) -> str:
+    """'UnidentifiedImageError: ...' -> 'UnidentifiedImageError'; free text up to a colon."""
+    return text.split(":", 1)[0].strip()[:60] or "unknown"
+
+
+def analyse(table: pa.Table, seed: int = 0) -> Findings:
+    ok_mask = pc.equal(table["status"], "ok")
+    ok = table.filter(ok_mask)
+    bad = table.filter(pc.invert(ok_mask))
+    found = Findings(rows=table.num_rows, ok=ok.num_rows, errors=bad.num_rows)
+    kinds: dict[str, int] = {}
+    for text in bad["error"].to_pylist():
+        kind = error_kind(text or "")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    found.error_kinds = sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))
+    counts = pc.value_counts(ok["top1_label"]).to_pylist()
+    found.labels = sorted(((c["values"], c["counts"]) for c in counts),
+                          key=lambda kv: (-kv[1], kv[0]))
+    scores = ok["top1_score"].to_numpy(zero_copy_only=False).astype(np.float32)
+    for edge in CONFIDENCE_EDGES:
+        found.confidence[f"< {edge}"] = int((scores < edge).sum())
+    found.histogram = np.histogram(scores, bins=10, range=(0.0, 1.0))[0].tolist()
+    rng = np.random.default_rng(seed)
+    for label, _ in found.labels[:TOP_LABELS]:
+        rows = ok.filter(pc.equal(ok["top1_label"], label))
+        pick = np.sort(rng.choice(rows.num_rows, min(THUMBNAILS_PER_LABEL, rows.num_rows),
+                                  replace=False))
+        chosen = rows.take(pick)
+        found.samples[label] = list(zip(chosen["key"].to_pylist(), chosen["path"].to_pylist(),
+                                        chosen["top1_score"].to_pylist()))
+    lowest = ok.take(pc.sort_indices(ok["top1_score"])[:REVIEW_ROWS]) if ok.num_rows else ok
+    found.review = list(zip(lowest["key"].to_pylist(), lowest["path"].to_pylist(),
+                            lowest["top1_label"].to_pylist(), lowest["top1_score"].to_pylist()))
+    first = bad.slice(0, ERROR_ROWS)
+    found.error_rows = list(zip(first["key"].to_pylist(), first["path"].to_pylist(),
+                                first["error"].to_pylist()))
+    return found
+
+
+def render_text(found: Findings) -> str:
+    lines = [f"{found.rows} images: {found.ok} ok, {found.errors} errors"]
+    if found.error_kinds:
+        lines.append("errors by kind: " + ", ".join(f"{k} {n}" for k, n in found.error_kinds))
+    if found.labels:
+        lines.append("most frequent labels:")
+        width = max(len(label) for label, _ in found.labels[:10])
+        lines += [f"  {label:<{width}}  {count}" for label, count in found.labels[:10]]
+    if found.ok:
+        lines.append("top-1 confidence: " + ", ".join(
+            f"{n} ({100 * n / found.ok:.1f}%) {edge}" for edge, n in found.confidence.items()))
+    return "\n".join(lines)
+
+
+def thumbnail(path: str) -> str | None:
+    """A small JPEG as a data: URI, or None if the image cannot be read now."""
+    try:
+        image = Image.open(io.BytesIO(read_bytes(path)))
+        image.draft("RGB", (THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))
+        image = to_rgb(image)
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=80)
+    except (ImageError, *DECODE_ERRORS):
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _bars(pairs: list[tuple[str, int]], css_class: str) -> str:
+    """A horizontal bar chart as inline SVG (no scripts, no external files)."""
+    if not pairs:
+        return "<p>nothing to show</p>"
+    top = max(n for _, n in pairs) or 1
+    height = 22 * len(pairs)
+    parts = [f'<svg class="{css_class}" width="640" height="{height}" role="img">']
+    for i, (name, n) in enumerate(pairs):
+        width = int(400 * n / top)
+        y = 22 * i
+        parts.append(f'<text x="0" y="{y + 15}">{html.escape(str(name))[:40]}</text>'
+                     f'<rect class="bar" x="200" y="{y + 3}" width="{width}" height="16">'
+                     f'<title>{html.escape(str(name))}: {n}</title></rect>'
+                     f'<text x="{205 + width}" y="{y + 15}">{n}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def render_html(found: Findings, title: str) -> str:
+    esc = html.escape
+    histogram = [(f"{i / 10:.1f}-{(i + 1) / 10:.1f}", n) for i, n in enumerate(found.histogram)]
+    sheet = []
+    for label, picks in found.samples.items():
+        cells = []
+        for key, path, score in picks:
+            uri = thumbnail(path)
+            image = (f'<img class="thumb" src="{uri}" alt="{esc(key)}">' if uri
+                     else '<div class="missing">unreadable now</div>')
+            cells.append(f'<figure>{image}<figcaption>{esc(key)}<br>{score:.2f}'
+                         f'</figcaption></figure>')
+        sheet.append(f'<section class="label-group"><h3>{esc(label)}</h3>{"".join(cells)}'
+                     '</section>')
+    review = "".join(f"<tr><td>{esc(k)}</td><td>{esc(label)}</td><td>{score:.3f}</td>"
+                     f"<td>{esc(p)}</td></tr>" for k, p, label, score in found.review)
+    errors = "".join(f"<tr><td>{esc(k)}</td><td>{esc(e or '')}</td><td>{esc(p)}</td></tr>"
+                     for k, p, e in found.error_rows)
+    confidence = ", ".join(f"{n} {esc(edge)}" for edge, n in found.confidence.items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222; }}
+svg text {{ font: 12px system-ui, sans-serif; }} .bar {{ fill: #4a78b5; }}
+figure {{ display: inline-block; margin: 4px; width: {THUMBNAIL_PX + 8}px; font-size: 11px;
+          vertical-align: top; overflow-wrap: anywhere; }}
+.missing {{ width: {THUMBNAIL_PX}px; height: {THUMBNAIL_PX}px; background: #eee; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 2px 6px; }}
+</style></head><body>
+<h1>{esc(title)}</h1>
+<p id="summary">{found.rows} images: {found.ok} ok, {found.errors} errors.
+Top-1 confidence: {confidence}.</p>
+<h2>Labels</h2>{_bars(found.labels[:TOP_LABELS], "label-histogram")}
+<h2>Top-1 confidence</h2>{_bars(histogram, "confidence-histogram")}
+<h2>Contact sheet</h2><p>Up to {THUMBNAILS_PER_LABEL} random images for each of the
+{TOP_LABELS} most frequent labels.</p>{"".join(sheet)}
+<h2>To review: lowest confidence</h2>
+<table id="review"><tr><th>key</th><th>label</th><th>score</th><th>path</th></tr>{review}</table>
+<h2>Errors</h2><p>{"; ".join(f"{esc(k)}: {n}" for k, n in found.error_kinds) or "none"}</p>
+<table id="errors"><tr><th>key</th><th>error</th><th>path</th></tr>{errors}</table>
+</body></html>
+"""
+
+
+def export_review(table_location: str, below: float, export: str) -> int:
+    """Write the ok rows whose top-1 score is below `below` to a CSV for a labelling tool."""
+    table = read_table(table_location)
+    rows = table.filter(pc.and_(pc.equal(table["status"], "ok"),
+                                pc.less(table["top1_score"], below)))
+    rows = rows.take(pc.sort_indices(rows["top1_score"]))
+    pacsv.write_csv(rows.select(["key", "path", "top1_label", "top1_score"]), export)
+    return rows.num_rows

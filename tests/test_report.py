@@ -1,0 +1,127 @@
+"""`label-images report`: terminal summary, a self-contained HTML page, a review export."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import FAST, write_colour_images
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, colour_checkpoint):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    root = tmp_path_factory.mktemp("report")
+    truth = write_colour_images(root / "imgs", 24, seed=51)
+    (root / "imgs" / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "imgs" / "empty.png").write_bytes(b"")
+    result = CliRunner().invoke(app, ["run", str(root / "imgs"), "--out", str(root / "run"),
+                                      "--model", "resnet18", "--weights",
+                                      str(colour_checkpoint), "--top-k", "2", "--workers",
+                                      "0", "-q", *FAST])
+    assert result.exit_code == 0, result.output
+    return root, truth
+
+
+def test_terminal_summary(cli, finished_run):
+    root, truth = finished_run
+    result = cli("report", root / "run")
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "26 images: 24 ok, 2 errors" in text
+    assert "errors by kind: " in text and "empty file 1" in text
+    counts = pd.Series(truth).value_counts()
+    assert re.search(rf"  {counts.index[0]}\s+{counts.iloc[0]}\n", text)
+    assert "top-1 confidence: " in text and "< 0.2" in text and "< 0.8" in text
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.refs += [v for k, v in attrs if k in ("src", "href", "srcset", "data", "action")]
+
+
+def test_html_page_references_nothing_outside_itself(cli, finished_run, tmp_path):
+    root, _ = finished_run
+    page = tmp_path / "report.html"
+    assert cli("report", root / "run", "--html", page).exit_code == 0
+    text = page.read_text()
+    parser = _Refs()
+    parser.feed(text)
+    assert parser.refs and all(ref.startswith("data:image/jpeg;base64,") for ref in parser.refs)
+    assert "script" not in parser.tags and "link" not in parser.tags
+    assert "url(" not in text and "@import" not in text and "//" not in re.sub(
+        r"data:[^\"]+", "", text).replace("<!doctype html>", "")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_html_page_renders_in_headless_chromium_with_charts_and_thumbnails(
+        cli, finished_run, tmp_path):
+    root, truth = finished_run
+    page = tmp_path / "report.html"
+    assert cli("report", root / "run", "--html", page).exit_code == 0
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+         page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    labels = re.search(r'<svg class="label-histogram".*?</svg>', dom, re.S).group(0)
+    assert labels.count("<rect") == len(set(truth.values()))
+    confidence = re.search(r'<svg class="confidence-histogram".*?</svg>', dom, re.S).group(0)
+    assert confidence.count("<rect") == 10
+    assert dom.count('<img class="thumb"') == 24  # every ok image: fewer than 8 per label
+    assert dom.count('<section class="label-group">') == len(set(truth.values()))
+    review = re.search(r'<table id="review">.*?</table>', dom, re.S).group(0)
+    assert review.count("<tr>") == 25  # header + 24 ok rows, lowest score first
+    errors = re.search(r'<table id="errors">.*?</table>', dom, re.S).group(0)
+    assert "broken.jpg" in errors and "empty.png" in errors
+
+
+def test_review_export_lists_low_confidence_rows_lowest_first(cli, finished_run, tmp_path):
+    root, _ = finished_run
+    table = pd.read_parquet(root / "run" / "labels.parquet")
+    threshold = float(table["top1_score"].median())
+    export = tmp_path / "review.csv"
+    result = cli("report", root / "run", "--review-below", str(threshold), "--export", export)
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(export)
+    expected = table[(table["status"] == "ok") & (table["top1_score"] < threshold)]
+    assert sorted(rows["key"]) == sorted(expected["key"])
+    assert rows["top1_score"].is_monotonic_increasing
+    assert list(rows.columns) == ["key", "path", "top1_label", "top1_score"]
+
+
+def test_a_huge_table_gives_a_small_page(cli, tmp_path):
+    """200,000 rows and 500 labels: the page stays bounded (samples, never everything)."""
+    n = 200_000
+    labels = [f"class_{i % 500}" for i in range(n)]
+    table = pa.table({
+        "key": [f"k{i}" for i in range(n)], "path": [f"/nowhere/{i}.jpg" for i in range(n)],
+        "status": ["ok"] * (n - 1000) + ["error"] * 1000,
+        "error": [None] * (n - 1000) + ["OSError: gone"] * 1000,
+        "top1_label": labels, "top1_score": pa.array([(i % 97) / 97 for i in range(n)],
+                                                      pa.float32())})
+    (tmp_path / "run").mkdir()
+    pq.write_table(table, tmp_path / "run" / "labels.parquet")
+    page = tmp_path / "report.html"
+    assert cli("report", tmp_path / "run", "--html", page).exit_code == 0
+    text = page.read_text()
+    assert len(text) < 300_000
+    assert text.count("<figure>") == 20 * 8 and text.count("unreadable now") == 160
+    assert text.count("<tr>") == 2 + 50 + 100
