@@ -20,12 +20,11 @@ import pyarrow.parquet as pq
 from pipeline import runner
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError
-from pipeline.rundir import RUN_FILE, SUMMARY_FILE, RunDirectory, describe_differences
+from pipeline.rundir import INCREMENTS_DIR, SUMMARY_FILE, RunDirectory
 from pipeline.slices import Slice
 from pipeline.writer import merge_parts, write_json
 
 VERSION_COLUMNS = ("source_size", "source_version")
-INCREMENTS = "increments"
 TABLE = "labels.parquet"
 
 
@@ -94,19 +93,9 @@ def run(config: RunConfig, *, progress: bool | None = None) -> runner.RunSummary
 def _night(top: RunDirectory, job: runner.Job, items: pa.Table, fingerprint: dict,
            progress: bool | None) -> runner.RunSummary:
     config, store = job.config, top.store
-    if config.overwrite:
-        top.clear()
-        store.remove(INCREMENTS)
-    recorded = top.read_run()
-    if recorded is not None:
-        differences = describe_differences(recorded.get("fingerprint", {}), fingerprint)
-        if differences:
-            raise UsageError(
-                f"{store.url()} holds labels from a different {'; '.join(differences)}; an "
-                "incremental table never mixes two models: rerun with --overwrite to relabel "
-                "everything, or choose another --out")
-    write_json(store, RUN_FILE, {"fingerprint": fingerprint, "incremental": True,
-                                 **job.record})
+    top.prepare(fingerprint, {"incremental": True, **job.record}, config.overwrite, refusal=(
+        "labels from a different {}; an incremental table never mixes two models: rerun "
+        "with --overwrite to relabel everything, or choose another --out"))
     previous = None
     if store.exists(TABLE):
         with store.open(TABLE) as fh:
@@ -123,7 +112,7 @@ def _night(top: RunDirectory, job: runner.Job, items: pa.Table, fingerprint: dic
     summary.changes = dataclasses.asdict(changes)
     labelled = None
     if todo.num_rows:
-        increment = f"{INCREMENTS}/{_digest(todo)}"
+        increment = f"{INCREMENTS_DIR}/{_digest(todo)}"
         keep = tuple(config.keep_columns) + VERSION_COLUMNS
         sub_job = dataclasses.replace(
             job, items=todo,
@@ -137,7 +126,7 @@ def _night(top: RunDirectory, job: runner.Job, items: pa.Table, fingerprint: dic
         summary.load_seconds, summary.compute_seconds = done.load_seconds, done.compute_seconds
         summary.write_seconds = done.write_seconds
     elif changes.removed == 0 and store.exists(top.output_name(config.format)):
-        store.remove(INCREMENTS)
+        store.remove(INCREMENTS_DIR)
         summary.already_complete = True
         summary.items = items.num_rows
         return summary
@@ -147,7 +136,7 @@ def _night(top: RunDirectory, job: runner.Job, items: pa.Table, fingerprint: dic
         pq.write_table(table, sink)
     if config.format != "parquet":
         merge_parts(store, [TABLE], top.output_name(config.format), config.format)
-    store.remove(INCREMENTS)  # only once the new table is committed
+    store.remove(INCREMENTS_DIR)  # only once the new table is committed
     summary.write_seconds += time.perf_counter() - started
     summary.items = table.num_rows
     summary.ok = int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0)

@@ -124,7 +124,7 @@ def _preprocess_of(weights) -> Preprocess:
                       mean=tuple(t.mean), std=tuple(t.std), interpolation=t.interpolation.value)
 
 
-def _lookup_weights(model: str, name: str):
+def lookup_weights(model: str, name: str):
     enum = get_model_weights(model)
     member = name.split(".")[-1] if name.startswith(enum.__name__ + ".") else name
     try:
@@ -141,7 +141,7 @@ def weights_cache_path(weights) -> Path:
 
 
 def _from_torchvision_weights(model: str, name: str) -> ModelSpec:
-    weights = _lookup_weights(model, name)
+    weights = lookup_weights(model, name)
     cached = weights_cache_path(weights)
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # a closed network should fail, not hang
@@ -192,7 +192,7 @@ def _from_checkpoint_file(model: str, path: Path) -> ModelSpec:
         if (not isinstance(categories, (list, tuple)) or len(categories) != num_classes
                 or not all(isinstance(c, str) for c in categories)):
             raise UsageError(f"--weights {path}: 'categories' must list {num_classes} names")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     # A staged copy of torchvision's own file keeps its class names and preprocessing.
     builder_weights = _known_weights_file(model, path)
     if builder_weights is not None and categories is None:
@@ -211,7 +211,7 @@ def _known_weights_file(model: str, path: Path):
     return None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -19,6 +19,7 @@ RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".lock"
 OUTPUT_STEM = "labels"
+INCREMENTS_DIR = "increments"  # incremental runs' labelling of new and changed images
 _TEMPORARY_PART = re.compile(r"^\.part-(\d+)\.parquet\.tmp-")
 
 
@@ -98,10 +99,12 @@ class RunDirectory:
     def clear(self) -> None:
         """Forget a previous run: only the files this tool writes are removed."""
         for name in (RUN_FILE, SUMMARY_FILE, PLAN_FILE, f"{OUTPUT_STEM}.parquet",
-                     f"{OUTPUT_STEM}.csv", PARTS_DIR):
+                     f"{OUTPUT_STEM}.csv", PARTS_DIR, INCREMENTS_DIR):
             self.store.remove(name)
 
-    def prepare(self, fingerprint: dict, record: dict, overwrite: bool) -> bool:
+    def prepare(self, fingerprint: dict, record: dict, overwrite: bool,
+                refusal: str = "a run with a different {}; rerun with --overwrite to start "
+                               "afresh, or choose another --out") -> bool:
         """Check a previous run here is the same job, then record this one; True if resuming."""
         if overwrite:
             self.clear()
@@ -110,8 +113,7 @@ class RunDirectory:
             differences = describe_differences(previous.get("fingerprint", {}), fingerprint)
             if differences:
                 raise UsageError(
-                    f"{self.store.url()} holds a run with a different {'; '.join(differences)}; "
-                    "rerun with --overwrite to start afresh, or choose another --out")
+                    f"{self.store.url()} holds {refusal.format('; '.join(differences))}")
         write_json(self.store, RUN_FILE, {"fingerprint": fingerprint, **record})
         return previous is not None
 

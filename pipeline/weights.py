@@ -3,7 +3,6 @@ offline machines (download on a connected one, verify, say exactly what to pass)
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
@@ -15,7 +14,7 @@ import torchvision
 from torchvision.models import get_model_weights, list_models
 
 from pipeline.errors import RunError, UsageError
-from pipeline.model import _lookup_weights, weights_cache_path
+from pipeline.model import lookup_weights, sha256_file, weights_cache_path
 
 # torchvision's file names end in the first hex digits of the file's sha256
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")
@@ -54,17 +53,9 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(model: str, weights_name: str, to: str | None) -> Path:
     """Download one weights file, check its hash, and return where it is."""
-    weights = _lookup_weights(model, weights_name)
+    weights = lookup_weights(model, weights_name)
     target = (Path(to) / os.path.basename(weights.url)) if to else weights_cache_path(weights)
     if target.is_file():
         return target
@@ -82,7 +73,7 @@ def fetch(model: str, weights_name: str, to: str | None) -> Path:
     finally:
         socket.setdefaulttimeout(previous_timeout)
     expected = _HASH_IN_NAME.search(target.name)
-    if expected and not _sha256(partial).startswith(expected.group(1)):
+    if expected and not sha256_file(partial).startswith(expected.group(1)):
         partial.unlink(missing_ok=True)
         raise RunError(f"{weights.url} arrived damaged (sha256 does not start with "
                        f"{expected.group(1)}); nothing was kept, try again")

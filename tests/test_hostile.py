@@ -122,8 +122,9 @@ def test_max_pixels_is_configurable(cli, tmp_path, colour_checkpoint):
 
 def test_manifest_paths_are_never_run_by_a_shell(cli, tmp_path, colour_checkpoint):
     marker = tmp_path / "pwned"
+    (tmp_path / "a-folder.jpg").mkdir()
     hostile = [f"$(touch {marker})", f"`touch {marker}`", f"x.jpg; touch {marker}",
-               f"| touch {marker}", "../../../../etc/passwd", "missing.jpg"]
+               f"| touch {marker}", "../../../../etc/passwd", "missing.jpg", "a-folder.jpg"]
     manifest = tmp_path / "m.csv"
     pd.DataFrame({"path": hostile}).to_csv(manifest, index=False)
     result = cli("run", manifest, "--out", tmp_path / "run", "--model", "resnet18",
@@ -131,6 +132,7 @@ def test_manifest_paths_are_never_run_by_a_shell(cli, tmp_path, colour_checkpoin
     assert result.exit_code == 0, result.output
     table = read_output(tmp_path / "run" / "labels.parquet")
     assert (table["status"] == "error").all() and table["key"].tolist() == hostile
+    assert table["error"].iloc[-1] == "IsADirectoryError: Is a directory"
     assert not marker.exists()
 
 

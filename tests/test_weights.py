@@ -46,7 +46,7 @@ def test_fetch_verifies_the_hash_and_says_what_to_pass(cli, tmp_path, monkeypatc
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     if hash_ok:  # pretend the bytes hash to what torchvision's file name says
-        monkeypatch.setattr(weights, "_sha256", lambda path: "f37072fd" + "0" * 56)
+        monkeypatch.setattr(weights, "sha256_file", lambda path: "f37072fd" + "0" * 56)
     result = cli("weights", "fetch", "--model", "resnet18", "--to", tmp_path)
     target = tmp_path / "resnet18-f37072fd.pth"
     if not hash_ok:
