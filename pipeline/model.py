@@ -301,14 +301,17 @@ class Classifier:
         self.net = torch.compile(net) if compile else net
         mean = torch.tensor(spec.preprocess.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(spec.preprocess.std, device=device).view(1, 3, 1, 1)
-        # (x / 255 - mean) / std as one multiply-add, in fp32 so the cast rounds only once.
-        self._scale = 1.0 / (255.0 * std)
-        self._shift = -mean / std
+        # (x / 255 - mean) / std as one multiply-add on the device. In fp16 (10-bit mantissa)
+        # that is accurate and halves the memory traffic; bf16's 8 bits would round three
+        # times, measurably worse against the reference, so there it is done in fp32.
+        self._norm_dtype = torch.float16 if dtype == torch.float16 else torch.float32
+        self._scale = (1.0 / (255.0 * std)).to(self._norm_dtype)
+        self._shift = (-mean / std).to(self._norm_dtype)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> Prediction:
         x = images.to(self.device, non_blocking=self.on_cuda)
-        x = torch.addcmul(self._shift, x.float(), self._scale)
+        x = torch.addcmul(self._shift, x.to(self._norm_dtype), self._scale)
         x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
         self._features.clear()
         probs = self.net(x).float().softmax(dim=1)

@@ -191,3 +191,17 @@ def test_predict_returns_sorted_probabilities_for_uint8_batches(tmp_path, small_
     with torch.no_grad():
         expected = net((images.float() / 255 - mean) / std).softmax(1).topk(4)
     assert prediction.scores == pytest.approx(expected.values.numpy(), abs=1e-5)
+
+
+def test_fp16_normalisation_matches_fp32_closely(tmp_path, small_state_dict):
+    """The GPU's precision path, run on the CPU: same code, dtype as a parameter."""
+    spec = resolve_model("resnet18", save(tmp_path / "w.pth", small_state_dict),
+                         resize=40, crop=32)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    half = Classifier(spec, torch.device("cpu"), torch.float16, top_k=2)
+    assert half._scale.dtype == torch.float16
+    full = Classifier(spec, torch.device("cpu"), torch.float32, top_k=2)
+    x16 = torch.addcmul(half._shift, images.to(torch.float16), half._scale).float()
+    x32 = torch.addcmul(full._shift, images.float(), full._scale)
+    assert (x16 - x32).abs().max() < 5e-3  # fp16 keeps 10 bits: errors of a few 1e-3
+    assert half.predict(images).class_ids.tolist() == full.predict(images).class_ids.tolist()
