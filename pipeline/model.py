@@ -155,8 +155,9 @@ def _from_torchvision_weights(model: str, name: str) -> ModelSpec:
                              "delete it and run again") from None
         raise UsageError(
             f"weights {weights} are not cached at {cached} and could not be downloaded "
-            f"({reason}); on a machine with network download {weights.url} and copy it to "
-            f"that path (or set TORCH_HOME), or pass --weights PATH"
+            f"({reason}); on a machine with network run `label-images weights fetch --model "
+            f"{model} --weights {weights.name}` (or download {weights.url}) and copy the file "
+            f"to that path (or set TORCH_HOME), or pass --weights PATH"
         ) from None
     finally:
         socket.setdefaulttimeout(previous_timeout)

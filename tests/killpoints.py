@@ -4,9 +4,11 @@ POINT is where the process dies, at the N-th time it gets there (1-based):
   part-mid-write      a part's temporary file is half written
   part-before-rename  a part is fully written but not yet renamed into place
   part-after-rename   a part was renamed into place, before anything else happens
+  part-committed      a part was committed (local: renamed; object storage: uploaded)
   merge-mid-write     the final file is being assembled
   merge-after-rename  the final file is in place, before the parts are removed
-Used by tests/test_crash.py; the production code has no hooks for this.
+Under torchrun, set KILL_RANK to kill only that rank.
+Used by the crash, scale-out and storage tests; the production code has no hooks for this.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import sys
 
 import pyarrow.parquet as pq
 
-from pipeline import cli, writer
+from pipeline import cli, runner, writer
 
 POINT, COUNT = sys.argv[1], int(sys.argv[2])
+# Under torchrun, KILL_RANK picks the one rank that dies; the others run normally.
+if os.environ.get("KILL_RANK", os.environ.get("RANK")) != os.environ.get("RANK"):
+    POINT = "none"
 seen = {"n": 0}
 
 
@@ -73,6 +78,16 @@ class ParquetWriter(pq.ParquetWriter):
             die()
 
 
+real_write_part = runner.write_part
+
+
+def write_part(store, name, table):
+    real_write_part(store, name, table)
+    if POINT == "part-committed" and die_on_count():
+        die()
+
+
+runner.write_part = write_part
 os.replace = replace
 writer.pq.write_table = write_table
 writer.pq.ParquetWriter = ParquetWriter

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -112,19 +110,16 @@ def test_killing_one_rank_then_rerunning_the_whole_job(tmp_path, colour_checkpoi
                                                        single_run):
     folder, reference = single_run
     out = tmp_path / "run"
-    process = subprocess.Popen(torchrun(out, folder, colour_checkpoint), cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lock = out / ".lock-1-of-2"
-    deadline = time.monotonic() + 120
-    parts = out / "parts"
-    while not (parts.is_dir() and len(os.listdir(parts)) >= 2) and process.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    assert process.poll() is None, "finished before a rank could be killed"
-    os.kill(int(lock.read_text()), signal.SIGKILL)  # rank 1, by the pid in its lock file
-    assert process.wait(timeout=120) != 0  # torchrun tears the job down
+    # rank 1 dies right after committing its second part; torchrun then stops rank 0
+    command = torchrun(out, folder, colour_checkpoint)
+    at = command.index("-m")
+    killed = subprocess.run(command[:at] + [str(REPO / "tests" / "killpoints.py"),
+                                            "part-after-rename", "2"] + command[at + 2:],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "KILL_RANK": "1"})
+    assert killed.returncode != 0
     assert not (out / "labels.parquet").exists()
-    rerun = subprocess.run(torchrun(out, folder, colour_checkpoint), cwd=REPO,
-                           capture_output=True, text=True, timeout=300)
+    assert 2 <= len(os.listdir(out / "parts")) < 9
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert_same_rows(out, reference)
