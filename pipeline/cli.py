@@ -269,6 +269,7 @@ def main() -> None:
     except typer.TyperException as exc:  # the parser's bad-usage errors (exit code 2)
         typer.echo(f"label-images: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C before labelling began: nothing written
+        typer.echo("label-images: interrupted", err=True)
         sys.exit(130)
     sys.exit(code or 0)

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -26,6 +27,7 @@ from pipeline.writer import merge_parts, write_json
 
 VERSION_COLUMNS = ("source_size", "source_version")
 TABLE = "labels.parquet"
+CHUNK_ROWS = 65_536  # rows assembled (and written as one row group) at a time
 
 
 def stable_fingerprint(fingerprint: dict) -> dict:
@@ -90,21 +92,64 @@ def run(config: RunConfig, *, progress: bool | None = None) -> runner.RunSummary
         raise runner.os_failure(exc) from None
 
 
+class RowSource:
+    """Rows of a Parquet table fetched by index, one row group at a time (bounded memory)."""
+
+    def __init__(self, store, name: str):
+        self._file = store.open(name)
+        self._parquet = pq.ParquetFile(self._file)
+        meta = self._parquet.metadata
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)])
+        self.schema = self._parquet.schema_arrow
+        self._cached: tuple[int, pa.Table] | None = None
+
+    def columns(self, names: list[str]) -> pa.Table:
+        return self._parquet.read(columns=names)
+
+    def _group(self, group: int) -> pa.Table:
+        if self._cached is None or self._cached[0] != group:
+            self._cached = (group, self._parquet.read_row_group(group))
+        return self._cached[1]
+
+    def take(self, indices: np.ndarray) -> pa.Table:
+        """The rows at `indices`, in that order."""
+        groups = np.searchsorted(self._starts, indices, side="right") - 1
+        order = np.argsort(groups, kind="stable")
+        pieces = [self._group(g).take(indices[order][groups[order] == g] - self._starts[g])
+                  for g in np.unique(groups)]
+        table = pa.concat_tables(pieces) if pieces else self.schema.empty_table()
+        return table.take(np.argsort(order, kind="stable"))
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _night(top: RunDirectory, job: runner.Job, items: pa.Table, fingerprint: dict,
            progress: bool | None) -> runner.RunSummary:
     config, store = job.config, top.store
     top.prepare(fingerprint, {"incremental": True, **job.record}, config.overwrite, refusal=(
         "labels from a different {}; an incremental table never mixes two models: rerun "
         "with --overwrite to relabel everything, or choose another --out"))
-    previous = None
-    if store.exists(TABLE):
-        with store.open(TABLE) as fh:
-            previous = pq.read_table(fh)
-        missing = [c for c in VERSION_COLUMNS if c not in previous.column_names]
+    previous = RowSource(store, TABLE) if store.exists(TABLE) else None
+    try:
+        return _label_and_assemble(top, job, items, previous, progress)
+    finally:
+        if previous is not None:
+            previous.close()
+
+
+def _label_and_assemble(top: RunDirectory, job: runner.Job, items: pa.Table,
+                        previous: RowSource | None, progress) -> runner.RunSummary:
+    config, store = job.config, top.store
+    known = None
+    if previous is not None:
+        missing = [c for c in VERSION_COLUMNS if c not in previous.schema.names]
         if missing:
             raise UsageError(f"{store.url(TABLE)} was not written by an incremental run (no "
                              f"{', '.join(missing)}); rerun with --overwrite")
-    todo_mask, changes = classify(items, previous)
+        known = previous.columns(["key", "path", *VERSION_COLUMNS])
+    todo_mask, changes = classify(items, known)
     todo = items.filter(todo_mask)
     summary = runner.RunSummary(output=store.url(top.output_name(config.format)),
                                 run_dir=store.url(), device=job.record["resolved"]["device"],
@@ -120,8 +165,7 @@ def _night(top: RunDirectory, job: runner.Job, items: pa.Table, fingerprint: dic
                                        keep_columns=keep, overwrite=False))
         with RunDirectory(store.url(increment)) as sub:
             done = runner._run_in(sub, sub_job, Slice(), None, progress)
-            with sub.store.open(TABLE) as fh:
-                labelled = pq.read_table(fh)
+        labelled = RowSource(store, f"{increment}/{TABLE}")
         summary.labelled_now, summary.loop_seconds = done.labelled_now, done.loop_seconds
         summary.load_seconds, summary.compute_seconds = done.load_seconds, done.compute_seconds
         summary.write_seconds = done.write_seconds
@@ -131,40 +175,55 @@ def _night(top: RunDirectory, job: runner.Job, items: pa.Table, fingerprint: dic
         summary.items = items.num_rows
         return summary
     started = time.perf_counter()
-    table = assemble(items, todo_mask, previous, labelled, config.keep_columns)
-    with store.writing(TABLE) as sink:
-        pq.write_table(table, sink)
+    try:
+        with store.writing(TABLE) as sink:
+            summary.ok = assemble(sink, items, todo_mask, previous, labelled,
+                                  config.keep_columns)
+    finally:
+        if labelled is not None:
+            labelled.close()
     if config.format != "parquet":
         merge_parts(store, [TABLE], top.output_name(config.format), config.format)
     store.remove(INCREMENTS_DIR)  # only once the new table is committed
     summary.write_seconds += time.perf_counter() - started
-    summary.items = table.num_rows
-    summary.ok = int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0)
+    summary.items = items.num_rows
     summary.errors = summary.items - summary.ok
     summary.seconds = time.perf_counter() - job.started
     write_json(store, SUMMARY_FILE, summary.to_dict())
     return summary
 
 
-def assemble(items: pa.Table, todo: pa.Array, previous: pa.Table | None,
-             labelled: pa.Table | None, keep_columns) -> pa.Table:
-    """Rows in source order: labels of unchanged items from the previous table, the rest
-    from tonight's; keys, paths, kept columns and versions always from tonight's source."""
-    order = pa.array(range(items.num_rows), pa.int64())
-    pieces, positions = [], []
-    for source, mask in ((previous, pc.invert(todo)), (labelled, todo)):
-        if source is None:
-            continue
-        keys = items["key"].filter(mask)
-        if len(keys) == 0:
-            continue
-        pieces.append(source.take(pc.index_in(keys, value_set=source["key"].combine_chunks())))
-        positions.append(order.filter(mask))
-    template = labelled if labelled is not None else previous
-    combined = pa.concat_tables([p.select(template.column_names).cast(template.schema)
-                                 for p in pieces])
-    combined = combined.take(pc.sort_indices(pa.chunked_array(positions)))
-    for name in ("key", "path", *keep_columns, *VERSION_COLUMNS):
-        combined = combined.set_column(combined.column_names.index(name), name,
-                                       items[name].cast(combined.schema.field(name).type))
-    return combined
+def assemble(sink, items: pa.Table, todo: pa.Array, previous: RowSource | None,
+             labelled: RowSource | None, keep_columns) -> int:
+    """Write the rows in source order, a chunk at a time: labels of unchanged items from the
+    previous table, the rest from tonight's; keys, paths, kept columns and versions always
+    from tonight's source. Returns how many rows are ok."""
+    todo = np.asarray(todo, dtype=bool)
+    template = (labelled or previous).schema
+    where = {}
+    for name, source in (("previous", previous), ("labelled", labelled)):
+        if source is not None:
+            found = pc.index_in(items["key"], value_set=source.columns(["key"])["key"]
+                                .combine_chunks())
+            where[name] = np.asarray(pc.fill_null(found, -1), dtype=np.int64)
+    ok = 0
+    with pq.ParquetWriter(sink, template) as writer:
+        for start in range(0, items.num_rows, CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, items.num_rows)
+            pieces, positions = [], []
+            for name, source, mask in (("previous", previous, ~todo[start:stop]),
+                                       ("labelled", labelled, todo[start:stop])):
+                chosen = np.nonzero(mask)[0]
+                if source is None or not len(chosen):
+                    continue
+                pieces.append(source.take(where[name][start:stop][chosen]).select(
+                    template.names).cast(template))
+                positions.append(chosen)
+            chunk = pa.concat_tables(pieces).take(np.argsort(np.concatenate(positions)))
+            current = items.slice(start, stop - start)
+            for name in ("key", "path", *keep_columns, *VERSION_COLUMNS):
+                chunk = chunk.set_column(chunk.schema.get_field_index(name), template.field(name),
+                                         current[name].cast(template.field(name).type))
+            writer.write_table(chunk)
+            ok += int(pc.sum(pc.equal(chunk["status"], "ok")).as_py() or 0)
+    return ok

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import RunError
 from pipeline.storage import Store
 
 PLAN_FILE = "plan.parquet"
@@ -50,16 +51,20 @@ def freeze(table: pa.Table, store: Store, shard_size: int) -> Plan:
 
 def load(store: Store) -> Plan:
     """The frozen plan; its shard size is the one it was made with, whatever is asked now."""
-    with store.open(PLAN_FILE) as fh:
-        meta = pq.ParquetFile(fh).metadata
-    shard_size = int(meta.metadata[_SHARD_SIZE_KEY.encode()])
+    try:
+        with store.open(PLAN_FILE) as fh:
+            meta = pq.ParquetFile(fh).metadata
+        shard_size = int(meta.metadata[_SHARD_SIZE_KEY.encode()])
+    except (pa.ArrowInvalid, KeyError, TypeError) as exc:
+        raise RunError(f"{store.url(PLAN_FILE)} is damaged ({exc}); rerun with --overwrite "
+                       "to start afresh") from None
     plan = Plan(store=store, num_items=meta.num_rows, shard_size=shard_size)
     # Shard = row group is what makes a shard cheap to read; check it rather than trust it.
     sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     expected = [plan.shard_bounds(i)[1] - plan.shard_bounds(i)[0] for i in range(plan.num_shards)]
     if sizes != expected:
-        raise ValueError(f"{store.url(PLAN_FILE)}: row groups {sizes[:5]}... do not match "
-                         f"shard size {shard_size}")
+        raise RunError(f"{store.url(PLAN_FILE)}: row groups {sizes[:5]}... do not match "
+                       f"shard size {shard_size}; rerun with --overwrite to start afresh")
     return plan
 
 

@@ -167,8 +167,12 @@ def merge_parts(store: Store, parts: list[str], output: str, fmt: str,
             pending: list[pa.Table] = []
             pending_rows = 0
             for i, part in enumerate(parts):
-                with store.open(part) as fh:
-                    table = pq.read_table(fh, schema=schema)
+                try:
+                    with store.open(part) as fh:
+                        table = pq.read_table(fh, schema=schema)
+                except (pa.ArrowInvalid, OSError) as exc:  # damaged outside our commits
+                    raise RunError(f"{store.url(part)} cannot be read ({exc}); delete it and "
+                                   "run the same command again to redo that shard") from None
                 if expected_rows is not None and table.num_rows != expected_rows[i]:
                     raise RunError(f"{store.url(part)} has {table.num_rows} rows for a shard "
                                    f"of {expected_rows[i]}; delete it and run again to redo it")

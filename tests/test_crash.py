@@ -211,3 +211,23 @@ def test_a_worker_that_dies_ends_the_run_with_a_message_and_rerun_resumes(
     monkeypatch.undo()
     assert cli(*job(folder, out, colour_checkpoint)).exit_code == 0
     assert_same_as_reference(out, reference_table)
+
+
+def test_a_part_damaged_outside_our_commits_is_named_and_redone(
+        cli, tmp_path, colour_checkpoint, reference, monkeypatch):
+    """Disk trouble after a commit: the merge names the part; deleting it redoes one shard."""
+    folder, reference_table = reference
+    out = tmp_path / "run"
+    monkeypatch.setattr("pipeline.runner.merge_parts",
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert cli(*job(folder, out, colour_checkpoint)).exit_code == 130
+    monkeypatch.undo()
+    damaged = out / "parts" / "part-000004.parquet"
+    damaged.write_bytes(b"PAR1 garbage")
+    failed = cli(*job(folder, out, colour_checkpoint))
+    assert failed.exit_code == 1
+    assert "part-000004.parquet cannot be read" in failed.output and "delete it" in failed.output
+    assert not (out / "labels.parquet").exists()
+    damaged.unlink()
+    assert cli(*job(folder, out, colour_checkpoint)).exit_code == 0
+    assert_same_as_reference(out, reference_table)
