@@ -383,33 +383,44 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
     committer = PartCommitter(store, plan, schema, list(classifier.spec.categories))
     buffers: dict[int, ShardBuffer] = {}
     try:
-        while True:
-            waited = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                break
-            computing = time.perf_counter()
-            summary.load_seconds += computing - waited
-            prediction = classifier.predict(batch.images) if batch.decoded else None
-            summary.compute_seconds += time.perf_counter() - computing
-            for shard, buffer in _fill(batch, prediction, plan, buffers, config.top_k,
-                                       classifier.embedding_size):
-                committer.submit(shard, buffer.result)
-            summary.labelled_now += len(batch.indices)
-            bar.update(len(batch.indices))
-    except RuntimeError as exc:
-        # torch reports a dead worker from its SIGCHLD handler, wherever the loop was.
-        if "DataLoader worker (pid" not in str(exc):  # died, as opposed to raised
+        try:
+            while True:
+                waited = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                computing = time.perf_counter()
+                summary.load_seconds += computing - waited
+                prediction = classifier.predict(batch.images) if batch.decoded else None
+                summary.compute_seconds += time.perf_counter() - computing
+                for shard, buffer in _fill(batch, prediction, plan, buffers, config.top_k,
+                                           classifier.embedding_size):
+                    committer.submit(shard, buffer.result)
+                summary.labelled_now += len(batch.indices)
+                bar.update(len(batch.indices))
+        finally:
+            bar.close()
+            try:
+                del batches, loader  # stops the workers (and may report a dead one)
+            finally:
+                committer.drain()  # whatever happened, finished shards get committed
+                summary.write_seconds += committer.seconds
+    except (RuntimeError, ConnectionError, EOFError) as exc:
+        if not _worker_died(exc):
             raise
-        raise RunError(f"a loader worker died ({str(exc).splitlines()[0]}); committed shards "
+        raise RunError(f"a loader worker died ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}); committed shards "
                        "are intact: run the same command to resume") from None
-    finally:
-        bar.close()
-        del batches, loader  # stops the workers
-        committer.drain()
-        summary.write_seconds += committer.seconds
     if buffers:
         raise RuntimeError(f"shards {sorted(buffers)} did not receive all their items")
+
+
+def _worker_died(exc: BaseException) -> bool:
+    """torch reports a dead worker from its SIGCHLD handler wherever the loop was, or the
+    pipe to it breaks mid-batch first; a worker that raised is reported differently."""
+    if isinstance(exc, RuntimeError):
+        return "DataLoader worker (pid" in str(exc)
+    return True  # ConnectionError/EOFError: only the worker pipes are read in this loop
 
 
 def _fill(batch: Batch, prediction, plan, buffers: dict[int, ShardBuffer], top_k: int,
