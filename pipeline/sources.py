@@ -83,10 +83,13 @@ def read_source(spec: SourceSpec, versions: bool = False) -> pa.Table:
         raise UsageError(f"no images in {spec.location}")
     if not spec.allow_duplicates:
         _refuse_duplicate_keys(table["key"], spec)
-    if versions:
+    has_versions = "source_version" in table.column_names  # an object-store listing
+    if versions and not has_versions:
         sizes, stamps = zip(*_versions(table["path"].to_pylist()))
         table = table.append_column("source_size", pa.array(sizes, pa.int64()))
         table = table.append_column("source_version", pa.array(stamps, pa.string()))
+    elif has_versions and not versions:
+        table = table.drop_columns(["source_size", "source_version"])
     return table
 
 
@@ -95,10 +98,8 @@ def _versions(paths: list[str]) -> list[tuple[int, str]]:
     remote = [p for p in paths if is_remote(p)]
     infos = {}
     if remote:
-        fs, _ = filesystem(remote[0])
         with ThreadPoolExecutor(32) as pool:  # one request each: overlap them
-            for path, info in zip(remote, pool.map(_remote_info, [fs] * len(remote), remote)):
-                infos[path] = info
+            infos = dict(zip(remote, pool.map(_remote_version, remote)))
     result = []
     for path in paths:
         if path in infos:
@@ -112,11 +113,16 @@ def _versions(paths: list[str]) -> list[tuple[int, str]]:
     return result
 
 
-def _remote_info(fs, path: str) -> tuple[int, str]:
+def _remote_version(location: str) -> tuple[int, str]:
+    fs, path = filesystem(location)  # per URL: a manifest may mix stores
     try:
-        info = fs.info(path)
-    except (FileNotFoundError, OSError):
+        return _version_of(fs.info(path))
+    except OSError:  # FileNotFoundError included
         return -1, "missing"
+
+
+def _version_of(info: dict) -> tuple[int, str]:
+    """Size and a change stamp from an fsspec info dict: the ETag where the store has one."""
     version = info.get("ETag") or info.get("etag") or info.get("md5Hash") or str(
         info.get("mtime") or info.get("LastModified") or "")
     return int(info.get("size") or 0), str(version).strip('"')
@@ -142,19 +148,28 @@ def list_directory(root: Path) -> pa.Table:
 
 
 def list_remote_directory(location: str) -> pa.Table:
-    """The same listing under an object-store prefix: keys relative to it, paths as URLs."""
+    """The same listing under an object-store prefix: keys relative to it, paths as URLs.
+
+    The listing already carries each object's size and ETag: they are kept for incremental
+    runs, so that no object is asked about twice.
+    """
     fs, root = filesystem(location)
     root = root.rstrip("/")
-    relative = []
-    for path in fs.find(root):
+    relative, infos = [], []
+    for path, info in fs.find(root, detail=True).items():
         rel = path[len(root) + 1:]
         parts = rel.split("/")
         if any(p.startswith(".") for p in parts):
             continue
         if os.path.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS:
             relative.append(rel)
+            infos.append(_version_of(info))
     base = location.rstrip("/")
-    return _listing(relative, lambda rel: f"{base}/{rel}")
+    table = _listing(relative, lambda rel: f"{base}/{rel}")
+    order = sorted(range(len(relative)), key=relative.__getitem__)  # _listing sorts keys
+    sizes, stamps = zip(*[infos[i] for i in order]) if infos else ((), ())
+    return table.append_column("source_size", pa.array(sizes, pa.int64())).append_column(
+        "source_version", pa.array(stamps, pa.string()))
 
 
 def _listing(relative: list[str], full_path) -> pa.Table:

@@ -162,3 +162,29 @@ def test_remote_reads_in_a_worker_overlap(monkeypatch, tmp_path):
     assert peak[0] == 8
     assert [s["key"] for s in samples] == [f"k{i}" for i in range(8)]
     assert all(s["error"] == "FileNotFoundError: No such file or directory" for s in samples)
+
+
+def test_incremental_nights_on_a_prefix_use_the_listings_etags(s3, uploaded, colour_checkpoint,
+                                                             monkeypatch):
+    """Versions come with the listing: no request per object, and an unchanged night is a no-op."""
+    env, fs = s3
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from pipeline import sources
+
+    def no_per_object_requests(location):
+        raise AssertionError(f"asked about {location} one by one")
+
+    monkeypatch.setattr(sources, "_remote_version", no_per_object_requests)
+    items = sources.read_source(sources.SourceSpec("s3://bucket/images/"), versions=True)
+    etags = {p.removeprefix("bucket/images/"): info["ETag"].strip('"')
+             for p, info in fs.find("bucket/images", detail=True).items()}
+    assert items["source_version"].to_pylist() == [etags[k] for k in items["key"].to_pylist()]
+    out = "s3://bucket/runs/nightly"
+    first = run_subprocess(*job("s3://bucket/images/", out, colour_checkpoint, "--incremental"),
+                           env=env)
+    assert first.returncode == 0, first.stderr
+    again = run_subprocess(*job("s3://bucket/images/", out, colour_checkpoint, "--incremental"),
+                           env=env)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+    assert "0 new, 0 changed, 34 unchanged, 0 removed" in again.stderr
