@@ -167,22 +167,28 @@ def merge_parts(store: Store, parts: list[str], output: str, fmt: str,
             pending: list[pa.Table] = []
             pending_rows = 0
             for i, part in enumerate(parts):
+                # Row group by row group: a part is one, but converting a finished table
+                # passes the whole table here as a single input.
                 try:
                     with store.open(part) as fh:
-                        table = pq.read_table(fh, schema=schema)
+                        source = pq.ParquetFile(fh)
+                        found = source.metadata.num_rows
+                        if expected_rows is not None and found != expected_rows[i]:
+                            raise RunError(f"{store.url(part)} has {found} rows for a shard "
+                                           f"of {expected_rows[i]}; delete it and run again "
+                                           "to redo it")
+                        for group in range(source.num_row_groups):
+                            table = source.read_row_group(group).cast(schema)
+                            rows += table.num_rows
+                            ok += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
+                            pending.append(table)
+                            pending_rows += table.num_rows
+                            if pending_rows >= MERGE_ROW_GROUP:
+                                write(pa.concat_tables(pending))
+                                pending, pending_rows = [], 0
                 except (pa.ArrowInvalid, OSError) as exc:  # damaged outside our commits
                     raise RunError(f"{store.url(part)} cannot be read ({exc}); delete it and "
                                    "run the same command again to redo that shard") from None
-                if expected_rows is not None and table.num_rows != expected_rows[i]:
-                    raise RunError(f"{store.url(part)} has {table.num_rows} rows for a shard "
-                                   f"of {expected_rows[i]}; delete it and run again to redo it")
-                rows += table.num_rows
-                ok += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
-                pending.append(table)
-                pending_rows += table.num_rows
-                if pending_rows >= MERGE_ROW_GROUP:
-                    write(pa.concat_tables(pending))
-                    pending, pending_rows = [], 0
             if pending:
                 write(pa.concat_tables(pending))
         finally:
