@@ -174,7 +174,7 @@ def bench(config: RunConfig, images: int, reference_images: int,
         end_to_end = runner.run(dataclasses.replace(
             config, source=str(manifest), out=str(workdir / "run"), quiet=True,
             overwrite=True, path_column=None, id_column=None, root=None, keep_columns=()))
-        e2e = end_to_end.loop_images_per_second
+        e2e = end_to_end.images_per_second
         plain = _plain_loop(paths[:reference_images], job)
         figures = [
             Figure("PIL reference transform, 1 core", pil),

@@ -30,13 +30,6 @@ TABLE = "labels.parquet"
 CHUNK_ROWS = 65_536  # rows assembled (and written as one row group) at a time
 
 
-def stable_fingerprint(fingerprint: dict) -> dict:
-    """What may not change between nights: all but the list of items itself."""
-    source = {k: v for k, v in fingerprint["source"].items()
-              if k not in ("items", "items_sha256")}
-    return {**fingerprint, "source": source}
-
-
 @dataclasses.dataclass
 class Changes:
     new: int = 0
@@ -83,8 +76,8 @@ def run(config: RunConfig, *, progress: bool | None = None) -> runner.RunSummary
         raise UsageError("--incremental runs as one process; slices are not supported with it")
     job = runner.prepare(config, versions=True)
     items = job.items
-    fingerprint = stable_fingerprint(runner.fingerprint(config, job.classifier.spec,
-                                                        job.source, items))
+    # what may not change between nights: everything but the list of items itself
+    fingerprint = runner.fingerprint(config, job.classifier.spec, job.source, items=None)
     try:
         with RunDirectory(config.out) as top:
             return _night(top, job, items, fingerprint, progress)

@@ -10,6 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import numpy as np
 import pyarrow as pa
 import torch
 import torchvision
@@ -54,14 +55,11 @@ class RunSummary:
     changes: dict = field(default_factory=dict)  # incremental runs: new/changed/unchanged/removed
     device: str = ""
     precision: str = ""
-    timings: dict = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
         """Throughput of the labelling loop (start-up and merge are in `seconds`)."""
         return self.labelled_now / self.loop_seconds if self.loop_seconds > 0 else 0.0
-
-    loop_images_per_second = images_per_second
 
     def line(self) -> str:
         changes = (", ".join(f"{v} {k}" for k, v in self.changes.items()) + "; "
@@ -102,15 +100,16 @@ def source_spec(config: RunConfig) -> SourceSpec:
                       keep_columns=config.keep_columns, allow_duplicates=config.allow_duplicates)
 
 
-def fingerprint(config: RunConfig, spec: ModelSpec, source: SourceSpec, items: pa.Table) -> dict:
-    """What determines the labels; a run directory is only resumed with the same one."""
-    return {
-        **spec.describe(),
-        "top_k": config.top_k,
-        "embeddings": config.embeddings,
-        "source": {**source.describe(), "items": len(items),
-                   "items_sha256": planning.items_digest(items)},
-    }
+def fingerprint(config: RunConfig, spec: ModelSpec, source: SourceSpec,
+                items: pa.Table | None) -> dict:
+    """What determines the labels; a run directory is only resumed with the same one.
+
+    Without items, the part that must stay fixed across nights of an incremental table."""
+    described = source.describe()
+    if items is not None:
+        described.update(items=len(items), items_sha256=planning.items_digest(items))
+    return {**spec.describe(), "top_k": config.top_k, "embeddings": config.embeddings,
+            "source": described}
 
 
 class PartCommitter:
@@ -135,10 +134,7 @@ class PartCommitter:
         try:
             write_part(self.store, name, part_table(items, result, self.categories, self.schema))
         except OSError as exc:
-            raise RunError(f"cannot write {self.store.url(name)}: {exc.strerror or exc}; the "
-                           "shards committed "
-                           "so far are intact: fix that and run the same command to resume"
-                           ) from None
+            raise os_failure(exc, self.store.url(name)) from None
         self.seconds += time.perf_counter() - started
 
     def drain(self) -> None:
@@ -174,7 +170,7 @@ class Job:
     batch_size: int
     workers: int
     record: dict
-    started: float = field(default_factory=time.perf_counter)
+    started: float
 
 
 def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False) -> Job:
@@ -205,9 +201,11 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False) ->
     return Job(config, source, items, classifier, batch_size, workers, record, started)
 
 
-def os_failure(exc: OSError) -> RunError:
-    where = f"{exc.filename}: " if exc.filename else ""
-    return RunError(f"{where}{exc.strerror or exc}; the shards committed so far are intact: "
+def os_failure(exc: OSError, where: str | None = None) -> RunError:
+    """Disk full, permissions, a vanished mount: one line, and how to carry on."""
+    where = where or exc.filename
+    prefix = f"cannot write {where}: " if where else ""
+    return RunError(f"{prefix}{exc.strerror or exc}; the shards committed so far are intact: "
                     "fix that and run the same command to resume")
 
 
@@ -425,32 +423,40 @@ def _worker_died(exc: BaseException) -> bool:
 
 def _fill(batch: Batch, prediction, plan, buffers: dict[int, ShardBuffer], top_k: int,
           embedding_size: int | None):
-    """Put a batch's rows into their shards' buffers; yield the shards that became complete."""
-    rank = {pos: j for j, pos in enumerate(batch.decoded)}
-    for pos, index in enumerate(batch.indices):
-        shard = index // plan.shard_size
+    """Put a batch's rows into their shards' buffers; yield the shards that became complete.
+
+    A batch spans one shard, sometimes two: the rows are copied per shard, not per image.
+    """
+    indices = np.asarray(batch.indices)
+    decoded = np.zeros(len(indices), bool)
+    decoded[batch.decoded] = True
+    rank = np.cumsum(decoded) - 1  # a decoded position's row in the prediction
+    shards = indices // plan.shard_size
+    for shard in np.unique(shards).tolist():
         buffer = buffers.get(shard)
         if buffer is None:
             buffer = buffers[shard] = ShardBuffer(*plan.shard_bounds(shard), top_k,
                                                   embedding_size)
-        row, result = index - buffer.start, buffer.result
-        if pos in rank:
-            result.ok[row] = True
-            result.class_ids[row] = prediction.class_ids[rank[pos]]
-            result.scores[row] = prediction.scores[rank[pos]]
+        result, here = buffer.result, shards == shard
+        good = here & decoded
+        if good.any():
+            rows, found = indices[good] - buffer.start, rank[good]
+            result.ok[rows] = True
+            result.class_ids[rows] = prediction.class_ids[found]
+            result.scores[rows] = prediction.scores[found]
             if prediction.embeddings is not None:
-                result.embeddings[row] = prediction.embeddings[rank[pos]]
-            result.width[row], result.height[row] = batch.widths[pos], batch.heights[pos]
-        else:
-            result.errors[row] = batch.errors[pos]
-        buffer.remaining -= 1
+                result.embeddings[rows] = prediction.embeddings[found]
+            result.width[rows] = np.asarray(batch.widths)[good]
+            result.height[rows] = np.asarray(batch.heights)[good]
+        for pos in np.nonzero(here & ~decoded)[0].tolist():
+            result.errors[batch.indices[pos] - buffer.start] = batch.errors[pos]
+        buffer.remaining -= int(here.sum())
         if buffer.remaining == 0:
             yield shard, buffers.pop(shard)
 
 
 def _merge(store: Store, plan: planning.Plan, output: str, fmt: str):
-    committed = planning.committed_shards(store)
-    missing = [s for s in range(plan.num_shards) if s not in committed]
+    missing = _missing(store, plan)
     if missing:
         raise RunError(f"shards {missing[:10]} are not committed; run the same command again")
     parts = [planning.part_name(s) for s in range(plan.num_shards)]
