@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from enum import Enum
@@ -37,12 +38,26 @@ def _root() -> None:
     """Label image collections with a torchvision classifier."""
 
 
-def _fail(exc: Exception, code: int) -> typer.Exit:
-    typer.echo(f"label-images: error: {exc}", err=True)
-    return typer.Exit(code)
+def one_line_errors(command):
+    """Our fatal errors end a command as one line on stderr and their exit code, no traceback."""
+    @functools.wraps(command)  # Typer reads the options from the wrapped signature
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (UsageError, RunError, Interrupted) as exc:
+            typer.echo(f"label-images: error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+    return wrapper
+
+
+def _resolve(config: Path | None, flags: dict) -> configuration.RunConfig:
+    """defaults < the --config file < flags."""
+    file_values = configuration.read_toml(str(config)) if config else {}
+    return configuration.resolve(file_values, flags)
 
 
 @app.command()
+@one_line_errors
 def run(
     source: Annotated[Optional[str], typer.Argument(
         help="A folder of images, or a manifest (.csv .tsv .parquet .jsonl .txt).",
@@ -123,35 +138,27 @@ def run(
         "compile": compile, "num_shards": num_shards, "shard_index": shard_index,
         "incremental": incremental, "embeddings": embeddings,
     }
-    # Imported here so that `--help` and config errors answer without loading torch.
-    try:
-        file_values = configuration.read_toml(str(config)) if config else {}
-        resolved = configuration.resolve(file_values, flags)
-        from pipeline import runner
+    resolved = _resolve(config, flags)
+    from pipeline import runner  # here, so that --help and config errors need no torch
 
-        summary = runner.run(resolved)
-    except (UsageError, RunError, Interrupted) as exc:
-        raise _fail(exc, exc.exit_code) from None
-    typer.echo(summary.line(), err=True)
+    typer.echo(runner.run(resolved).line(), err=True)
 
 
 @app.command()
+@one_line_errors
 def merge(
     out: Annotated[str, typer.Argument(help="The run directory the slices wrote to.")],
     format: Annotated[Optional[Format], typer.Option(
         "--format", help="Output format (default: the run's).")] = None,
 ) -> None:
     """Assemble OUT/labels.* once every slice of an array job has committed its shards."""
-    try:
-        from pipeline import runner
+    from pipeline import runner
 
-        summary = runner.merge(out, format.value if format else None)
-    except (UsageError, RunError, Interrupted) as exc:
-        raise _fail(exc, exc.exit_code) from None
-    typer.echo(summary.line(), err=True)
+    typer.echo(runner.merge(out, format.value if format else None).line(), err=True)
 
 
 @app.command()
+@one_line_errors
 def bench(
     source: Annotated[str, typer.Argument(help="A folder of images or a manifest to sample.")],
     images: Annotated[int, typer.Option(help="Images to use from SOURCE.")] = 500,
@@ -177,22 +184,19 @@ def bench(
     flags = {"source": source, "model": model, "weights": weights, "resize": resize,
              "crop": crop, "device": device, "precision": precision.value if precision else None,
              "batch_size": batch_size, "workers": workers, "top_k": top_k, "compile": compile}
-    try:
-        file_values = configuration.read_toml(str(config)) if config else {}
-        resolved = configuration.resolve(file_values, flags)
-        if images < 1 or reference_images < 1:
-            raise UsageError("--images and --reference-images must be at least 1")
-        from pipeline import bench as benchmark
+    resolved = _resolve(config, flags)
+    if images < 1 or reference_images < 1:
+        raise UsageError("--images and --reference-images must be at least 1")
+    from pipeline import bench as benchmark
 
-        result = benchmark.bench(resolved, images, reference_images, plan_rows)
-    except (UsageError, RunError, Interrupted) as exc:
-        raise _fail(exc, exc.exit_code) from None
+    result = benchmark.bench(resolved, images, reference_images, plan_rows)
     typer.echo(benchmark.render(result))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 @app.command()
+@one_line_errors
 def report(
     out: Annotated[str, typer.Argument(help="A finished run directory (path or URL).")],
     html_file: Annotated[Optional[Path], typer.Option(
@@ -203,23 +207,20 @@ def report(
         help="CSV of the rows to review (key, path, top1_label, top1_score).")] = None,
 ) -> None:
     """Summarise a run: counts, errors by kind, frequent labels, confidence; HTML; review CSV."""
-    try:
-        if (review_below is None) != (export is None):
-            raise UsageError("--review-below and --export go together")
-        from pipeline import report as reporting
-        from pipeline.storage import atomic_path
+    if (review_below is None) != (export is None):
+        raise UsageError("--review-below and --export go together")
+    from pipeline import report as reporting
+    from pipeline.storage import atomic_path
 
-        found = reporting.analyse(reporting.read_table(out))
-        typer.echo(reporting.render_text(found))
-        if html_file is not None:
-            with atomic_path(html_file) as tmp:
-                tmp.write_text(reporting.render_html(found, f"label-images report: {out}"))
-            typer.echo(f"report page: {html_file}")
-        if export is not None:
-            count = reporting.export_review(out, review_below, str(export))
-            typer.echo(f"{count} rows below {review_below} -> {export}")
-    except (UsageError, RunError) as exc:
-        raise _fail(exc, exc.exit_code) from None
+    found = reporting.analyse(reporting.read_table(out))
+    typer.echo(reporting.render_text(found))
+    if html_file is not None:
+        with atomic_path(html_file) as tmp:
+            tmp.write_text(reporting.render_html(found, f"label-images report: {out}"))
+        typer.echo(f"report page: {html_file}")
+    if export is not None:
+        count = reporting.export_review(out, review_below, str(export))
+        typer.echo(f"{count} rows below {review_below} -> {export}")
 
 
 weights_app = typer.Typer(no_args_is_help=True,
@@ -228,19 +229,18 @@ app.add_typer(weights_app, name="weights")
 
 
 @weights_app.command("list")
+@one_line_errors
 def weights_list(
     model: Annotated[Optional[str], typer.Option(help="Only this model's weights.")] = None,
 ) -> None:
     """Weights usable with --model/--weights: classes, published top-1, size, cached here."""
-    try:
-        from pipeline import weights
+    from pipeline import weights
 
-        typer.echo(weights.render(weights.catalogue(model)))
-    except UsageError as exc:
-        raise _fail(exc, exc.exit_code) from None
+    typer.echo(weights.render(weights.catalogue(model)))
 
 
 @weights_app.command("fetch")
+@one_line_errors
 def weights_fetch(
     model: Annotated[str, typer.Option(help="torchvision model name.")] = "resnet50",
     weights_name: Annotated[str, typer.Option("--weights", help="Weights name.")] = "DEFAULT",
@@ -248,12 +248,9 @@ def weights_fetch(
         help="Folder to put the file in (default: torch's cache on this machine).")] = None,
 ) -> None:
     """Download one weights file on a connected machine, check its hash, say how to use it."""
-    try:
-        from pipeline import weights
+    from pipeline import weights
 
-        path = weights.fetch(model, weights_name, to)
-    except (UsageError, RunError) as exc:
-        raise _fail(exc, exc.exit_code) from None
+    path = weights.fetch(model, weights_name, to)
     typer.echo(f"{path} (sha256 checked)")
     typer.echo(f"offline: copy it into $TORCH_HOME/hub/checkpoints/ (default "
                f"~/.cache/torch/hub/checkpoints/), or run with "

@@ -84,7 +84,7 @@ def decode(data: bytes, preprocess: Preprocess, max_pixels: int) -> Decoded:
 def _decode_large_jpeg(image: Image.Image, resize: int) -> tuple[torch.Tensor, int, int]:
     """Large photos: libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT (PIL's draft picks
     the smallest scale that keeps the shorter side >= resize); the antialiased resize does
-    the rest. About 8x faster on 12 MP, within 0.4/255 of the full-size reference."""
+    the rest. Measured on 12 MP: 6.8x the PIL reference, within 0.4/255 of its crop."""
     width, height = image.size
     if image.getexif().get(_EXIF_ORIENTATION_TAG, 1) in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width  # report the displayed size, not the stored one
@@ -122,7 +122,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P":
         # Via RGBA so that palette transparency does not trigger PIL's warning; same colours.
         image = image.convert("RGBA")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() always copies
 
 
 def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:

@@ -16,8 +16,8 @@ from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
 from pipeline.plan import Plan
 from pipeline.storage import is_remote, read_bytes
 
-# Concurrent object reads inside each worker: on a store with ~50 ms per request, one worker
-# then reads about 300 images/s instead of 20, without more processes decoding.
+# Object reads in flight per worker: a batch's requests overlap, so a store's latency is
+# paid about once per 16 images rather than once per image, without more decoding processes.
 REMOTE_READS_PER_WORKER = 16
 
 

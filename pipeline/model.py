@@ -8,6 +8,8 @@ import os
 import pickle
 import socket
 import urllib.error
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,14 +142,24 @@ def weights_cache_path(weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
+@contextmanager
+def download_timeout() -> Iterator[None]:
+    """torch.hub waits forever by default; on a closed network it should fail, not hang."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def _from_torchvision_weights(model: str, name: str) -> ModelSpec:
     weights = lookup_weights(model, name)
     cached = weights_cache_path(weights)
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # a closed network should fail, not hang
     try:
-        state_dict = torch.hub.load_state_dict_from_url(
-            weights.url, progress=False, check_hash=True, weights_only=True)
+        with download_timeout():
+            state_dict = torch.hub.load_state_dict_from_url(
+                weights.url, progress=False, check_hash=True, weights_only=True)
     except (urllib.error.URLError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
         reason = getattr(exc, "reason", None) or exc
         if cached.is_file():
@@ -159,8 +171,6 @@ def _from_torchvision_weights(model: str, name: str) -> ModelSpec:
             f"{model} --weights {weights.name}` (or download {weights.url}) and copy the file "
             f"to that path (or set TORCH_HOME), or pass --weights PATH"
         ) from None
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
     categories = weights.meta.get("categories") or []
     num_classes = len(categories)
     return ModelSpec(model=model, weights_id=str(weights), num_classes=num_classes,

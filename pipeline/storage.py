@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import posixpath
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -167,8 +168,6 @@ class Store:
             if self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
         elif os.path.isdir(path):
-            import shutil
-
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.lexists(path):
             os.unlink(path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import urllib.error
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torchvision
 from torchvision.models import get_model_weights, list_models
 
 from pipeline.errors import RunError, UsageError
-from pipeline.model import lookup_weights, sha256_file, weights_cache_path
+from pipeline.model import download_timeout, lookup_weights, sha256_file, weights_cache_path
 
 # torchvision's file names end in the first hex digits of the file's sha256
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")
@@ -61,17 +60,14 @@ def fetch(model: str, weights_name: str, to: str | None) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(60)  # a closed network should fail, not hang
     try:
-        torch.hub.download_url_to_file(weights.url, str(partial), progress=True)
+        with download_timeout():
+            torch.hub.download_url_to_file(weights.url, str(partial), progress=True)
     except (urllib.error.URLError, OSError) as exc:
         partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or exc
         raise RunError(f"cannot download {weights.url} ({reason}); run `label-images weights "
                        "fetch` on a machine with network and copy the file over") from None
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
     expected = _HASH_IN_NAME.search(target.name)
     if expected and not sha256_file(partial).startswith(expected.group(1)):
         partial.unlink(missing_ok=True)
