@@ -58,6 +58,23 @@ def assert_same_as_reference(out, reference_table):
     assert [n for n in os.listdir(out) if ".tmp-" in n] == []
 
 
+def fails_with(cli, args, code, *messages):
+    """The run under an injected fault: this exit code, these words, one line."""
+    failed = cli(*args)
+    assert failed.exit_code == code, failed.output
+    for message in messages:
+        assert message in failed.output
+    assert len(failed.output.strip().splitlines()) == 1, failed.output
+    return failed
+
+
+def resumes_to_reference(cli, args, out, reference_table):
+    """Once the fault is lifted, the same command finishes the job exactly once."""
+    resumed = cli(*args)
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_as_reference(out, reference_table)
+
+
 def count_parts(out):
     parts = out / "parts"
     return sum(n.startswith("part-") for n in os.listdir(parts)) if parts.is_dir() else 0
@@ -162,16 +179,14 @@ def test_write_failure_exits_1_keeps_committed_shards_and_rerun_finishes(
         real_write_part(store, name, table)
 
     monkeypatch.setattr("pipeline.runner.write_part", failing_write_part)
-    failed = cli(*job(folder, out, colour_checkpoint))
-    assert failed.exit_code == 1
-    assert os.strerror(code) in failed.output and "run the same command to resume" in failed.output
+    args = job(folder, out, colour_checkpoint)
+    fails_with(cli, args, 1, os.strerror(code), "run the same command to resume")
     committed = sorted((out / "parts").iterdir())
     assert len(committed) >= 3
     for part in committed:
         assert pq.read_metadata(part).num_rows == SHARD
-    monkeypatch.setattr("pipeline.runner.write_part", real_write_part)
-    assert cli(*job(folder, out, colour_checkpoint)).exit_code == 0
-    assert_same_as_reference(out, reference_table)
+    monkeypatch.undo()
+    resumes_to_reference(cli, args, out, reference_table)
 
 
 def test_disk_full_while_merging_keeps_every_part(cli, tmp_path, colour_checkpoint, reference,
@@ -183,12 +198,11 @@ def test_disk_full_while_merging_keeps_every_part(cli, tmp_path, colour_checkpoi
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr("pipeline.runner.merge_parts", full_disk)
-    failed = cli(*job(folder, out, colour_checkpoint))
-    assert failed.exit_code == 1 and "No space left on device" in failed.output
+    args = job(folder, out, colour_checkpoint)
+    fails_with(cli, args, 1, "No space left on device")
     assert count_parts(out) == IMAGES // SHARD
     monkeypatch.undo()
-    assert cli(*job(folder, out, colour_checkpoint)).exit_code == 0
-    assert_same_as_reference(out, reference_table)
+    resumes_to_reference(cli, args, out, reference_table)
 
 
 def test_a_worker_that_dies_ends_the_run_with_a_message_and_rerun_resumes(
@@ -205,12 +219,11 @@ def test_a_worker_that_dies_ends_the_run_with_a_message_and_rerun_resumes(
         return real_decode(data, *args, **kwargs)
 
     monkeypatch.setattr(loader, "decode", decode_then_die)
-    failed = cli(*job(folder, out, colour_checkpoint))
-    assert failed.exit_code == 1 and "a loader worker died" in failed.output
+    args = job(folder, out, colour_checkpoint)
+    fails_with(cli, args, 1, "a loader worker died")
     assert marker.exists()
     monkeypatch.undo()
-    assert cli(*job(folder, out, colour_checkpoint)).exit_code == 0
-    assert_same_as_reference(out, reference_table)
+    resumes_to_reference(cli, args, out, reference_table)
 
 
 def test_a_part_damaged_outside_our_commits_is_named_and_redone(
@@ -220,14 +233,12 @@ def test_a_part_damaged_outside_our_commits_is_named_and_redone(
     out = tmp_path / "run"
     monkeypatch.setattr("pipeline.runner.merge_parts",
                         lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    assert cli(*job(folder, out, colour_checkpoint)).exit_code == 130
+    args = job(folder, out, colour_checkpoint)
+    assert cli(*args).exit_code == 130  # stopped with every part committed, none merged
     monkeypatch.undo()
     damaged = out / "parts" / "part-000004.parquet"
     damaged.write_bytes(b"PAR1 garbage")
-    failed = cli(*job(folder, out, colour_checkpoint))
-    assert failed.exit_code == 1
-    assert "part-000004.parquet cannot be read" in failed.output and "delete it" in failed.output
+    fails_with(cli, args, 1, "part-000004.parquet cannot be read", "delete it")
     assert not (out / "labels.parquet").exists()
     damaged.unlink()
-    assert cli(*job(folder, out, colour_checkpoint)).exit_code == 0
-    assert_same_as_reference(out, reference_table)
+    resumes_to_reference(cli, args, out, reference_table)
