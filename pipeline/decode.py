@@ -128,9 +128,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     """Shorter side to `resize` (antialiased, like PIL), then the centre `crop` square.
 
-    Only the source region under the crop is resized, which is about half the work on
-    ImageNet-sized photos. Each axis' region starts where the full resize's sampling grid
-    falls within 1/32 of an output pixel of a whole source pixel, so the kept pixels are
+    When downscaling, only the source region under the crop is resized, which is about half
+    the work on ImageNet-sized photos. Each axis' region starts where the full resize's sampling grid
+    falls within 1/64 of an output pixel of a whole source pixel, so the kept pixels are
     those of the full resize, sampled at most that far off; an axis with no such start
     nearby is only cut on its far side, which is exact.
     """
@@ -138,7 +138,10 @@ def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tenso
     height, width = pixels.shape[-2:]
     resized_height, resized_width = resized_size(height, width, preprocess.resize)
     crop = preprocess.crop
-    if radius is not None and crop <= min(resized_height, resized_width):
+    # Downscaling only: torch copies an axis whose output length equals its input length
+    # whatever the scale asked for, which a slightly enlarged region can hit.
+    if (radius is not None and crop <= min(resized_height, resized_width)
+            and resized_height <= height and resized_width <= width):
         rows = _Span.under_crop(height, resized_height, crop, radius)
         cols = _Span.under_crop(width, resized_width, crop, radius)
         # Copied as height x width x channel rows: the channels_last layout that torch's
@@ -166,7 +169,7 @@ def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:
 # How far the antialiased filter reaches, in output pixels, per interpolation we crop early.
 _FILTER_RADIUS = {"bilinear": 1.0, "bicubic": 2.0}
 _MAX_SKIP = 16  # output pixels resized before the crop while looking for a whole-pixel start
-_ALIGNMENT = 1 / 32  # output pixels of sampling shift accepted for a region start
+_ALIGNMENT = 1 / 64  # output pixels of sampling shift accepted for a region start
 
 
 @dataclass(frozen=True)
