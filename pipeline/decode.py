@@ -5,13 +5,12 @@ from __future__ import annotations
 import io
 import math
 import struct
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
@@ -24,13 +23,23 @@ Image.MAX_IMAGE_PIXELS = None
 DECODE_ERRORS = (OSError, ValueError, RuntimeError, SyntaxError, EOFError, struct.error,
                  Image.DecompressionBombError)
 
-# JPEGs whose shorter side is at least this many times the resize target are decoded
-# downscaled in the DCT (PIL's draft): from 2 on, a scale of 1/2 or less is possible.
-DRAFT_FACTOR = 2
+_JPEG_START = b"\xff\xd8\xff"  # SOI and the first marker's 0xFF
+_DCT_FACTORS = (8, 4, 2, 1)  # the downscales libjpeg-turbo does with vectorised IDCTs
 
 # EXIF orientations that swap width and height when applied.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
+# What each EXIF orientation asks of the stored (height, width, channel) pixels, as PIL's
+# ImageOps.exif_transpose does it.
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
 
 
 class ImageError(Exception):
@@ -63,46 +72,72 @@ def decode(data: bytes, preprocess: Preprocess, max_pixels: int) -> Decoded:
     """Decode and preprocess one image; raises ImageError or one of DECODE_ERRORS."""
     if not data:
         raise ImageError("empty file")
+    if data.startswith(_JPEG_START):
+        try:
+            decoded = _decode_jpeg(data, preprocess, max_pixels)
+        except ValueError:
+            # libjpeg-turbo's strict mode refuses what libjpeg only warns about (stray bytes
+            # before a marker, a truncated tail) and some rare layouts; PIL, the reference
+            # decoder, decides: it reads the former and refuses truncated files too.
+            decoded = None
+        if decoded is not None:
+            return decoded
     image = Image.open(io.BytesIO(data))  # reads the header only
-    stored_width, stored_height = image.size
-    if stored_width * stored_height > max_pixels:
-        raise ImageError(
-            f"{stored_width}x{stored_height} is over the --max-pixels limit of {max_pixels}")
-    if image.format == "JPEG" and image.mode in ("RGB", "L"):
-        if min(image.size) >= DRAFT_FACTOR * preprocess.resize:
-            pixels, width, height = _decode_large_jpeg(image, preprocess.resize)
-        else:
-            pixels = _decode_jpeg(data)  # oriented: its shape is the displayed size
-            height, width = pixels.shape[-2:]
-    else:
-        pixels = _decode_with_pil(image)
-        height, width = pixels.shape[-2:]
+    _check_size(*image.size, max_pixels)
+    pixels = _decode_with_pil(image)
+    height, width = pixels.shape[-2:]
     return Decoded(image=resize_and_crop(pixels, preprocess), width=int(width),
                    height=int(height))
 
 
-def _decode_large_jpeg(image: Image.Image, resize: int) -> tuple[torch.Tensor, int, int]:
-    """Large photos: libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT (PIL's draft picks
-    the smallest scale that keeps the shorter side >= resize); the antialiased resize does
-    the rest. Measured on 12 MP: 6.8x the PIL reference, within 0.4/255 of its crop."""
-    width, height = image.size
-    if image.getexif().get(_EXIF_ORIENTATION_TAG, 1) in _TRANSPOSING_ORIENTATIONS:
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageError(f"{width}x{height} is over the --max-pixels limit of {max_pixels}")
+
+
+def _decode_jpeg(data: bytes, preprocess: Preprocess, max_pixels: int) -> Decoded | None:
+    """libjpeg-turbo through simplejpeg, downscaled in the DCT when the photo is large.
+
+    libjpeg can decode at 1/2, 1/4 or 1/8 scale for a fraction of the work; the largest
+    of these that keeps the shorter side >= resize is used (scales between 1/2 and 1 are
+    slower than a full decode: they have no vectorised IDCT). None for CMYK, which PIL's
+    Adobe handling gets right.
+    """
+    height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
+    _check_size(width, height, max_pixels)
+    if colourspace not in ("YCbCr", "Gray", "RGB"):
+        return None
+    factor = next(f for f in _DCT_FACTORS if min(width, height) >= f * preprocess.resize or f == 1)
+    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // factor),
+                                    min_width=-(-width // factor))
+    orientation = _jpeg_orientation(data)
+    if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width  # report the displayed size, not the stored one
-    scale = resize / min(image.size)
-    image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
-    return _decode_with_pil(image), width, height
+    if orientation in _ORIENT:
+        pixels = np.ascontiguousarray(_ORIENT[orientation](pixels))
+    chw = torch.from_numpy(pixels).permute(2, 0, 1)
+    return Decoded(image=resize_and_crop(chw, preprocess), width=width, height=height)
 
 
-def _decode_jpeg(data: bytes) -> torch.Tensor:
-    """libjpeg-turbo through torchvision: faster than PIL for the common case."""
-    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work
-        # and are what this project measures against. Moving is an extra dependency, left
-        # for later; until then the warning would repeat for every image.
-        warnings.filterwarnings("ignore", category=DeprecationWarning,
-                                message=".*decoding and encoding capabilities of TorchVision")
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+def _jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation, asking PIL only when the file has an EXIF segment.
+
+    Most web images have none, and PIL's header parse is a measurable share of a small
+    image's decode; the walk over the marker segments before the image data is not.
+    """
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            position += 1
+            continue
+        if marker == 0xDA:  # start of scan: no EXIF segment before the image data
+            return 1
+        if marker == 0xE1 and data[position + 4:position + 10] == b"Exif\x00\x00":
+            break
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    # an EXIF segment, or a header this walk cannot follow: PIL reads it
+    return Image.open(io.BytesIO(data)).getexif().get(_EXIF_ORIENTATION_TAG, 1)
 
 
 def _decode_with_pil(image: Image.Image) -> torch.Tensor:
