@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import struct
@@ -217,6 +218,7 @@ class _Span:
     scale: float
 
     @classmethod
+    @functools.lru_cache(maxsize=4096)  # datasets repeat a few sizes; the search is ~10 us
     def under_crop(cls, size: int, resized: int, crop: int, radius: float) -> "_Span":
         scale = size / resized
         first = int(round((resized - crop) / 2.0))  # first kept pixel, as CenterCrop rounds
