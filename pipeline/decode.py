@@ -165,10 +165,10 @@ def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tenso
     """Shorter side to `resize` (antialiased, like PIL), then the centre `crop` square.
 
     When downscaling, only the source region under the crop is resized, which is about half
-    the work on ImageNet-sized photos. Each axis' region starts where the full resize's sampling grid
-    falls within 1/64 of an output pixel of a whole source pixel, so the kept pixels are
-    those of the full resize, sampled at most that far off; an axis with no such start
-    nearby is only cut on its far side, which is exact.
+    the work on ImageNet-sized photos. Each axis' region starts where the full resize's
+    sampling grid falls within 1/64 of an output pixel of a whole source pixel, so the kept
+    pixels are those of the full resize, sampled at most that far off; an axis with no such
+    start nearby is only cut on its far side, which is exact.
     """
     radius = _FILTER_RADIUS.get(preprocess.interpolation)
     height, width = pixels.shape[-2:]
