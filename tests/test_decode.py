@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from torchvision import transforms as T
 
 from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
@@ -78,8 +78,13 @@ def test_extreme_aspect_ratios_still_give_a_full_crop():
         assert image.shape == (3, 32, 32)
 
 
-def test_images_over_the_pixel_limit_are_refused_from_the_header():
-    data = encode(Image.new("L", (4000, 4000)), "PNG")
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_images_over_the_pixel_limit_are_refused_from_the_header(fmt, monkeypatch):
+    import simplejpeg
+
+    data = encode(Image.new("L", (4000, 4000)), fmt)
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", None)  # never reached
+    monkeypatch.setattr(ImageFile.ImageFile, "load", None)
     with pytest.raises(ImageError, match="4000x4000 is over the --max-pixels limit"):
         decode(data, SMALL, max_pixels=10_000_000)
 
