@@ -148,8 +148,11 @@ def merge_parts(store: Store, parts: list[str], output: str, fmt: str,
     With expected_rows, a part with another row count aborts the merge before the commit:
     the exactly-once check.
     """
-    with store.open(parts[0]) as fh:
-        schema = pq.read_schema(fh)
+    try:
+        with store.open(parts[0]) as fh:
+            schema = pq.read_schema(fh)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise _unreadable(store, parts[0], exc) from None
     top_k = int(schema.metadata[b"label_images.top_k"])
     rows = ok = 0
     with store.writing(output) as target:
@@ -166,34 +169,45 @@ def merge_parts(store: Store, parts: list[str], output: str, fmt: str,
         try:
             pending: list[pa.Table] = []
             pending_rows = 0
-            for i, part in enumerate(parts):
-                # Row group by row group: a part is one, but converting a finished table
-                # passes the whole table here as a single input.
-                try:
-                    with store.open(part) as fh:
-                        source = pq.ParquetFile(fh)
-                        found = source.metadata.num_rows
-                        if expected_rows is not None and found != expected_rows[i]:
-                            raise RunError(f"{store.url(part)} has {found} rows for a shard "
-                                           f"of {expected_rows[i]}; delete it and run again "
-                                           "to redo it")
-                        for group in range(source.num_row_groups):
-                            table = source.read_row_group(group).cast(schema)
-                            rows += table.num_rows
-                            ok += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
-                            pending.append(table)
-                            pending_rows += table.num_rows
-                            if pending_rows >= MERGE_ROW_GROUP:
-                                write(pa.concat_tables(pending))
-                                pending, pending_rows = [], 0
-                except (pa.ArrowInvalid, OSError) as exc:  # damaged outside our commits
-                    raise RunError(f"{store.url(part)} cannot be read ({exc}); delete it and "
-                                   "run the same command again to redo that shard") from None
+            for part, expected in zip(parts, expected_rows or [None] * len(parts)):
+                for table in _row_groups(store, part, expected):
+                    table = table.cast(schema)
+                    rows += table.num_rows
+                    ok += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
+                    pending.append(table)
+                    pending_rows += table.num_rows
+                    if pending_rows >= MERGE_ROW_GROUP:
+                        write(pa.concat_tables(pending))
+                        pending, pending_rows = [], 0
             if pending:
                 write(pa.concat_tables(pending))
         finally:
             sink.close()
     return MergeCounts(rows=rows, ok=ok, errors=rows - ok)
+
+
+def _row_groups(store: Store, part: str, expected_rows: int | None):
+    """A part's row groups (one, but a finished table passed for conversion has many).
+
+    A part that cannot be read was damaged outside our commits: its error names it. Errors
+    of the code consuming the row groups (writing the output) are not caught here.
+    """
+    try:
+        with store.open(part) as fh:
+            source = pq.ParquetFile(fh)
+            found = source.metadata.num_rows
+            if expected_rows is not None and found != expected_rows:
+                raise RunError(f"{store.url(part)} has {found} rows for a shard of "
+                               f"{expected_rows}; delete it and run again to redo it")
+            for group in range(source.num_row_groups):
+                yield source.read_row_group(group)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise _unreadable(store, part, exc) from None
+
+
+def _unreadable(store: Store, part: str, exc: Exception) -> RunError:
+    return RunError(f"{store.url(part)} cannot be read ({exc}); delete it and run the same "
+                    "command again to redo that shard")
 
 
 def count_rows(store: Store, name: str) -> MergeCounts:

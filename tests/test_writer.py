@@ -136,3 +136,39 @@ def test_merge_refuses_a_part_with_the_wrong_row_count_before_committing(tmp_pat
         merge_parts(store, [planning.part_name(0)], "labels.parquet", "parquet",
                     expected_rows=[3])
     assert not (tmp_path / "labels.parquet").exists()
+
+
+def test_a_full_disk_while_merging_is_not_blamed_on_a_part(tmp_path, monkeypatch):
+    """Writing the table fails: the error is the disk's, and no good part is called damaged."""
+    import errno
+    import os
+
+    from pipeline import writer
+    monkeypatch.setattr(writer, "MERGE_ROW_GROUP", 1)  # write while the part is being read
+    store = Store(str(tmp_path))
+    write_part(store, planning.part_name(0), part_table(
+        shard_rows(["a", "b"]), result_for(2), CATEGORIES, schema()))
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        merge_parts(store, [planning.part_name(0)], "labels.parquet", "parquet")
+    assert not (tmp_path / "labels.parquet").exists()
+    assert (tmp_path / planning.part_name(0)).exists()
+
+
+@pytest.mark.parametrize("damaged", [0, 1], ids=["first-part", "later-part"])
+def test_a_damaged_part_is_named_wherever_it_is(tmp_path, damaged):
+    from pipeline.errors import RunError
+
+    store = Store(str(tmp_path))
+    parts = [planning.part_name(shard) for shard in range(2)]
+    for shard, name in enumerate(parts):
+        write_part(store, name, part_table(shard_rows([f"{shard}a", f"{shard}b"]),
+                                           result_for(2), CATEGORIES, schema()))
+    (tmp_path / parts[damaged]).write_bytes(b"PAR1 garbage")
+    with pytest.raises(RunError, match=f"{parts[damaged]} cannot be read"):
+        merge_parts(store, parts, "labels.parquet", "parquet")
+    assert not (tmp_path / "labels.parquet").exists()
