@@ -64,7 +64,7 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class Decoded:
-    image: torch.Tensor  # uint8 (3, crop, crop)
+    image: torch.Tensor  # uint8 (3, crop, crop); a view, copied once into its batch
     width: int  # as displayed, after EXIF orientation
     height: int
 
@@ -189,10 +189,10 @@ def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tenso
             antialias=True, align_corners=False, recompute_scale_factor=False)
         kept = resized[0, :, rows.skip:rows.skip + crop, cols.skip:cols.skip + crop]
         if kept.shape[-2:] == (crop, crop):  # else rounding at an edge: take the full way
-            return kept.contiguous()
+            return kept
     mode = InterpolationMode(preprocess.interpolation)
     resized = F.resize(pixels, [preprocess.resize], interpolation=mode, antialias=True)
-    return F.center_crop(resized, [crop, crop]).contiguous()
+    return F.center_crop(resized, [crop, crop])
 
 
 def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:

@@ -7,10 +7,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
 import torch
 from PIL import UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
 from pipeline.plan import Plan
@@ -117,7 +116,9 @@ def describe_error(exc: BaseException) -> str:
 def collate(samples: list[dict]) -> Batch:
     decoded = [i for i, s in enumerate(samples) if s["image"] is not None]
     if decoded:
-        images = torch.stack([samples[i]["image"] for i in decoded])
+        # torch's own collate: in a worker it stacks straight into shared memory, where a
+        # plain stack would be copied there again on the way to the main process.
+        images = default_collate([samples[i]["image"] for i in decoded])
     else:
         images = torch.empty((0, 3, 1, 1), dtype=torch.uint8)
     return Batch(
