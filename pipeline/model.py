@@ -10,7 +10,7 @@ import socket
 import urllib.error
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,17 +91,13 @@ def resolve_model(model: str, weights: str, labels: str | None = None,
         raise UsageError(f"--weights file not found: {weights}")
     else:
         spec = _from_torchvision_weights(model, weights)
-    categories = spec.categories
     if labels is not None:
-        categories = read_labels(labels, spec.num_classes)
-    preprocess = spec.preprocess
+        spec = replace(spec, categories=tuple(read_labels(labels, spec.num_classes)))
     if resize is not None or crop is not None:
-        preprocess = Preprocess(resize=resize or preprocess.resize, crop=crop or preprocess.crop,
-                                mean=preprocess.mean, std=preprocess.std,
-                                interpolation=preprocess.interpolation)
-    return ModelSpec(model=spec.model, weights_id=spec.weights_id, num_classes=spec.num_classes,
-                     categories=tuple(categories), preprocess=preprocess,
-                     state_dict=spec.state_dict, builder_weights=spec.builder_weights)
+        spec = replace(spec, preprocess=replace(spec.preprocess,
+                                                resize=resize or spec.preprocess.resize,
+                                                crop=crop or spec.preprocess.crop))
+    return spec
 
 
 def read_labels(path: str, num_classes: int) -> list[str]:
@@ -251,11 +247,9 @@ def _num_classes(model: str, state_dict: dict, path: Path) -> int:
 
 def build_network(spec: ModelSpec) -> nn.Module:
     """The architecture with the spec's weights loaded, on the CPU, in eval mode."""
-    kwargs = {}
-    if spec.builder_weights is not None:
-        # Some architectures change shape with pretrained weights (e.g. inception's input
-        # transform); torchvision's builder knows which, so let it set those options.
-        kwargs = {k: v for k, v in _builder_overrides(spec).items()}
+    # Some architectures change shape with pretrained weights (e.g. inception's input
+    # transform); torchvision's builder knows which, so let it set those options.
+    kwargs = _builder_overrides(spec) if spec.builder_weights is not None else {}
     net = get_model(spec.model, weights=None, num_classes=spec.num_classes, **kwargs)
     try:
         missing, unexpected = net.load_state_dict(spec.state_dict, strict=False)

@@ -9,6 +9,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib.metadata import version
 
 import numpy as np
 import pyarrow as pa
@@ -194,8 +195,10 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False) ->
         "resolved": {"device": str(device), "precision": str(dtype).removeprefix("torch."),
                      "batch_size": batch_size, "workers": workers,
                      "preprocess": spec.preprocess.to_dict(), "slices": part.count},
+        # The decoders too: they decide the pixels the model sees.
         "versions": {"label-images": pipeline.__version__, "torch": torch.__version__,
-                     "torchvision": torchvision.__version__},
+                     "torchvision": torchvision.__version__, "pillow": version("pillow"),
+                     "simplejpeg": version("simplejpeg")},
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return Job(config, source, items, classifier, batch_size, workers, record, started)
