@@ -8,6 +8,7 @@ import math
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import simplejpeg
 
 from tests.conftest import FAST, read_output, run_subprocess, write_colour_images
 
@@ -41,7 +42,6 @@ def test_labels_every_image_once_in_source_order_and_correctly(
     run = json.loads((run_dir / "run.json").read_text())
     assert run["fingerprint"]["model"] == "resnet18"
     assert run["config"]["top_k"] == 3
-    import simplejpeg
     assert run["versions"]["simplejpeg"] == simplejpeg.__version__  # the decoders are recorded
     assert set(run["versions"]) >= {"torch", "torchvision", "pillow"}
     meta = pq.read_schema(run_dir / "labels.parquet").metadata
