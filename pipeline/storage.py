@@ -34,20 +34,16 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _fsync(path.parent)  # the rename itself
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -62,8 +58,6 @@ def remove_temporaries(directory: Path, owned=lambda name: True) -> None:
         if (entry.name.startswith(".") and TMP_MARK in entry.name and entry.is_file()
                 and owned(entry.name)):
             os.unlink(entry.path)
-
-
 
 
 def is_remote(location: str) -> bool:
