@@ -23,9 +23,9 @@ from pipeline.config import RunConfig
 from pipeline.errors import UsageError
 from pipeline.rundir import INCREMENTS_DIR, SUMMARY_FILE, RunDirectory
 from pipeline.slices import Slice
+from pipeline.sources import VERSION_COLUMNS
 from pipeline.writer import merge_parts, write_json
 
-VERSION_COLUMNS = ("source_size", "source_version")
 TABLE = "labels.parquet"
 CHUNK_ROWS = 65_536  # rows assembled (and written as one row group) at a time
 
@@ -45,10 +45,9 @@ def classify(items: pa.Table, previous: pa.Table | None) -> tuple[pa.Array, Chan
     where = pc.index_in(items["key"], value_set=previous["key"].combine_chunks())
     known = pc.is_valid(where)
     before = previous.take(pc.fill_null(where, 0))
-    same = pc.and_(known, pc.and_(
-        pc.equal(items["path"], before["path"]),
-        pc.and_(pc.equal(items["source_size"], before["source_size"]),
-                pc.equal(items["source_version"], before["source_version"]))))
+    same = known
+    for column in ("path", *VERSION_COLUMNS):
+        same = pc.and_(same, pc.equal(items[column], before[column]))
     same = pc.fill_null(same, False)
     todo = pc.invert(same)
     counts = Changes(

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
 from pipeline.storage import filesystem, is_remote, local_path, open_input
+from pipeline.writer import output_schema
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -26,11 +27,11 @@ PATH_COLUMN_NAMES = frozenset(
     {"path", "filepath", "file_path", "filename", "file_name", "file", "image", "image_path",
      "img", "img_path", "url", "uri", "location"}
 )
-# Output columns a passed-through manifest column may not shadow.
+# What incremental runs compare to find changed images (they are kept in their tables).
+VERSION_COLUMNS = ("source_size", "source_version")
+# Output columns a passed-through manifest column may not shadow, optional ones included.
 RESERVED_COLUMNS = frozenset(
-    {"key", "path", "status", "error", "width", "height", "top1_label", "top1_score",
-     "labels", "scores", "class_ids"}
-)
+    output_schema(1, pa.schema([]), {}, embedding_size=1).names) | frozenset(VERSION_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,19 @@ def read_source(spec: SourceSpec, versions: bool = False) -> pa.Table:
         raise UsageError(f"no images in {spec.location}")
     if not spec.allow_duplicates:
         _refuse_duplicate_keys(table["key"], spec)
-    has_versions = "source_version" in table.column_names  # an object-store listing
+    has_versions = VERSION_COLUMNS[1] in table.column_names  # an object-store listing
     if versions and not has_versions:
-        sizes, stamps = zip(*_versions(table["path"].to_pylist()))
-        table = table.append_column("source_size", pa.array(sizes, pa.int64()))
-        table = table.append_column("source_version", pa.array(stamps, pa.string()))
+        table = _with_versions(table, _versions(table["path"].to_pylist()))
     elif has_versions and not versions:
-        table = table.drop_columns(["source_size", "source_version"])
+        table = table.drop_columns(list(VERSION_COLUMNS))
     return table
+
+
+def _with_versions(table: pa.Table, versions: list[tuple[int, str]]) -> pa.Table:
+    sizes, stamps = zip(*versions) if versions else ((), ())
+    size_column, version_column = VERSION_COLUMNS
+    table = table.append_column(size_column, pa.array(sizes, pa.int64()))
+    return table.append_column(version_column, pa.array(stamps, pa.string()))
 
 
 def _versions(paths: list[str]) -> list[tuple[int, str]]:
@@ -167,9 +173,7 @@ def list_remote_directory(location: str) -> pa.Table:
     base = location.rstrip("/")
     table = _listing(relative, lambda rel: f"{base}/{rel}")
     order = sorted(range(len(relative)), key=relative.__getitem__)  # _listing sorts keys
-    sizes, stamps = zip(*[infos[i] for i in order]) if infos else ((), ())
-    return table.append_column("source_size", pa.array(sizes, pa.int64())).append_column(
-        "source_version", pa.array(stamps, pa.string()))
+    return _with_versions(table, [infos[i] for i in order])
 
 
 def _listing(relative: list[str], full_path) -> pa.Table:

@@ -86,6 +86,10 @@ def test_numeric_ids_from_jsonl_become_text_keys(tmp_path):
     ({"path": ["x.jpg"]}, {"id_column": "uid"}, "--id-column 'uid' is not a column"),
     ({"path": ["x.jpg"]}, {"keep_columns": ("caption",)}, "--keep-columns names caption"),
     ({"path": ["x.jpg"], "status": ["s"]}, {"keep_columns": ("status",)}, "would clash"),
+    # columns only some runs write: --embeddings, and --incremental's change stamps
+    ({"path": ["x.jpg"], "embedding": ["e"]}, {"keep_columns": ("embedding",)}, "would clash"),
+    ({"path": ["x.jpg"], "source_size": ["1"]}, {"keep_columns": ("source_size",)},
+     "would clash"),
     ({"path": ["x.jpg", "x.jpg", "y.jpg"]}, {}, r"1 path\(s\) appear more than once.*'x.jpg'"),
     ({"path": ["x.jpg", ""]}, {}, "empty path"),
 ])
