@@ -108,7 +108,8 @@ class RowSource:
         """The rows at `indices`, in that order."""
         groups = np.searchsorted(self._starts, indices, side="right") - 1
         order = np.argsort(groups, kind="stable")
-        pieces = [self._group(g).take(indices[order][groups[order] == g] - self._starts[g])
+        indices, groups = indices[order], groups[order]  # once, not once per group
+        pieces = [self._group(g).take(indices[groups == g] - self._starts[g])
                   for g in np.unique(groups)]
         table = pa.concat_tables(pieces) if pieces else self.schema.empty_table()
         return table.take(np.argsort(order, kind="stable"))
