@@ -50,9 +50,8 @@ def from_environment(num_shards: int | None, shard_index: int | None,
     if shard_index is None:
         if "SLURM_ARRAY_TASK_ID" in env:
             # Arrays may start at any number (--array=1-8): count from the first task.
-            shard_index = _int(env, "SLURM_ARRAY_TASK_ID") - _int(
-                env, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else _int(
-                env, "SLURM_ARRAY_TASK_ID")
+            first = _int(env, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
+            shard_index = _int(env, "SLURM_ARRAY_TASK_ID") - first
             if num_shards is None and "SLURM_ARRAY_TASK_COUNT" in env:
                 num_shards = _int(env, "SLURM_ARRAY_TASK_COUNT")
         elif "JOB_COMPLETION_INDEX" in env:  # a Kubernetes Indexed Job
