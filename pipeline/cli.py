@@ -212,14 +212,15 @@ def report(
     from pipeline import report as reporting
     from pipeline.storage import atomic_path
 
-    found = reporting.analyse(reporting.read_table(out))
+    table = reporting.read_table(out)
+    found = reporting.analyse(table)
     typer.echo(reporting.render_text(found))
     if html_file is not None:
         with atomic_path(html_file) as tmp:
             tmp.write_text(reporting.render_html(found, f"label-images report: {out}"))
         typer.echo(f"report page: {html_file}")
     if export is not None:
-        count = reporting.export_review(out, review_below, str(export))
+        count = reporting.export_review(table, review_below, str(export))
         typer.echo(f"{count} rows below {review_below} -> {export}")
 
 

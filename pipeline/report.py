@@ -192,9 +192,8 @@ Top-1 confidence: {confidence}.</p>
 """
 
 
-def export_review(table_location: str, below: float, export: str) -> int:
+def export_review(table: pa.Table, below: float, export: str) -> int:
     """Write the ok rows whose top-1 score is below `below` to a CSV for a labelling tool."""
-    table = read_table(table_location)
     rows = table.filter(pc.and_(pc.equal(table["status"], "ok"),
                                 pc.less(table["top1_score"], below)))
     rows = rows.take(pc.sort_indices(rows["top1_score"]))
