@@ -56,10 +56,10 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-_INT_FIELDS = {"resize", "crop", "batch_size", "workers", "top_k", "shard_size", "max_pixels",
-               "num_shards", "shard_index"}
-_BOOL_FIELDS = {"allow_duplicates", "overwrite", "quiet", "compile", "incremental",
-                "embeddings"}
+# From the annotations (strings here: `from __future__ import annotations`), so that a new
+# field is type-checked from a TOML file without being listed again.
+_INT_FIELDS = {name for name, f in FIELDS.items() if f.type in ("int", "int | None")}
+_BOOL_FIELDS = {name for name, f in FIELDS.items() if f.type == "bool"}
 
 
 def default_out(source: str) -> str:
