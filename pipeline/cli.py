@@ -21,16 +21,9 @@ app = typer.Typer(
 )
 
 
-class Format(str, Enum):
-    parquet = "parquet"
-    csv = "csv"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp16 = "fp16"
-    bf16 = "bf16"
-    fp32 = "fp32"
+# The choices Typer shows and checks, from the one list each that config.py validates with.
+Format = Enum("Format", {name: name for name in configuration.FORMATS}, type=str)
+Precision = Enum("Precision", {name: name for name in configuration.PRECISIONS}, type=str)
 
 
 @app.callback()
