@@ -59,14 +59,21 @@ def _rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else 0.0
 
 
+def reference_transform(preprocess) -> T.Compose:
+    """The tutorials' per-image transform on a PIL image, with the weights' settings."""
+    return T.Compose([
+        T.Resize(preprocess.resize, interpolation=T.InterpolationMode(preprocess.interpolation)),
+        T.CenterCrop(preprocess.crop), T.ToTensor(), T.Normalize(preprocess.mean, preprocess.std)])
+
+
 def _per_core_decode(paths: list[str], preprocess) -> tuple[float, float]:
     """Images/s on one core: our decode, and the PIL reference transform, same files.
 
     The reference is the tutorials' whole per-image transform, normalisation included: that
     is the work their loader does per image. Ours stops at uint8; the model step normalises.
     """
-    reference = T.Compose([T.Resize(preprocess.resize), T.CenterCrop(preprocess.crop),
-                           T.ToTensor(), T.Normalize(preprocess.mean, preprocess.std)])
+    reference = reference_transform(preprocess)
+
     def ours() -> None:
         for path in paths:
             try:
@@ -132,9 +139,7 @@ def _plain_loop(paths: list[str], job) -> float:
     """The tutorials' loop: PIL, Resize, CenterCrop, ToTensor, Normalize, fp32, one at a time."""
     spec, device = job.classifier.spec, job.classifier.device
     net = build_network(spec).to(device)
-    transform = T.Compose([
-        T.Resize(spec.preprocess.resize), T.CenterCrop(spec.preprocess.crop), T.ToTensor(),
-        T.Normalize(spec.preprocess.mean, spec.preprocess.std)])
+    transform = reference_transform(spec.preprocess)
     count = 0
     started = time.perf_counter()
     with torch.no_grad():
