@@ -23,8 +23,8 @@ def test_bench_reports_all_stages_side_by_side(cli, tmp_path, colour_checkpoint)
     assert figures["images"] == 16 and figures["workers"] == 1
     assert set(figures["ratios"]) == {"decode_vs_pil_per_core", "end_to_end_vs_model",
                                       "end_to_end_vs_plain_loop",
-                                      "end_to_end_waiting_for_batches"}
-    assert 0 <= figures["ratios"]["end_to_end_waiting_for_batches"] < 1
+                                      "end_to_end_getting_batches"}
+    assert 0 <= figures["ratios"]["end_to_end_getting_batches"] < 1
     assert figures["planning"]["rows"] == 5000 and figures["planning"]["peak_rss_mb"] > 0
     for name in names:
         assert name in result.output

@@ -175,6 +175,14 @@ def test_device_auto_and_unavailable_cuda(monkeypatch):
         resolve_device("cuda:0")
 
 
+@pytest.mark.parametrize("cores, on_cpu, on_cuda", [(1, 0, 1), (2, 0, 2), (4, 0, 4), (16, 8, 8)])
+def test_small_cpus_decode_between_batches_not_beside_the_model(monkeypatch, cores, on_cpu,
+                                                                 on_cuda):
+    monkeypatch.setattr(model.os, "sched_getaffinity", lambda _: set(range(cores)))
+    assert model.default_workers(torch.device("cpu")) == on_cpu
+    assert model.default_workers(torch.device("cuda")) == on_cuda
+
+
 def test_predict_returns_sorted_probabilities_for_uint8_batches(tmp_path, small_state_dict):
     spec = resolve_model("resnet18", save(tmp_path / "w.pth", small_state_dict),
                          resize=40, crop=32)
