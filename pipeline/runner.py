@@ -297,6 +297,9 @@ def _run_in(run_dir: RunDirectory, job: Job, part: Slice, group,
         summary.slice_done = part.describe()
         summary.missing = _missing(store, plan)
         return summary
+    missing = _missing(store, plan)
+    if missing:  # a bug of ours or a part removed under the run: never assemble without it
+        raise RunError(f"shards {missing[:10]} are not committed; run the same command again")
     _assemble(store, plan, output, config.format, summary)
     summary.seconds = time.perf_counter() - job.started
     write_json(store, SUMMARY_FILE, summary.to_dict())
@@ -459,9 +462,7 @@ def _fill(batch: Batch, prediction, plan, buffers: dict[int, ShardBuffer], top_k
 
 
 def _merge(store: Store, plan: planning.Plan, output: str, fmt: str):
-    missing = _missing(store, plan)
-    if missing:
-        raise RunError(f"shards {missing[:10]} are not committed; run the same command again")
+    """The table from every shard's part; callers have checked that all are committed."""
     parts = [planning.part_name(s) for s in range(plan.num_shards)]
     sizes = [end - start for start, end in map(plan.shard_bounds, range(plan.num_shards))]
     counts = merge_parts(store, parts, output, fmt, expected_rows=sizes)
