@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.decode import DECODE_ERRORS, ImageError, to_rgb
 from pipeline.errors import UsageError
@@ -121,7 +121,7 @@ def thumbnail(path: str) -> str | None:
     try:
         image = Image.open(io.BytesIO(read_bytes(path)))
         image.draft("RGB", (THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))
-        image = to_rgb(image)
+        image = to_rgb(ImageOps.exif_transpose(image))  # as displayed, like the crop labelled
         image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=80)

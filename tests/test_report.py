@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 import shutil
 import subprocess
@@ -11,6 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from tests.conftest import FAST, write_colour_images
 
@@ -125,3 +128,15 @@ def test_a_huge_table_gives_a_small_page(cli, tmp_path):
     assert len(text) < 300_000
     assert text.count("<figure>") == 20 * 8 and text.count("unreadable now") == 160
     assert text.count("<tr>") == 2 + 50 + 100
+
+
+def test_thumbnails_show_photos_the_way_up_their_exif_says(tmp_path):
+    from pipeline.report import thumbnail
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, displayed rotated to portrait
+    path = tmp_path / "sideways.jpg"
+    Image.new("RGB", (400, 200), "red").save(path, exif=exif)
+    uri = thumbnail(str(path))
+    shown = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert shown.height > shown.width
