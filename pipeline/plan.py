@@ -82,11 +82,12 @@ def part_name(shard: int) -> str:
     return f"{PARTS_DIR}/part-{shard:06d}.parquet"
 
 
+def shard_of_part(name: str) -> int | None:
+    """The shard a part file name (without its directory) belongs to; None for other names."""
+    match = _PART_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
 def committed_shards(store: Store) -> set[int]:
     """Shards whose part file was committed; temporaries and aborted uploads do not count."""
-    done = set()
-    for name in store.list(PARTS_DIR):
-        match = _PART_NAME.match(name)
-        if match:
-            done.add(int(match.group(1)))
-    return done
+    return {shard for shard in map(shard_of_part, store.list(PARTS_DIR)) if shard is not None}

@@ -6,13 +6,12 @@ import errno
 import fcntl
 import json
 import os
-import re
 from pathlib import Path
 
 from pipeline.errors import RunError, UsageError
-from pipeline.plan import PARTS_DIR, PLAN_FILE
+from pipeline.plan import PARTS_DIR, PLAN_FILE, shard_of_part
 from pipeline.slices import Slice
-from pipeline.storage import Store, remove_temporaries
+from pipeline.storage import TMP_MARK, Store, remove_temporaries
 from pipeline.writer import write_json
 
 RUN_FILE = "run.json"
@@ -20,7 +19,6 @@ SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".lock"
 OUTPUT_STEM = "labels"
 INCREMENTS_DIR = "increments"  # incremental runs' labelling of new and changed images
-_TEMPORARY_PART = re.compile(r"^\.part-(\d+)\.parquet\.tmp-")
 
 
 class RunDirectory:
@@ -73,8 +71,9 @@ class RunDirectory:
         remove_temporaries(path / PARTS_DIR, owned=self._owns_temporary)
 
     def _owns_temporary(self, name: str) -> bool:
-        match = _TEMPORARY_PART.match(name)
-        return bool(match) and self.part.owns(int(match.group(1)))
+        # atomic_path's naming: "." + the committed name + TMP_MARK + a unique tag
+        shard = shard_of_part(name.removeprefix(".").partition(TMP_MARK)[0])
+        return shard is not None and self.part.owns(shard)
 
     def __exit__(self, *exc_info) -> None:
         if self._lock_fd is not None:

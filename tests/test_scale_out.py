@@ -61,6 +61,20 @@ def test_slices_from_flags_and_schedulers():
     assert shard_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
 
 
+def test_a_slice_clears_only_its_own_killed_temporaries(tmp_path):
+    from pipeline.rundir import RunDirectory
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    left = {shard: parts / f".part-{shard:06d}.parquet.tmp-4242-ab12cd34" for shard in range(4)}
+    for path in left.values():
+        path.write_bytes(b"killed mid-write")
+    with RunDirectory(str(tmp_path), Slice(index=1, count=2)):
+        pass
+    # shards 1 and 3 are this slice's; 0 and 2 may still be being written by slice 0
+    assert [shard for shard, path in left.items() if path.exists()] == [0, 2]
+
+
 def test_two_slices_then_merge_equal_a_single_run(tmp_path, colour_checkpoint, single_run):
     folder, reference = single_run
     out = tmp_path / "run"
