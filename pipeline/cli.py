@@ -80,8 +80,8 @@ def run(
     batch_size: Annotated[Optional[int], typer.Option(
         help="Images per batch (default: 256 on CUDA, 32 on CPU).")] = None,
     workers: Annotated[Optional[int], typer.Option(
-        help="Decoding worker processes (default: min(8, cores) on CUDA; on a CPU of up to 4 "
-             "cores 0, decoding between batches, else half the cores).")] = None,
+        help="Decoding worker processes (default: min(8, cores) on CUDA; on a CPU, half the "
+             "cores, but 0, decoding between batches, on 2 cores or fewer).")] = None,
     format: Annotated[Optional[Format], typer.Option(
         "--format", help="Output format (default: parquet).")] = None,
     top_k: Annotated[Optional[int], typer.Option(

@@ -332,8 +332,8 @@ def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
 
 
-# Cores up to which a CPU run decodes in its own process, between batches.
-SMALL_CPU = 4
+# Cores up to which a CPU run decodes in its own process, between batches: what was measured.
+SMALL_CPU = 2
 
 
 def default_workers(device: torch.device) -> int:
@@ -343,11 +343,10 @@ def default_workers(device: torch.device) -> int:
         return min(8, cpus)
     if cpus <= SMALL_CPU:
         # The model's threads take every core. A worker decoding beside them preempts one,
-        # and the others wait for it at each layer's end: on 2 cores, ResNet-50 ran at
-        # 0.75-0.93x the model alone that way, 0.85-1.02x decoding here between batches
-        # (seven runs of each, interleaved). Decode is ~1 ms per image against ~40 core-ms
-        # of model, so doing it in turn costs a few percent up to a few cores.
+        # and the other waits for it at each layer's end: on 2 cores, ResNet-50 on 500x375
+        # photos ran at 0.75-0.93x the model alone that way, 0.85-1.02x decoding here between
+        # batches (seven interleaved pairs); on 12 MP photos the two were even.
         return 0
-    # With more cores the model gets faster and a serial decode's share grows: workers.
-    # Not measured (no such machine here).
+    # With more cores the model gets faster, so decoding in turn with it costs more, while
+    # a worker's share of the cores shrinks. Not measured (no such machine here).
     return cpus // 2

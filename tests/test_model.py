@@ -175,7 +175,7 @@ def test_device_auto_and_unavailable_cuda(monkeypatch):
         resolve_device("cuda:0")
 
 
-@pytest.mark.parametrize("cores, on_cpu, on_cuda", [(1, 0, 1), (2, 0, 2), (4, 0, 4), (16, 8, 8)])
+@pytest.mark.parametrize("cores, on_cpu, on_cuda", [(1, 0, 1), (2, 0, 2), (4, 2, 4), (16, 8, 8)])
 def test_small_cpus_decode_between_batches_not_beside_the_model(monkeypatch, cores, on_cpu,
                                                                  on_cuda):
     monkeypatch.setattr(model.os, "sched_getaffinity", lambda _: set(range(cores)))
