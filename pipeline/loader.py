@@ -18,6 +18,7 @@ from pipeline.storage import is_remote, read_bytes
 # Object reads in flight per worker: a batch's requests overlap, so a store's latency is
 # paid about once per 16 images rather than once per image, without more decoding processes.
 REMOTE_READS_PER_WORKER = 16
+PREFETCH_BATCHES = 4  # per worker: batches asked for ahead of the one the model is on
 
 
 @dataclass
@@ -41,10 +42,12 @@ class Batch:
 class PlanItems(Dataset):
     """Item i of the plan, decoded. Each worker keeps only the shard it is reading in memory."""
 
-    def __init__(self, plan: Plan, preprocess: Preprocess, max_pixels: int):
+    def __init__(self, plan: Plan, preprocess: Preprocess, max_pixels: int,
+                 quarantined: dict[int, str] | None = None):
         self.plan = plan
         self.preprocess = preprocess
         self.max_pixels = max_pixels
+        self.quarantined = {} if quarantined is None else quarantined  # index -> error: files that crash the decoder
         self._shard: int | None = None
         self._keys: list[str] = []
         self._paths: list[str] = []
@@ -64,17 +67,18 @@ class PlanItems(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         key, path = self._item(index)
-        return self._sample(index, key, _fetch(path))
+        return self._sample(index, key, self._fetch(index, path))
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         """A whole batch: on object storage its reads overlap, so latency is paid once."""
         items = [self._item(i) for i in indices]
-        if any(is_remote(path) for _, path in items):
+        paths = [path for _, path in items]
+        if any(is_remote(path) for path in paths):
             if self._fetchers is None:
                 self._fetchers = ThreadPoolExecutor(REMOTE_READS_PER_WORKER)
-            fetched = list(self._fetchers.map(_fetch, [path for _, path in items]))
+            fetched = list(self._fetchers.map(self._fetch, indices, paths))
         else:
-            fetched = [_fetch(path) for _, path in items]
+            fetched = [self._fetch(i, path) for i, path in zip(indices, paths)]
         return [self._sample(i, key, data) for i, (key, _), data in zip(indices, items, fetched)]
 
     def _sample(self, index: int, key: str, data: bytes | BaseException) -> dict:
@@ -92,13 +96,14 @@ class PlanItems(Dataset):
             sample.update(image=decoded.image, width=decoded.width, height=decoded.height)
         return sample
 
-
-def _fetch(path: str) -> bytes | BaseException:
-    """The file's bytes, or the error reading it: one unreadable file fails only its row."""
-    try:
-        return read_bytes(path)
-    except DECODE_ERRORS as exc:
-        return exc
+    def _fetch(self, index: int, path: str) -> bytes | BaseException:
+        """The file's bytes, or why not: one unreadable file fails only its row."""
+        if index in self.quarantined:
+            return ImageError(self.quarantined[index])  # never read again, let alone decoded
+        try:
+            return read_bytes(path)
+        except DECODE_ERRORS as exc:
+            return exc
 
 
 def describe_error(exc: BaseException) -> str:
@@ -151,15 +156,16 @@ def _init_worker(_: int) -> None:
 
 
 def make_loader(plan: Plan, shards: list[int], preprocess: Preprocess, *, batch_size: int,
-                workers: int, max_pixels: int, pin_memory: bool) -> DataLoader:
+                workers: int, max_pixels: int, pin_memory: bool,
+                quarantined: dict[int, str] | None = None) -> DataLoader:
     """Batches of the pending shards in plan order (DataLoader keeps order across workers)."""
     extra = {}
     if workers > 0:
-        extra = {"persistent_workers": True, "prefetch_factor": 4,
+        extra = {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES,
                  "worker_init_fn": _init_worker,
                  "multiprocessing_context": "fork" if os.name == "posix" else None}
     return DataLoader(
-        PlanItems(plan, preprocess, max_pixels), batch_size=batch_size,
+        PlanItems(plan, preprocess, max_pixels, quarantined), batch_size=batch_size,
         sampler=PendingItems(plan, shards), num_workers=workers, collate_fn=collate,
         pin_memory=pin_memory, **extra,
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline.errors import RunError, UsageError
 from pipeline.plan import PARTS_DIR, PLAN_FILE, shard_of_part
+from pipeline.quarantine import QUARANTINE_FILE
 from pipeline.slices import Slice
 from pipeline.storage import TMP_MARK, Store, remove_temporaries
 from pipeline.writer import write_json
@@ -98,7 +99,7 @@ class RunDirectory:
     def clear(self) -> None:
         """Forget a previous run: only the files this tool writes are removed."""
         for name in (RUN_FILE, SUMMARY_FILE, PLAN_FILE, f"{OUTPUT_STEM}.parquet",
-                     f"{OUTPUT_STEM}.csv", PARTS_DIR, INCREMENTS_DIR):
+                     f"{OUTPUT_STEM}.csv", PARTS_DIR, INCREMENTS_DIR, QUARANTINE_FILE):
             self.store.remove(name)
 
     def prepare(self, fingerprint: dict, record: dict, overwrite: bool,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import sys
 import time
@@ -19,10 +20,10 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline import plan as planning
-from pipeline import slices
+from pipeline import quarantine, slices
 from pipeline.config import RunConfig
 from pipeline.errors import Interrupted, RunError, UsageError
-from pipeline.loader import Batch, make_loader
+from pipeline.loader import PREFETCH_BATCHES, Batch, PendingItems, PlanItems, make_loader
 from pipeline.model import (Classifier, ModelSpec, default_batch_size, default_workers,
                             resolve_device, resolve_model, resolve_precision)
 from pipeline.rundir import SUMMARY_FILE, RunDirectory
@@ -275,12 +276,19 @@ def _run_in(run_dir: RunDirectory, job: Job, part: Slice, group,
     schema = output_schema(config.top_k, extra, {
         "label_images.model": spec.model, "label_images.weights": spec.weights_id},
         embedding_size=job.classifier.embedding_size)
-    committed = planning.committed_shards(store)
-    pending = [s for s in range(plan.num_shards) if part.owns(s) and s not in committed]
+    quarantined = quarantine.load(store)
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     loop_started = time.perf_counter()
     try:
-        _label_pending(plan, pending, job, schema, store, summary, progress)
+        while True:
+            committed = planning.committed_shards(store)
+            pending = [s for s in range(plan.num_shards) if part.owns(s) and s not in committed]
+            try:
+                _label_pending(plan, pending, job, schema, store, summary, progress,
+                               quarantined)
+                break
+            except _WorkerDied as died:
+                _quarantine_crashers(died, plan, job, store, quarantined)
         summary.loop_seconds = time.perf_counter() - loop_started
     except KeyboardInterrupt as exc:
         signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
@@ -370,8 +378,36 @@ def merge(out: str, fmt: str | None = None) -> RunSummary:
         raise os_failure(exc) from None
 
 
+class _WorkerDied(Exception):
+    """A loader worker died; `in_flight` holds the items it and the others may have been on."""
+
+    def __init__(self, message: str, in_flight: list[int]):
+        super().__init__(message)
+        self.in_flight = in_flight
+
+
+def _quarantine_crashers(died: _WorkerDied, plan: planning.Plan, job: Job, store: Store,
+                         quarantined: dict[int, str]) -> None:
+    """Find the files a dead worker was on that kill a decoder; record them, or give up."""
+    items = PlanItems(plan, job.classifier.spec.preprocess, job.config.max_pixels, quarantined)
+    found = quarantine.find_crashers(items, died.in_flight)
+    if not found:  # killed from outside (the OOM killer, an operator): not a file's doing
+        raise RunError(f"{died}; committed shards are intact: run the same command to "
+                       "resume") from None
+    entries = quarantine.record(store, plan, found)
+    quarantined.update(found)
+    notice(f"{len(found)} file(s) crashed the decoder, first {entries[0]['key']}: they are "
+           f"error rows (listed in {store.url(quarantine.QUARANTINE_FILE)}); carrying on")
+
+
+def notice(text: str) -> None:
+    """Something a person reading the job's log should know; the run carries on."""
+    print(f"label-images: {text}", file=sys.stderr, flush=True)
+
+
 def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa.Schema,
-                   store: Store, summary: RunSummary, progress: bool | None) -> None:
+                   store: Store, summary: RunSummary, progress: bool | None,
+                   quarantined: dict[int, str]) -> None:
     config, classifier = job.config, job.classifier
     done_items = plan.num_items - sum(end - start for start, end in map(plan.shard_bounds, pending))
     show = (not config.quiet) if progress is None else progress
@@ -382,10 +418,11 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
         return
     loader = make_loader(plan, pending, classifier.spec.preprocess, batch_size=job.batch_size,
                          workers=job.workers, max_pixels=config.max_pixels,
-                         pin_memory=classifier.on_cuda)
+                         pin_memory=classifier.on_cuda, quarantined=quarantined)
     batches = iter(loader)  # starts the workers before any thread of ours exists (fork-safe)
     committer = PartCommitter(store, plan, schema, list(classifier.spec.categories))
     buffers: dict[int, ShardBuffer] = {}
+    received = 0  # items out of this loader, in the sampler's order
     try:
         try:
             while True:
@@ -401,6 +438,7 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
                                            classifier.embedding_size):
                     committer.submit(shard, buffer.result)
                 summary.labelled_now += len(batch.indices)
+                received += len(batch.indices)
                 bar.update(len(batch.indices))
         finally:
             bar.close()
@@ -412,9 +450,12 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
     except (RuntimeError, ConnectionError, EOFError) as exc:
         if not _worker_died(exc):
             raise
-        raise RunError(f"a loader worker died ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''}); committed shards "
-                       "are intact: run the same command to resume") from None
+        # Every worker has at most PREFETCH_BATCHES batches asked of it beyond those received.
+        window = (PREFETCH_BATCHES * job.workers + 1) * job.batch_size
+        in_flight = list(itertools.islice(PendingItems(plan, pending), received,
+                                          received + window))
+        raise _WorkerDied(f"a loader worker died ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})", in_flight) from None
     if buffers:
         raise RuntimeError(f"shards {sorted(buffers)} did not receive all their items")
 

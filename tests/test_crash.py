@@ -8,6 +8,8 @@ KILL_SEED=<seed> pytest -m slow "tests/test_crash.py::test_kill_series[0]".
 from __future__ import annotations
 
 import errno
+import faulthandler
+import json
 import os
 import random
 import signal
@@ -18,7 +20,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import loader, writer
+from pipeline import loader, quarantine, writer
 from tests.conftest import REPO, read_output, write_colour_images
 
 IMAGES = 200
@@ -224,6 +226,81 @@ def test_a_worker_that_dies_ends_the_run_with_a_message_and_rerun_resumes(
     assert marker.exists()
     monkeypatch.undo()
     resumes_to_reference(cli, args, out, reference_table)
+
+
+CRASHER = "img_0122.jpg"  # past the first shards, so that some are committed before it
+
+
+def segfault_on(poison: bytes, decode):
+    """decode, except that the file `poison` kills the decoding process as a segfault would."""
+    main_process = os.getpid()
+
+    def decode_or_crash(data, *args, **kwargs):
+        if data == poison:
+            # in the test process itself it would take pytest down: fail instead
+            assert os.getpid() != main_process, "a crashing file was decoded in the main process"
+            faulthandler.disable()  # pytest's, inherited: its traceback dump is noise here
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return decode(data, *args, **kwargs)
+
+    return decode_or_crash
+
+
+def assert_crasher_is_the_one_error_row_added(out, reference_table):
+    table = read_output(out / "labels.parquet")
+    assert table["key"].is_unique and len(table) == IMAGES
+    crashed = table["key"] == CRASHER
+    row = table[crashed].iloc[0]
+    assert row["status"] == "error" and "SIGSEGV" in row["error"], row
+    others, expected = table[~crashed], reference_table[reference_table["key"] != CRASHER]
+    for column in ("key", "status", "error", "top1_label"):
+        assert others[column].tolist() == expected[column].tolist(), column
+    listed = json.loads((out / "quarantine.json").read_text())["items"]
+    assert [entry["key"] for entry in listed] == [CRASHER]
+
+
+def test_a_file_that_crashes_a_worker_becomes_an_error_row_and_the_run_goes_on(
+        cli, tmp_path, colour_checkpoint, reference, monkeypatch):
+    folder, reference_table = reference
+    out = tmp_path / "run"
+    monkeypatch.setattr(loader, "decode",
+                        segfault_on((folder / CRASHER).read_bytes(), loader.decode))
+    done = cli(*job(folder, out, colour_checkpoint))
+    assert done.exit_code == 0, done.output
+    assert f"crashed the decoder, first {CRASHER}" in done.output
+    assert_crasher_is_the_one_error_row_added(out, reference_table)
+    again = cli(*job(folder, out, colour_checkpoint))
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    monkeypatch.undo()  # the file decodes now (a fixed decoder): --overwrite forgets it all
+    afresh = cli(*job(folder, out, colour_checkpoint), "--overwrite")
+    assert afresh.exit_code == 0, afresh.output
+    assert_same_as_reference(out, reference_table)  # quarantine.json included
+
+
+class ProbedItems:
+    """A loader dataset stand-in: some items kill the process, one may raise a bug."""
+
+    def __init__(self, segfaults: set[int], raises: int | None = None):
+        self.segfaults, self.raises = segfaults, raises
+
+    def __getitem__(self, index):
+        if index in self.segfaults:
+            faulthandler.disable()
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if index == self.raises:
+            raise ValueError("a bug of ours, not the file's")
+        return {"index": index}
+
+
+def test_the_probe_names_every_file_that_kills_the_decoder_and_no_other():
+    found = quarantine.find_crashers(ProbedItems({3, 4, 9}), list(range(12)))
+    assert found == dict.fromkeys([3, 4, 9], "the decoder crashed on this file (SIGSEGV)")
+    assert quarantine.find_crashers(ProbedItems(set()), list(range(12))) == {}
+
+
+def test_an_exception_in_the_probe_blames_no_file():
+    # Blaming the file it was on, then the next, would quarantine innocent files one by one.
+    assert quarantine.find_crashers(ProbedItems({5}, raises=2), list(range(8))) == {}
 
 
 def test_a_part_damaged_outside_our_commits_is_named_and_redone(
