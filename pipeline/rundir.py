@@ -33,6 +33,9 @@ class RunDirectory:
         self.store = Store(str(location))
         self.part = part
         self._lock_fd: int | None = None
+        # The previous holder died without letting go (SIGKILL, a segfault, the OOM killer):
+        # its pid is still in the lock file, which a run ending in any other way empties.
+        self.ended_abruptly = False
 
     def __enter__(self) -> RunDirectory:
         try:
@@ -62,6 +65,7 @@ class RunDirectory:
             which = "" if self.part.whole else f" ({self.part.describe()})"
             raise RunError(f"another label-images run{which} (pid {holder}) is using "
                            f"{path}; wait for it to finish or choose another --out") from None
+        self.ended_abruptly = bool(os.pread(fd, 64, 0).strip())
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -78,6 +82,7 @@ class RunDirectory:
 
     def __exit__(self, *exc_info) -> None:
         if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)  # ended, not abruptly
             fcntl.lockf(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -271,6 +271,7 @@ def test_a_file_that_crashes_a_worker_becomes_an_error_row_and_the_run_goes_on(
     assert_crasher_is_the_one_error_row_added(out, reference_table)
     again = cli(*job(folder, out, colour_checkpoint))
     assert again.exit_code == 0 and "nothing to do" in again.output
+    assert "ended abruptly" not in again.output  # the run before ended normally
     monkeypatch.undo()  # the file decodes now (a fixed decoder): --overwrite forgets it all
     afresh = cli(*job(folder, out, colour_checkpoint), "--overwrite")
     assert afresh.exit_code == 0, afresh.output
@@ -301,6 +302,42 @@ def test_the_probe_names_every_file_that_kills_the_decoder_and_no_other():
 def test_an_exception_in_the_probe_blames_no_file():
     # Blaming the file it was on, then the next, would quarantine innocent files one by one.
     assert quarantine.find_crashers(ProbedItems({5}, raises=2), list(range(8))) == {}
+
+
+CRASH_IN_PROCESS = """
+import os, signal, sys
+from pipeline import cli, loader, runner
+poison = open(sys.argv[1], "rb").read()
+decode = loader.decode
+def decode_or_crash(data, *args, **kwargs):
+    if data == poison:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return decode(data, *args, **kwargs)
+loader.decode = decode_or_crash
+runner.default_workers = lambda device: 0  # as on a small CPU: decode in the main process
+sys.argv = ["label-images", *sys.argv[2:]]
+cli.main()
+"""
+
+
+def test_after_a_crash_in_process_the_next_run_isolates_the_decoder_and_finishes(
+        tmp_path, colour_checkpoint, reference):
+    """Without workers a crashing file takes the run down; the rerun must not die there again."""
+    folder, reference_table = reference
+    out = tmp_path / "run"
+    args = job(folder, out, colour_checkpoint)
+    at = args.index("--workers")
+    args = args[:at] + args[at + 2:]  # the default: none on this (patched) small CPU
+    crash = [sys.executable, "-c", CRASH_IN_PROCESS, str(folder / CRASHER), *args]
+    first = subprocess.run(crash, cwd=REPO, capture_output=True, text=True)
+    assert first.returncode == -signal.SIGSEGV, first.stderr
+    assert 0 < count_parts(out) < IMAGES // SHARD  # died part way, past some commits
+    second = subprocess.run(crash, cwd=REPO, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    assert "ended abruptly: decoding in a worker process" in second.stderr
+    assert f"crashed the decoder, first {CRASHER}" in second.stderr
+    assert_crasher_is_the_one_error_row_added(out, reference_table)
+    assert json.loads((out / "run.json").read_text())["resolved"]["workers"] == 1
 
 
 def test_a_part_damaged_outside_our_commits_is_named_and_redone(
