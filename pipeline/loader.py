@@ -47,7 +47,8 @@ class PlanItems(Dataset):
         self.plan = plan
         self.preprocess = preprocess
         self.max_pixels = max_pixels
-        self.quarantined = {} if quarantined is None else quarantined  # index -> error: files that crash the decoder
+        # index -> error row: files that crash the decoder, never read again
+        self.quarantined = {} if quarantined is None else quarantined
         self._shard: int | None = None
         self._keys: list[str] = []
         self._paths: list[str] = []
@@ -149,7 +150,7 @@ class PendingItems(Sampler[int]):
         return sum(end - start for start, end in map(self.plan.shard_bounds, self.shards))
 
 
-def _init_worker(_: int) -> None:
+def init_worker(_: int = 0) -> None:
     # Decoding is one image per worker at a time; torch's own thread pool there would only
     # fight the model's threads for the same cores.
     torch.set_num_threads(1)
@@ -162,7 +163,7 @@ def make_loader(plan: Plan, shards: list[int], preprocess: Preprocess, *, batch_
     extra = {}
     if workers > 0:
         extra = {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES,
-                 "worker_init_fn": _init_worker,
+                 "worker_init_fn": init_worker,
                  "multiprocessing_context": "fork" if os.name == "posix" else None}
     return DataLoader(
         PlanItems(plan, preprocess, max_pixels, quarantined), batch_size=batch_size,

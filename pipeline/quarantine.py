@@ -6,8 +6,7 @@ import json
 import multiprocessing
 import signal
 
-import torch
-
+from pipeline.loader import init_worker
 from pipeline.plan import Plan
 from pipeline.storage import Store
 from pipeline.writer import write_json
@@ -69,7 +68,7 @@ def find_crashers(items, indices: list[int]) -> dict[int, str]:
 
 
 def _decode_each(items, indices: list[int], sender) -> None:
-    torch.set_num_threads(1)  # a loader worker's setting
+    init_worker()
     for index in indices:
         sender.send(index)  # before decoding: if this file kills us, the parent knows which
         items[index]

@@ -429,7 +429,7 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
     batches = iter(loader)  # starts the workers before any thread of ours exists (fork-safe)
     committer = PartCommitter(store, plan, schema, list(classifier.spec.categories))
     buffers: dict[int, ShardBuffer] = {}
-    received = 0  # items out of this loader, in the sampler's order
+    labelled_before = summary.labelled_now  # what came out of this loader is the difference
     try:
         try:
             while True:
@@ -445,7 +445,6 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
                                            classifier.embedding_size):
                     committer.submit(shard, buffer.result)
                 summary.labelled_now += len(batch.indices)
-                received += len(batch.indices)
                 bar.update(len(batch.indices))
         finally:
             bar.close()
@@ -459,6 +458,7 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
             raise
         # Every worker has at most PREFETCH_BATCHES batches asked of it beyond those received.
         window = (PREFETCH_BATCHES * job.workers + 1) * job.batch_size
+        received = summary.labelled_now - labelled_before
         in_flight = list(itertools.islice(PendingItems(plan, pending), received,
                                           received + window))
         raise _WorkerDied(f"a loader worker died ({type(exc).__name__}: "
