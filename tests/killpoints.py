@@ -7,6 +7,8 @@ POINT is where the process dies, at the N-th time it gets there (1-based):
   part-committed      a part was committed (local: renamed; object storage: uploaded)
   merge-mid-write     the final file is being assembled
   merge-after-rename  the final file is in place, before the parts are removed
+or, with a file's path for N, `decoding FILE`: every process that decodes FILE dies of
+SIGSEGV, as in a decoder crash, with the default of no loader workers of a small CPU.
 Under torchrun, set KILL_RANK to kill only that rank.
 Used by the crash, scale-out and storage tests; the production code has no hooks for this.
 """
@@ -19,9 +21,10 @@ import sys
 
 import pyarrow.parquet as pq
 
-from pipeline import cli, runner, writer
+from pipeline import cli, loader, runner, writer
 
-POINT, COUNT = sys.argv[1], int(sys.argv[2])
+POINT = sys.argv[1]
+COUNT = int(sys.argv[2]) if POINT != "decoding" else 0
 # Under torchrun, KILL_RANK picks the one rank that dies; the others run normally.
 if os.environ.get("KILL_RANK", os.environ.get("RANK")) != os.environ.get("RANK"):
     POINT = "none"
@@ -87,6 +90,20 @@ def write_part(store, name, table):
         die()
 
 
+real_decode = loader.decode
+
+
+def decode(data, *args, **kwargs):
+    if data == POISON:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return real_decode(data, *args, **kwargs)
+
+
+if POINT == "decoding":
+    with open(sys.argv[2], "rb") as fh:
+        POISON = fh.read()
+    loader.decode = decode
+    runner.default_workers = lambda device: 0
 runner.write_part = write_part
 os.replace = replace
 writer.pq.write_table = write_table

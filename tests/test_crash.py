@@ -317,22 +317,6 @@ def test_an_exception_in_the_probe_blames_no_file():
     assert quarantine.find_crashers(ProbedItems({5}, raises=2), list(range(8))) == {}
 
 
-CRASH_IN_PROCESS = """
-import os, signal, sys
-from pipeline import cli, loader, runner
-poison = open(sys.argv[1], "rb").read()
-decode = loader.decode
-def decode_or_crash(data, *args, **kwargs):
-    if data == poison:
-        os.kill(os.getpid(), signal.SIGSEGV)
-    return decode(data, *args, **kwargs)
-loader.decode = decode_or_crash
-runner.default_workers = lambda device: 0  # as on a small CPU: decode in the main process
-sys.argv = ["label-images", *sys.argv[2:]]
-cli.main()
-"""
-
-
 def test_after_a_crash_in_process_the_next_run_isolates_the_decoder_and_finishes(
         tmp_path, colour_checkpoint, reference):
     """Without workers a crashing file takes the run down; the rerun must not die there again."""
@@ -340,8 +324,9 @@ def test_after_a_crash_in_process_the_next_run_isolates_the_decoder_and_finishes
     out = tmp_path / "run"
     args = job(folder, out, colour_checkpoint)
     at = args.index("--workers")
-    args = args[:at] + args[at + 2:]  # the default: none on this (patched) small CPU
-    crash = [sys.executable, "-c", CRASH_IN_PROCESS, str(folder / CRASHER), *args]
+    args = args[:at] + args[at + 2:]  # the default: none, as killpoints makes it
+    crash = [sys.executable, str(REPO / "tests" / "killpoints.py"), "decoding",
+             str(folder / CRASHER), *args]
     first = subprocess.run(crash, cwd=REPO, capture_output=True, text=True)
     assert first.returncode == -signal.SIGSEGV, first.stderr
     assert 0 < count_parts(out) < IMAGES // SHARD  # died part way, past some commits
