@@ -268,15 +268,20 @@ def _run_in(run_dir: RunDirectory, job: Job, part: Slice, group,
     summary = RunSummary(output=store.url(output), run_dir=store.url(),
                          device=job.record["resolved"]["device"],
                          precision=job.record["resolved"]["precision"])
-    if run_dir.ended_abruptly and job.workers == 0 and config.workers is None:
+    def finished() -> bool:
+        return store.exists(output) or (store.exists(run_dir.output_name("parquet"))
+                                        and part.whole)
+
+    if (run_dir.ended_abruptly and job.workers == 0 and config.workers is None
+            and (config.overwrite or not finished())):
         # Killed, or a file crashed the decoder in this very process: decode in a worker this
         # time, so that such a file is found and becomes an error row instead of ending the
-        # run again at the same place.
+        # run again at the same place. (Killed after its final rename: nothing to decode.)
         job.workers = job.record["resolved"]["workers"] = 1
         notice(f"the last run in {store.url()} ended abruptly: decoding in a worker process "
                "this time, so that a file that crashes the decoder cannot end it again")
     summary.resumed, plan = _open_plan(run_dir, job, part, group)
-    if store.exists(output) or (store.exists(run_dir.output_name("parquet")) and part.whole):
+    if finished():
         return _already_complete(run_dir, job, summary)
     extra = job.items.select(list(config.keep_columns)).schema
     job.items = None  # from here on, memory is bounded by shards, not by the dataset

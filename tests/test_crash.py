@@ -37,6 +37,12 @@ def job(folder, out, checkpoint):
             "--workers", "1", "--resize", "72", "--crop", "64", "--quiet"]
 
 
+def without_workers(args):
+    """The job with the default loader workers instead of one."""
+    at = args.index("--workers")
+    return args[:at] + args[at + 2:]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, colour_checkpoint):
     """A few hundred images (some broken) and the output of one uninterrupted run."""
@@ -284,7 +290,6 @@ def test_a_file_that_crashes_a_worker_becomes_an_error_row_and_the_run_goes_on(
     assert_crasher_is_the_one_error_row_added(out, reference_table)
     again = cli(*job(folder, out, colour_checkpoint))
     assert again.exit_code == 0 and "nothing to do" in again.output
-    assert "ended abruptly" not in again.output  # the run before ended normally
     monkeypatch.undo()  # the file decodes now (a fixed decoder): --overwrite forgets it all
     afresh = cli(*job(folder, out, colour_checkpoint), "--overwrite")
     assert afresh.exit_code == 0, afresh.output
@@ -322,9 +327,7 @@ def test_after_a_crash_in_process_the_next_run_isolates_the_decoder_and_finishes
     """Without workers a crashing file takes the run down; the rerun must not die there again."""
     folder, reference_table = reference
     out = tmp_path / "run"
-    args = job(folder, out, colour_checkpoint)
-    at = args.index("--workers")
-    args = args[:at] + args[at + 2:]  # the default: none, as killpoints makes it
+    args = without_workers(job(folder, out, colour_checkpoint))  # none, as killpoints makes it
     crash = [sys.executable, str(REPO / "tests" / "killpoints.py"), "decoding",
              str(folder / CRASHER), *args]
     first = subprocess.run(crash, cwd=REPO, capture_output=True, text=True)
@@ -336,6 +339,20 @@ def test_after_a_crash_in_process_the_next_run_isolates_the_decoder_and_finishes
     assert f"crashed the decoder, first {CRASHER}" in second.stderr
     assert_crasher_is_the_one_error_row_added(out, reference_table)
     assert json.loads((out / "run.json").read_text())["resolved"]["workers"] == 1
+
+
+def test_a_run_killed_after_its_final_rename_has_nothing_to_do_and_says_only_that(
+        cli, tmp_path, colour_checkpoint, reference, monkeypatch):
+    folder, _ = reference
+    out = tmp_path / "run"
+    monkeypatch.setattr("pipeline.runner.default_workers", lambda device: 0)  # a small CPU's
+    args = without_workers(job(folder, out, colour_checkpoint))
+    assert cli(*args).exit_code == 0
+    (out / ".lock").write_text("4242\n")  # the pid a holder killed before letting go leaves
+    again = cli(*args)
+    assert again.exit_code == 0 and "nothing to do" in again.output, again.output
+    assert "ended abruptly" not in again.output
+    assert json.loads((out / "run.json").read_text())["resolved"]["workers"] == 0
 
 
 def test_a_part_damaged_outside_our_commits_is_named_and_redone(
