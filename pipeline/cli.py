@@ -105,7 +105,7 @@ def run(
     overwrite: Annotated[Optional[bool], typer.Option(
         "--overwrite", help="Discard a previous run in --out and start afresh.")] = None,
     quiet: Annotated[Optional[bool], typer.Option(
-        "--quiet", "-q", help="No progress bar.")] = None,
+        "--quiet", "-q", help="No progress (a bar; in a log, a line a minute).")] = None,
     compile: Annotated[Optional[bool], typer.Option(
         "--compile", help="torch.compile the model (pays off on long runs).")] = None,
     embeddings: Annotated[Optional[bool], typer.Option(

@@ -417,14 +417,45 @@ def notice(text: str) -> None:
     print(f"label-images: {text}", file=sys.stderr, flush=True)
 
 
+# On a terminal the bar redraws in place. In a log (cron, a scheduler's capture) each redraw
+# would stay, up to ten a second: tens of MB a night. There it is one plain line a minute
+# (none for a job shorter than that: its summary line says it all).
+LOG_PROGRESS_SECONDS = 60
+
+
+def progress_bar(total: int, done: int, show: bool) -> tqdm:
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=done, unit="img", disable=not show, file=sys.stderr,
+                    dynamic_ncols=True, smoothing=0.1)
+    return tqdm(total=total, initial=done, unit="img", disable=not show,
+                file=_LogLines(sys.stderr), mininterval=LOG_PROGRESS_SECONDS,
+                maxinterval=LOG_PROGRESS_SECONDS, delay=LOG_PROGRESS_SECONDS, smoothing=0,
+                bar_format="label-images: {n} of {total} images ({percentage:.0f}%), "
+                           "{rate_fmt}, {elapsed} elapsed, about {remaining} to go")
+
+
+class _LogLines:
+    """A stream for tqdm that keeps each of its redraws as a line of its own."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.strip()  # tqdm's carriage return, padding and final newline
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa.Schema,
                    store: Store, summary: RunSummary, progress: bool | None,
                    quarantined: dict[int, str]) -> None:
     config, classifier = job.config, job.classifier
     done_items = plan.num_items - sum(end - start for start, end in map(plan.shard_bounds, pending))
     show = (not config.quiet) if progress is None else progress
-    bar = tqdm(total=plan.num_items, initial=done_items, unit="img", disable=not show,
-               file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    bar = progress_bar(plan.num_items, done_items, show)
     if not pending:
         bar.close()
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -17,6 +18,20 @@ def base_args(source, out, checkpoint, *extra):
     return ["run", source, "--out", out, "--model", "resnet18", "--weights", checkpoint,
             "--top-k", "3", "--workers", "1", "--batch-size", "5", "--shard-size", "7",
             "--quiet", *FAST, *extra]
+
+
+def test_progress_in_a_log_is_a_plain_line_per_report(
+        cli, tmp_path, colour_folder, colour_checkpoint, monkeypatch):
+    """stderr not a terminal (cron, a scheduler): no redraws left in the log, lines instead."""
+    monkeypatch.setattr("pipeline.runner.LOG_PROGRESS_SECONDS", 0)  # a report every batch
+    folder, truth = colour_folder
+    args = [a for a in base_args(folder, tmp_path / "run", colour_checkpoint) if a != "--quiet"]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.output
+    counts = [int(n) for n in re.findall(rf"^label-images: (\d+) of {len(truth)} images",
+                                         result.output, re.MULTILINE)]
+    assert len(set(counts)) > 2 and counts == sorted(counts) and counts[-1] == len(truth)
 
 
 def test_labels_every_image_once_in_source_order_and_correctly(
