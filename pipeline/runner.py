@@ -289,15 +289,18 @@ def _run_in(run_dir: RunDirectory, job: Job, part: Slice, group,
         "label_images.model": spec.model, "label_images.weights": spec.weights_id},
         embedding_size=job.classifier.embedding_size)
     quarantined = quarantine.load(store)
+    show = (not config.quiet) if progress is None else progress
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     loop_started = time.perf_counter()
     try:
         while True:
             committed = planning.committed_shards(store)
-            pending = [s for s in range(plan.num_shards) if part.owns(s) and s not in committed]
+            owned = [s for s in range(plan.num_shards) if part.owns(s)]
+            pending = [s for s in owned if s not in committed]
+            total = _items_in(plan, owned)
             try:
-                _label_pending(plan, pending, job, schema, store, summary, progress,
-                               quarantined)
+                bar = progress_bar(total, total - _items_in(plan, pending), show, part)
+                _label_pending(plan, pending, job, schema, store, summary, bar, quarantined)
                 break
             except _WorkerDied as died:
                 _quarantine_crashers(died, plan, job, store, quarantined)
@@ -423,15 +426,22 @@ def notice(text: str) -> None:
 LOG_PROGRESS_SECONDS = 60
 
 
-def progress_bar(total: int, done: int, show: bool) -> tqdm:
+def progress_bar(total: int, done: int, show: bool, part: Slice) -> tqdm:
+    """Items of this slice (all of them, unless an array job or torchrun split the work)."""
+    which = None if part.whole else part.describe()
     if sys.stderr.isatty():
         return tqdm(total=total, initial=done, unit="img", disable=not show, file=sys.stderr,
-                    dynamic_ncols=True, smoothing=0.1)
+                    dynamic_ncols=True, smoothing=0.1, desc=which)
+    prefix = f"label-images: {which}: " if which else "label-images: "
     return tqdm(total=total, initial=done, unit="img", disable=not show,
                 file=_LogLines(sys.stderr), mininterval=LOG_PROGRESS_SECONDS,
                 maxinterval=LOG_PROGRESS_SECONDS, delay=LOG_PROGRESS_SECONDS, smoothing=0,
-                bar_format="label-images: {n} of {total} images ({percentage:.0f}%), "
-                           "{rate_fmt}, {elapsed} elapsed, about {remaining} to go")
+                bar_format=prefix + "{n} of {total} images ({percentage:.0f}%), {rate_fmt}, "
+                                    "{elapsed} elapsed, about {remaining} to go")
+
+
+def _items_in(plan: planning.Plan, shards: list[int]) -> int:
+    return sum(end - start for start, end in map(plan.shard_bounds, shards))
 
 
 class _LogLines:
@@ -450,12 +460,9 @@ class _LogLines:
 
 
 def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa.Schema,
-                   store: Store, summary: RunSummary, progress: bool | None,
+                   store: Store, summary: RunSummary, bar: tqdm,
                    quarantined: dict[int, str]) -> None:
     config, classifier = job.config, job.classifier
-    done_items = plan.num_items - sum(end - start for start, end in map(plan.shard_bounds, pending))
-    show = (not config.quiet) if progress is None else progress
-    bar = progress_bar(plan.num_items, done_items, show)
     if not pending:
         bar.close()
         return

@@ -20,18 +20,27 @@ def base_args(source, out, checkpoint, *extra):
             "--quiet", *FAST, *extra]
 
 
+@pytest.mark.parametrize("part", [None, (1, 2)])
 def test_progress_in_a_log_is_a_plain_line_per_report(
-        cli, tmp_path, colour_folder, colour_checkpoint, monkeypatch):
-    """stderr not a terminal (cron, a scheduler): no redraws left in the log, lines instead."""
+        cli, tmp_path, colour_folder, colour_checkpoint, monkeypatch, part):
+    """stderr not a terminal (cron, a scheduler): no redraws left in the log, lines instead.
+
+    A slice of an array job counts its own share, and says which slice it is."""
     monkeypatch.setattr("pipeline.runner.LOG_PROGRESS_SECONDS", 0)  # a report every batch
     folder, truth = colour_folder
     args = [a for a in base_args(folder, tmp_path / "run", colour_checkpoint) if a != "--quiet"]
+    total, which = len(truth), ""
+    if part is not None:
+        index, count = part
+        args += ["--shard-index", str(index), "--num-shards", str(count)]
+        total = sum(min(7, len(truth) - start) for start in range(7 * index, len(truth), 7 * count))
+        which = f"slice {index} of {count}: "
     result = cli(*args)
     assert result.exit_code == 0, result.output
     assert "\r" not in result.output
-    counts = [int(n) for n in re.findall(rf"^label-images: (\d+) of {len(truth)} images",
+    counts = [int(n) for n in re.findall(rf"^label-images: {which}(\d+) of {total} images",
                                          result.output, re.MULTILINE)]
-    assert len(set(counts)) > 2 and counts == sorted(counts) and counts[-1] == len(truth)
+    assert len(set(counts)) > 2 and counts == sorted(counts) and counts[-1] == total
 
 
 def test_labels_every_image_once_in_source_order_and_correctly(
