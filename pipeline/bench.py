@@ -114,7 +114,8 @@ def _loader_alone(plan, job) -> float:
     for _ in range(2):  # the first pass also pays for warming files and allocator
         loader = make_loader(plan, list(range(plan.num_shards)), job.classifier.spec.preprocess,
                              batch_size=job.batch_size, workers=job.workers,
-                             max_pixels=job.config.max_pixels, pin_memory=job.classifier.on_cuda)
+                             max_pixels=job.config.max_pixels, pin_memory=job.classifier.on_cuda,
+                             prefetch=job.prefetch)
         batches = iter(loader)
         first = next(batches)  # worker start-up is not throughput
         started, count = time.perf_counter(), 0

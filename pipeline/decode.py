@@ -57,6 +57,11 @@ class Preprocess:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
 
+    @property
+    def crop_bytes(self) -> int:
+        """One preprocessed image in a batch: uint8, 3 x crop x crop."""
+        return 3 * self.crop * self.crop
+
     def to_dict(self) -> dict:
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean),
                 "std": list(self.std), "interpolation": self.interpolation}

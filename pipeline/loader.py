@@ -19,6 +19,57 @@ from pipeline.storage import is_remote, read_bytes
 # paid about once per 16 images rather than once per image, without more decoding processes.
 REMOTE_READS_PER_WORKER = 16
 PREFETCH_BATCHES = 4  # per worker: batches asked for ahead of the one the model is on
+# Workers hand their batches over in shared memory (/dev/shm on Linux), which containers
+# keep small: 64 MB under Docker and Kubernetes unless raised. The batches in flight may
+# take at most this share of what is free when the run starts.
+SHARED_MEMORY = "/dev/shm"
+SHARED_MEMORY_SHARE = 0.5
+MIN_BATCH_SIZE = 32  # how far a default batch size is lowered to keep decoding workers
+
+
+@dataclass(frozen=True)
+class LoaderSize:
+    workers: int
+    batch_size: int
+    prefetch: int  # batches each worker is asked for ahead
+
+    def shared_bytes(self, image_bytes: int) -> int:
+        """Shared memory the batches in flight can take: the prefetched ones and one in use."""
+        if self.workers == 0:
+            return 0  # decoded in the main process: nothing is handed over
+        return (self.workers * self.prefetch + 1) * self.batch_size * image_bytes
+
+
+def free_shared_memory() -> int | None:
+    """Bytes free in shared memory now; None where there is no /dev/shm to measure."""
+    try:
+        stats = os.statvfs(SHARED_MEMORY)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def fit_shared_memory(wanted: LoaderSize, image_bytes: int, free: int | None, *,
+                      fixed_workers: bool, fixed_batch: bool) -> LoaderSize | None:
+    """The largest loader like `wanted` whose batches in flight fit in the shared memory.
+
+    Fewer batches prefetched first, then (unless fixed) smaller batches, down to
+    MIN_BATCH_SIZE, then (unless fixed) fewer workers; None if that is not enough.
+    """
+    if free is None:
+        return wanted
+    budget = int(free * SHARED_MEMORY_SHARE)
+    size = wanted
+    while size.prefetch > 1 and size.shared_bytes(image_bytes) > budget:
+        size = LoaderSize(size.workers, size.batch_size, size.prefetch - 1)
+    while (not fixed_batch and size.batch_size > MIN_BATCH_SIZE
+           and size.shared_bytes(image_bytes) > budget):
+        size = LoaderSize(size.workers, max(MIN_BATCH_SIZE, size.batch_size // 2), size.prefetch)
+    while not fixed_workers and size.workers > 0 and size.shared_bytes(image_bytes) > budget:
+        size = LoaderSize(size.workers - 1, size.batch_size, size.prefetch)
+    if size.workers == 0:
+        return LoaderSize(0, wanted.batch_size, wanted.prefetch)  # nothing shared: as wanted
+    return size if size.shared_bytes(image_bytes) <= budget else None
 
 
 @dataclass
@@ -158,11 +209,12 @@ def init_worker(_: int = 0) -> None:
 
 def make_loader(plan: Plan, shards: list[int], preprocess: Preprocess, *, batch_size: int,
                 workers: int, max_pixels: int, pin_memory: bool,
-                quarantined: dict[int, str] | None = None) -> DataLoader:
+                quarantined: dict[int, str] | None = None,
+                prefetch: int = PREFETCH_BATCHES) -> DataLoader:
     """Batches of the pending shards in plan order (DataLoader keeps order across workers)."""
     extra = {}
     if workers > 0:
-        extra = {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES,
+        extra = {"persistent_workers": True, "prefetch_factor": prefetch,
                  "worker_init_fn": init_worker,
                  "multiprocessing_context": "fork" if os.name == "posix" else None}
     return DataLoader(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import os
 import signal
 import sys
 import time
@@ -23,7 +25,9 @@ from pipeline import plan as planning
 from pipeline import quarantine, slices
 from pipeline.config import RunConfig
 from pipeline.errors import Interrupted, RunError, UsageError
-from pipeline.loader import PREFETCH_BATCHES, Batch, PendingItems, PlanItems, make_loader
+from pipeline.loader import (PREFETCH_BATCHES, SHARED_MEMORY, SHARED_MEMORY_SHARE, Batch,
+                             LoaderSize, PendingItems, PlanItems, fit_shared_memory,
+                             free_shared_memory, make_loader)
 from pipeline.model import (Classifier, ModelSpec, default_batch_size, default_workers,
                             resolve_device, resolve_model, resolve_precision)
 from pipeline.rundir import SUMMARY_FILE, RunDirectory
@@ -173,6 +177,7 @@ class Job:
     workers: int
     record: dict
     started: float
+    prefetch: int = PREFETCH_BATCHES  # batches each worker is asked for ahead
 
 
 def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False) -> Job:
@@ -189,8 +194,11 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False) ->
         raise UsageError("--embeddings are written to Parquet only: use --format parquet")
     classifier = Classifier(spec, device, dtype, config.top_k, compile=config.compile,
                             embeddings=config.embeddings)
-    batch_size = config.batch_size or default_batch_size(device)
-    workers = config.workers if config.workers is not None else default_workers(device)
+    wanted = LoaderSize(
+        workers=config.workers if config.workers is not None else default_workers(device),
+        batch_size=config.batch_size or default_batch_size(device), prefetch=PREFETCH_BATCHES)
+    size = _fit_loader(config, part, wanted, image_bytes=spec.preprocess.crop_bytes)
+    batch_size, workers = size.batch_size, size.workers
     record = {
         "config": config.to_dict(),
         "resolved": {"device": str(device), "precision": str(dtype).removeprefix("torch."),
@@ -202,7 +210,41 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False) ->
                      "simplejpeg": version("simplejpeg")},
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return Job(config, source, items, classifier, batch_size, workers, record, started)
+    return Job(config, source, items, classifier, batch_size, workers, record, started,
+               size.prefetch)
+
+
+def _fit_loader(config: RunConfig, part: Slice, wanted: LoaderSize,
+                image_bytes: int) -> LoaderSize:
+    """The loader as wanted, or smaller where shared memory is short; says what and why."""
+    free = free_shared_memory()
+    # torchrun's processes on one node share it
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if part.distributed else 1
+    size = fit_shared_memory(wanted, image_bytes, None if free is None else free // sharing,
+                             fixed_workers=config.workers is not None,
+                             fixed_batch=config.batch_size is not None)
+    if size == wanted:
+        return size
+    held = wanted.shared_bytes(image_bytes) * sharing
+    each = f" in each of {sharing} processes" if sharing > 1 else ""
+    shortage = (f"{SHARED_MEMORY} has {free / 2**20:.0f} MB free, and {wanted.workers} loader "
+                f"workers with batches of {wanted.batch_size}{each} can hold "
+                f"{held / 2**20:.0f} MB there")
+    if size is None:
+        raise UsageError(f"{shortage}: {_more_shared_memory(held)}, or lower --workers or "
+                         "--batch-size")
+    using = ("decoding in the main process" if size.workers == 0 else
+             f"using {size.workers} worker(s), batches of {size.batch_size}, {size.prefetch} "
+             "prefetched by each")
+    notice(f"{shortage}: {using}; for full speed {_more_shared_memory(held)}")
+    return size
+
+
+def _more_shared_memory(held: int) -> str:
+    gigabytes = max(1, math.ceil(held / SHARED_MEMORY_SHARE / 2**30))
+    return (f"give the container {gigabytes} GB of shared memory (docker run "
+            f"--shm-size={gigabytes}g; Kubernetes: an emptyDir volume with medium: Memory "
+            "mounted at /dev/shm)")
 
 
 def os_failure(exc: OSError, where: str | None = None) -> RunError:
@@ -268,6 +310,7 @@ def _run_in(run_dir: RunDirectory, job: Job, part: Slice, group,
     summary = RunSummary(output=store.url(output), run_dir=store.url(),
                          device=job.record["resolved"]["device"],
                          precision=job.record["resolved"]["precision"])
+
     def finished() -> bool:
         return store.exists(output) or (store.exists(run_dir.output_name("parquet"))
                                         and part.whole)
@@ -277,9 +320,15 @@ def _run_in(run_dir: RunDirectory, job: Job, part: Slice, group,
         # Killed, or a file crashed the decoder in this very process: decode in a worker this
         # time, so that such a file is found and becomes an error row instead of ending the
         # run again at the same place. (Killed after its final rename: nothing to decode.)
-        job.workers = job.record["resolved"]["workers"] = 1
-        notice(f"the last run in {store.url()} ended abruptly: decoding in a worker process "
-               "this time, so that a file that crashes the decoder cannot end it again")
+        worker = fit_shared_memory(LoaderSize(1, job.batch_size, PREFETCH_BATCHES),
+                                   spec.preprocess.crop_bytes, free_shared_memory(),
+                                   fixed_workers=True, fixed_batch=True)
+        if worker is not None:
+            job.workers = job.record["resolved"]["workers"] = 1
+            job.prefetch = worker.prefetch
+            notice(f"the last run in {store.url()} ended abruptly: decoding in a worker "
+                   "process this time, so that a file that crashes the decoder cannot end it "
+                   "again")
     summary.resumed, plan = _open_plan(run_dir, job, part, group)
     if finished():
         return _already_complete(run_dir, job, summary)
@@ -468,7 +517,8 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
         return
     loader = make_loader(plan, pending, classifier.spec.preprocess, batch_size=job.batch_size,
                          workers=job.workers, max_pixels=config.max_pixels,
-                         pin_memory=classifier.on_cuda, quarantined=quarantined)
+                         pin_memory=classifier.on_cuda, quarantined=quarantined,
+                         prefetch=job.prefetch)
     batches = iter(loader)  # starts the workers before any thread of ours exists (fork-safe)
     committer = PartCommitter(store, plan, schema, list(classifier.spec.categories))
     buffers: dict[int, ShardBuffer] = {}
@@ -497,10 +547,18 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
                 committer.drain()  # whatever happened, finished shards get committed
                 summary.write_seconds += committer.seconds
     except (RuntimeError, ConnectionError, EOFError) as exc:
+        if _out_of_shared_memory(exc):
+            # Something else filled it since the start: not a file's fault, nothing to probe.
+            held = LoaderSize(job.workers, job.batch_size, job.prefetch).shared_bytes(
+                classifier.spec.preprocess.crop_bytes)
+            raise RunError(f"the loader ran out of shared memory in {SHARED_MEMORY}; the "
+                           f"shards committed so far are intact: {_more_shared_memory(held)}, "
+                           "or lower --workers or --batch-size, and run the same command to "
+                           "resume") from None
         if not _worker_died(exc):
             raise
-        # Every worker has at most PREFETCH_BATCHES batches asked of it beyond those received.
-        window = (PREFETCH_BATCHES * job.workers + 1) * job.batch_size
+        # Every worker has at most job.prefetch batches asked of it beyond those received.
+        window = (job.prefetch * job.workers + 1) * job.batch_size
         received = summary.labelled_now - labelled_before
         in_flight = list(itertools.islice(PendingItems(plan, pending), received,
                                           received + window))
@@ -508,6 +566,14 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
                           f"{str(exc).splitlines()[0] if str(exc) else ''})", in_flight) from None
     if buffers:
         raise RuntimeError(f"shards {sorted(buffers)} did not receive all their items")
+
+
+def _out_of_shared_memory(exc: BaseException) -> bool:
+    # torch's words: a worker's allocation refused, or a worker killed by SIGBUS touching
+    # shared memory that tmpfs could not back.
+    text = str(exc)
+    return (isinstance(exc, RuntimeError) and "shared memory" in text
+            and ("No space left" in text or "Bus error" in text))
 
 
 def _worker_died(exc: BaseException) -> bool:

@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -353,6 +354,67 @@ def test_a_run_killed_after_its_final_rename_has_nothing_to_do_and_says_only_tha
     assert again.exit_code == 0 and "nothing to do" in again.output, again.output
     assert "ended abruptly" not in again.output
     assert json.loads((out / "run.json").read_text())["resolved"]["workers"] == 0
+
+
+def test_workers_given_that_shared_memory_cannot_hold_are_refused_before_any_work(
+        cli, tmp_path, colour_checkpoint, reference, monkeypatch):
+    folder, _ = reference
+    out = tmp_path / "run"
+    monkeypatch.setattr("pipeline.runner.free_shared_memory", lambda: 100_000)
+    fails_with(cli, job(folder, out, colour_checkpoint), 2, "/dev/shm has", "--shm-size",
+               "or lower --workers or --batch-size")
+    assert not out.exists()
+
+
+def test_shared_memory_running_out_mid_run_is_one_line_and_keeps_what_was_committed(
+        cli, tmp_path, colour_checkpoint, reference, monkeypatch):
+    folder, reference_table = reference
+    out = tmp_path / "run"
+    real_collate = loader.collate
+
+    def collate(samples):  # in the worker, as torch's collate says it half way through
+        if samples[0]["index"] >= IMAGES // 2:
+            raise RuntimeError("unable to allocate shared memory(shm) for file "
+                               "</torch_1_2_0>: No space left on device (28)")
+        return real_collate(samples)
+
+    monkeypatch.setattr(loader, "collate", collate)
+    args = job(folder, out, colour_checkpoint)
+    fails_with(cli, args, 1, "ran out of shared memory in /dev/shm", "--shm-size",
+               "run the same command to resume")
+    assert count_parts(out) > 0
+    monkeypatch.undo()
+    resumes_to_reference(cli, args, out, reference_table)
+
+
+def own_mount_namespace() -> bool:
+    return (shutil.which("unshare") is not None and os.geteuid() == 0 and subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "true"]).returncode == 0)
+
+
+@pytest.mark.skipif(not own_mount_namespace(), reason="needs root and unshare(1)")
+def test_a_small_dev_shm_is_measured_and_the_loader_fitted_to_it(
+        tmp_path, colour_checkpoint, reference):
+    """A container's /dev/shm of a few MB (here a tmpfs of our own): the run still completes."""
+    folder, reference_table = reference
+    out = tmp_path / "run"
+    args = without_workers(job(folder, out, colour_checkpoint))
+    at = args.index("--batch-size")
+    args = args[:at] + args[at + 2:] + ["--workers", "2"]  # batches of 32: 384 KB each
+
+    def under_small_shm(*extra):
+        script = 'mount -t tmpfs -o size=3m tmpfs /dev/shm && exec "$@"'
+        return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                               "sh", sys.executable, "-m", "pipeline", *args, *extra],
+                              cwd=REPO, capture_output=True, text=True)
+
+    refused = under_small_shm("--batch-size", "256")
+    assert refused.returncode == 2, refused.stderr
+    assert "/dev/shm has 3 MB free" in refused.stderr
+    fitted = under_small_shm()
+    assert fitted.returncode == 0, fitted.stderr
+    assert "using 2 worker(s), batches of 32, 1 prefetched by each" in fitted.stderr
+    assert_same_as_reference(out, reference_table)
 
 
 def test_a_part_damaged_outside_our_commits_is_named_and_redone(

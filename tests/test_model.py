@@ -11,6 +11,7 @@ import torchvision
 
 from pipeline import model
 from pipeline.errors import UsageError
+from pipeline.loader import PREFETCH_BATCHES, LoaderSize, fit_shared_memory
 from pipeline.model import Classifier, resolve_device, resolve_model, resolve_precision
 from tests.conftest import COLOURS, read_output, write_colour_images
 
@@ -181,6 +182,31 @@ def test_small_cpus_decode_between_batches_not_beside_the_model(monkeypatch, cor
     monkeypatch.setattr(model.os, "sched_getaffinity", lambda _: set(range(cores)))
     assert model.default_workers(torch.device("cpu")) == on_cpu
     assert model.default_workers(torch.device("cuda")) == on_cuda
+
+
+MB = 2**20
+CROP_224 = 3 * 224 * 224  # bytes of one image in a batch
+
+
+def fit(free, workers=8, batch_size=256, fixed_workers=False, fixed_batch=False):
+    """A GPU box's defaults fitted into `free` bytes of shared memory."""
+    return fit_shared_memory(LoaderSize(workers, batch_size, PREFETCH_BATCHES), CROP_224, free,
+                             fixed_workers=fixed_workers, fixed_batch=fixed_batch)
+
+
+def test_batches_in_flight_are_kept_within_half_the_shared_memory():
+    assert fit(None) == fit(24 * 1024 * MB) == LoaderSize(8, 256, PREFETCH_BATCHES)
+    assert fit(1024 * MB) == LoaderSize(8, 256, 1)  # fewer prefetched, first
+    # Docker's and Kubernetes' default of 64 MB: smaller batches keep the decoding workers
+    docker = fit(64 * MB)
+    assert docker == LoaderSize(5, 32, 1)
+    assert docker.shared_bytes(CROP_224) <= 32 * MB < LoaderSize(6, 32, 1).shared_bytes(CROP_224)
+    # a given batch size stays; with no worker left nothing is shared
+    assert fit(64 * MB, fixed_batch=True) == LoaderSize(0, 256, PREFETCH_BATCHES)
+    assert fit(4 * MB) == LoaderSize(0, 256, PREFETCH_BATCHES)
+    assert fit(64 * MB, fixed_workers=True) is None  # given workers stay: it cannot fit
+    assert fit(64 * MB, fixed_workers=True, fixed_batch=True) is None
+    assert fit(1 * MB, workers=0) == LoaderSize(0, 256, PREFETCH_BATCHES)  # nothing shared
 
 
 def test_predict_returns_sorted_probabilities_for_uint8_batches(tmp_path, small_state_dict):
