@@ -14,7 +14,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
-from pipeline.storage import filesystem, is_remote, local_path, open_input
+from pipeline.storage import filesystem, is_remote, local_path, open_input, printable_path
 from pipeline.writer import output_schema
 
 IMAGE_EXTENSIONS = frozenset(
@@ -148,8 +148,9 @@ def list_directory(root: Path) -> pa.Table:
         for name in filenames:
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
-            relative.append(name if base == "." else f"{base}/{name}".replace(os.sep, "/"))
-    base = os.path.abspath(root)  # paths that still resolve from elsewhere (reports, users)
+            relative.append(printable_path(
+                name if base == "." else f"{base}/{name}".replace(os.sep, "/")))
+    base = printable_path(os.path.abspath(root))  # resolves from elsewhere (reports, users)
     return _listing(relative, lambda rel: os.path.join(base, rel))
 
 

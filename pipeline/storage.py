@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -64,8 +65,22 @@ def is_remote(location: str) -> bool:
     return "://" in location and not location.startswith("file://")
 
 
+# A local path that is not valid UTF-8 (say, a Latin-1 file name from an old archive) cannot
+# go into a Parquet or CSV column as it is: listings show each stray byte as \xNN, and
+# local_path turns them back into bytes when no file has the escaped name itself.
+_ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")
+
+
+def printable_path(path: str) -> str:
+    """The path as valid UTF-8 text: bytes that are not UTF-8 become \\xNN."""
+    return path if path.isascii() else os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def local_path(location: str) -> str:
-    return location.removeprefix("file://")
+    path = location.removeprefix("file://")
+    if "\\x" in path and not os.path.lexists(path):
+        return os.fsdecode(_ESCAPED_BYTE.sub(lambda m: bytes([int(m[1], 16)]), os.fsencode(path)))
+    return path
 
 
 def filesystem(location: str):

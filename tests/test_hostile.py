@@ -79,6 +79,10 @@ def zoo(tmp_path_factory):
     for name in ["with space.jpg", "comma,name.jpg", 'quote"name.jpg', "it's.jpg",
                  "new\nline.jpg", "n\u00e4me-\u65e5\u672c-\U0001F600.jpg"]:
         add(name, "red", lambda p: save(p, red))
+    # Names that are not UTF-8 (Latin-1, from an old archive): keys show the byte as \xNN
+    for raw, key in [(b"caf\xe9.jpg", "caf\\xe9.jpg"), (b"d\xfcr/bild.jpg", "d\\xfcr/bild.jpg")]:
+        save(root / os.fsdecode(raw), red)
+        expect[key] = "red"
     (root / "folder.jpg").mkdir()  # a directory with an image's name: not an image
     (root / "folder.jpg" / "inside.png").write_bytes(b"")
     expect["folder.jpg/inside.png"] = "error"

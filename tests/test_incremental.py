@@ -125,3 +125,16 @@ def test_assembly_streams_across_row_groups_and_chunks(tmp_path, monkeypatch):
     assert ok == 10 and result["key"].to_pylist() == order
     assert result["top1_label"].to_pylist() == [
         f"{'tonight' if k.startswith('new') else 'before'}-{k}" for k in order]
+
+
+def test_a_name_that_is_not_utf8_is_seen_unchanged_the_next_night(cli, tmp_path,
+                                                                    colour_checkpoint):
+    folder, out = tmp_path / "photos", tmp_path / "nightly"
+    write_colour_images(folder, 2, seed=43)
+    latin1 = folder / os.fsdecode(b"caf\xe9.jpg")
+    Image.fromarray(colour_array("red", 70, 50, seed=3)).save(latin1)
+    night(cli, folder, out, colour_checkpoint)
+    row = read_output(out / "labels.parquet").set_index("key").loc["caf\\xe9.jpg"]
+    assert row["top1_label"] == "red" and row["source_size"] == latin1.stat().st_size
+    _, output = night(cli, folder, out, colour_checkpoint)
+    assert "nothing to do: 0 new, 0 changed, 3 unchanged, 0 removed" in output
