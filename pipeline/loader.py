@@ -19,6 +19,9 @@ from pipeline.storage import is_remote, read_bytes
 # paid about once per 16 images rather than once per image, without more decoding processes.
 REMOTE_READS_PER_WORKER = 16
 PREFETCH_BATCHES = 4  # per worker: batches asked for ahead of the one the model is on
+# A file larger than this per --max-pixels pixel is not read: even uncompressed 16-bit RGBA
+# takes 8 bytes a pixel, so it cannot be an image the run would accept.
+MAX_BYTES_PER_PIXEL = 8
 # Workers hand their batches over in shared memory (/dev/shm on Linux), which containers
 # keep small: 64 MB under Docker and Kubernetes unless raised. The batches in flight may
 # take at most this share of what is free when the run starts.
@@ -153,7 +156,7 @@ class PlanItems(Dataset):
         if index in self.quarantined:
             return ImageError(self.quarantined[index])  # never read again, let alone decoded
         try:
-            return read_bytes(path)
+            return read_bytes(path, max_bytes=MAX_BYTES_PER_PIXEL * self.max_pixels)
         except DECODE_ERRORS as exc:
             return exc
 

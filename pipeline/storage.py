@@ -8,11 +8,13 @@ ones need fsspec's backend for the scheme (`pip install '.[s3]'` for S3).
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,10 +99,25 @@ def filesystem(location: str):
         raise UsageError(f"{location}: {exc}") from None
 
 
-def read_bytes(location: str) -> bytes:
-    """One image's bytes, from disk or object storage (workers call this concurrently)."""
+def read_bytes(location: str, max_bytes: int | None = None) -> bytes:
+    """One image's bytes, from disk or object storage (workers call this concurrently).
+
+    A local path must be a regular file of at most max_bytes: a FIFO named like an image
+    would wait forever for a writer, a link to /dev/zero would never end, and a 50 GB file
+    would be read whole into memory before anything could refuse it.
+    """
     if not is_remote(location):
-        with open(local_path(location), "rb") as fh:
+        # O_NONBLOCK: opening a FIFO returns at once (to be refused below) instead of waiting
+        fd = os.open(local_path(location), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as fh:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+            if not stat.S_ISREG(info.st_mode):
+                raise OSError("not a regular file (a pipe, socket or device)")
+            if max_bytes is not None and info.st_size > max_bytes:
+                raise OSError(f"the file is {info.st_size / 2**20:.0f} MB, more than an image "
+                              f"within --max-pixels can take ({max_bytes / 2**20:.0f} MB)")
             return fh.read()
     fs, path = filesystem(location)
     return fs.cat_file(path)

@@ -36,6 +36,11 @@ def huge_png_header(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def sparse_file(path, size: int) -> None:
+    with open(path, "wb") as fh:
+        fh.truncate(size)  # no blocks written: the file system keeps a hole
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """Every odd file we could think of, with what each should become."""
@@ -57,6 +62,11 @@ def zoo(tmp_path_factory):
     add("text.png", "error", lambda p: p.write_text("hello, I am text"))
     add("broken-link.jpg", "error", lambda p: os.symlink(root / "nowhere.jpg", p))
     add("bomb.png", "error", lambda p: p.write_bytes(huge_png_header(60_000, 60_000)))
+    # Not files to read whole: a pipe would wait for a writer forever, /dev/zero never ends,
+    # 500 MB (sparse here) is more than any image within the run's --max-pixels can take.
+    add("pipe.jpg", "error", os.mkfifo)
+    add("device.jpg", "error", lambda p: os.symlink("/dev/zero", p))
+    add("huge.tif", "error", lambda p: sparse_file(p, 500 * 2**20))
     add("grey.png", "ok", lambda p: save(p, red.convert("L")))
     add("palette.png", "red", lambda p: save(p, red.convert("P")))
     add("palette-transparent.gif", "red",
@@ -112,6 +122,9 @@ def test_every_odd_file_gets_a_label_or_an_error_row(cli, tmp_path, zoo, colour_
     assert "--max-pixels" in table.loc["bomb.png", "error"]
     assert int(table.loc["rotated.jpg", "width"]) == 60  # as displayed: 90x60 stored sideways
     assert "No such file" in table.loc["broken-link.jpg", "error"]
+    for special in ("pipe.jpg", "device.jpg"):
+        assert "not a regular file (a pipe, socket or device)" in table.loc[special, "error"]
+    assert "more than an image within --max-pixels can take" in table.loc["huge.tif", "error"]
 
 
 def test_max_pixels_is_configurable(cli, tmp_path, colour_checkpoint):
