@@ -1,6 +1,12 @@
-"""The kinds of fatal failure, and the exit codes the CLI maps them to."""
+"""The kinds of fatal failure, the exit codes the CLI maps them to, and notices that are not."""
 
 import signal
+import sys
+
+
+def notice(text: str) -> None:
+    """Something a person reading the job's log should know; the run carries on."""
+    print(f"label-images: {text}", file=sys.stderr, flush=True)
 
 
 class UsageError(Exception):

@@ -24,7 +24,7 @@ import pipeline
 from pipeline import plan as planning
 from pipeline import quarantine, slices
 from pipeline.config import RunConfig
-from pipeline.errors import Interrupted, RunError, UsageError
+from pipeline.errors import Interrupted, RunError, UsageError, notice
 from pipeline.loader import (PREFETCH_BATCHES, SHARED_MEMORY, SHARED_MEMORY_SHARE, Batch,
                              LoaderSize, PendingItems, PlanItems, fit_shared_memory,
                              free_shared_memory, make_loader)
@@ -462,11 +462,6 @@ def _quarantine_crashers(died: _WorkerDied, plan: planning.Plan, job: Job, store
     quarantined.update(found)
     notice(f"{len(found)} file(s) crashed the decoder, first {entries[0]['key']}: they are "
            f"error rows (listed in {store.url(quarantine.QUARANTINE_FILE)}); carrying on")
-
-
-def notice(text: str) -> None:
-    """Something a person reading the job's log should know; the run carries on."""
-    print(f"label-images: {text}", file=sys.stderr, flush=True)
 
 
 # On a terminal the bar redraws in place. In a log (cron, a scheduler's capture) each redraw

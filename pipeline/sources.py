@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, notice
 from pipeline.storage import filesystem, is_remote, local_path, open_input, printable_path
 from pipeline.writer import output_schema
 
@@ -142,7 +142,8 @@ def list_directory(root: Path) -> pa.Table:
     so that they become error rows instead of vanishing.
     """
     relative: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    unlisted: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         base = os.path.relpath(dirpath, root)
         for name in filenames:
@@ -150,6 +151,9 @@ def list_directory(root: Path) -> pa.Table:
                 continue
             relative.append(printable_path(
                 name if base == "." else f"{base}/{name}".replace(os.sep, "/")))
+    for exc in unlisted:  # say so rather than leave its images out without a word
+        notice(f"cannot list {printable_path(exc.filename)} ({exc.strerror}): the images "
+               "in it, if any, are not in this run")
     base = printable_path(os.path.abspath(root))  # resolves from elsewhere (reports, users)
     return _listing(relative, lambda rel: os.path.join(base, rel))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -30,6 +31,27 @@ def test_folder_is_listed_recursively_sorted_case_insensitive_without_hidden(tmp
     assert table["key"].to_pylist() == ["a.png", "b.JPG", "broken.jpg", "sub/c.jpeg",
                                         "sub/deeper/d.WebP", "z.tiff"]
     assert table["path"].to_pylist()[3] == os.path.join(tmp_path, "sub/c.jpeg")
+
+
+def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(tmp_path, monkeypatch,
+                                                                  capsys):
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "locked" / "b.jpg")
+    real_walk = os.walk
+
+    def walk(top, onerror=None, **kwargs):  # as os.walk meets a folder it may not read
+        for dirpath, dirnames, filenames in real_walk(top, onerror=onerror, **kwargs):
+            if "locked" in dirnames:
+                dirnames.remove("locked")
+                if onerror is not None:
+                    onerror(PermissionError(errno.EACCES, "Permission denied",
+                                            os.path.join(dirpath, "locked")))
+            yield dirpath, dirnames, filenames
+
+    monkeypatch.setattr(os, "walk", walk)
+    assert read_source(SourceSpec(str(tmp_path)))["key"].to_pylist() == ["a.jpg"]
+    assert (f"label-images: cannot list {tmp_path / 'locked'} (Permission denied): the "
+            "images in it, if any, are not in this run") in capsys.readouterr().err
 
 
 def test_empty_folder_is_refused(tmp_path):
