@@ -102,9 +102,9 @@ def filesystem(location: str):
 def read_bytes(location: str, max_bytes: int | None = None) -> bytes:
     """One image's bytes, from disk or object storage (workers call this concurrently).
 
-    A local path must be a regular file of at most max_bytes: a FIFO named like an image
-    would wait forever for a writer, a link to /dev/zero would never end, and a 50 GB file
-    would be read whole into memory before anything could refuse it.
+    A local path must be a regular file; no more than max_bytes are read of anything. A FIFO
+    named like an image would wait forever for a writer, a link to /dev/zero would never
+    end, and a 50 GB file would be read whole into memory before anything could refuse it.
     """
     if not is_remote(location):
         # O_NONBLOCK: opening a FIFO returns at once (to be refused below) instead of waiting
@@ -116,11 +116,20 @@ def read_bytes(location: str, max_bytes: int | None = None) -> bytes:
             if not stat.S_ISREG(info.st_mode):
                 raise OSError("not a regular file (a pipe, socket or device)")
             if max_bytes is not None and info.st_size > max_bytes:
-                raise OSError(f"the file is {info.st_size / 2**20:.0f} MB, more than an image "
-                              f"within --max-pixels can take ({max_bytes / 2**20:.0f} MB)")
+                raise _too_large(info.st_size, max_bytes)
             return fh.read()
     fs, path = filesystem(location)
-    return fs.cat_file(path)
+    if max_bytes is None:
+        return fs.cat_file(path)
+    data = fs.cat_file(path, start=0, end=max_bytes + 1)  # one ranged request, bounded
+    if len(data) > max_bytes:
+        raise _too_large(fs.size(path), max_bytes)
+    return data
+
+
+def _too_large(size: int, max_bytes: int) -> OSError:
+    return OSError(f"the file is {size / 2**20:,.1f} MB, more than an image within "
+                   f"--max-pixels can take ({max_bytes / 2**20:,.1f} MB)")
 
 
 def open_input(location: str) -> IO[bytes]:

@@ -113,6 +113,21 @@ def test_a_manifest_in_the_bucket_with_relative_paths(s3, uploaded, colour_check
     assert table["top1_label"].tolist() == reference["top1_label"].tolist()
 
 
+def test_an_object_too_large_for_max_pixels_is_an_error_row_not_a_download(
+        s3, colour_checkpoint, tmp_path):
+    env, fs = s3
+    write_colour_images(tmp_path / "odd", 1, seed=33)
+    fs.put(str(tmp_path / "odd"), "bucket/odd", recursive=True)
+    fs.pipe("bucket/odd/huge.png", os.urandom(2 * 2**20))
+    done = run_subprocess(*job("s3://bucket/odd/", tmp_path / "run", colour_checkpoint,
+                               "--max-pixels", "100000"), env=env)  # 800 KB of file at most
+    assert done.returncode == 0, done.stderr
+    table = read_output(tmp_path / "run" / "labels.parquet").set_index("key")
+    assert table.loc["huge.png", "error"] == ("OSError: the file is 2.0 MB, more than an "
+                                              "image within --max-pixels can take (0.8 MB)")
+    assert table.loc["img_0000.jpg", "status"] == "ok"
+
+
 @pytest.mark.parametrize("point", ["part-committed", "part-mid-write", "merge-mid-write"])
 def test_killed_on_object_storage_then_resumed_exactly_once(s3, uploaded, colour_checkpoint,
                                                             point):
@@ -148,7 +163,7 @@ def test_remote_reads_in_a_worker_overlap(monkeypatch, tmp_path):
     plan = planning.freeze(items, Store(str(tmp_path)), shard_size=8)
     in_flight, peak, lock = [0], [0], threading.Lock()
 
-    def slow_read(path):
+    def slow_read(path, max_bytes=None):
         with lock:
             in_flight[0] += 1
             peak[0] = max(peak[0], in_flight[0])
