@@ -14,7 +14,8 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError, notice
-from pipeline.storage import filesystem, is_remote, local_path, open_input, printable_path
+from pipeline.storage import (filesystem, image_path, is_remote, local_path, open_input,
+                              printable_path)
 from pipeline.writer import output_schema
 
 IMAGE_EXTENSIONS = frozenset(
@@ -112,7 +113,7 @@ def _versions(paths: list[str]) -> list[tuple[int, str]]:
             result.append(infos[path])
             continue
         try:
-            st = os.stat(local_path(path))
+            st = os.stat(image_path(path))
             result.append((st.st_size, str(st.st_mtime_ns)))
         except OSError:
             result.append((-1, "missing"))

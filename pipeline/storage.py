@@ -67,9 +67,13 @@ def is_remote(location: str) -> bool:
     return "://" in location and not location.startswith("file://")
 
 
+def local_path(location: str) -> str:
+    return location.removeprefix("file://")
+
+
 # A local path that is not valid UTF-8 (say, a Latin-1 file name from an old archive) cannot
 # go into a Parquet or CSV column as it is: listings show each stray byte as \xNN, and
-# local_path turns them back into bytes when no file has the escaped name itself.
+# reading an image turns them back into bytes when no file has the escaped name itself.
 _ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")
 
 
@@ -78,8 +82,9 @@ def printable_path(path: str) -> str:
     return path if path.isascii() else os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def local_path(location: str) -> str:
-    path = location.removeprefix("file://")
+def image_path(location: str) -> str:
+    """The local file a listed image path names, \\xNN escapes and all."""
+    path = local_path(location)
     if "\\x" in path and not os.path.lexists(path):
         return os.fsdecode(_ESCAPED_BYTE.sub(lambda m: bytes([int(m[1], 16)]), os.fsencode(path)))
     return path
@@ -108,7 +113,7 @@ def read_bytes(location: str, max_bytes: int | None = None) -> bytes:
     """
     if not is_remote(location):
         # O_NONBLOCK: opening a FIFO returns at once (to be refused below) instead of waiting
-        fd = os.open(local_path(location), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(image_path(location), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with open(fd, "rb") as fh:
             info = os.fstat(fd)
             if stat.S_ISDIR(info.st_mode):
@@ -134,7 +139,7 @@ def _too_large(size: int, max_bytes: int) -> OSError:
 
 def open_input(location: str) -> IO[bytes]:
     if not is_remote(location):
-        return open(local_path(location), "rb")
+        return open(image_path(location), "rb")
     fs, path = filesystem(location)
     return fs.open(path, "rb")
 
