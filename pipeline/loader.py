@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
+from pipeline.errors import UsageError, notice
 from pipeline.plan import Plan
 from pipeline.storage import is_remote, read_bytes
 
@@ -73,6 +75,40 @@ def fit_shared_memory(wanted: LoaderSize, image_bytes: int, free: int | None, *,
     if size.workers == 0:
         return LoaderSize(0, wanted.batch_size, wanted.prefetch)  # nothing shared: as wanted
     return size if size.shared_bytes(image_bytes) <= budget else None
+
+
+def size_for_shared_memory(wanted: LoaderSize, image_bytes: int, *, fixed_workers: bool,
+                           fixed_batch: bool, sharing: int = 1) -> LoaderSize:
+    """The loader as wanted, or smaller where shared memory is short; says what and why.
+
+    `sharing`: processes that share the shared memory (torchrun's on one node).
+    """
+    free = free_shared_memory()
+    size = fit_shared_memory(wanted, image_bytes, None if free is None else free // sharing,
+                             fixed_workers=fixed_workers, fixed_batch=fixed_batch)
+    if size == wanted:
+        return size
+    held = wanted.shared_bytes(image_bytes) * sharing
+    each = f" in each of {sharing} processes" if sharing > 1 else ""
+    shortage = (f"{SHARED_MEMORY} has {free / 2**20:.0f} MB free, and {wanted.workers} loader "
+                f"workers with batches of {wanted.batch_size}{each} can hold "
+                f"{held / 2**20:.0f} MB there")
+    if size is None:
+        raise UsageError(f"{shortage}: {more_shared_memory(held)}, or lower --workers or "
+                         "--batch-size")
+    using = ("decoding in the main process" if size.workers == 0 else
+             f"using {size.workers} worker(s), batches of {size.batch_size}, {size.prefetch} "
+             "prefetched by each")
+    notice(f"{shortage}: {using}; for full speed {more_shared_memory(held)}")
+    return size
+
+
+def more_shared_memory(held: int) -> str:
+    """What to tell a user whose loader would hold `held` bytes in shared memory."""
+    gigabytes = max(1, math.ceil(held / SHARED_MEMORY_SHARE / 2**30))
+    return (f"give the container {gigabytes} GB of shared memory (docker run "
+            f"--shm-size={gigabytes}g; Kubernetes: an emptyDir volume with medium: Memory "
+            "mounted at /dev/shm)")
 
 
 @dataclass

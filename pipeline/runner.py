@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import signal
 import sys
@@ -25,9 +24,9 @@ from pipeline import plan as planning
 from pipeline import quarantine, slices
 from pipeline.config import RunConfig
 from pipeline.errors import Interrupted, RunError, UsageError, notice
-from pipeline.loader import (PREFETCH_BATCHES, SHARED_MEMORY, SHARED_MEMORY_SHARE, Batch,
-                             LoaderSize, PendingItems, PlanItems, fit_shared_memory,
-                             free_shared_memory, make_loader)
+from pipeline.loader import (PREFETCH_BATCHES, SHARED_MEMORY, Batch, LoaderSize, PendingItems,
+                             PlanItems, fit_shared_memory, free_shared_memory, make_loader,
+                             more_shared_memory, size_for_shared_memory)
 from pipeline.model import (Classifier, ModelSpec, default_batch_size, default_workers,
                             resolve_device, resolve_model, resolve_precision)
 from pipeline.rundir import SUMMARY_FILE, RunDirectory
@@ -197,7 +196,11 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False) ->
     wanted = LoaderSize(
         workers=config.workers if config.workers is not None else default_workers(device),
         batch_size=config.batch_size or default_batch_size(device), prefetch=PREFETCH_BATCHES)
-    size = _fit_loader(config, part, wanted, image_bytes=spec.preprocess.crop_bytes)
+    size = size_for_shared_memory(
+        wanted, spec.preprocess.crop_bytes, fixed_workers=config.workers is not None,
+        fixed_batch=config.batch_size is not None,
+        # torchrun's processes on one node share it
+        sharing=int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if part.distributed else 1)
     batch_size, workers = size.batch_size, size.workers
     record = {
         "config": config.to_dict(),
@@ -212,39 +215,6 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False) ->
     }
     return Job(config, source, items, classifier, batch_size, workers, record, started,
                size.prefetch)
-
-
-def _fit_loader(config: RunConfig, part: Slice, wanted: LoaderSize,
-                image_bytes: int) -> LoaderSize:
-    """The loader as wanted, or smaller where shared memory is short; says what and why."""
-    free = free_shared_memory()
-    # torchrun's processes on one node share it
-    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if part.distributed else 1
-    size = fit_shared_memory(wanted, image_bytes, None if free is None else free // sharing,
-                             fixed_workers=config.workers is not None,
-                             fixed_batch=config.batch_size is not None)
-    if size == wanted:
-        return size
-    held = wanted.shared_bytes(image_bytes) * sharing
-    each = f" in each of {sharing} processes" if sharing > 1 else ""
-    shortage = (f"{SHARED_MEMORY} has {free / 2**20:.0f} MB free, and {wanted.workers} loader "
-                f"workers with batches of {wanted.batch_size}{each} can hold "
-                f"{held / 2**20:.0f} MB there")
-    if size is None:
-        raise UsageError(f"{shortage}: {_more_shared_memory(held)}, or lower --workers or "
-                         "--batch-size")
-    using = ("decoding in the main process" if size.workers == 0 else
-             f"using {size.workers} worker(s), batches of {size.batch_size}, {size.prefetch} "
-             "prefetched by each")
-    notice(f"{shortage}: {using}; for full speed {_more_shared_memory(held)}")
-    return size
-
-
-def _more_shared_memory(held: int) -> str:
-    gigabytes = max(1, math.ceil(held / SHARED_MEMORY_SHARE / 2**30))
-    return (f"give the container {gigabytes} GB of shared memory (docker run "
-            f"--shm-size={gigabytes}g; Kubernetes: an emptyDir volume with medium: Memory "
-            "mounted at /dev/shm)")
 
 
 def os_failure(exc: OSError, where: str | None = None) -> RunError:
@@ -547,7 +517,7 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
             held = LoaderSize(job.workers, job.batch_size, job.prefetch).shared_bytes(
                 classifier.spec.preprocess.crop_bytes)
             raise RunError(f"the loader ran out of shared memory in {SHARED_MEMORY}; the "
-                           f"shards committed so far are intact: {_more_shared_memory(held)}, "
+                           f"shards committed so far are intact: {more_shared_memory(held)}, "
                            "or lower --workers or --batch-size, and run the same command to "
                            "resume") from None
         if not _worker_died(exc):
