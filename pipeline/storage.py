@@ -122,6 +122,8 @@ def read_bytes(location: str, max_bytes: int | None = None) -> bytes:
                 raise OSError("not a regular file (a pipe, socket or device)")
             if max_bytes is not None and info.st_size > max_bytes:
                 raise _too_large(info.st_size, max_bytes)
+            if hasattr(os, "O_NONBLOCK"):
+                os.set_blocking(fd, True)  # reads as usual, on any file system
             return fh.read()
     fs, path = filesystem(location)
     if max_bytes is None:
