@@ -39,7 +39,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
-        _fsync(path.parent)  # the rename itself
+        _fsync_directory(path.parent)  # the rename itself
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -51,6 +51,17 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_directory(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError as exc:
+        # Some file systems cannot fsync a directory at all (CIFS mounts before Linux 4.17
+        # answer EINVAL, as RocksDB and libgit2 users found): the file itself is on disk,
+        # and the rename is as durable as that file system makes it.
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+            raise
 
 
 def remove_temporaries(directory: Path, owned=lambda name: True) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -59,6 +63,32 @@ def test_atomic_path_leaves_nothing_visible_when_writing_fails(tmp_path):
     assert not target.exists()
     assert list((tmp_path / "parts").iterdir()) == []
     assert planning.committed_shards(Store(str(tmp_path))) == set()
+
+
+def refuse_fsync_on_directories(monkeypatch, code: int) -> None:
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_file_system_that_cannot_fsync_a_directory_still_commits(tmp_path, monkeypatch):
+    refuse_fsync_on_directories(monkeypatch, errno.EINVAL)  # as CIFS did before Linux 4.17
+    target = tmp_path / "part-000001.parquet"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"rows")
+    assert target.read_bytes() == b"rows"
+
+
+def test_an_io_error_syncing_the_directory_still_stops_the_commit(tmp_path, monkeypatch):
+    refuse_fsync_on_directories(monkeypatch, errno.EIO)
+    with pytest.raises(OSError, match="Input/output error"):
+        with atomic_path(tmp_path / "part-000001.parquet") as tmp:
+            tmp.write_bytes(b"rows")
 
 
 def test_only_committed_parts_count_and_temporaries_are_cleaned(tmp_path):
