@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
@@ -25,6 +25,8 @@ DECODE_ERRORS = (OSError, ValueError, RuntimeError, SyntaxError, EOFError, struc
                  Image.DecompressionBombError)
 
 _JPEG_START = b"\xff\xd8\xff"  # SOI and the first marker's 0xFF
+# The ISO base media file's major brands of HEIC/HEIF stills (HEVC-coded; PIL has no decoder)
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 _DCT_FACTORS = (8, 4, 2, 1)  # the downscales libjpeg-turbo does with vectorised IDCTs
 
 # EXIF orientations that swap width and height when applied.
@@ -88,7 +90,13 @@ def decode(data: bytes, preprocess: Preprocess, max_pixels: int) -> Decoded:
             decoded = None
         if decoded is not None:
             return decoded
-    image = Image.open(io.BytesIO(data))  # reads the header only
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except UnidentifiedImageError:
+        if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+            raise ImageError("a HEIC/HEIF image (as iPhones save photos), which this build "
+                             "cannot decode: convert it, to JPEG say, to label it") from None
+        raise
     _check_size(*image.size, max_pixels)
     pixels = _decode_with_pil(image)
     height, width = pixels.shape[-2:]

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, features
 
 from tests.conftest import FAST, colour_array, read_output
 
@@ -83,6 +83,11 @@ def zoo(tmp_path_factory):
     add("photo.webp", "red", lambda p: save(p, red))
     add("photo.tiff", "red", lambda p: save(p, red))
     add("photo.bmp", "red", lambda p: save(p, red))
+    if features.check("avif"):  # Pillow 11.3 and later decode AVIF themselves
+        add("photo.avif", "red", lambda p: save(p, red, quality=90))
+    # An iPhone's HEIC: no decoder here, but an error row that says what it is
+    add("iphone.heic", "error", lambda p: p.write_bytes(
+        b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)))
     exif = Image.Exif()
     exif[0x0112] = 6
     add("rotated.jpg", "red", lambda p: save(p, red, exif=exif.tobytes()))
@@ -125,6 +130,7 @@ def test_every_odd_file_gets_a_label_or_an_error_row(cli, tmp_path, zoo, colour_
     for special in ("pipe.jpg", "device.jpg"):
         assert "not a regular file (a pipe, socket or device)" in table.loc[special, "error"]
     assert "more than an image within --max-pixels can take" in table.loc["huge.tif", "error"]
+    assert table.loc["iphone.heic", "error"].startswith("a HEIC/HEIF image")
 
 
 def test_max_pixels_is_configurable(cli, tmp_path, colour_checkpoint):
