@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
 from pipeline.decode import Preprocess
-from pipeline.errors import UsageError
+from pipeline.errors import RunError, UsageError, notice
 
 DEFAULT_PREPROCESS = Preprocess()  # the tutorials' 256/224 ImageNet recipe
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -279,6 +279,16 @@ class Prediction:
     scores: np.ndarray  # float32 (n, k), softmax probabilities
     embeddings: np.ndarray | None = None  # float16 (n, d): the head's input, when asked
 
+    @staticmethod
+    def join(parts: list[Prediction]) -> Prediction:
+        """The predictions of consecutive parts of a batch, as one."""
+        embeddings = None
+        if parts[0].embeddings is not None:
+            embeddings = np.concatenate([p.embeddings for p in parts])
+        return Prediction(class_ids=np.concatenate([p.class_ids for p in parts]),
+                          scores=np.concatenate([p.scores for p in parts]),
+                          embeddings=embeddings)
+
 
 class Classifier:
     """Weights cast once onto the device; uint8 batches in, top-k probabilities out (numpy)."""
@@ -312,9 +322,33 @@ class Classifier:
         self._norm_dtype = torch.float16 if dtype == torch.float16 else torch.float32
         self._scale = (1.0 / (255.0 * std)).to(self._norm_dtype)
         self._shift = (-mean / std).to(self._norm_dtype)
+        self.fits: int | None = None  # the largest batch known to fit, once one did not
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Top-k of a uint8 batch. A batch the device has no memory for goes in halves.
+
+        A model or input size that the default batch does not fit (a large EfficientNet at
+        600x600 on a 16 GB GPU, say) then still runs, at the largest batch that fits.
+        """
+        if self.fits is not None and len(images) > self.fits:
+            return Prediction.join([self.predict(part) for part in images.split(self.fits)])
+        try:
+            return self._forward(images)
+        except torch.cuda.OutOfMemoryError:  # what any device raises (torch.OutOfMemoryError)
+            pass  # handled below, once the failed attempt's tensors are let go
+        if self.on_cuda:
+            torch.cuda.empty_cache()
+        if len(images) == 1:
+            raise RunError(f"{self.device} ran out of memory for a single image: "
+                           f"{self.spec.model} at {self.spec.preprocess.crop}x"
+                           f"{self.spec.preprocess.crop} does not fit in it")
+        self.fits = len(images) // 2
+        notice(f"{self.device} ran out of memory with batches of {len(images)}: going on "
+               f"with {self.fits}; --batch-size {self.fits} starts there")
+        return self.predict(images)
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> Prediction:
+    def _forward(self, images: torch.Tensor) -> Prediction:
         x = images.to(self.device, non_blocking=self.on_cuda)
         x = torch.addcmul(self._shift, x.to(self._norm_dtype), self._scale)
         x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 
 from pipeline import model
-from pipeline.errors import UsageError
+from pipeline.errors import RunError, UsageError
 from pipeline.loader import PREFETCH_BATCHES, LoaderSize, fit_shared_memory
 from pipeline.model import Classifier, resolve_device, resolve_model, resolve_precision
 from tests.conftest import COLOURS, read_output, write_colour_images
@@ -239,3 +240,48 @@ def test_fp16_normalisation_matches_fp32_closely(tmp_path, small_state_dict):
     x32 = torch.addcmul(full._shift, images.float(), full._scale)
     assert (x16 - x32).abs().max() < 5e-3  # fp16 keeps 10 bits: errors of a few 1e-3
     assert half.predict(images).class_ids.tolist() == full.predict(images).class_ids.tolist()
+
+
+def out_of_memory_above(limit: int, forward, sizes: list[int]):
+    """A forward pass that, like a full GPU, fails for batches larger than `limit`."""
+    def limited(batch):
+        sizes.append(len(batch))
+        if len(batch) > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(batch)
+    return limited
+
+
+def test_a_batch_the_device_cannot_hold_is_labelled_in_halves(tmp_path, small_state_dict,
+                                                               monkeypatch, capsys):
+    spec = resolve_model("resnet18", save(tmp_path / "w.pth", small_state_dict),
+                         resize=40, crop=32)
+    classifier = Classifier(spec, torch.device("cpu"), torch.float32, top_k=3,
+                            embeddings=True)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(5))
+    whole = classifier.predict(images)
+    sizes = []
+    monkeypatch.setattr(classifier, "_forward",
+                        out_of_memory_above(3, classifier._forward, sizes))
+    halves = classifier.predict(images)
+    assert sizes == [8, 4, 2, 2, 2, 2]  # halved until it fits, then kept at that size
+    assert halves.class_ids.tolist() == whole.class_ids.tolist()
+    assert np.allclose(halves.scores, whole.scores, atol=1e-5)
+    assert np.allclose(halves.embeddings.astype(np.float32), whole.embeddings, atol=1e-2)
+    said = capsys.readouterr().err
+    assert "cpu ran out of memory with batches of 8: going on with 4" in said
+    assert "with batches of 4: going on with 2; --batch-size 2 starts there" in said
+    sizes.clear()
+    classifier.predict(images)
+    assert sizes == [2, 2, 2, 2]  # no more failed attempts
+
+
+def test_a_single_image_the_device_cannot_hold_ends_the_run_in_one_line(
+        tmp_path, small_state_dict, monkeypatch):
+    spec = resolve_model("resnet18", save(tmp_path / "w.pth", small_state_dict),
+                         resize=40, crop=32)
+    classifier = Classifier(spec, torch.device("cpu"), torch.float32, top_k=3)
+    monkeypatch.setattr(classifier, "_forward", out_of_memory_above(0, classifier._forward, []))
+    with pytest.raises(RunError, match="ran out of memory for a single image: resnet18 at 32x32"):
+        classifier.predict(torch.zeros((2, 3, 32, 32), dtype=torch.uint8))
