@@ -327,8 +327,8 @@ class Classifier:
     def predict(self, images: torch.Tensor) -> Prediction:
         """Top-k of a uint8 batch. A batch the device has no memory for goes in halves.
 
-        A model or input size that the default batch does not fit (a large EfficientNet at
-        600x600 on a 16 GB GPU, say) then still runs, at the largest batch that fits.
+        A model or input size that the default batch does not fit on a small card then
+        still runs, at the largest batch that fits.
         """
         if self.fits is not None and len(images) > self.fits:
             return Prediction.join([self.predict(part) for part in images.split(self.fits)])
