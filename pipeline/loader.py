@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -244,6 +245,21 @@ def init_worker(_: int = 0) -> None:
     # Decoding is one image per worker at a time; torch's own thread pool there would only
     # fight the model's threads for the same cores.
     torch.set_num_threads(1)
+    sys.excepthook = _quiet_hang_ups(sys.excepthook)
+
+
+def _quiet_hang_ups(hook):
+    """The hook, minus tracebacks of a parent hanging up on a batch being handed over.
+
+    A worker hands each batch's memory to the parent over a socket (multiprocessing's
+    resource_sharer), whose thread prints any error through sys.excepthook. When Ctrl-C stops
+    the parent mid-handover, that is a "Connection reset by peer" traceback on the user's
+    terminal under the parent's own one-line message. The parent reports why it stopped.
+    """
+    def hook_without_hang_ups(kind, error, traceback):
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            hook(kind, error, traceback)
+    return hook_without_hang_ups
 
 
 def make_loader(plan: Plan, shards: list[int], preprocess: Preprocess, *, batch_size: int,

@@ -175,6 +175,32 @@ def test_signals_stop_promptly_commit_nothing_half_written_and_say_how_to_resume
     assert_same_as_reference(out, reference_table)
 
 
+# A loader worker after its set-up, handing a batch's memory to a parent that hangs up
+# mid-handover (the parent's Ctrl-C landing there), then failing in a way of its own.
+HUNG_UP_HANDOVER = """
+import os, socket, sys, time
+from multiprocessing import resource_sharer
+from pipeline.loader import init_worker
+init_worker()
+shared = resource_sharer.DupFd(os.pipe()[0])  # what torch does to send a batch's memory
+address, _ = shared._id
+parent = socket.socket(socket.AF_UNIX)
+parent.connect(address)
+time.sleep(0.2)  # the worker has sent its challenge, which the parent never reads
+parent.close()
+time.sleep(0.5)
+sys.excepthook(ValueError, ValueError("a worker's own error"), None)
+"""
+
+
+def test_ctrl_c_during_a_batch_handover_prints_no_worker_traceback():
+    done = subprocess.run([sys.executable, "-c", HUNG_UP_HANDOVER], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Connection reset" not in done.stderr and "Traceback" not in done.stderr
+    assert "ValueError: a worker's own error" in done.stderr  # other errors still shown
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
 def test_write_failure_exits_1_keeps_committed_shards_and_rerun_finishes(
         cli, tmp_path, colour_checkpoint, reference, monkeypatch, code):
