@@ -109,7 +109,7 @@ def run(
     compile: Annotated[Optional[bool], typer.Option(
         "--compile", help="torch.compile the model (pays off on long runs).")] = None,
     embeddings: Annotated[Optional[bool], typer.Option(
-        "--embeddings", help="Also write each image's pooled penultimate features (float16) "
+        "--embeddings", help="Also write each image's pooled penultimate features (float32) "
                              "to Parquet, from the same forward pass.")] = None,
     incremental: Annotated[Optional[bool], typer.Option(
         "--incremental", help="Nightly mode: label only new and changed images, drop removed "

@@ -277,7 +277,7 @@ def _builder_overrides(spec: ModelSpec) -> dict:
 class Prediction:
     class_ids: np.ndarray  # int32 (n, k), best first
     scores: np.ndarray  # float32 (n, k), softmax probabilities
-    embeddings: np.ndarray | None = None  # float16 (n, d): the head's input, when asked
+    embeddings: np.ndarray | None = None  # float32 (n, d): the head's input, when asked
 
     @staticmethod
     def join(parts: list[Prediction]) -> Prediction:
@@ -357,7 +357,7 @@ class Classifier:
         scores, ids = probs.topk(self.top_k, dim=1)
         embeddings = None
         if self.embedding_size is not None:
-            embeddings = self._features[-1].to(torch.float16).cpu().numpy()
+            embeddings = self._features[-1].float().cpu().numpy()
         return Prediction(class_ids=ids.to(torch.int32).cpu().numpy(), scores=scores.cpu().numpy(),
                           embeddings=embeddings)
 

@@ -29,7 +29,7 @@ class ShardResult:
     height: np.ndarray  # int32 (n,)
     class_ids: np.ndarray  # int32 (n, k), best first; rows that are not ok are ignored
     scores: np.ndarray  # float32 (n, k)
-    embeddings: np.ndarray | None = None  # float16 (n, d), with --embeddings
+    embeddings: np.ndarray | None = None  # float32 (n, d), with --embeddings
 
     @classmethod
     def empty(cls, n: int, top_k: int, embedding_size: int | None = None) -> ShardResult:
@@ -38,7 +38,7 @@ class ShardResult:
             width=np.zeros(n, np.int32), height=np.zeros(n, np.int32),
             class_ids=np.zeros((n, top_k), np.int32), scores=np.zeros((n, top_k), np.float32),
             embeddings=(None if embedding_size is None
-                        else np.zeros((n, embedding_size), np.float16)),
+                        else np.zeros((n, embedding_size), np.float32)),
         )
 
 
@@ -61,7 +61,9 @@ def output_schema(top_k: int, extra: pa.Schema, metadata: dict[str, str],
         pa.field("labels", pa.list_(pa.string())),
         pa.field("scores", pa.list_(pa.float32())),
         pa.field("class_ids", pa.list_(pa.int32())),
-        *([pa.field("embedding", pa.list_(pa.float16(), embedding_size))]
+        # float32, not float16: Spark and Trino refuse a whole file with a Parquet FLOAT16
+        # column in it, and DuckDB reads it only since 1.3.
+        *([pa.field("embedding", pa.list_(pa.float32(), embedding_size))]
           if embedding_size else []),
         *extra,
     ]
@@ -98,7 +100,7 @@ def part_table(items: pa.Table, result: ShardResult, categories: list[str],
     if "embedding" in schema.names:
         size = result.embeddings.shape[1]
         columns["embedding"] = pa.FixedSizeListArray.from_arrays(
-            pa.array(result.embeddings.ravel(), pa.float16()), size, mask=null_rows)
+            pa.array(result.embeddings.ravel(), pa.float32()), size, mask=null_rows)
     for name in schema.names[len(columns):]:
         columns[name] = items[name]
     return pa.table(columns).cast(schema)

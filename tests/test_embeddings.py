@@ -37,7 +37,13 @@ def test_reencoded_copies_are_near_and_unrelated_images_are_not(cli, tmp_path,
     table = pq.read_table(tmp_path / "run" / "labels.parquet")
     field = table.schema.field("embedding")
     assert field.type.list_size == 512  # resnet18's pooled features
-    assert field.type.value_type == pa.float16()
+    # Stored as Parquet's plain 32-bit floats, which every reader takes; Spark and Trino
+    # refuse a file with a FLOAT16 (2-byte fixed-length) column in it.
+    columns = pq.read_metadata(tmp_path / "run" / "labels.parquet").schema
+    leaf, = [columns.column(i) for i in range(len(columns))
+             if columns.column(i).path.startswith("embedding.")]
+    assert (leaf.physical_type, leaf.logical_type.type) == ("FLOAT", "NONE")
+    assert field.type.value_type == pa.float32()
     rows = {k: e for k, e in zip(table["key"].to_pylist(), table["embedding"].to_pylist())}
     assert rows["broken.jpg"] is None
     # The test network's weights are random, so all its features share a large common part
