@@ -211,7 +211,9 @@ def read_manifest(path: str) -> pa.Table:
                 return pa.table({"path": pa.array([ln for ln in lines if ln.strip()], pa.string())})
             if suffix == ".jsonl":
                 return pajson.read_json(fh)
-            return pq.read_table(fh)
+            # Spark writes timestamps as INT96, which pyarrow reads in ns by default: dates
+            # after 2262 (9999-12-31 is a common "open" end) wrap around silently.
+            return pq.read_table(fh, coerce_int96_timestamp_unit="us")
     except UnicodeDecodeError as exc:
         raise UsageError(f"manifest {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except pd.errors.EmptyDataError:
@@ -253,8 +255,22 @@ def _items_from_manifest(spec: SourceSpec) -> pa.Table:
     paths = [_resolve(p, base) for p in listed.to_pylist()]
     result = pa.table({"key": keys, "path": pa.array(paths, pa.string())})
     for name in spec.keep_columns:
-        result = result.append_column(name, table[name])
+        result = result.append_column(name, _in_microseconds(table[name]))
     return result
+
+
+def _in_microseconds(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Nanosecond timestamps as microseconds when no value has a finer part.
+
+    Spark cannot read the Parquet TIMESTAMP(NANOS) that a kept ns column would become in
+    the output (Illegal Parquet type); a column with sub-microsecond values stays as it is.
+    """
+    if not (pa.types.is_timestamp(column.type) and column.type.unit == "ns"):
+        return column
+    try:
+        return column.cast(pa.timestamp("us", column.type.tz))  # safe: refuses to truncate
+    except pa.ArrowInvalid:
+        return column
 
 
 def _detect_path_column(columns: list[str], manifest_path: Path) -> str:

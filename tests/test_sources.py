@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from datetime import datetime
 
 import pandas as pd
 import pyarrow as pa
@@ -84,6 +85,30 @@ def test_every_table_manifest_format(tmp_path, suffix):
     assert table["key"].to_pylist() == ["007", "008"]
     assert table["path"].to_pylist() == [str(tmp_path / "imgs/a.jpg"), "/abs/b.png"]
     assert table["caption"].to_pylist() == ["first, with comma", "second"]
+
+
+def test_kept_timestamps_come_out_as_spark_reads_them(tmp_path):
+    # Spark's own Parquet (INT96 timestamps), with the "open end" date Spark tables often use,
+    # and ns columns: whole microseconds, and one with a finer part that must not be cut.
+    taken = [datetime(2024, 5, 1, 10, 0, 0, 123456), datetime(9999, 12, 31)]
+    pq.write_table(pa.table({"path": ["a.jpg", "b.jpg"],
+                             "taken": pa.array(taken, pa.timestamp("us"))}),
+                   tmp_path / "spark.parquet", use_deprecated_int96_timestamps=True)
+    table = read_source(SourceSpec(str(tmp_path / "spark.parquet"), keep_columns=("taken",)))
+    assert table.schema.field("taken").type == pa.timestamp("us")
+    assert table["taken"].to_pylist() == taken
+
+    whole, fine = pd.Timestamp("2024-05-01 10:00:00.123456"), pd.Timestamp(1714557600123456789)
+    pq.write_table(pa.table({"path": ["a.jpg"],
+                             "whole": pa.array([whole.value], pa.int64()).cast(
+                                 pa.timestamp("ns", "UTC")),
+                             "fine": pa.array([fine.value], pa.int64()).cast(pa.timestamp("ns"))}),
+                   tmp_path / "ns.parquet")
+    table = read_source(SourceSpec(str(tmp_path / "ns.parquet"), keep_columns=("whole", "fine")))
+    assert table.schema.field("whole").type == pa.timestamp("us", "UTC")
+    assert table["whole"].cast(pa.int64()).to_pylist() == [whole.value // 1000]
+    assert table.schema.field("fine").type == pa.timestamp("ns")
+    assert table["fine"].cast(pa.int64()).to_pylist() == [fine.value]
 
 
 def test_txt_manifest_is_one_path_a_line_resolved_against_root(tmp_path):
