@@ -24,7 +24,9 @@ run: setup
 test: setup
 	$(VENV)/bin/python -m pytest
 
+# Also reads the output with Spark (pyspark brings Spark itself; it needs Java on the PATH).
 test-slow: setup
+	$(VENV)/bin/pip install --quiet 'pyspark==3.5.*'
 	$(VENV)/bin/python -m pytest -m slow
 
 clean:
