@@ -6,6 +6,7 @@ import functools
 import io
 import math
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,11 @@ _JPEG_START = b"\xff\xd8\xff"  # SOI and the first marker's 0xFF
 # The ISO base media file's major brands of HEIC/HEIF stills (HEVC-coded; PIL has no decoder)
 _HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 _DCT_FACTORS = (8, 4, 2, 1)  # the downscales libjpeg-turbo does with vectorised IDCTs
+# Each scan of a progressive JPEG is a pass over the whole image, however few bytes it has:
+# a crafted file of tiny scans takes minutes to decode (libjpeg-turbo's "Two Issues with
+# the JPEG Standard"). Encoders write about 10; 500 is the limit libjpeg-turbo's fuzzers use.
+MAX_JPEG_SCANS = 500
+_PROGRESSIVE_FRAMES = {0xC2, 0xC6, 0xCA, 0xCE}  # SOF2, SOF6, SOF10, SOF14
 
 # EXIF orientations that swap width and height when applied.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
@@ -81,6 +87,7 @@ def decode(data: bytes, preprocess: Preprocess, max_pixels: int) -> Decoded:
     if not data:
         raise ImageError("empty file")
     if data.startswith(_JPEG_START):
+        _check_scans(data)
         try:
             decoded = _decode_jpeg(data, preprocess, max_pixels)
         except ValueError:
@@ -133,11 +140,10 @@ def _decode_jpeg(data: bytes, preprocess: Preprocess, max_pixels: int) -> Decode
     return Decoded(image=resize_and_crop(chw, preprocess), width=width, height=height)
 
 
-def _jpeg_orientation(data: bytes) -> int:
-    """The EXIF orientation, asking PIL only when the file has an EXIF segment.
+def _header_segments(data: bytes) -> Iterator[tuple[int, int]]:
+    """(marker, offset) of a JPEG's segments up to its first start of scan (0xDA).
 
-    Most web images have none, and PIL's header parse is a measurable share of a small
-    image's decode; the walk over the marker segments before the image data is not.
+    Stops early at anything it cannot follow; a walk over a few segments, not the file.
     """
     position = 2
     while position + 4 <= len(data) and data[position] == 0xFF:
@@ -145,11 +151,40 @@ def _jpeg_orientation(data: bytes) -> int:
         if marker == 0xFF:  # a fill byte before a marker
             position += 1
             continue
+        yield marker, position
+        if marker == 0xDA:
+            return
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+
+
+def _check_scans(data: bytes) -> None:
+    """Refuse a progressive JPEG of more scans than any encoder writes, before decoding it.
+
+    Counting them is a pass over the whole file, so baseline JPEGs (camera and phone
+    photos) are not counted: their scans are at most one per colour component.
+    """
+    if not any(marker in _PROGRESSIVE_FRAMES for marker, _ in _header_segments(data)):
+        return
+    # Entropy-coded data never holds the marker (0xFF is stuffed there); an EXIF thumbnail
+    # adds its own few.
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise ImageError(f"a progressive JPEG of {scans} scans, over the limit of "
+                         f"{MAX_JPEG_SCANS}: encoders write about 10, and so many could take "
+                         f"minutes to decode (a known attack on JPEG decoders)")
+
+
+def _jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation, asking PIL only when the file has an EXIF segment.
+
+    Most web images have none, and PIL's header parse is a measurable share of a small
+    image's decode; the walk over the marker segments before the image data is not.
+    """
+    for marker, position in _header_segments(data):
         if marker == 0xDA:  # start of scan: no EXIF segment before the image data
             return 1
         if marker == 0xE1 and data[position + 4:position + 10] == b"Exif\x00\x00":
             break
-        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
     # an EXIF segment, or a header this walk cannot follow: PIL reads it
     return Image.open(io.BytesIO(data)).getexif().get(_EXIF_ORIENTATION_TAG, 1)
 
