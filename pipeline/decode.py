@@ -33,7 +33,7 @@ _DCT_FACTORS = (8, 4, 2, 1)  # the downscales libjpeg-turbo does with vectorised
 # a crafted file of tiny scans takes minutes to decode (libjpeg-turbo's "Two Issues with
 # the JPEG Standard"). Encoders write about 10; 500 is the limit libjpeg-turbo's fuzzers use.
 MAX_JPEG_SCANS = 500
-_PROGRESSIVE_FRAMES = {0xC2, 0xC6, 0xCA, 0xCE}  # SOF2, SOF6, SOF10, SOF14
+_SEQUENTIAL_FRAMES = {0xC0, 0xC1}  # SOF0 baseline, SOF1 extended: Huffman, not progressive
 
 # EXIF orientations that swap width and height when applied.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
@@ -158,18 +158,25 @@ def _header_segments(data: bytes) -> Iterator[tuple[int, int]]:
 
 
 def _check_scans(data: bytes) -> None:
-    """Refuse a progressive JPEG of more scans than any encoder writes, before decoding it.
+    """Refuse a JPEG of more scans than any encoder writes, before decoding it.
 
-    Counting them is a pass over the whole file, so baseline JPEGs (camera and phone
-    photos) are not counted: their scans are at most one per colour component.
+    Counting them is a pass over the whole file, so the usual camera or phone photo is not
+    counted: a sequential JPEG whose first scan holds every component has no other (libjpeg
+    refuses a second at once). Anything else is, a header the walk cannot follow included.
     """
-    if not any(marker in _PROGRESSIVE_FRAMES for marker, _ in _header_segments(data)):
-        return
+    components = None
+    for marker, position in _header_segments(data):
+        if marker in _SEQUENTIAL_FRAMES:
+            components = data[position + 9:position + 10]  # Nf of the frame header
+        elif marker == 0xDA:
+            if components and data[position + 4:position + 5] == components:  # Ns == Nf
+                return
+            break
     # Entropy-coded data never holds the marker (0xFF is stuffed there); an EXIF thumbnail
     # adds its own few.
     scans = data.count(b"\xff\xda")
     if scans > MAX_JPEG_SCANS:
-        raise ImageError(f"a progressive JPEG of {scans} scans, over the limit of "
+        raise ImageError(f"a JPEG of {scans} scans, over the limit of "
                          f"{MAX_JPEG_SCANS}: encoders write about 10, and so many could take "
                          f"minutes to decode (a known attack on JPEG decoders)")
 

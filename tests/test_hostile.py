@@ -36,17 +36,23 @@ def huge_png_header(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def scan_bomb(image: Image.Image, scans: int) -> bytes:
+def scan_bomb(image: Image.Image, scans: int, stray_byte: bool = False) -> bytes:
     """A progressive JPEG with `scans` extra scans of 16 bytes, each a pass over the image.
 
     Each is a first AC scan of the luma band 1..1 whose data is one end-of-band run over
-    every block, Huffman-coded with a one-symbol table defined before them.
+    every block, Huffman-coded with a one-symbol table defined before them. A stray byte
+    after the first segment (which libjpeg skips with a warning) hides the frame header
+    from a walk over the segments.
     """
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", progressive=True)
+    data = buffer.getvalue()
+    if stray_byte:
+        after_app0 = 4 + int.from_bytes(data[4:6], "big")
+        data = data[:after_app0] + b"\x00" + data[after_app0:]
     table = b"\xff\xc4\x00\x14\x11" + bytes([1] + [0] * 15) + b"\xe0"  # AC table 1: EOB14
     scan = b"\xff\xda\x00\x08\x01\x01\x01\x01\x01\x00" + b"\x7f\xff\x00\x7f\xff\x00"
-    return buffer.getvalue()[:-2] + table + scan * scans + b"\xff\xd9"
+    return data[:-2] + table + scan * scans + b"\xff\xd9"
 
 
 def sparse_file(path, size: int) -> None:
@@ -83,6 +89,8 @@ def zoo(tmp_path_factory):
     # Decodes fine, given time: each scan of a progressive JPEG costs a pass over the image
     # (about 0.35 ms at 3 MP here, so 16 MB of them would be some 6 minutes).
     add("scan-bomb.jpg", "error", lambda p: p.write_bytes(scan_bomb(red, 600)))
+    add("scan-bomb-hidden.jpg", "error",
+        lambda p: p.write_bytes(scan_bomb(red, 600, stray_byte=True)))
     add("progressive.jpg", "red", lambda p: save(p, red, progressive=True))
     add("grey.png", "ok", lambda p: save(p, red.convert("L")))
     add("palette.png", "red", lambda p: save(p, red.convert("P")))
@@ -148,7 +156,8 @@ def test_every_odd_file_gets_a_label_or_an_error_row(cli, tmp_path, zoo, colour_
         assert "not a regular file (a pipe, socket or device)" in table.loc[special, "error"]
     assert "more than an image within --max-pixels can take" in table.loc["huge.tif", "error"]
     assert table.loc["iphone.heic", "error"].startswith("a HEIC/HEIF image")
-    assert "scans, over the limit of 500" in table.loc["scan-bomb.jpg", "error"]
+    for bomb in ("scan-bomb.jpg", "scan-bomb-hidden.jpg"):
+        assert "scans, over the limit of 500" in table.loc[bomb, "error"]
 
 
 def test_max_pixels_is_configurable(cli, tmp_path, colour_checkpoint):
