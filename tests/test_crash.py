@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import faulthandler
-import gc
 import json
 import os
 import random
@@ -18,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 
 import pyarrow.parquet as pq
 import pytest
@@ -242,19 +240,8 @@ def test_disk_full_while_merging_keeps_every_part(cli, tmp_path, colour_checkpoi
     resumes_to_reference(cli, args, out, reference_table)
 
 
-@pytest.fixture
-def dead_worker_sockets():
-    """A worker that dies while the main process fetches a batch's file descriptors from it
-    can leave that AF_UNIX socket (multiprocessing's, not ours) unclosed: collected here,
-    its ResourceWarning does not fail the whole session at exit, as it once did in CI."""
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
-
-
 def test_a_worker_that_dies_ends_the_run_with_a_message_and_rerun_resumes(
-        cli, tmp_path, colour_checkpoint, reference, monkeypatch, dead_worker_sockets):
+        cli, tmp_path, colour_checkpoint, reference, monkeypatch):
     folder, reference_table = reference
     out = tmp_path / "run"
     marker = tmp_path / "worker-died"
@@ -306,7 +293,7 @@ def assert_crasher_is_the_one_error_row_added(out, reference_table):
 
 
 def test_a_file_that_crashes_a_worker_becomes_an_error_row_and_the_run_goes_on(
-        cli, tmp_path, colour_checkpoint, reference, monkeypatch, dead_worker_sockets):
+        cli, tmp_path, colour_checkpoint, reference, monkeypatch):
     folder, reference_table = reference
     out = tmp_path / "run"
     monkeypatch.setattr(loader, "decode",
