@@ -2,7 +2,8 @@
 
 The manifest stores its timestamps as Spark does (INT96), with the "open end" date Spark
 tables often use; the run keeps them and writes embeddings. Spark needs Java and pyspark,
-which `make test-slow` installs: it is behind the `slow` marker.
+which `make test-slow` installs: it is behind the `slow` marker, and also reads a CSV
+output with the options the README gives.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -62,23 +64,46 @@ def java() -> bool:
     return shutil.which("java") is not None
 
 
-@pytest.mark.slow
-# pyspark's gateway to the JVM leaves its sockets to the garbage collector.
-@pytest.mark.filterwarnings("ignore::ResourceWarning",
-                            "ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.skipif(not java(), reason="Spark needs Java")
-def test_spark_reads_every_column(labels):
+@pytest.fixture(scope="module")
+def spark():
+    if not java():
+        pytest.skip("Spark needs Java")
     pytest.importorskip("pyspark")
     from pyspark.sql import SparkSession
+    session = (SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
+               .config("spark.sql.session.timeZone", "UTC").getOrCreate())
+    yield session
+    session.stop()
+
+
+# pyspark's gateway to the JVM leaves its sockets to the garbage collector.
+SPARK_SOCKETS = pytest.mark.filterwarnings("ignore::ResourceWarning",
+                                           "ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.mark.slow
+@SPARK_SOCKETS
+def test_spark_reads_every_column(spark, labels):
     path, taken = labels
-    spark = (SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
-             .config("spark.sql.session.timeZone", "UTC").getOrCreate())
-    try:
-        frame = spark.read.parquet(str(path))
-        rows = frame.selectExpr("path", "status", "taken", "if(embedding is null, null, size(embedding)) as size",
-                                "labels[0] as first").orderBy("path").collect()
-    finally:
-        spark.stop()
+    rows = spark.read.parquet(str(path)).selectExpr(
+        "path", "status", "taken", "if(embedding is null, null, size(embedding)) as size",
+        "labels[0] as first").orderBy("path").collect()
     assert [(r["path"], r["taken"]) for r in rows] == sorted(taken.items())
     assert {(r["status"], r["size"]) for r in rows} == {("ok", 512), ("error", None)}
     assert all((r["first"] is None) == (r["status"] == "error") for r in rows)
+
+
+@pytest.mark.slow
+@SPARK_SOCKETS
+def test_spark_reads_csv_with_odd_names_as_the_readme_says(spark, tmp_path, colour_checkpoint):
+    names = ["comma,name.jpg", 'quote"name.jpg', "new\nline.jpg", "plain.jpg"]
+    for name in names:
+        Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / name)
+    result = CliRunner().invoke(app, [
+        "run", str(tmp_path), "--out", str(tmp_path / "run"), "--format", "csv", "--model",
+        "resnet18", "--weights", str(colour_checkpoint), "--top-k", "2", "--workers", "0", "-q",
+        *FAST])
+    assert result.exit_code == 0, result.output
+    frame = spark.read.csv(str(tmp_path / "run" / "labels.csv"), header=True, multiLine=True,
+                           escape='"')
+    assert sorted(r["key"] for r in frame.select("key").collect()) == sorted(names)
