@@ -6,7 +6,6 @@ import functools
 import io
 import math
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,9 +86,10 @@ def decode(data: bytes, preprocess: Preprocess, max_pixels: int) -> Decoded:
     if not data:
         raise ImageError("empty file")
     if data.startswith(_JPEG_START):
-        _check_scans(data)
+        header = _JpegHeader.read(data)
+        _check_scans(data, header)
         try:
-            decoded = _decode_jpeg(data, preprocess, max_pixels)
+            decoded = _decode_jpeg(data, header, preprocess, max_pixels)
         except ValueError:
             # libjpeg-turbo's strict mode refuses what libjpeg only warns about (stray bytes
             # before a marker, a truncated tail) and some rare layouts; PIL, the reference
@@ -116,7 +116,8 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         raise ImageError(f"{width}x{height} is over the --max-pixels limit of {max_pixels}")
 
 
-def _decode_jpeg(data: bytes, preprocess: Preprocess, max_pixels: int) -> Decoded | None:
+def _decode_jpeg(data: bytes, header: _JpegHeader, preprocess: Preprocess,
+                 max_pixels: int) -> Decoded | None:
     """libjpeg-turbo through simplejpeg, downscaled in the DCT when the photo is large.
 
     libjpeg can decode at 1/2, 1/4 or 1/8 scale for a fraction of the work; the largest
@@ -131,7 +132,7 @@ def _decode_jpeg(data: bytes, preprocess: Preprocess, max_pixels: int) -> Decode
     factor = next(f for f in _DCT_FACTORS if min(width, height) >= f * preprocess.resize or f == 1)
     pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // factor),
                                     min_width=-(-width // factor))
-    orientation = _jpeg_orientation(data)
+    orientation = _jpeg_orientation(data, header)
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width  # report the displayed size, not the stored one
     if orientation in _ORIENT:
@@ -140,38 +141,42 @@ def _decode_jpeg(data: bytes, preprocess: Preprocess, max_pixels: int) -> Decode
     return Decoded(image=resize_and_crop(chw, preprocess), width=width, height=height)
 
 
-def _header_segments(data: bytes) -> Iterator[tuple[int, int]]:
-    """(marker, offset) of a JPEG's segments up to its first start of scan (0xDA).
+@dataclass(frozen=True)
+class _JpegHeader:
+    """What the segments before a JPEG's first scan say, from one walk over a few of them."""
 
-    Stops early at anything it cannot follow; a walk over a few segments, not the file.
-    """
-    position = 2
-    while position + 4 <= len(data) and data[position] == 0xFF:
-        marker = data[position + 1]
-        if marker == 0xFF:  # a fill byte before a marker
-            position += 1
-            continue
-        yield marker, position
-        if marker == 0xDA:
-            return
-        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    exif: bool  # an EXIF segment, or a header the walk cannot follow: PIL reads it
+    one_scan: bool  # a sequential frame whose first scan holds every component
+
+    @classmethod
+    def read(cls, data: bytes) -> _JpegHeader:
+        exif, components = False, None
+        position = 2
+        while position + 4 <= len(data) and data[position] == 0xFF:
+            marker = data[position + 1]
+            if marker == 0xFF:  # a fill byte before a marker
+                position += 1
+                continue
+            if marker == 0xDA:  # start of scan: Ns, the components in it, == Nf?
+                return cls(exif, bool(components)
+                           and data[position + 4:position + 5] == components)
+            if marker == 0xE1 and data[position + 4:position + 10] == b"Exif\x00\x00":
+                exif = True
+            elif marker in _SEQUENTIAL_FRAMES:
+                components = data[position + 9:position + 10]  # Nf of the frame header
+            position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+        return cls(exif=True, one_scan=False)
 
 
-def _check_scans(data: bytes) -> None:
+def _check_scans(data: bytes, header: _JpegHeader) -> None:
     """Refuse a JPEG of more scans than any encoder writes, before decoding it.
 
     Counting them is a pass over the whole file, so the usual camera or phone photo is not
     counted: a sequential JPEG whose first scan holds every component has no other (libjpeg
     refuses a second at once). Anything else is, a header the walk cannot follow included.
     """
-    components = None
-    for marker, position in _header_segments(data):
-        if marker in _SEQUENTIAL_FRAMES:
-            components = data[position + 9:position + 10]  # Nf of the frame header
-        elif marker == 0xDA:
-            if components and data[position + 4:position + 5] == components:  # Ns == Nf
-                return
-            break
+    if header.one_scan:
+        return
     # Entropy-coded data never holds the marker (0xFF is stuffed there); an EXIF thumbnail
     # adds its own few.
     scans = data.count(b"\xff\xda")
@@ -181,18 +186,14 @@ def _check_scans(data: bytes) -> None:
                          f"minutes to decode (a known attack on JPEG decoders)")
 
 
-def _jpeg_orientation(data: bytes) -> int:
+def _jpeg_orientation(data: bytes, header: _JpegHeader) -> int:
     """The EXIF orientation, asking PIL only when the file has an EXIF segment.
 
     Most web images have none, and PIL's header parse is a measurable share of a small
     image's decode; the walk over the marker segments before the image data is not.
     """
-    for marker, position in _header_segments(data):
-        if marker == 0xDA:  # start of scan: no EXIF segment before the image data
-            return 1
-        if marker == 0xE1 and data[position + 4:position + 10] == b"Exif\x00\x00":
-            break
-    # an EXIF segment, or a header this walk cannot follow: PIL reads it
+    if not header.exif:
+        return 1
     return Image.open(io.BytesIO(data)).getexif().get(_EXIF_ORIENTATION_TAG, 1)
 
 
