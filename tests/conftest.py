@@ -96,14 +96,13 @@ def colour_folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return folder, write_colour_images(folder, 24)
 
 
+def invoke(*args: str | os.PathLike):
+    """Invoke `label-images` in-process; returns the click Result."""
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
 @pytest.fixture
 def cli():
-    """Invoke `label-images` in-process; returns the click Result."""
-    runner = CliRunner()
-
-    def invoke(*args: str | os.PathLike):
-        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
     return invoke
 
 

@@ -87,7 +87,8 @@ def zoo(tmp_path_factory):
     add("device.jpg", "error", lambda p: os.symlink("/dev/zero", p))
     add("huge.tif", "error", lambda p: sparse_file(p, 500 * 2**20))
     # Decodes fine, given time: each scan of a progressive JPEG costs a pass over the image
-    # (about 0.35 ms at 3 MP here, so 16 MB of them would be some 6 minutes).
+    # (about 0.35 ms at 3 MP in PIL, 0.44 in simplejpeg, which tries first: 16 MB of them
+    # would take some 13 minutes).
     add("scan-bomb.jpg", "error", lambda p: p.write_bytes(scan_bomb(red, 600)))
     add("scan-bomb-hidden.jpg", "error",
         lambda p: p.write_bytes(scan_bomb(red, 600, stray_byte=True)))

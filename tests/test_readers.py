@@ -15,10 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from pipeline.cli import app
-from tests.conftest import FAST, read_output, write_colour_images
+from tests.conftest import FAST, invoke, read_output, write_colour_images
 
 TAKEN = [dt.datetime(2024, 5, 1, 10, 0, 0, 123456), dt.datetime(9999, 12, 31)]
 
@@ -33,10 +31,9 @@ def labels(tmp_path_factory, colour_checkpoint):
     taken = [TAKEN[i % 2] for i in range(len(paths))]
     pq.write_table(pa.table({"path": paths, "taken": pa.array(taken, pa.timestamp("us"))}),
                    root / "manifest.parquet", use_deprecated_int96_timestamps=True)
-    result = CliRunner().invoke(app, [
-        "run", str(root / "manifest.parquet"), "--out", str(root / "run"), "--model", "resnet18",
-        "--weights", str(colour_checkpoint), "--top-k", "2", "--embeddings", "--keep-columns",
-        "taken", "--workers", "0", "-q", *FAST])
+    result = invoke("run", root / "manifest.parquet", "--out", root / "run", "--model",
+                    "resnet18", "--weights", colour_checkpoint, "--top-k", "2", "--embeddings",
+                    "--keep-columns", "taken", "--workers", "0", "-q", *FAST)
     assert result.exit_code == 0, result.output
     return root / "run" / "labels.parquet", dict(zip(paths, taken))
 
@@ -95,14 +92,14 @@ def test_spark_reads_every_column(spark, labels):
 
 @pytest.mark.slow
 @SPARK_SOCKETS
-def test_spark_reads_csv_with_odd_names_as_the_readme_says(spark, tmp_path, colour_checkpoint):
+def test_spark_reads_csv_with_odd_names_as_the_readme_says(spark, cli, tmp_path,
+                                                           colour_checkpoint):
     names = ["comma,name.jpg", 'quote"name.jpg', "new\nline.jpg", "plain.jpg"]
     for name in names:
         Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / name)
-    result = CliRunner().invoke(app, [
-        "run", str(tmp_path), "--out", str(tmp_path / "run"), "--format", "csv", "--model",
-        "resnet18", "--weights", str(colour_checkpoint), "--top-k", "2", "--workers", "0", "-q",
-        *FAST])
+    result = cli("run", tmp_path, "--out", tmp_path / "run", "--format", "csv", "--model",
+                 "resnet18", "--weights", colour_checkpoint, "--top-k", "2", "--workers", "0",
+                 "-q", *FAST)
     assert result.exit_code == 0, result.output
     frame = spark.read.csv(str(tmp_path / "run" / "labels.csv"), header=True, multiLine=True,
                            escape='"')

@@ -15,25 +15,20 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import FAST, write_colour_images
+from tests.conftest import FAST, invoke, write_colour_images
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, colour_checkpoint):
-    from typer.testing import CliRunner
-
-    from pipeline.cli import app
-
     root = tmp_path_factory.mktemp("report")
     truth = write_colour_images(root / "imgs", 24, seed=51)
     (root / "imgs" / "broken.jpg").write_bytes(b"not a jpeg")
     (root / "imgs" / "empty.png").write_bytes(b"")
-    result = CliRunner().invoke(app, ["run", str(root / "imgs"), "--out", str(root / "run"),
-                                      "--model", "resnet18", "--weights",
-                                      str(colour_checkpoint), "--top-k", "2", "--workers",
-                                      "0", "-q", *FAST])
+    result = invoke("run", root / "imgs", "--out", root / "run", "--model", "resnet18",
+                    "--weights", colour_checkpoint, "--top-k", "2", "--workers", "0", "-q",
+                    *FAST)
     assert result.exit_code == 0, result.output
     return root, truth
 
