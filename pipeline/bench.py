@@ -19,7 +19,7 @@ from pipeline import plan as planning
 from pipeline import runner
 from pipeline.config import RunConfig
 from pipeline.decode import DECODE_ERRORS, ImageError, decode
-from pipeline.loader import make_loader
+from pipeline.loader import make_loader, stack_images
 from pipeline.model import build_network
 from pipeline.storage import Store, is_remote, open_input, read_bytes
 
@@ -77,8 +77,8 @@ def _per_core_decode(paths: list[str], preprocess) -> tuple[float, float]:
     def ours() -> None:
         for path in paths:
             try:
-                # .contiguous(): the one copy into its batch that each crop gets in collate
-                decode(read_bytes(path), preprocess, max_pixels=10**10).image.contiguous()
+                # stacked as the loader does: the one copy into its batch each crop gets
+                stack_images([decode(read_bytes(path), preprocess, max_pixels=10**10).image])
             except (ImageError, *DECODE_ERRORS):
                 pass
 
@@ -129,7 +129,8 @@ def _loader_alone(plan, job) -> float:
 
 def _model_alone(job, batches: int) -> float:
     crop = job.classifier.spec.preprocess.crop
-    images = torch.randint(0, 256, (job.batch_size, 3, crop, crop), dtype=torch.uint8)
+    images = stack_images(torch.randint(0, 256, (job.batch_size, 3, crop, crop),
+                                        dtype=torch.uint8).unbind())  # the loader's layout
     if job.classifier.on_cuda:
         images = images.pin_memory()
     for _ in range(2):  # warm-up: allocator, oneDNN/cuDNN kernel choice, compile
