@@ -351,6 +351,8 @@ class Classifier:
     def _forward(self, images: torch.Tensor) -> Prediction:
         x = images.to(self.device, non_blocking=self.on_cuda)
         x = torch.addcmul(self._shift, x.to(self._norm_dtype), self._scale)
+        # The loader's batches arrive channels_last already (then this copies nothing);
+        # other callers' planar ones are converted here.
         x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
         self._features.clear()
         probs = self.net(x).float().softmax(dim=1)
