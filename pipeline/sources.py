@@ -311,7 +311,7 @@ def _parent(location: str) -> str:
 
 def _resolve(listed: str, base: str) -> str:
     """A relative path resolves against base; absolute paths and URLs stay as they are."""
-    if "://" in listed or os.path.isabs(listed):
+    if "://" in listed or listed.startswith("file:") or os.path.isabs(listed):
         return listed
     if is_remote(base):
         return f"{base.rstrip('/')}/{listed}"

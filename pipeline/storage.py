@@ -15,6 +15,7 @@ import re
 import secrets
 import shutil
 import stat
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,7 +80,20 @@ def is_remote(location: str) -> bool:
 
 
 def local_path(location: str) -> str:
-    return location.removeprefix("file://")
+    """The local path a path or a file: URL names.
+
+    A file: URL is percent-encoded (RFC 8089): `Path.as_uri()` writes `file:///a%20b.jpg`,
+    Spark's file listings `file:/a%20b.jpg`; both name `/a b.jpg`. A plain path is taken as
+    it is, % and all.
+    """
+    if not location.startswith("file:"):
+        return location
+    path = location.removeprefix("file:")
+    if path.startswith("//"):  # an authority: empty or localhost on this machine
+        host, _, rest = path[2:].partition("/")
+        path = "/" + rest if host in ("", "localhost") else path
+    # surrogateescape: an encoded byte that is not UTF-8 names the same byte on disk
+    return urllib.parse.unquote(path, errors="surrogateescape")
 
 
 # A local path that is not valid UTF-8 (say, a Latin-1 file name from an old archive) cannot

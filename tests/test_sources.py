@@ -169,3 +169,28 @@ def test_unknown_source_kinds_are_refused(tmp_path):
         read_source(SourceSpec(str(tmp_path / "missing.csv")))
     with pytest.raises(UsageError, match="neither a folder nor a manifest"):
         read_source(SourceSpec(str(touch(tmp_path / "m.xlsx"))))
+
+
+def test_file_urls_name_the_files_they_percent_encode(cli, tmp_path, colour_checkpoint):
+    """As Path.as_uri() writes them, as Spark lists them (file:/...), and with localhost."""
+    from PIL import Image
+
+    from tests.conftest import FAST, colour_array, read_output
+
+    folder = tmp_path / "my photos"
+    folder.mkdir()
+    names = ["with space.jpg", "100% red.jpg", "\u00e9t\u00e9.jpg", os.fsdecode(b"caf\xe9.jpg")]
+    for i, name in enumerate(names):
+        Image.fromarray(colour_array("red", 70, 50, seed=i)).save(folder / name)
+    urls = [(folder / names[0]).as_uri(), (folder / names[1]).as_uri(),
+            "file:" + (folder / names[2]).as_uri().removeprefix("file://"),  # Spark's form
+            "file://localhost" + (folder / names[3]).as_uri().removeprefix("file://")]
+    assert all("%" in url for url in urls)  # each one really is encoded
+    manifest = write_manifest(tmp_path / "m.csv", [{"path": url} for url in urls])
+    result = cli("run", manifest, "--out", tmp_path / "run", "--model", "resnet18",
+                 "--weights", colour_checkpoint, "--top-k", "1", "--quiet", *FAST)
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "run" / "labels.parquet").set_index("key")
+    assert sorted(table.index) == sorted(urls)  # keys and paths stay as the manifest wrote them
+    assert (table["status"] == "ok").all(), table["error"].tolist()
+    assert (table["top1_label"] == "red").all()
