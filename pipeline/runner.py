@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import signal
 import sys
@@ -162,6 +163,22 @@ class ShardBuffer:
 
 def _raise_interrupt(signum, _frame):
     raise KeyboardInterrupt(signum)
+
+
+def release_leaked_logging_lock() -> None:
+    """Let go of logging's module lock if an exception from a signal handler left it held.
+
+    Python 3.11 and 3.12's logging take that lock in one call and enter the try that releases
+    it only after: an exception raised by a signal handler in between (Ctrl-C, our SIGTERM,
+    torch's SIGCHLD handler reporting a dead loader worker) leaves this thread holding it
+    (measured: 865 of 2,000 such exceptions landing in logging code did), and the next
+    thread to log, s3fs's I/O thread say, waits for it forever. Only call this where this
+    thread cannot be inside logging.
+    """
+    lock = getattr(logging, "_lock", None)
+    owned = getattr(lock, "_is_owned", None)
+    while owned is not None and owned():
+        lock.release()
 
 
 @dataclass
@@ -505,9 +522,11 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
                 summary.labelled_now += len(batch.indices)
                 bar.update(len(batch.indices))
         finally:
+            release_leaked_logging_lock()  # before waiting on the writer thread, which may log
             bar.close()
             try:
-                del batches, loader  # stops the workers (and may report a dead one)
+                _stop_workers(batches)  # (and may report a dead one)
+                del batches, loader
             finally:
                 committer.drain()  # whatever happened, finished shards get committed
                 summary.write_seconds += committer.seconds
@@ -531,6 +550,18 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
                           f"{str(exc).splitlines()[0] if str(exc) else ''})", in_flight) from None
     if buffers:
         raise RuntimeError(f"shards {sorted(buffers)} did not receive all their items")
+
+
+def _stop_workers(batches) -> None:
+    """Stop the loader's workers now, not when the last reference to the iterator goes.
+
+    After a worker dies, the exception's traceback keeps the iterator alive (checked), and
+    with it the surviving workers and torch's record of them for its SIGCHLD handler, while
+    the decoder probe forks and the next loader starts. torch's own __del__ calls this.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # none without workers
+    if shutdown is not None:
+        shutdown()
 
 
 def _out_of_shared_memory(exc: BaseException) -> bool:

@@ -199,6 +199,34 @@ def test_ctrl_c_during_a_batch_handover_prints_no_worker_traceback():
     assert "ValueError: a worker's own error" in done.stderr  # other errors still shown
 
 
+def test_a_signal_landing_inside_logging_leaves_its_lock_to_the_other_threads(
+        cli, tmp_path, colour_checkpoint, reference, monkeypatch):
+    """SIGTERM's exception between logging's lock and its try (Python 3.11, 3.12): the run
+    still stops in one line, and a thread that logs afterwards (s3fs's I/O) does not hang."""
+    import logging
+    import threading
+
+    from pipeline import runner
+
+    folder, _ = reference
+
+    def interrupted_inside_logging(*args, **kwargs):
+        logging._lock.acquire()  # where logging's own call would have let go of it
+        raise KeyboardInterrupt(signal.SIGTERM)
+
+    monkeypatch.setattr(runner, "_fill", interrupted_inside_logging)
+    try:
+        fails_with(cli, job(folder, tmp_path / "run", colour_checkpoint), 128 + signal.SIGTERM,
+                   "stopped by SIGTERM")
+        other = threading.Thread(target=lambda: logging.getLogger("s3fs").manager._clear_cache())
+        other.start()
+        other.join(timeout=10)
+        assert not other.is_alive(), "logging's lock is still held: a thread that logs hangs"
+    finally:
+        while logging._lock._is_owned():  # the rest of the session must not hang either
+            logging._lock.release()
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
 def test_write_failure_exits_1_keeps_committed_shards_and_rerun_finishes(
         cli, tmp_path, colour_checkpoint, reference, monkeypatch, code):
