@@ -165,7 +165,7 @@ def _raise_interrupt(signum, _frame):
     raise KeyboardInterrupt(signum)
 
 
-def release_leaked_logging_lock() -> None:
+def _release_leaked_logging_lock() -> None:
     """Let go of logging's module lock if an exception from a signal handler left it held.
 
     Python 3.11 and 3.12's logging take that lock in one call and enter the try that releases
@@ -522,7 +522,7 @@ def _label_pending(plan: planning.Plan, pending: list[int], job: Job, schema: pa
                 summary.labelled_now += len(batch.indices)
                 bar.update(len(batch.indices))
         finally:
-            release_leaked_logging_lock()  # before waiting on the writer thread, which may log
+            _release_leaked_logging_lock()  # before waiting on the writer thread, which may log
             bar.close()
             try:
                 _stop_workers(batches)  # (and may report a dead one)

@@ -218,7 +218,8 @@ def test_a_signal_landing_inside_logging_leaves_its_lock_to_the_other_threads(
     try:
         fails_with(cli, job(folder, tmp_path / "run", colour_checkpoint), 128 + signal.SIGTERM,
                    "stopped by SIGTERM")
-        other = threading.Thread(target=lambda: logging.getLogger("s3fs").manager._clear_cache())
+        # a logger made for the first time, as any library's first log line does, takes the lock
+        other = threading.Thread(target=logging.getLogger, args=[f"after-{tmp_path.name}"])
         other.start()
         other.join(timeout=10)
         assert not other.is_alive(), "logging's lock is still held: a thread that logs hangs"
