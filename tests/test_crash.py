@@ -10,18 +10,20 @@ from __future__ import annotations
 import errno
 import faulthandler
 import json
+import logging
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import loader, quarantine, writer
+from pipeline import loader, quarantine, runner, writer
 from tests.conftest import REPO, read_output, write_colour_images
 
 IMAGES = 200
@@ -203,11 +205,6 @@ def test_a_signal_landing_inside_logging_leaves_its_lock_to_the_other_threads(
         cli, tmp_path, colour_checkpoint, reference, monkeypatch):
     """SIGTERM's exception between logging's lock and its try (Python 3.11, 3.12): the run
     still stops in one line, and a thread that logs afterwards (s3fs's I/O) does not hang."""
-    import logging
-    import threading
-
-    from pipeline import runner
-
     folder, _ = reference
 
     def interrupted_inside_logging(*args, **kwargs):

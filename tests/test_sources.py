@@ -11,9 +11,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pipeline.errors import UsageError
 from pipeline.sources import SourceSpec, read_source
+from tests.conftest import FAST, colour_array, read_output
 
 
 def touch(path, content=b"x"):
@@ -173,10 +175,6 @@ def test_unknown_source_kinds_are_refused(tmp_path):
 
 def test_file_urls_name_the_files_they_percent_encode(cli, tmp_path, colour_checkpoint):
     """As Path.as_uri() writes them, as Spark lists them (file:/...), and with localhost."""
-    from PIL import Image
-
-    from tests.conftest import FAST, colour_array, read_output
-
     folder = tmp_path / "my photos"
     folder.mkdir()
     names = ["with space.jpg", "100% red.jpg", "\u00e9t\u00e9.jpg", os.fsdecode(b"caf\xe9.jpg")]
