@@ -98,8 +98,9 @@ def run(
     keep_columns: Annotated[Optional[str], typer.Option(
         help="Manifest columns to copy into the output, comma-separated.")] = None,
     max_pixels: Annotated[Optional[int], typer.Option(
-        help="Images larger than this (width x height) become error rows "
-             "[default: 100000000].")] = None,
+        # Not "[default: ...]": Typer's Rich help takes square brackets for markup and drops them.
+        help="Images larger than this (width x height) become error rows (default: "
+             f"{configuration.RunConfig.max_pixels:,}).")] = None,
     allow_duplicates: Annotated[Optional[bool], typer.Option(
         "--allow-duplicates", help="Accept a manifest that lists a key twice.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option(

@@ -10,7 +10,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import simplejpeg
+import typer.main
 
+from pipeline.cli import app
 from tests.conftest import FAST, read_output, run_subprocess, write_colour_images
 
 
@@ -228,3 +230,22 @@ def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(
     assert "another label-images run" in second.stderr and "is using" in second.stderr
     third = run_subprocess(*base_args(folder, tmp_path / "run", colour_checkpoint))
     assert third.returncode == 0, third.stderr
+
+
+def _commands(group, names=()):
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):  # a sub-app, such as `weights`
+            yield from _commands(command, (*names, name))
+        else:
+            yield (*names, name), command
+
+
+def test_every_option_help_is_shown_whole(cli):
+    """Typer's Rich help reads square brackets as markup and drops what is inside them."""
+    for names, command in _commands(typer.main.get_command(app)):
+        result = cli(*names, "--help")
+        assert result.exit_code == 0, result.output
+        shown = " ".join(result.output.replace("│", " ").split())
+        for param in command.params:
+            written = " ".join((getattr(param, "help", None) or "").split())
+            assert written in shown, (names, param.name)
