@@ -24,6 +24,9 @@ app = typer.Typer(
 # The choices Typer shows and checks, from the one list each that config.py validates with.
 Format = Enum("Format", {name: name for name in configuration.FORMATS}, type=str)
 Precision = Enum("Precision", {name: name for name in configuration.PRECISIONS}, type=str)
+# The defaults the help states, from the config's own. "(default: ...)", not Typer's
+# "[default: ...]": its Rich help takes square brackets for markup and drops them.
+_DEFAULT = configuration.RunConfig
 
 
 @app.callback()
@@ -62,10 +65,10 @@ def run(
     config: Annotated[Optional[Path], typer.Option(
         help="TOML file with any of these options; flags override it.")] = None,
     model: Annotated[Optional[str], typer.Option(
-        help="torchvision classification model name (default: resnet50).")] = None,
+        help=f"torchvision classification model name (default: {_DEFAULT.model}).")] = None,
     weights: Annotated[Optional[str], typer.Option(
         help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...) or a local checkpoint "
-             "file (default: DEFAULT).")] = None,
+             f"file (default: {_DEFAULT.weights}).")] = None,
     labels: Annotated[Optional[Path], typer.Option(
         help="Class names, one a line, in class-index order.")] = None,
     resize: Annotated[Optional[int], typer.Option(
@@ -73,9 +76,10 @@ def run(
     crop: Annotated[Optional[int], typer.Option(
         help="Centre crop size (default: from the weights, else 224).")] = None,
     device: Annotated[Optional[str], typer.Option(
-        help="auto, cpu, cuda or cuda:N (default: auto).")] = None,
+        help=f"auto, cpu, cuda or cuda:N (default: {_DEFAULT.device}).")] = None,
     precision: Annotated[Optional[Precision], typer.Option(
-        help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 (default: auto)."
+        help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 "
+             f"(default: {_DEFAULT.precision})."
     )] = None,
     batch_size: Annotated[Optional[int], typer.Option(
         help="Images per batch (default: 256 on CUDA, 32 on CPU).")] = None,
@@ -83,11 +87,12 @@ def run(
         help="Decoding worker processes (default: min(8, cores) on CUDA; on a CPU, half the "
              "cores, but 0, decoding between batches, on 2 cores or fewer).")] = None,
     format: Annotated[Optional[Format], typer.Option(
-        "--format", help="Output format (default: parquet).")] = None,
+        "--format", help=f"Output format (default: {_DEFAULT.format}).")] = None,
     top_k: Annotated[Optional[int], typer.Option(
-        help="Labels per image (default: 5).")] = None,
+        help=f"Labels per image (default: {_DEFAULT.top_k}).")] = None,
     shard_size: Annotated[Optional[int], typer.Option(
-        help="Images per shard, the unit of commit and resume (default: 1000).")] = None,
+        help="Images per shard, the unit of commit and resume "
+             f"(default: {_DEFAULT.shard_size}).")] = None,
     path_column: Annotated[Optional[str], typer.Option(
         help="Manifest column with the image paths (default: detected).")] = None,
     id_column: Annotated[Optional[str], typer.Option(
@@ -98,9 +103,8 @@ def run(
     keep_columns: Annotated[Optional[str], typer.Option(
         help="Manifest columns to copy into the output, comma-separated.")] = None,
     max_pixels: Annotated[Optional[int], typer.Option(
-        # Not "[default: ...]": Typer's Rich help takes square brackets for markup and drops them.
         help="Images larger than this (width x height) become error rows (default: "
-             f"{configuration.RunConfig.max_pixels:,}).")] = None,
+             f"{_DEFAULT.max_pixels:,}).")] = None,
     allow_duplicates: Annotated[Optional[bool], typer.Option(
         "--allow-duplicates", help="Accept a manifest that lists a key twice.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option(
