@@ -9,15 +9,22 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+import pi_heif
 import simplejpeg
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 # We refuse oversized images ourselves (--max-pixels, from the header, before decoding), so
 # PIL's own global guard, which warns or raises at a fixed size, is switched off.
 Image.MAX_IMAGE_PIXELS = None
+# HEIC/HEIF (iPhones' photos) through libheif. Its opener applies the file's rotation and
+# mirroring and resets the EXIF orientation to 1, so exif_transpose below does not turn it
+# twice. One decode thread, as each loader worker has one torch thread: libheif's default
+# of four would oversubscribe a small CPU.
+pi_heif.register_heif_opener()
+pi_heif.options.DECODE_THREADS = 1
 
 # What a broken, truncated or hostile file can raise while being identified or decoded.
 # Anything else is a bug in this code and should surface.
@@ -25,8 +32,6 @@ DECODE_ERRORS = (OSError, ValueError, RuntimeError, SyntaxError, EOFError, struc
                  Image.DecompressionBombError)
 
 _JPEG_START = b"\xff\xd8\xff"  # SOI and the first marker's 0xFF
-# The ISO base media file's major brands of HEIC/HEIF stills (HEVC-coded; PIL has no decoder)
-_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 _DCT_FACTORS = (8, 4, 2, 1)  # the downscales libjpeg-turbo does with vectorised IDCTs
 # Each scan of a progressive JPEG is a pass over the whole image, however few bytes it has:
 # a crafted file of tiny scans takes minutes to decode (libjpeg-turbo's "Two Issues with
@@ -97,13 +102,7 @@ def decode(data: bytes, preprocess: Preprocess, max_pixels: int) -> Decoded:
             decoded = None
         if decoded is not None:
             return decoded
-    try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-    except UnidentifiedImageError:
-        if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
-            raise ImageError("a HEIC/HEIF image (as iPhones save photos), which this build "
-                             "cannot decode: convert it, to JPEG say, to label it") from None
-        raise
+    image = Image.open(io.BytesIO(data))  # reads the header only
     _check_size(*image.size, max_pixels)
     pixels = _decode_with_pil(image)
     height, width = pixels.shape[-2:]

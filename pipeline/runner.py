@@ -227,7 +227,7 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False) ->
         # The decoders too: they decide the pixels the model sees.
         "versions": {"label-images": pipeline.__version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "pillow": version("pillow"),
-                     "simplejpeg": version("simplejpeg")},
+                     "simplejpeg": version("simplejpeg"), "pi-heif": version("pi-heif")},
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return Job(config, source, items, classifier, batch_size, workers, record, started,

@@ -18,8 +18,6 @@ from pipeline.storage import (filesystem, image_path, is_remote, local_path, ope
                               printable_path)
 from pipeline.writer import output_schema
 
-# HEIC/HEIF cannot be decoded here, but listing it makes each one an error row that says
-# so, rather than a photo that silently is not there.
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif",
      ".heic", ".heif"}

@@ -69,7 +69,7 @@ def test_labels_every_image_once_in_source_order_and_correctly(
     assert run["fingerprint"]["model"] == "resnet18"
     assert run["config"]["top_k"] == 3
     assert run["versions"]["simplejpeg"] == simplejpeg.__version__  # the decoders are recorded
-    assert set(run["versions"]) >= {"torch", "torchvision", "pillow"}
+    assert set(run["versions"]) >= {"torch", "torchvision", "pillow", "pi-heif"}
     meta = pq.read_schema(run_dir / "labels.parquet").metadata
     assert meta[b"label_images.model"] == b"resnet18"
     assert meta[b"label_images.weights"].startswith(b"sha256:")

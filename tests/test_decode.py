@@ -149,6 +149,30 @@ def test_every_exif_orientation_matches_pils_transpose(size):
         assert difference <= 1.5, (orientation, difference)
 
 
+def test_heic_is_turned_once_whatever_its_orientation():
+    """libheif applies the turn written in the file; exif_transpose must not apply it again."""
+    import pillow_heif
+    from PIL import ImageOps
+
+    from tests.photos import photo
+
+    reference = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
+    stored = photo(320, 240, seed=5)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        heic = io.BytesIO()
+        # Full-resolution chroma, so that what is left is our decode's difference, not
+        # HEVC's 4:2:0 (about 2 levels on this photo); a wrong turn differs by 60 or more.
+        pillow_heif.from_pillow(stored).save(heic, quality=90, chroma=444, exif=exif.tobytes())
+        ours = decode(heic.getvalue(), Preprocess(), max_pixels=10**8)
+        shown = ImageOps.exif_transpose(Image.open(io.BytesIO(encode(stored, "PNG",
+                                                                     exif=exif.tobytes()))))
+        assert (ours.width, ours.height) == shown.size, orientation
+        difference = (ours.image.float() - reference(shown).float()).abs().mean()
+        assert difference <= 1.5, (orientation, difference)
+
+
 def test_jpeg_that_libjpeg_only_warns_about_is_read_as_pil_reads_it():
     """Stray bytes before a marker: libjpeg-turbo's strict mode refuses, PIL reads the image."""
     data = encode(halves_image(400, 300), "JPEG", quality=90)

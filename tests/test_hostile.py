@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
+import pillow_heif
 from PIL import Image, features
 
 from tests.conftest import FAST, colour_array, read_output
@@ -111,12 +112,15 @@ def zoo(tmp_path_factory):
     add("photo.bmp", "red", lambda p: save(p, red))
     if features.check("avif"):  # Pillow 11.3 and later decode AVIF themselves
         add("photo.avif", "red", lambda p: save(p, red, quality=90))
-    # An iPhone's HEIC: no decoder here, but an error row that says what it is
-    add("iphone.heic", "error", lambda p: p.write_bytes(
-        b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)))
     exif = Image.Exif()
     exif[0x0112] = 6
     add("rotated.jpg", "red", lambda p: save(p, red, exif=exif.tobytes()))
+    # iPhones' HEIC, upright and turned (written as iOS does, with the turn in the file)
+    add("iphone.heic", "red", lambda p: pillow_heif.from_pillow(red).save(p, quality=90))
+    add("rotated.heic", "red",
+        lambda p: pillow_heif.from_pillow(red).save(p, quality=90, exif=exif.tobytes()))
+    add("broken.heic", "error", lambda p: p.write_bytes(
+        b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)))
     for name in ["with space.jpg", "comma,name.jpg", 'quote"name.jpg', "it's.jpg",
                  "new\nline.jpg", "n\u00e4me-\u65e5\u672c-\U0001F600.jpg"]:
         add(name, "red", lambda p: save(p, red))
@@ -151,12 +155,13 @@ def test_every_odd_file_gets_a_label_or_an_error_row(cli, tmp_path, zoo, colour_
         if outcome == "red":
             assert row["top1_label"] == "red", key
     assert "--max-pixels" in table.loc["bomb.png", "error"]
-    assert int(table.loc["rotated.jpg", "width"]) == 60  # as displayed: 90x60 stored sideways
+    for rotated in ("rotated.jpg", "rotated.heic"):  # as displayed: 90x60 stored sideways
+        assert int(table.loc[rotated, "width"]) == 60, rotated
     assert "No such file" in table.loc["broken-link.jpg", "error"]
     for special in ("pipe.jpg", "device.jpg"):
         assert "not a regular file (a pipe, socket or device)" in table.loc[special, "error"]
     assert "more than an image within --max-pixels can take" in table.loc["huge.tif", "error"]
-    assert table.loc["iphone.heic", "error"].startswith("a HEIC/HEIF image")
+    assert table.loc["broken.heic", "error"] == "not a readable image (unknown or corrupt format)"
     for bomb in ("scan-bomb.jpg", "scan-bomb-hidden.jpg"):
         assert "scans, over the limit of 500" in table.loc[bomb, "error"]
 
