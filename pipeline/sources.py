@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,8 @@ from pipeline.storage import (filesystem, image_path, is_remote, local_path, ope
 from pipeline.writer import output_schema
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif",
-     ".heic", ".heif"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+     ".avif", ".heic", ".heif", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl", ".txt")
 # Column names taken as the path column when --path-column is not given, in no order:
@@ -145,17 +146,23 @@ def list_directory(root: Path) -> pa.Table:
     """
     relative: list[str] = []
     unlisted: list[OSError] = []
+    passed_over: Counter[str] = Counter()
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         base = os.path.relpath(dirpath, root)
         for name in filenames:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            if name.startswith("."):
+                continue
+            extension = os.path.splitext(name)[1].lower()
+            if extension not in IMAGE_EXTENSIONS:
+                passed_over[extension] += 1
                 continue
             relative.append(printable_path(
                 name if base == "." else f"{base}/{name}".replace(os.sep, "/")))
     for exc in unlisted:  # say so rather than leave its images out without a word
         notice(f"cannot list {printable_path(exc.filename)} ({exc.strerror}): the images "
                "in it, if any, are not in this run")
+    _say_passed_over(passed_over)
     base = printable_path(os.path.abspath(root))  # resolves from elsewhere (reports, users)
     return _listing(relative, lambda rel: os.path.join(base, rel))
 
@@ -169,18 +176,35 @@ def list_remote_directory(location: str) -> pa.Table:
     fs, root = filesystem(location)
     root = root.rstrip("/")
     relative, infos = [], []
+    passed_over: Counter[str] = Counter()
     for path, info in fs.find(root, detail=True).items():
         rel = path[len(root) + 1:]
         parts = rel.split("/")
         if any(p.startswith(".") for p in parts):
             continue
-        if os.path.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS:
+        extension = os.path.splitext(parts[-1])[1].lower()
+        if extension in IMAGE_EXTENSIONS:
             relative.append(rel)
             infos.append(_version_of(info))
+        else:
+            passed_over[extension] += 1
+    _say_passed_over(passed_over)
     base = location.rstrip("/")
     table = _listing(relative, lambda rel: f"{base}/{rel}")
     order = sorted(range(len(relative)), key=relative.__getitem__)  # _listing sorts keys
     return _with_versions(table, [infos[i] for i in order])
+
+
+def _say_passed_over(extensions: Counter[str]) -> None:
+    """One line on the files a folder holds besides images: none is left out unseen."""
+    if not extensions:
+        return
+    most = sorted(extensions.items(), key=lambda item: (-item[1], item[0]))[:5]
+    kinds = ", ".join(f"{extension or '(no extension)'} {count:,}" for extension, count in most)
+    if len(extensions) > 5:
+        kinds += ", ..."
+    notice(f"passed over {extensions.total():,} file(s) not named as images ({kinds}); "
+           "a manifest that lists them has them labelled, whatever their names")
 
 
 def _listing(relative: list[str], full_path) -> pa.Table:

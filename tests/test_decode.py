@@ -67,7 +67,7 @@ def test_animated_gif_uses_its_first_frame():
     assert image[0].float().mean() > 200 and image[1].float().mean() < 50
 
 
-@pytest.mark.parametrize("fmt", ["WEBP", "TIFF", "BMP"])
+@pytest.mark.parametrize("fmt", ["WEBP", "TIFF", "BMP", "PPM", "JPEG2000"])
 def test_other_formats_decode(fmt):
     assert decode(encode(halves_image(), fmt), SMALL, 10**8).image.shape == (3, 32, 32)
 

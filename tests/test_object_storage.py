@@ -60,10 +60,15 @@ def uploaded(s3, tmp_path_factory, colour_checkpoint):
     (folder / "sub").mkdir()
     write_colour_images(folder / "sub", 3, seed=32)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 broken")
+    (folder / "sub" / "notes.txt").write_text("not an image")
     fs.put(str(folder), "bucket/images", recursive=True)
     local = run_subprocess(*job(folder, root / "run", colour_checkpoint))
     assert local.returncode == 0, local.stderr
+    assert PASSED_OVER in local.stderr
     return folder, read_output(root / "run" / "labels.parquet")
+
+
+PASSED_OVER = "passed over 1 file(s) not named as images (.txt 1)"
 
 
 def job(source, out, checkpoint, *extra):
@@ -90,6 +95,7 @@ def test_a_bucket_prefix_labelled_into_a_bucket(s3, uploaded, colour_checkpoint)
                                colour_checkpoint), env=env)
     assert done.returncode == 0, done.stderr
     assert "s3://bucket/runs/one/labels.parquet" in done.stderr
+    assert PASSED_OVER in done.stderr  # the bucket's listing says so as the folder's does
     table = read_s3_table(fs, "bucket/runs/one/labels.parquet")
     assert_matches_local(table, reference)
     assert table["path"].iloc[1] == f"s3://bucket/images/{table['key'].iloc[1]}"

@@ -26,14 +26,30 @@ def touch(path, content=b"x"):
 
 def test_folder_is_listed_recursively_sorted_case_insensitive_without_hidden(tmp_path):
     for name in ["b.JPG", "a.png", "sub/c.jpeg", "sub/deeper/d.WebP", ".hidden.jpg",
-                 ".cache/e.jpg", "notes.txt", "z.tiff"]:
+                 ".cache/e.jpg", "notes.txt", "z.tiff", "saved.jfif", "sign.ppm"]:
         touch(tmp_path / name)
     (tmp_path / "dir.jpg").mkdir()  # a folder with an image's name is not an image
     os.symlink(tmp_path / "gone.jpg", tmp_path / "broken.jpg")  # listed: becomes an error row
     table = read_source(SourceSpec(str(tmp_path)))
-    assert table["key"].to_pylist() == ["a.png", "b.JPG", "broken.jpg", "sub/c.jpeg",
-                                        "sub/deeper/d.WebP", "z.tiff"]
-    assert table["path"].to_pylist()[3] == os.path.join(tmp_path, "sub/c.jpeg")
+    assert table["key"].to_pylist() == ["a.png", "b.JPG", "broken.jpg", "saved.jfif",
+                                        "sign.ppm", "sub/c.jpeg", "sub/deeper/d.WebP",
+                                        "z.tiff"]
+    assert table["path"].to_pylist()[5] == os.path.join(tmp_path, "sub/c.jpeg")
+
+
+def test_files_passed_over_for_their_names_are_counted_on_stderr(tmp_path, capsys):
+    for name in ["a.jpg", "clip.MOV", "sub/clip.mov", "sub/a.xmp", "LICENSE", ".DS_Store",
+                 "x.json", "y.md", "z.mp4"]:
+        touch(tmp_path / name)
+    assert read_source(SourceSpec(str(tmp_path)))["key"].to_pylist() == ["a.jpg"]
+    # the commonest first, then by name; hidden files are not counted: they are meant to hide
+    assert ("label-images: passed over 7 file(s) not named as images (.mov 2, (no extension) 1, "
+            ".json 1, .md 1, .mp4 1, ...); a manifest that lists them has them labelled, "
+            "whatever their names") in capsys.readouterr().err
+    touch(tmp_path / "images-only" / "b.png")
+    touch(tmp_path / "images-only" / ".DS_Store")
+    read_source(SourceSpec(str(tmp_path / "images-only")))
+    assert "passed over" not in capsys.readouterr().err  # nothing to say, nothing said
 
 
 def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(tmp_path, monkeypatch,
