@@ -151,11 +151,7 @@ def list_directory(root: Path) -> pa.Table:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         base = os.path.relpath(dirpath, root)
         for name in filenames:
-            if name.startswith("."):
-                continue
-            extension = os.path.splitext(name)[1].lower()
-            if extension not in IMAGE_EXTENSIONS:
-                passed_over[extension] += 1
+            if name.startswith(".") or not _named_as_image(name, passed_over):
                 continue
             relative.append(printable_path(
                 name if base == "." else f"{base}/{name}".replace(os.sep, "/")))
@@ -182,17 +178,23 @@ def list_remote_directory(location: str) -> pa.Table:
         parts = rel.split("/")
         if any(p.startswith(".") for p in parts):
             continue
-        extension = os.path.splitext(parts[-1])[1].lower()
-        if extension in IMAGE_EXTENSIONS:
+        if _named_as_image(parts[-1], passed_over):
             relative.append(rel)
             infos.append(_version_of(info))
-        else:
-            passed_over[extension] += 1
     _say_passed_over(passed_over)
     base = location.rstrip("/")
     table = _listing(relative, lambda rel: f"{base}/{rel}")
     order = sorted(range(len(relative)), key=relative.__getitem__)  # _listing sorts keys
     return _with_versions(table, [infos[i] for i in order])
+
+
+def _named_as_image(name: str, passed_over: Counter[str]) -> bool:
+    """Whether a file's extension is an image's; the others are counted, by extension."""
+    extension = os.path.splitext(name)[1].lower()
+    if extension in IMAGE_EXTENSIONS:
+        return True
+    passed_over[extension] += 1
+    return False
 
 
 def _say_passed_over(extensions: Counter[str]) -> None:

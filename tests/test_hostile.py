@@ -9,10 +9,10 @@ import zlib
 
 import numpy as np
 import pandas as pd
+import pillow_heif
 import pytest
 import torch
 import torchvision
-import pillow_heif
 from PIL import Image, features
 
 from tests.conftest import FAST, colour_array, read_output

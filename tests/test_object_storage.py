@@ -50,6 +50,10 @@ def s3(tmp_path_factory):
     server.wait(timeout=10)
 
 
+# What a run over the uploaded folder says of the one file in it that is not an image
+PASSED_OVER = "passed over 1 file(s) not named as images (.txt 1)"
+
+
 @pytest.fixture(scope="module")
 def uploaded(s3, tmp_path_factory, colour_checkpoint):
     """A folder uploaded to s3://bucket/images/, and a local run over the same folder."""
@@ -66,9 +70,6 @@ def uploaded(s3, tmp_path_factory, colour_checkpoint):
     assert local.returncode == 0, local.stderr
     assert PASSED_OVER in local.stderr
     return folder, read_output(root / "run" / "labels.parquet")
-
-
-PASSED_OVER = "passed over 1 file(s) not named as images (.txt 1)"
 
 
 def job(source, out, checkpoint, *extra):
