@@ -21,7 +21,7 @@ from pipeline.writer import output_schema
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
-     ".avif", ".heic", ".heif", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm", ".pnm"}
+     ".avif", ".heic", ".heif", ".hif", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl", ".txt")
 # Column names taken as the path column when --path-column is not given, in no order:

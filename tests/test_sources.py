@@ -26,15 +26,15 @@ def touch(path, content=b"x"):
 
 def test_folder_is_listed_recursively_sorted_case_insensitive_without_hidden(tmp_path):
     for name in ["b.JPG", "a.png", "sub/c.jpeg", "sub/deeper/d.WebP", ".hidden.jpg",
-                 ".cache/e.jpg", "notes.txt", "z.tiff", "saved.jfif", "sign.ppm"]:
+                 ".cache/e.jpg", "notes.txt", "z.tiff", "saved.jfif", "sign.ppm", "canon.HIF"]:
         touch(tmp_path / name)
     (tmp_path / "dir.jpg").mkdir()  # a folder with an image's name is not an image
     os.symlink(tmp_path / "gone.jpg", tmp_path / "broken.jpg")  # listed: becomes an error row
     table = read_source(SourceSpec(str(tmp_path)))
-    assert table["key"].to_pylist() == ["a.png", "b.JPG", "broken.jpg", "saved.jfif",
-                                        "sign.ppm", "sub/c.jpeg", "sub/deeper/d.WebP",
-                                        "z.tiff"]
-    assert table["path"].to_pylist()[5] == os.path.join(tmp_path, "sub/c.jpeg")
+    assert table["key"].to_pylist() == ["a.png", "b.JPG", "broken.jpg", "canon.HIF",
+                                        "saved.jfif", "sign.ppm", "sub/c.jpeg",
+                                        "sub/deeper/d.WebP", "z.tiff"]
+    assert table["path"].to_pylist()[6] == os.path.join(tmp_path, "sub/c.jpeg")
 
 
 def test_files_passed_over_for_their_names_are_counted_on_stderr(tmp_path, capsys):
