@@ -198,7 +198,8 @@ def _jpeg_orientation(data: bytes, header: _JpegHeader) -> int:
 
 def _decode_with_pil(image: Image.Image) -> torch.Tensor:
     image.load()
-    image = ImageOps.exif_transpose(image)
+    # In place: otherwise an image with nothing to turn is copied whole, to no purpose.
+    ImageOps.exif_transpose(image, in_place=True)
     return F.pil_to_tensor(to_rgb(image))
 
 
