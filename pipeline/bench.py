@@ -15,12 +15,14 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from pipeline import fidelity
 from pipeline import plan as planning
 from pipeline import runner
 from pipeline.config import RunConfig
 from pipeline.decode import DECODE_ERRORS, ImageError, decode
 from pipeline.loader import make_loader, stack_images
-from pipeline.model import build_network
+from pipeline.model import build_network, resolve_preprocess
+from pipeline.sources import read_source
 from pipeline.storage import Store, is_remote, open_input, read_bytes
 
 # Planning is measured in a fresh process so that its peak memory is its own.
@@ -183,7 +185,9 @@ def bench(config: RunConfig, images: int, reference_images: int,
         manifest = workdir / "sample.txt"
         manifest.write_text("".join(p + "\n" for p in paths))
         plan = planning.freeze(items, Store(str(workdir)), config.shard_size)
-        ours, pil = _per_core_decode(paths[:100], job.classifier.spec.preprocess)
+        preprocess = job.classifier.spec.preprocess
+        ours, pil = _per_core_decode(paths[:100], preprocess)
+        fidelity_found = fidelity.compare(paths[:100], preprocess, config.max_pixels)
         loader = _loader_alone(plan, job)
         model_batches = max(4, min(20, len(paths) // job.batch_size))
         e2e_config = dataclasses.replace(
@@ -225,9 +229,20 @@ def bench(config: RunConfig, images: int, reference_images: int,
                        "end_to_end_vs_plain_loop": e2e / plain,
                        "end_to_end_getting_batches": waited},
         }
+        result["fidelity"] = fidelity_found.to_dict()
+        result["fidelity_text"] = fidelity.render(fidelity_found, preprocess)
         if plan_rows:
             result["planning"] = plan_probe(plan_rows, workdir)
         return result
+
+
+def fidelity_only(config: RunConfig, images: int) -> dict:
+    """Our crops against the reference on the first `images` of SOURCE; no model is loaded."""
+    preprocess = resolve_preprocess(config.model, config.weights, config.resize, config.crop)
+    items = read_source(runner.source_spec(config)).slice(0, images)
+    found = fidelity.compare(items["path"].to_pylist(), preprocess, config.max_pixels)
+    return {"source": config.source, "images": len(items), "preprocess": preprocess.to_dict(),
+            "fidelity": found.to_dict(), "fidelity_text": fidelity.render(found, preprocess)}
 
 
 def render(result: dict) -> str:
@@ -238,6 +253,7 @@ def render(result: dict) -> str:
              f"{'stage':<40} {'images/s':>9}  note"]
     for figure in result["figures"]:
         lines.append(f"{figure['name']:<40} {figure['images_per_second']:>9.1f}  {figure['note']}")
+    lines.append(result["fidelity_text"])
     if "planning" in result:
         p = result["planning"]
         lines.append(f"planning {p['rows']:,} rows: {p['plan_seconds']:.1f} s, resume check "

@@ -178,6 +178,10 @@ def bench(
     workers: Annotated[Optional[int], typer.Option(help="As for run.")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="As for run.")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile", help="As for run.")] = None,
+    fidelity: Annotated[bool, typer.Option(
+        "--fidelity", help="Only compare our crops with the reference transform's on the "
+                           "first --images of SOURCE (mean, max, worst file); no model is "
+                           "loaded.")] = False,
 ) -> None:
     """Measure decode, loader alone, model alone, end to end and the tutorials' loop."""
     flags = {"source": source, "model": model, "weights": weights, "resize": resize,
@@ -188,8 +192,12 @@ def bench(
         raise UsageError("--images and --reference-images must be at least 1")
     from pipeline import bench as benchmark
 
-    result = benchmark.bench(resolved, images, reference_images, plan_rows)
-    typer.echo(benchmark.render(result))
+    if fidelity:
+        result = benchmark.fidelity_only(resolved, images)
+        typer.echo(result["fidelity_text"])
+    else:
+        result = benchmark.bench(resolved, images, reference_images, plan_rows)
+        typer.echo(benchmark.render(result))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -33,25 +33,26 @@ DECODE_ERRORS = (OSError, ValueError, RuntimeError, SyntaxError, EOFError, struc
 
 _JPEG_START = b"\xff\xd8\xff"  # SOI and the first marker's 0xFF
 _DCT_FACTORS = (8, 4, 2, 1)  # the downscales libjpeg-turbo does with vectorised IDCTs
+# How much the resize must still shrink a DCT-scaled decode: see dct_factor.
+_DCT_MIN_DOWNSCALE = 4
 # Each scan of a progressive JPEG is a pass over the whole image, however few bytes it has:
 # a crafted file of tiny scans takes minutes to decode (libjpeg-turbo's "Two Issues with
 # the JPEG Standard"). Encoders write about 10; 500 is the limit libjpeg-turbo's fuzzers use.
 MAX_JPEG_SCANS = 500
 _SEQUENTIAL_FRAMES = {0xC0, 0xC1}  # SOF0 baseline, SOF1 extended: Huffman, not progressive
 
-# EXIF orientations that swap width and height when applied.
-_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
-# What each EXIF orientation asks of the stored (height, width, channel) pixels, as PIL's
-# ImageOps.exif_transpose does it.
+# What each EXIF orientation asks of the stored pixels, as PIL's ImageOps.exif_transpose
+# does it: (swap rows and columns first, then reverse the rows, reverse the columns).
 _ORIENT = {
-    2: lambda a: a[:, ::-1],
-    3: lambda a: a[::-1, ::-1],
-    4: lambda a: a[::-1],
-    5: lambda a: a.transpose(1, 0, 2),
-    6: lambda a: np.rot90(a, -1),
-    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
-    8: lambda a: np.rot90(a, 1),
+    1: (False, False, False),
+    2: (False, False, True),
+    3: (False, True, True),
+    4: (False, True, False),
+    5: (True, False, False),
+    6: (True, False, True),  # turned clockwise
+    7: (True, True, True),
+    8: (True, True, False),  # turned anticlockwise
 }
 
 
@@ -119,25 +120,41 @@ def _decode_jpeg(data: bytes, header: _JpegHeader, preprocess: Preprocess,
                  max_pixels: int) -> Decoded | None:
     """libjpeg-turbo through simplejpeg, downscaled in the DCT when the photo is large.
 
-    libjpeg can decode at 1/2, 1/4 or 1/8 scale for a fraction of the work; the largest
-    of these that keeps the shorter side >= resize is used (scales between 1/2 and 1 are
-    slower than a full decode: they have no vectorised IDCT). None for CMYK, which PIL's
-    Adobe handling gets right.
+    libjpeg can decode at 1/2, 1/4 or 1/8 scale for a fraction of the work (scales between
+    1/2 and 1 are slower than a full decode: they have no vectorised IDCT). None for CMYK,
+    which PIL's Adobe handling gets right.
     """
     height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
     _check_size(width, height, max_pixels)
     if colourspace not in ("YCbCr", "Gray", "RGB"):
         return None
-    factor = next(f for f in _DCT_FACTORS if min(width, height) >= f * preprocess.resize or f == 1)
-    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // factor),
-                                    min_width=-(-width // factor))
-    orientation = _jpeg_orientation(data, header)
-    if orientation in _TRANSPOSING_ORIENTATIONS:
-        width, height = height, width  # report the displayed size, not the stored one
-    if orientation in _ORIENT:
-        pixels = np.ascontiguousarray(_ORIENT[orientation](pixels))
-    chw = torch.from_numpy(pixels).permute(2, 0, 1)
-    return Decoded(image=resize_and_crop(chw, preprocess), width=width, height=height)
+    factor = dct_factor(min(width, height), preprocess.resize)
+    transpose, *flips = _ORIENT.get(_jpeg_orientation(data, header), _ORIENT[1])
+    while True:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // factor),
+                                        min_width=-(-width // factor))
+        # Turned as displayed by a view; the mirroring is left to resize_and_crop, because a
+        # scaled decode's pixel grid starts at the stored image's first row and column.
+        chw = torch.from_numpy(pixels).permute((2, 1, 0) if transpose else (2, 0, 1))
+        shown_height, shown_width = (width, height) if transpose else (height, width)
+        crop = resize_and_crop(chw, preprocess, (shown_height, shown_width, factor),
+                               tuple(flips))
+        if crop is not None:
+            return Decoded(image=crop, width=shown_width, height=shown_height)
+        factor = 1  # the scaled decode fell short at an edge: decode in full, which cannot
+
+
+def dct_factor(shorter_side: int, resize: int) -> int:
+    """The DCT downscale (8, 4, 2 or 1) that keeps our crop within the fidelity bound.
+
+    The scaled IDCT blurs like a box of `factor` pixels before the resize's own filter; its
+    share of the result falls as the resize's own downscale grows. Measured against the
+    reference (docs/fidelity.md): with the scaled image still 4x the resize or more, crops
+    within 0.15 levels on average and top-1 scores within 1.2e-3 on a score-sensitive
+    checkpoint; at 3x, 0.19 and 2.5e-3 (over fp32's 2e-3); at 1x, 0.45 levels.
+    """
+    return next(f for f in _DCT_FACTORS
+                if shorter_side >= f * resize * _DCT_MIN_DOWNSCALE or f == 1)
 
 
 @dataclass(frozen=True)
@@ -217,8 +234,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")  # convert() always copies
 
 
-def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess,
+                    scaled_from: tuple[int, int, int] | None = None,
+                    mirrored: tuple[bool, bool] = (False, False)) -> torch.Tensor | None:
     """Shorter side to `resize` (antialiased, like PIL), then the centre `crop` square.
+
+    `scaled_from` is (height, width, factor) when `pixels` is libjpeg's 1/factor-scale decode
+    of an image of that size. The resize and the crop box are then the original image's,
+    exactly as torchvision computes them, and the scaled pixels are only what that sampling
+    grid reads: decoded pixel j covers original pixels [j*factor, (j+1)*factor). `mirrored`
+    says which axes (rows, columns) are to be shown reversed: the crop box is mirrored onto
+    the pixels as they are, and only the crop is reversed, so the grid keeps its origin.
+    Returns None when a scaled decode cannot give the crop (rounding at its far edge):
+    decode at full size then.
 
     When downscaling, only the source region under the crop is resized, which is about half
     the work on ImageNet-sized photos. Each axis' region starts where the full resize's
@@ -228,14 +256,19 @@ def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tenso
     """
     radius = _FILTER_RADIUS.get(preprocess.interpolation)
     height, width = pixels.shape[-2:]
-    resized_height, resized_width = resized_size(height, width, preprocess.resize)
+    full_height, full_width, factor = scaled_from or (height, width, 1)
+    resized_height, resized_width = resized_size(full_height, full_width, preprocess.resize)
     crop = preprocess.crop
+    reversed_axes = [axis for axis, reverse in zip((-2, -1), mirrored) if reverse]
     # Downscaling only: torch copies an axis whose output length equals its input length
     # whatever the scale asked for, which a slightly enlarged region can hit.
     if (radius is not None and crop <= min(resized_height, resized_width)
-            and resized_height <= height and resized_width <= width):
-        rows = _Span.under_crop(height, resized_height, crop, radius)
-        cols = _Span.under_crop(width, resized_width, crop, radius)
+            and resized_height <= full_height and resized_width <= full_width):
+        # torchvision samples output pixel i at (i + 0.5) * full / resized in the original.
+        rows = _Span.under_crop(height, full_height / resized_height / factor, resized_height,
+                                crop, radius, mirrored[0])
+        cols = _Span.under_crop(width, full_width / resized_width / factor, resized_width,
+                                crop, radius, mirrored[1])
         # Copied as height x width x channel rows: the channels_last layout that torch's
         # vectorised uint8 resize needs, and the cheapest copy from a decoder's output. The
         # batch dimension goes in before the permute: added after it, its stride does not
@@ -247,7 +280,11 @@ def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tenso
             antialias=True, align_corners=False, recompute_scale_factor=False)
         kept = resized[0, :, rows.skip:rows.skip + crop, cols.skip:cols.skip + crop]
         if kept.shape[-2:] == (crop, crop):  # else rounding at an edge: take the full way
-            return kept
+            return kept.flip(reversed_axes) if reversed_axes else kept
+    if factor != 1:
+        return None  # the full way resizes what it is given, which must be the original
+    if reversed_axes:
+        pixels = pixels.flip(reversed_axes)
     mode = InterpolationMode(preprocess.interpolation)
     resized = F.resize(pixels, [preprocess.resize], interpolation=mode, antialias=True)
     return F.center_crop(resized, [crop, crop])
@@ -277,9 +314,12 @@ class _Span:
 
     @classmethod
     @functools.lru_cache(maxsize=4096)  # datasets repeat a few sizes; the search is ~10 us
-    def under_crop(cls, size: int, resized: int, crop: int, radius: float) -> "_Span":
-        scale = size / resized
+    def under_crop(cls, size: int, scale: float, resized: int, crop: int, radius: float,
+                   mirrored: bool) -> "_Span":
+        """The span of `size` source pixels, sampled every `scale`, under the crop."""
         first = int(round((resized - crop) / 2.0))  # first kept pixel, as CenterCrop rounds
+        if mirrored:  # the same box seen from the other end, where (resized - crop) is odd
+            first = resized - crop - first
         reach = radius * max(scale, 1.0) + 1  # source pixels the filter reads, plus rounding
         stop = min(size, math.ceil((first + crop) * scale + reach))
         for skip in range(min(first, _MAX_SKIP) + 1):

@@ -80,11 +80,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
 def resolve_model(model: str, weights: str, labels: str | None = None,
                   resize: int | None = None, crop: int | None = None) -> ModelSpec:
     """Find the architecture, load the weights on the CPU, and settle classes and preprocessing."""
-    known = list_models(module=torchvision.models)
-    if model not in known:
-        close = difflib.get_close_matches(model, known, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UsageError(f"unknown model {model!r}{hint}; see torchvision.models.list_models()")
+    check_model_name(model)
     if os.path.isfile(weights):
         spec = _from_checkpoint_file(model, Path(weights))
     elif weights.endswith(_CHECKPOINT_SUFFIXES) or os.sep in weights:
@@ -98,6 +94,25 @@ def resolve_model(model: str, weights: str, labels: str | None = None,
                                                 resize=resize or spec.preprocess.resize,
                                                 crop=crop or spec.preprocess.crop))
     return spec
+
+
+def resolve_preprocess(model: str, weights: str, resize: int | None = None,
+                       crop: int | None = None) -> Preprocess:
+    """The preprocessing resolve_model would settle on, without downloading named weights."""
+    if os.path.isfile(weights):
+        return resolve_model(model, weights, resize=resize, crop=crop).preprocess
+    check_model_name(model)
+    preprocess = _preprocess_of(lookup_weights(model, weights))
+    return replace(preprocess, resize=resize or preprocess.resize, crop=crop or preprocess.crop)
+
+
+def check_model_name(model: str) -> None:
+    """An unknown model name is one line, with the nearest names torchvision has."""
+    known = list_models(module=torchvision.models)
+    if model not in known:
+        close = difflib.get_close_matches(model, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UsageError(f"unknown model {model!r}{hint}; see torchvision.models.list_models()")
 
 
 def read_labels(path: str, num_classes: int) -> list[str]:
@@ -120,6 +135,11 @@ def _preprocess_of(weights) -> Preprocess:
     t = weights.transforms()
     return Preprocess(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]),
                       mean=tuple(t.mean), std=tuple(t.std), interpolation=t.interpolation.value)
+
+
+def preprocess_of_weights(model: str, name: str) -> Preprocess:
+    """The preprocessing that torchvision's named weights were evaluated with."""
+    return _preprocess_of(lookup_weights(model, name))
 
 
 def lookup_weights(model: str, name: str):

@@ -28,3 +28,6 @@ def test_bench_reports_all_stages_side_by_side(cli, tmp_path, colour_checkpoint)
     assert figures["planning"]["rows"] == 5000 and figures["planning"]["peak_rss_mb"] > 0
     for name in names:
         assert name in result.output
+    # our crops against the reference on the decode sample (test_fidelity.py checks figures)
+    assert figures["fidelity"]["compared"] == 16 and figures["fidelity"]["over_bound"] == []
+    assert "our crops against the reference transform" in result.output
