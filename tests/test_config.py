@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import tomllib
+
 import pytest
 
 from pipeline.config import RunConfig, read_toml, resolve
@@ -14,6 +18,19 @@ def test_shipped_configs_are_valid(name):
     values = read_toml(str(REPO / "configs" / name))
     config = resolve(values, {"source": "photos"})
     assert isinstance(config, RunConfig)
+
+
+def test_default_toml_lists_every_option_at_its_default():
+    """configs/default.toml says it lists every option at its default: hold it to that."""
+    text = (REPO / "configs" / "default.toml").read_text()
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)
+                if f.default is not dataclasses.MISSING}
+    defaults["keep_columns"] = []
+    for name, value in tomllib.loads(text).items():
+        assert value == defaults[name], name
+    listed = set(tomllib.loads(text)) | set(re.findall(r"^# (\w+) = ", text, re.MULTILINE))
+    assert listed == {f.name for f in dataclasses.fields(RunConfig)}
+    assert "float16" not in text  # embeddings have been float32 since Spark refused float16
 
 
 def test_precedence_and_defaults(tmp_path):

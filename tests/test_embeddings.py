@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tests.conftest import FAST, colour_array
+from tests.conftest import FAST, colour_array, write_colour_images
 from tests.photos import photo
 
 
@@ -56,6 +56,9 @@ def test_reencoded_copies_are_near_and_unrelated_images_are_not(cli, tmp_path,
 
 
 def test_embeddings_need_parquet(cli, tmp_path, colour_checkpoint):
-    refused = cli("run", tmp_path, "--out", tmp_path / "run", "--format", "csv",
-                  "--embeddings")
+    write_colour_images(tmp_path / "imgs", 2)
+    refused = cli("run", tmp_path / "imgs", "--out", tmp_path / "run", "--format", "csv",
+                  "--embeddings", "--model", "resnet18", "--weights", colour_checkpoint)
     assert refused.exit_code == 2
+    assert "--embeddings are written to Parquet only" in refused.output
+    assert not (tmp_path / "run").exists()
