@@ -18,10 +18,11 @@ from torchvision import transforms as T
 from pipeline import fidelity
 from pipeline import plan as planning
 from pipeline import runner
+from pipeline.backends import resolve_preprocess
 from pipeline.config import RunConfig
 from pipeline.decode import DECODE_ERRORS, ImageError, decode
 from pipeline.loader import make_loader, stack_images
-from pipeline.model import build_network, resolve_preprocess
+from pipeline.job import prepare, source_spec
 from pipeline.sources import read_source
 from pipeline.storage import Store, is_remote, open_input, read_bytes
 
@@ -29,7 +30,7 @@ from pipeline.storage import Store, is_remote, open_input, read_bytes
 _PLAN_PROBE = """
 import json, sys, time
 from pathlib import Path
-from pipeline import plan, sources
+from pipeline import plan, rundir, sources
 from pipeline.storage import Store
 started = time.perf_counter()
 items = sources.read_source(sources.SourceSpec(sys.argv[1]))
@@ -41,7 +42,7 @@ planned = time.perf_counter()
 # what a resume does: read the source again, compare, find the committed shards
 items = sources.read_source(sources.SourceSpec(sys.argv[1]))
 assert plan.items_digest(items) == digest
-plan.load(store); plan.committed_shards(store)
+plan.load(store); rundir.committed_shards(store)
 # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
 print(json.dumps({"rows": frozen.num_items, "plan_seconds": planned - started,
@@ -114,10 +115,11 @@ def _loader_alone(plan, job) -> float:
     """Images/s out of the DataLoader, nothing else running; the better of two passes."""
     best = 0.0
     for _ in range(2):  # the first pass also pays for warming files and allocator
-        loader = make_loader(plan, list(range(plan.num_shards)), job.classifier.spec.preprocess,
-                             batch_size=job.batch_size, workers=job.workers,
+        chosen = job.settings
+        loader = make_loader(plan, list(range(plan.num_shards)), job.source, job.spec.preprocess,
+                             batch_size=chosen.batch_size, workers=chosen.workers,
                              max_pixels=job.config.max_pixels, pin_memory=job.classifier.on_cuda,
-                             prefetch=job.prefetch)
+                             prefetch=chosen.prefetch)
         batches = iter(loader)
         first = next(batches)  # worker start-up is not throughput
         started, count = time.perf_counter(), 0
@@ -130,8 +132,8 @@ def _loader_alone(plan, job) -> float:
 
 
 def _model_alone(job, batches: int) -> float:
-    crop = job.classifier.spec.preprocess.crop
-    images = stack_images(torch.randint(0, 256, (job.batch_size, 3, crop, crop),
+    crop, batch_size = job.spec.preprocess.crop, job.settings.batch_size
+    images = stack_images(torch.randint(0, 256, (batch_size, 3, crop, crop),
                                         dtype=torch.uint8).unbind())  # the loader's layout
     if job.classifier.on_cuda:
         images = images.pin_memory()
@@ -140,13 +142,13 @@ def _model_alone(job, batches: int) -> float:
     started = time.perf_counter()
     for _ in range(batches):
         job.classifier.predict(images)
-    return _rate(batches * job.batch_size, time.perf_counter() - started)
+    return _rate(batches * batch_size, time.perf_counter() - started)
 
 
 def _plain_loop(paths: list[str], job) -> float:
     """The tutorials' loop: PIL, Resize, CenterCrop, ToTensor, Normalize, fp32, one at a time."""
-    spec, device = job.classifier.spec, job.classifier.device
-    net = build_network(spec).to(device)
+    spec, device = job.spec, job.classifier.device
+    net = spec.build().to(device)
     transform = reference_transform(spec.preprocess)
     count = 0
     started = time.perf_counter()
@@ -179,17 +181,17 @@ def bench(config: RunConfig, images: int, reference_images: int,
     """Measure everything with the same settings in one process; returns the figures."""
     with tempfile.TemporaryDirectory(prefix="label-images-bench-") as tmp:
         workdir = Path(tmp)
-        job = runner.prepare(dataclasses.replace(config, out=str(workdir / "unused")))
+        job = prepare(dataclasses.replace(config, out=str(workdir / "unused")))
         items = job.items.slice(0, images)
         paths = [p if is_remote(p) else os.path.abspath(p) for p in items["path"].to_pylist()]
         manifest = workdir / "sample.txt"
         manifest.write_text("".join(p + "\n" for p in paths))
         plan = planning.freeze(items, Store(str(workdir)), config.shard_size)
-        preprocess = job.classifier.spec.preprocess
+        preprocess = job.spec.preprocess
         ours, pil = _per_core_decode(paths[:100], preprocess)
         fidelity_found = fidelity.compare(paths[:100], preprocess, config.max_pixels)
         loader = _loader_alone(plan, job)
-        model_batches = max(4, min(20, len(paths) // job.batch_size))
+        model_batches = max(4, min(20, len(paths) // job.settings.batch_size))
         e2e_config = dataclasses.replace(
             config, source=str(manifest), out=str(workdir / "run"), quiet=True,
             overwrite=True, path_column=None, id_column=None, root=None, keep_columns=())
@@ -211,7 +213,8 @@ def bench(config: RunConfig, images: int, reference_images: int,
             Figure("PIL reference transform, 1 core", pil),
             Figure("decode + resize (ours), 1 core", ours, f"{ours / pil:.2f}x PIL"),
             Figure("loader alone", loader,
-                   f"{job.workers} worker(s), {loader / job.workers:.1f}/worker" if job.workers
+                   f"{job.settings.workers} worker(s), {loader / job.settings.workers:.1f}/worker"
+                   if job.settings.workers
                    else "in the main process (--workers 0)"),
             Figure("model alone (synthetic batches)", model),
             Figure("end to end", e2e, f"{e2e / model:.2f}x model, {e2e / plain:.2f}x plain loop, "
@@ -220,9 +223,8 @@ def bench(config: RunConfig, images: int, reference_images: int,
         ]
         result = {
             "source": config.source, "images": len(paths),
-            "model": job.classifier.spec.model, "device": job.record["resolved"]["device"],
-            "precision": job.record["resolved"]["precision"], "batch_size": job.batch_size,
-            "workers": job.workers, "torch_threads": torch.get_num_threads(),
+            "model": job.spec.model, **job.settings.to_dict(),
+            "torch_threads": torch.get_num_threads(),
             "figures": [dataclasses.asdict(f) for f in figures],
             "ratios": {"decode_vs_pil_per_core": ours / pil,
                        "end_to_end_vs_model": e2e / model,
@@ -239,7 +241,7 @@ def bench(config: RunConfig, images: int, reference_images: int,
 def fidelity_only(config: RunConfig, images: int) -> dict:
     """Our crops against the reference on the first `images` of SOURCE; no model is loaded."""
     preprocess = resolve_preprocess(config.model, config.weights, config.resize, config.crop)
-    items = read_source(runner.source_spec(config)).slice(0, images)
+    items = read_source(source_spec(config)).slice(0, images)
     found = fidelity.compare(items["path"].to_pylist(), preprocess, config.max_pixels)
     return {"source": config.source, "images": len(items), "preprocess": preprocess.to_dict(),
             "fidelity": found.to_dict(), "fidelity_text": fidelity.render(found, preprocess)}

@@ -52,95 +52,105 @@ def _resolve(config: Path | None, flags: dict) -> configuration.RunConfig:
     return configuration.resolve(file_values, flags)
 
 
+# Each option is declared once, here, and used by every command that takes it.
+Source = Annotated[Optional[str], typer.Argument(
+    help="A folder of images, or a manifest (.csv .tsv .parquet .jsonl .txt).",
+    show_default=False)]
+Out = Annotated[Optional[str], typer.Option(
+    "--out", "-o", help="Run directory, a path or a URL such as s3://bucket/run "
+                        "(default: outputs/<source name>).", show_default=False)]
+ConfigFile = Annotated[Optional[Path], typer.Option(
+    "--config", help="TOML file with any of these options; flags override it.")]
+Model = Annotated[Optional[str], typer.Option(
+    help=f"torchvision classification model name (default: {_DEFAULT.model}).")]
+Weights = Annotated[Optional[str], typer.Option(
+    help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...) or a local checkpoint "
+         f"file (default: {_DEFAULT.weights}).")]
+Labels = Annotated[Optional[Path], typer.Option(
+    help="Class names, one a line, in class-index order.")]
+Resize = Annotated[Optional[int], typer.Option(
+    help="Resize the shorter side to this (default: from the weights, else 256).")]
+Crop = Annotated[Optional[int], typer.Option(
+    help="Centre crop size (default: from the weights, else 224).")]
+Device = Annotated[Optional[str], typer.Option(
+    help=f"auto, cpu, cuda or cuda:N (default: {_DEFAULT.device}).")]
+PrecisionOption = Annotated[Optional[Precision], typer.Option(
+    "--precision", help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 "
+                        f"(default: {_DEFAULT.precision}).")]
+BatchSize = Annotated[Optional[int], typer.Option(
+    help="Images per batch (default: 256 on CUDA, 32 on CPU).")]
+Workers = Annotated[Optional[int], typer.Option(
+    help="Decoding worker processes (default: min(8, cores) on CUDA; on a CPU, half the "
+         "cores, but 0, decoding between batches, on 2 cores or fewer).")]
+FormatOption = Annotated[Optional[Format], typer.Option(
+    "--format", help=f"Output format (default: {_DEFAULT.format}).")]
+TopK = Annotated[Optional[int], typer.Option(help=f"Labels per image (default: {_DEFAULT.top_k}).")]
+ShardSize = Annotated[Optional[int], typer.Option(
+    help=f"Images per shard, the unit of commit and resume (default: {_DEFAULT.shard_size}).")]
+PathColumn = Annotated[Optional[str], typer.Option(
+    help="Manifest column with the image paths (default: detected).")]
+IdColumn = Annotated[Optional[str], typer.Option(
+    help="Manifest column with a stable id, used as the key (default: the path).")]
+Root = Annotated[Optional[str], typer.Option(
+    help="Folder that relative manifest paths resolve against (default: the manifest's).")]
+KeepColumns = Annotated[Optional[str], typer.Option(
+    help="Manifest columns to copy into the output, comma-separated.")]
+MaxPixels = Annotated[Optional[int], typer.Option(
+    help="Images larger than this (width x height) become error rows (default: "
+         f"{_DEFAULT.max_pixels:,}).")]
+AllowDuplicates = Annotated[Optional[bool], typer.Option(
+    "--allow-duplicates", help="Accept a manifest that lists a key twice.")]
+Overwrite = Annotated[Optional[bool], typer.Option(
+    "--overwrite", help="Discard a previous run in --out and start afresh.")]
+Quiet = Annotated[Optional[bool], typer.Option(
+    "--quiet", "-q", help="No progress (a bar; in a log, a line a minute).")]
+Compile = Annotated[Optional[bool], typer.Option(
+    "--compile", help="torch.compile the model (pays off on long runs).")]
+Embeddings = Annotated[Optional[bool], typer.Option(
+    "--embeddings", help="Also write each image's pooled penultimate features (float32) to "
+                         "Parquet, from the same forward pass.")]
+Incremental = Annotated[Optional[bool], typer.Option(
+    "--incremental", help="Nightly mode: label only new and changed images, drop removed "
+                          "ones, keep the rest.")]
+NumSlices = Annotated[Optional[int], typer.Option(
+    help="Split the job into this many slices (array jobs); see --slice-index.")]
+SliceIndex = Annotated[Optional[int], typer.Option(
+    help="The slice this process labels, 0-based (default: SLURM_ARRAY_TASK_ID or "
+         "JOB_COMPLETION_INDEX).")]
+# The earlier names of those two, still taken, not shown.
+NumShards = Annotated[Optional[int], typer.Option(hidden=True)]
+ShardIndex = Annotated[Optional[int], typer.Option(hidden=True)]
+
+
+def _flags(arguments: dict) -> dict:
+    """A command's arguments that are RunConfig fields, enums as their values."""
+    return {name: value.value if isinstance(value, Enum) else value
+            for name, value in arguments.items() if name in configuration.FIELDS}
+
+
 @app.command()
 @one_line_errors
-def run(
-    source: Annotated[Optional[str], typer.Argument(
-        help="A folder of images, or a manifest (.csv .tsv .parquet .jsonl .txt).",
-        show_default=False)] = None,
-    out: Annotated[Optional[str], typer.Option(
-        "--out", "-o", help="Run directory, a path or a URL such as s3://bucket/run "
-                            "(default: outputs/<source name>).",
-        show_default=False)] = None,
-    config: Annotated[Optional[Path], typer.Option(
-        help="TOML file with any of these options; flags override it.")] = None,
-    model: Annotated[Optional[str], typer.Option(
-        help=f"torchvision classification model name (default: {_DEFAULT.model}).")] = None,
-    weights: Annotated[Optional[str], typer.Option(
-        help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...) or a local checkpoint "
-             f"file (default: {_DEFAULT.weights}).")] = None,
-    labels: Annotated[Optional[Path], typer.Option(
-        help="Class names, one a line, in class-index order.")] = None,
-    resize: Annotated[Optional[int], typer.Option(
-        help="Resize the shorter side to this (default: from the weights, else 256).")] = None,
-    crop: Annotated[Optional[int], typer.Option(
-        help="Centre crop size (default: from the weights, else 224).")] = None,
-    device: Annotated[Optional[str], typer.Option(
-        help=f"auto, cpu, cuda or cuda:N (default: {_DEFAULT.device}).")] = None,
-    precision: Annotated[Optional[Precision], typer.Option(
-        help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 "
-             f"(default: {_DEFAULT.precision})."
-    )] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
-        help="Images per batch (default: 256 on CUDA, 32 on CPU).")] = None,
-    workers: Annotated[Optional[int], typer.Option(
-        help="Decoding worker processes (default: min(8, cores) on CUDA; on a CPU, half the "
-             "cores, but 0, decoding between batches, on 2 cores or fewer).")] = None,
-    format: Annotated[Optional[Format], typer.Option(
-        "--format", help=f"Output format (default: {_DEFAULT.format}).")] = None,
-    top_k: Annotated[Optional[int], typer.Option(
-        help=f"Labels per image (default: {_DEFAULT.top_k}).")] = None,
-    shard_size: Annotated[Optional[int], typer.Option(
-        help="Images per shard, the unit of commit and resume "
-             f"(default: {_DEFAULT.shard_size}).")] = None,
-    path_column: Annotated[Optional[str], typer.Option(
-        help="Manifest column with the image paths (default: detected).")] = None,
-    id_column: Annotated[Optional[str], typer.Option(
-        help="Manifest column with a stable id, used as the key (default: the path).")] = None,
-    root: Annotated[Optional[str], typer.Option(
-        help="Folder that relative manifest paths resolve against (default: the manifest's)."
-    )] = None,
-    keep_columns: Annotated[Optional[str], typer.Option(
-        help="Manifest columns to copy into the output, comma-separated.")] = None,
-    max_pixels: Annotated[Optional[int], typer.Option(
-        help="Images larger than this (width x height) become error rows (default: "
-             f"{_DEFAULT.max_pixels:,}).")] = None,
-    allow_duplicates: Annotated[Optional[bool], typer.Option(
-        "--allow-duplicates", help="Accept a manifest that lists a key twice.")] = None,
-    overwrite: Annotated[Optional[bool], typer.Option(
-        "--overwrite", help="Discard a previous run in --out and start afresh.")] = None,
-    quiet: Annotated[Optional[bool], typer.Option(
-        "--quiet", "-q", help="No progress (a bar; in a log, a line a minute).")] = None,
-    compile: Annotated[Optional[bool], typer.Option(
-        "--compile", help="torch.compile the model (pays off on long runs).")] = None,
-    embeddings: Annotated[Optional[bool], typer.Option(
-        "--embeddings", help="Also write each image's pooled penultimate features (float32) "
-                             "to Parquet, from the same forward pass.")] = None,
-    incremental: Annotated[Optional[bool], typer.Option(
-        "--incremental", help="Nightly mode: label only new and changed images, drop removed "
-                              "ones, keep the rest.")] = None,
-    num_shards: Annotated[Optional[int], typer.Option(
-        help="Split the job into this many slices (array jobs); see --shard-index.")] = None,
-    shard_index: Annotated[Optional[int], typer.Option(
-        help="The slice this process labels, 0-based (default: SLURM_ARRAY_TASK_ID or "
-             "JOB_COMPLETION_INDEX when set).")] = None,
-) -> None:
+def run(source: Source = None, out: Out = None, config: ConfigFile = None, model: Model = None,
+        weights: Weights = None, labels: Labels = None, resize: Resize = None,
+        crop: Crop = None, device: Device = None, precision: PrecisionOption = None,
+        batch_size: BatchSize = None, workers: Workers = None, format: FormatOption = None,
+        top_k: TopK = None, shard_size: ShardSize = None, path_column: PathColumn = None,
+        id_column: IdColumn = None, root: Root = None, keep_columns: KeepColumns = None,
+        max_pixels: MaxPixels = None, allow_duplicates: AllowDuplicates = None,
+        overwrite: Overwrite = None, quiet: Quiet = None, compile: Compile = None,
+        embeddings: Embeddings = None, incremental: Incremental = None,
+        num_slices: NumSlices = None, slice_index: SliceIndex = None,
+        num_shards: NumShards = None, shard_index: ShardIndex = None) -> None:
     """Label every image of SOURCE into OUT/labels.parquet (or .csv); rerun to resume."""
-    flags = {
-        "source": source, "out": out, "model": model, "weights": weights, "labels": labels,
-        "resize": resize, "crop": crop, "device": device,
-        "precision": precision.value if precision else None, "batch_size": batch_size,
-        "workers": workers, "format": format.value if format else None, "top_k": top_k,
-        "shard_size": shard_size, "path_column": path_column, "id_column": id_column,
-        "root": root, "keep_columns": keep_columns, "max_pixels": max_pixels,
-        "allow_duplicates": allow_duplicates, "overwrite": overwrite, "quiet": quiet,
-        "compile": compile, "num_shards": num_shards, "shard_index": shard_index,
-        "incremental": incremental, "embeddings": embeddings,
-    }
-    resolved = _resolve(config, flags)
-    from pipeline import runner  # here, so that --help and config errors need no torch
-
-    typer.echo(runner.run(resolved).line(), err=True)
+    num_slices = num_slices if num_slices is not None else num_shards
+    slice_index = slice_index if slice_index is not None else shard_index
+    resolved = _resolve(config, _flags(locals()))
+    # Imported here, so that --help and config errors need no torch.
+    if resolved.incremental:
+        from pipeline.incremental import run as label
+    else:
+        from pipeline.runner import run as label
+    typer.echo(label(resolved).line(), err=True)
 
 
 @app.command()
@@ -167,27 +177,18 @@ def bench(
         help="Also time planning a generated manifest of this many rows.")] = None,
     json_out: Annotated[Optional[Path], typer.Option(
         "--json", help="Write the figures to this JSON file.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="TOML file, as for run.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="As for run.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="As for run.")] = None,
-    resize: Annotated[Optional[int], typer.Option(help="As for run.")] = None,
-    crop: Annotated[Optional[int], typer.Option(help="As for run.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="As for run.")] = None,
-    precision: Annotated[Optional[Precision], typer.Option(help="As for run.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="As for run.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="As for run.")] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="As for run.")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile", help="As for run.")] = None,
     fidelity: Annotated[bool, typer.Option(
         "--fidelity", help="Only compare our crops with the reference transform's on the "
                            "first --images of SOURCE (mean, max, worst file); no model is "
                            "loaded.")] = False,
+    config: ConfigFile = None, model: Model = None, weights: Weights = None,
+    resize: Resize = None, crop: Crop = None, device: Device = None,
+    precision: PrecisionOption = None, batch_size: BatchSize = None, workers: Workers = None,
+    top_k: TopK = None, compile: Compile = None, path_column: PathColumn = None,
+    id_column: IdColumn = None, root: Root = None, max_pixels: MaxPixels = None,
 ) -> None:
     """Measure decode, loader alone, model alone, end to end and the tutorials' loop."""
-    flags = {"source": source, "model": model, "weights": weights, "resize": resize,
-             "crop": crop, "device": device, "precision": precision.value if precision else None,
-             "batch_size": batch_size, "workers": workers, "top_k": top_k, "compile": compile}
-    resolved = _resolve(config, flags)
+    resolved = _resolve(config, _flags(locals()))
     if images < 1 or reference_images < 1:
         raise UsageError("--images and --reference-images must be at least 1")
     from pipeline import bench as benchmark

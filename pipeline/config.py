@@ -6,13 +6,15 @@ import dataclasses
 import os
 import re
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import formats
 from pipeline.errors import UsageError
 
-FORMATS = ("parquet", "csv")
+FORMATS = formats.NAMES
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -44,8 +46,8 @@ class RunConfig:
     overwrite: bool = False
     quiet: bool = False
     compile: bool = False
-    num_shards: int | None = None  # slices of an array job (not the --shard-size shards)
-    shard_index: int | None = None
+    num_slices: int | None = None  # slices of an array job; each labels every n-th shard
+    slice_index: int | None = None
     incremental: bool = False
     embeddings: bool = False
 
@@ -56,10 +58,10 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-# From the annotations (strings here: `from __future__ import annotations`), so that a new
-# field is type-checked from a TOML file without being listed again.
-_INT_FIELDS = {name for name, f in FIELDS.items() if f.type in ("int", "int | None")}
-_BOOL_FIELDS = {name for name, f in FIELDS.items() if f.type == "bool"}
+# The types as Python resolves them, so a new field is type-checked without being listed.
+_TYPES = typing.get_type_hints(RunConfig)
+# Earlier names, still read from config files and flags: "shards" there meant slices.
+ALIASES = {"num_shards": "num_slices", "shard_index": "slice_index"}
 
 
 def default_out(source: str) -> str:
@@ -80,6 +82,7 @@ def read_toml(path: str) -> dict[str, Any]:
     values = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
+        name = ALIASES.get(name, name)
         if name not in FIELDS:
             known = ", ".join(sorted(FIELDS))
             raise UsageError(f"unknown key '{key}' in {path} (known keys: {known})")
@@ -112,13 +115,14 @@ def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConf
 def _check_type(name: str, value: Any) -> None:
     if value is None:
         return
-    if name in _INT_FIELDS:
+    kind = _TYPES[name]
+    if kind in (int, int | None):
         ok = isinstance(value, int) and not isinstance(value, bool)
         expected = "a whole number"
-    elif name in _BOOL_FIELDS:
+    elif kind is bool:
         ok = isinstance(value, bool)
         expected = "true or false"
-    elif name == "keep_columns":
+    elif kind == tuple[str, ...]:
         ok = isinstance(value, (list, tuple)) and all(isinstance(c, str) for c in value)
         expected = "a list of column names"
     else:
@@ -138,7 +142,7 @@ def _check_values(config: RunConfig) -> None:
     if not _DEVICE_PATTERN.match(config.device):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     for name in ("top_k", "shard_size", "max_pixels", "batch_size", "resize", "crop",
-                 "num_shards"):
+                 "num_slices"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UsageError(f"{_flag(name)} must be at least 1, got {value}")

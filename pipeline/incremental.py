@@ -19,14 +19,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import runner
+from pipeline.commit import write_failure
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError
-from pipeline.rundir import INCREMENTS_DIR, SUMMARY_FILE, RunDirectory
-from pipeline.slices import Slice
+from pipeline.job import Job, prepare
+from pipeline.rundir import RunDirectory, increment_dir, output_name
 from pipeline.sources import VERSION_COLUMNS
-from pipeline.writer import merge_parts, write_json
+from pipeline.summary import RunSummary
+from pipeline.writer import merge_parts
 
-TABLE = "labels.parquet"
+TABLE = output_name("parquet")  # the night's state, whatever format is asked for
 CHUNK_ROWS = 65_536  # rows assembled (and written as one row group) at a time
 
 
@@ -66,22 +68,20 @@ def _digest(todo: pa.Table) -> str:
     return digest.hexdigest()[:16]
 
 
-def run(config: RunConfig, *, progress: bool | None = None) -> runner.RunSummary:
+def run(config: RunConfig, *, progress: bool | None = None) -> RunSummary:
     """`run --incremental`: the same command every night on the same output directory."""
     if config.allow_duplicates:
         raise UsageError("--incremental needs unique keys: it cannot be combined with "
                          "--allow-duplicates")
-    if config.num_shards is not None or config.shard_index is not None:
+    if config.num_slices is not None or config.slice_index is not None:
         raise UsageError("--incremental runs as one process; slices are not supported with it")
-    job = runner.prepare(config, versions=True)
+    job = prepare(config, versions=True, list_items=True)  # every night lists the source
     items = job.items
-    # what may not change between nights: everything but the list of items itself
-    fingerprint = runner.fingerprint(config, job.classifier.spec, job.source, items=None)
     try:
         with RunDirectory(config.out) as top:
-            return _night(top, job, items, fingerprint, progress)
+            return _night(top, job, items, job.fingerprint(), progress)
     except OSError as exc:
-        raise runner.os_failure(exc) from None
+        raise write_failure(exc) from None
 
 
 class RowSource:
@@ -118,10 +118,10 @@ class RowSource:
         self._file.close()
 
 
-def _night(top: RunDirectory, job: runner.Job, items: pa.Table, fingerprint: dict,
-           progress: bool | None) -> runner.RunSummary:
+def _night(top: RunDirectory, job: Job, items: pa.Table, fingerprint: dict,
+           progress: bool | None) -> RunSummary:
     config, store = job.config, top.store
-    top.prepare(fingerprint, {"incremental": True, **job.record}, config.overwrite, refusal=(
+    top.prepare(fingerprint, {"incremental": True, **job.record()}, config.overwrite, refusal=(
         "labels from a different {}; an incremental table never mixes two models: rerun "
         "with --overwrite to relabel everything, or choose another --out"))
     previous = RowSource(store, TABLE) if store.exists(TABLE) else None
@@ -132,8 +132,8 @@ def _night(top: RunDirectory, job: runner.Job, items: pa.Table, fingerprint: dic
             previous.close()
 
 
-def _label_and_assemble(top: RunDirectory, job: runner.Job, items: pa.Table,
-                        previous: RowSource | None, progress) -> runner.RunSummary:
+def _label_and_assemble(top: RunDirectory, job: Job, items: pa.Table,
+                        previous: RowSource | None, progress) -> RunSummary:
     config, store = job.config, top.store
     known = None
     if previous is not None:
@@ -144,26 +144,26 @@ def _label_and_assemble(top: RunDirectory, job: runner.Job, items: pa.Table,
         known = previous.columns(["key", "path", *VERSION_COLUMNS])
     todo_mask, changes = classify(items, known)
     todo = items.filter(todo_mask)
-    summary = runner.RunSummary(output=store.url(top.output_name(config.format)),
-                                run_dir=store.url(), device=job.record["resolved"]["device"],
-                                precision=job.record["resolved"]["precision"])
+    resolved = job.settings.to_dict()
+    summary = RunSummary(output=store.url(top.output(config.format)), run_dir=store.url(),
+                         device=resolved["device"], precision=resolved["precision"])
     summary.changes = dataclasses.asdict(changes)
     labelled = None
     if todo.num_rows:
-        increment = f"{INCREMENTS_DIR}/{_digest(todo)}"
+        increment = increment_dir(_digest(todo))
         keep = tuple(config.keep_columns) + VERSION_COLUMNS
         sub_job = dataclasses.replace(
             job, items=todo,
             config=dataclasses.replace(config, out=store.url(increment), format="parquet",
                                        keep_columns=keep, overwrite=False))
         with RunDirectory(store.url(increment)) as sub:
-            done = runner._run_in(sub, sub_job, Slice(), None, progress)
+            done = runner.run_in(sub, sub_job, progress=progress)
         labelled = RowSource(store, f"{increment}/{TABLE}")
         summary.labelled_now, summary.loop_seconds = done.labelled_now, done.loop_seconds
         summary.load_seconds, summary.compute_seconds = done.load_seconds, done.compute_seconds
         summary.write_seconds = done.write_seconds
-    elif changes.removed == 0 and store.exists(top.output_name(config.format)):
-        store.remove(INCREMENTS_DIR)
+    elif changes.removed == 0 and store.exists(top.output(config.format)):
+        top.remove_increments()
         summary.already_complete = True
         summary.items = items.num_rows
         return summary
@@ -176,13 +176,13 @@ def _label_and_assemble(top: RunDirectory, job: runner.Job, items: pa.Table,
         if labelled is not None:
             labelled.close()
     if config.format != "parquet":
-        merge_parts(store, [TABLE], top.output_name(config.format), config.format)
-    store.remove(INCREMENTS_DIR)  # only once the new table is committed
+        merge_parts(store, [TABLE], top.output(config.format), config.format)
+    top.remove_increments()  # only once the new table is committed
     summary.write_seconds += time.perf_counter() - started
     summary.items = items.num_rows
     summary.errors = summary.items - summary.ok
     summary.seconds = time.perf_counter() - job.started
-    write_json(store, SUMMARY_FILE, summary.to_dict())
+    top.write_summary(summary.to_dict())
     return summary
 
 

@@ -6,7 +6,6 @@ import math
 import os
 import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +15,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
 from pipeline.errors import UsageError, notice
 from pipeline.plan import Plan
-from pipeline.storage import is_remote, read_bytes
+from pipeline.sources import Source
 
-# Object reads in flight per worker: a batch's requests overlap, so a store's latency is
-# paid about once per 16 images rather than once per image, without more decoding processes.
-REMOTE_READS_PER_WORKER = 16
 PREFETCH_BATCHES = 4  # per worker: batches asked for ahead of the one the model is on
 # A file larger than this per --max-pixels pixel is not read: even uncompressed 16-bit RGBA
 # takes 8 bytes a pixel, so it cannot be an image the run would accept.
@@ -133,9 +129,10 @@ class Batch:
 class PlanItems(Dataset):
     """Item i of the plan, decoded. Each worker keeps only the shard it is reading in memory."""
 
-    def __init__(self, plan: Plan, preprocess: Preprocess, max_pixels: int,
+    def __init__(self, plan: Plan, source: Source, preprocess: Preprocess, max_pixels: int,
                  quarantined: dict[int, str] | None = None):
         self.plan = plan
+        self.source = source  # reads the bytes: its kind knows how
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         # index -> error row: files that crash the decoder, never read again
@@ -143,7 +140,6 @@ class PlanItems(Dataset):
         self._shard: int | None = None
         self._keys: list[str] = []
         self._paths: list[str] = []
-        self._fetchers: ThreadPoolExecutor | None = None  # made in the worker, never forked
 
     def __len__(self) -> int:
         return self.plan.num_items
@@ -158,20 +154,18 @@ class PlanItems(Dataset):
         return self._keys[offset], self._paths[offset]
 
     def __getitem__(self, index: int) -> dict:
-        key, path = self._item(index)
-        return self._sample(index, key, self._fetch(index, path))
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        """A whole batch: on object storage its reads overlap, so latency is paid once."""
+        """A whole batch, read by the source at once (on object storage, reads overlap)."""
         items = [self._item(i) for i in indices]
-        paths = [path for _, path in items]
-        if any(is_remote(path) for path in paths):
-            if self._fetchers is None:
-                self._fetchers = ThreadPoolExecutor(REMOTE_READS_PER_WORKER)
-            fetched = list(self._fetchers.map(self._fetch, indices, paths))
-        else:
-            fetched = [self._fetch(i, path) for i, path in zip(indices, paths)]
-        return [self._sample(i, key, data) for i, (key, _), data in zip(indices, items, fetched)]
+        # A file larger than this cannot be an image the run would accept: not read at all.
+        fetched = iter(self.source.fetch(
+            [path for i, (_, path) in zip(indices, items) if i not in self.quarantined],
+            MAX_BYTES_PER_PIXEL * self.max_pixels))
+        # a file that crashed the decoder is never read again, let alone decoded
+        return [self._sample(i, key, ImageError(self.quarantined[i]) if i in self.quarantined
+                             else next(fetched)) for i, (key, _) in zip(indices, items)]
 
     def _sample(self, index: int, key: str, data: bytes | BaseException) -> dict:
         sample = {"index": index, "key": key, "image": None, "width": 0, "height": 0,
@@ -187,15 +181,6 @@ class PlanItems(Dataset):
         else:
             sample.update(image=decoded.image, width=decoded.width, height=decoded.height)
         return sample
-
-    def _fetch(self, index: int, path: str) -> bytes | BaseException:
-        """The file's bytes, or why not: one unreadable file fails only its row."""
-        if index in self.quarantined:
-            return ImageError(self.quarantined[index])  # never read again, let alone decoded
-        try:
-            return read_bytes(path, max_bytes=MAX_BYTES_PER_PIXEL * self.max_pixels)
-        except DECODE_ERRORS as exc:
-            return exc
 
 
 def describe_error(exc: BaseException) -> str:
@@ -272,8 +257,8 @@ def _quiet_hang_ups(hook):
     return hook_without_hang_ups
 
 
-def make_loader(plan: Plan, shards: list[int], preprocess: Preprocess, *, batch_size: int,
-                workers: int, max_pixels: int, pin_memory: bool,
+def make_loader(plan: Plan, shards: list[int], source: Source, preprocess: Preprocess, *,
+                batch_size: int, workers: int, max_pixels: int, pin_memory: bool,
                 quarantined: dict[int, str] | None = None,
                 prefetch: int = PREFETCH_BATCHES) -> DataLoader:
     """Batches of the pending shards in plan order (DataLoader keeps order across workers)."""
@@ -283,7 +268,7 @@ def make_loader(plan: Plan, shards: list[int], preprocess: Preprocess, *, batch_
                  "worker_init_fn": init_worker,
                  "multiprocessing_context": "fork" if os.name == "posix" else None}
     return DataLoader(
-        PlanItems(plan, preprocess, max_pixels, quarantined), batch_size=batch_size,
+        PlanItems(plan, source, preprocess, max_pixels, quarantined), batch_size=batch_size,
         sampler=PendingItems(plan, shards), num_workers=workers, collate_fn=collate,
         pin_memory=pin_memory, **extra,
     )

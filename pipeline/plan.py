@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import RunError
+from pipeline.rundir import PLAN_FILE
 from pipeline.storage import Store
 
-PLAN_FILE = "plan.parquet"
-PARTS_DIR = "parts"
 _SHARD_SIZE_KEY = "label_images.shard_size"
-_PART_NAME = re.compile(r"^part-(\d{6})\.parquet$")
 
 
 @dataclass(frozen=True)
@@ -36,16 +33,31 @@ class Plan:
         start = shard * self.shard_size
         return start, min(start + self.shard_size, self.num_items)
 
+    def items_in(self, shards: list[int]) -> int:
+        return sum(end - start for start, end in map(self.shard_bounds, shards))
+
+    def schema(self) -> pa.Schema:
+        """The items' columns: key, path, and the kept ones (and versions, if any)."""
+        with self.store.open(PLAN_FILE) as fh:
+            return pq.read_schema(fh)
+
     def read_shard(self, shard: int, columns: list[str] | None = None) -> pa.Table:
         with self.store.open(PLAN_FILE) as fh:
             return pq.ParquetFile(fh).read_row_group(shard, columns=columns)
 
 
 def freeze(table: pa.Table, store: Store, shard_size: int) -> Plan:
-    """Write the items once, atomically; from then on the plan, not the source, is the truth."""
+    """Write the items once; from then on the plan, not the source, is the truth.
+
+    If another process froze a plan here first (two slices of an array starting at the same
+    moment), that plan stands and is the one returned.
+    """
     table = table.replace_schema_metadata({_SHARD_SIZE_KEY: str(shard_size)})
-    with store.writing(PLAN_FILE) as sink:
-        pq.write_table(table, sink, row_group_size=shard_size)
+    try:
+        with store.writing(PLAN_FILE, replace=False) as sink:
+            pq.write_table(table, sink, row_group_size=shard_size)
+    except FileExistsError:
+        pass
     return load(store)
 
 
@@ -76,18 +88,3 @@ def items_digest(table: pa.Table) -> str:
             digest.update(b"\x1e".join(v.encode() for v in column.to_pylist()))
             digest.update(b"\x1d")
     return digest.hexdigest()
-
-
-def part_name(shard: int) -> str:
-    return f"{PARTS_DIR}/part-{shard:06d}.parquet"
-
-
-def shard_of_part(name: str) -> int | None:
-    """The shard a part file name (without its directory) belongs to; None for other names."""
-    match = _PART_NAME.match(name)
-    return int(match.group(1)) if match else None
-
-
-def committed_shards(store: Store) -> set[int]:
-    """Shards whose part file was committed; temporaries and aborted uploads do not count."""
-    return {shard for shard in map(shard_of_part, store.list(PARTS_DIR)) if shard is not None}

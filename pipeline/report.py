@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 
 from pipeline.decode import DECODE_ERRORS, ImageError, to_rgb
 from pipeline.errors import UsageError
+from pipeline.rundir import FORMATS, output_name
 from pipeline.storage import Store, read_bytes
 
 COLUMNS = ["key", "path", "status", "error", "top1_label", "top1_score"]
@@ -50,7 +51,7 @@ class Findings:
 
 def read_table(out: str) -> pa.Table:
     store = Store(out)
-    for name in ("labels.parquet", "labels.csv"):
+    for name in map(output_name, FORMATS):
         if store.exists(name):
             with store.open(name) as fh:
                 if name.endswith(".parquet"):

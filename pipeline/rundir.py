@@ -1,4 +1,15 @@
-"""The run directory: its lock, its run.json and fingerprint, and starting afresh."""
+"""The run directory, its one owner: every file name in it, its lock, its JSON records.
+
+```
+run.json          the resolved configuration, versions and the fingerprint of the job
+plan.parquet      the frozen items; shard i is row group i
+parts/            part-000000.parquet ... one committed file per finished shard
+increments/       an incremental night's labelling of new and changed images
+quarantine.json   files that crashed the decoder (error rows)
+summary.json      counts and timings of the last invocation
+labels.parquet    the final table (or labels.csv)
+```
+"""
 
 from __future__ import annotations
 
@@ -6,20 +17,72 @@ import errno
 import fcntl
 import json
 import os
+import re
 from pathlib import Path
 
 from pipeline.errors import RunError, UsageError
-from pipeline.plan import PARTS_DIR, PLAN_FILE, shard_of_part
-from pipeline.quarantine import QUARANTINE_FILE
 from pipeline.slices import Slice
 from pipeline.storage import TMP_MARK, Store, remove_temporaries
-from pipeline.writer import write_json
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
+PLAN_FILE = "plan.parquet"
+PARTS_DIR = "parts"
+INCREMENTS_DIR = "increments"
+QUARANTINE_FILE = "quarantine.json"
 LOCK_FILE = ".lock"
 OUTPUT_STEM = "labels"
-INCREMENTS_DIR = "increments"  # incremental runs' labelling of new and changed images
+FORMATS = ("parquet", "csv")
+_PART_NAME = re.compile(r"^part-(\d{6})\.parquet$")
+
+
+def output_name(fmt: str) -> str:
+    """The final table: labels.parquet or labels.csv."""
+    return f"{OUTPUT_STEM}.{fmt}"
+
+
+def part_name(shard: int) -> str:
+    return f"{PARTS_DIR}/part-{shard:06d}.parquet"
+
+
+def shard_of_part(name: str) -> int | None:
+    """The shard a part file name (without its directory) belongs to; None for other names."""
+    match = _PART_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def committed_shards(store: Store) -> set[int]:
+    """Shards whose part file was committed; temporaries and aborted uploads do not count."""
+    return {shard for shard in map(shard_of_part, store.list(PARTS_DIR)) if shard is not None}
+
+
+def increment_dir(digest: str) -> str:
+    return f"{INCREMENTS_DIR}/{digest}"
+
+
+def write_json(store: Store, name: str, data: dict) -> None:
+    store.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(store: Store, name: str) -> dict | None:
+    text = store.read_text(name)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise UsageError(f"{store.url(name)} is damaged; rerun with --overwrite to start "
+                         "afresh") from None
+
+
+def read_quarantine(store: Store) -> list[dict]:
+    """Entries {index, key, error} of the files found crashing the decoder here."""
+    record = read_json(store, QUARANTINE_FILE)
+    return record["items"] if record else []
+
+
+def add_quarantine(store: Store, entries: list[dict]) -> None:
+    write_json(store, QUARANTINE_FILE, {"items": read_quarantine(store) + entries})
 
 
 class RunDirectory:
@@ -87,24 +150,36 @@ class RunDirectory:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    @staticmethod
-    def output_name(fmt: str) -> str:
-        return f"{OUTPUT_STEM}.{fmt}"
+    def output(self, fmt: str) -> str:
+        return output_name(fmt)
 
     def read_run(self) -> dict | None:
-        text = self.store.read_text(RUN_FILE)
-        if text is None:
-            return None
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            raise UsageError(f"{self.store.url(RUN_FILE)} is damaged; rerun with --overwrite "
-                             "to start afresh") from None
+        return read_json(self.store, RUN_FILE)
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.store, SUMMARY_FILE, summary)
+
+    def has_summary(self) -> bool:
+        return self.store.exists(SUMMARY_FILE)
+
+    def has_plan(self) -> bool:
+        return self.store.exists(PLAN_FILE)
+
+    def is_finished(self, fmt: str, whole: bool = True) -> bool:
+        """The table is here in `fmt`, or (for one process) in Parquet, to convert from."""
+        return self.store.exists(output_name(fmt)) or (
+            whole and self.store.exists(output_name("parquet")))
+
+    def remove_parts(self) -> None:
+        self.store.remove(PARTS_DIR)  # only once the whole table is committed
+
+    def remove_increments(self) -> None:
+        self.store.remove(INCREMENTS_DIR)  # only once the new table is committed
 
     def clear(self) -> None:
         """Forget a previous run: only the files this tool writes are removed."""
-        for name in (RUN_FILE, SUMMARY_FILE, PLAN_FILE, f"{OUTPUT_STEM}.parquet",
-                     f"{OUTPUT_STEM}.csv", PARTS_DIR, INCREMENTS_DIR, QUARANTINE_FILE):
+        for name in (RUN_FILE, SUMMARY_FILE, PLAN_FILE, *map(output_name, FORMATS), PARTS_DIR,
+                     INCREMENTS_DIR, QUARANTINE_FILE):
             self.store.remove(name)
 
     def prepare(self, fingerprint: dict, record: dict, overwrite: bool,
@@ -115,7 +190,11 @@ class RunDirectory:
             self.clear()
         previous = self.read_run()
         if previous is not None:
-            differences = describe_differences(previous.get("fingerprint", {}), fingerprint)
+            before = previous.get("fingerprint", {})
+            # Runs before the plan was frozen for good fingerprinted the listed items too.
+            for legacy in ("items", "items_sha256"):
+                before.get("source", {}).pop(legacy, None)
+            differences = describe_differences(before, fingerprint)
             if differences:
                 raise UsageError(
                     f"{self.store.url()} holds {refusal.format('; '.join(differences))}")

@@ -27,10 +27,12 @@ TMP_MARK = ".tmp-"
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, replace: bool = True) -> Iterator[Path]:
     """Yield a hidden temporary path beside `path`; on success flush it and rename it into place.
 
     A reader (or a resumed run) sees either the old file or the whole new one, never half.
+    Without replace, an existing file stays and FileExistsError says so (a hard link, not a
+    rename: the one atomic create-if-absent a file system offers).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,7 +41,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         _fsync(tmp)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            tmp.unlink()
         _fsync_directory(path.parent)  # the rename itself
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -240,8 +246,12 @@ class Store:
             os.unlink(path)
 
     @contextmanager
-    def writing(self, name: str) -> Iterator[IO[bytes]]:
-        """A file to write `name` through; it becomes visible whole, on success only."""
+    def writing(self, name: str, replace: bool = True) -> Iterator[IO[bytes]]:
+        """A file to write `name` through; it becomes visible whole, on success only.
+
+        Without replace, locally, a file already there stays (FileExistsError). Object stores
+        have no such check here: the last whole upload stands.
+        """
         if self.remote:
             handle = self.fs.open(self._path(name), "wb")
             try:
@@ -251,7 +261,7 @@ class Store:
                 raise
             handle.close()  # completes the upload: the object appears whole
             return
-        with atomic_path(self._path(name)) as tmp, open(tmp, "wb") as handle:
+        with atomic_path(self._path(name), replace) as tmp, open(tmp, "wb") as handle:
             yield handle
 
     def write_text(self, name: str, text: str) -> None:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.errors import RunError
+from pipeline import formats
+from pipeline.errors import RunError, UsageError
 from pipeline.storage import Store
 
+# Our columns, optional ones included: a kept manifest column may not take one's name.
+OUTPUT_COLUMNS = frozenset({"key", "path", "status", "error", "width", "height", "top1_label",
+                            "top1_score", "labels", "scores", "class_ids", "embedding",
+                            "source_size", "source_version"})
 # Rows gathered before the merge writes a row group: big enough for DuckDB/Spark to scan
 # well, small enough to keep memory flat.
 MERGE_ROW_GROUP = 65_536
@@ -42,10 +45,6 @@ class ShardResult:
         )
 
 
-def write_json(store: Store, name: str, data: dict) -> None:
-    store.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
 def output_schema(top_k: int, extra: pa.Schema, metadata: dict[str, str],
                   embedding_size: int | None = None) -> pa.Schema:
     """The Parquet schema of DESIGN.md; top-k lists best first, kept manifest columns last."""
@@ -69,6 +68,14 @@ def output_schema(top_k: int, extra: pa.Schema, metadata: dict[str, str],
     ]
     meta = {**metadata, "label_images.top_k": str(top_k)}
     return pa.schema(fields, metadata={k: str(v) for k, v in meta.items()})
+
+
+def check_kept_columns(names: tuple[str, ...]) -> None:
+    """A kept manifest column named like one of ours is refused: the table cannot hold both."""
+    clashing = [name for name in names if name in OUTPUT_COLUMNS]
+    if clashing:
+        raise UsageError(f"--keep-columns {', '.join(clashing)} would clash with output columns "
+                         f"of the same name; rename them in the manifest")
 
 
 def part_table(items: pa.Table, result: ShardResult, categories: list[str],
@@ -112,30 +119,6 @@ def write_part(store: Store, name: str, table: pa.Table) -> None:
         pq.write_table(table, sink)
 
 
-def csv_schema(schema: pa.Schema) -> pa.Schema:
-    """The flat CSV layout: label_1..K, score_1..K, class_id_1..K instead of lists."""
-    top_k = int(schema.metadata[b"label_images.top_k"])
-    fields = []
-    for f in schema:
-        if f.name in ("labels", "scores", "class_ids"):
-            stem = {"labels": "label", "scores": "score", "class_ids": "class_id"}[f.name]
-            fields += [pa.field(f"{stem}_{i}", f.type.value_type) for i in range(1, top_k + 1)]
-        else:
-            fields.append(f)
-    return pa.schema(fields)
-
-
-def _flatten(batch: pa.RecordBatch, flat: pa.Schema, top_k: int) -> pa.RecordBatch:
-    columns = []
-    for f in batch.schema:
-        column = batch.column(f.name)
-        if f.name in ("labels", "scores", "class_ids"):
-            columns += [pc.list_element(column, i) for i in range(top_k)]
-        else:
-            columns.append(column)
-    return pa.RecordBatch.from_arrays(columns, schema=flat)
-
-
 @dataclass(frozen=True)
 class MergeCounts:
     rows: int
@@ -155,19 +138,10 @@ def merge_parts(store: Store, parts: list[str], output: str, fmt: str,
             schema = pq.read_schema(fh)
     except (pa.ArrowInvalid, OSError) as exc:
         raise _unreadable(store, parts[0], exc) from None
-    top_k = int(schema.metadata[b"label_images.top_k"])
     rows = ok = 0
     with store.writing(output) as target:
-        if fmt == "parquet":
-            sink = pq.ParquetWriter(target, schema)
-            write = sink.write_table
-        else:
-            flat = csv_schema(schema)
-            sink = pacsv.CSVWriter(target, flat)
-
-            def write(table: pa.Table) -> None:
-                for batch in table.to_batches():
-                    sink.write_batch(_flatten(batch, flat, top_k))
+        sink = formats.get(fmt).open(target, schema)
+        write = sink.write
         try:
             pending: list[pa.Table] = []
             pending_rows = 0
@@ -216,12 +190,7 @@ def count_rows(store: Store, name: str) -> MergeCounts:
     """Count rows and statuses of a finished output file, streaming (Parquet or CSV)."""
     rows = ok = 0
     with store.open(name) as fh:
-        if name.endswith(".parquet"):
-            batches = pq.ParquetFile(fh).iter_batches(columns=["status"])
-        else:
-            batches = pacsv.open_csv(fh, convert_options=pacsv.ConvertOptions(
-                include_columns=["status"]))
-        for batch in batches:
-            rows += batch.num_rows
-            ok += pc.sum(pc.equal(batch.column(0), "ok")).as_py() or 0
+        for statuses in formats.get(name.rsplit(".", 1)[-1]).statuses(fh):
+            rows += len(statuses)
+            ok += pc.sum(pc.equal(statuses, "ok")).as_py() or 0
     return MergeCounts(rows=rows, ok=ok, errors=rows - ok)

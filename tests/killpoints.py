@@ -18,10 +18,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from contextlib import contextmanager
 
 import pyarrow.parquet as pq
 
-from pipeline import cli, loader, runner, writer
+from pipeline import cli, loader, settings, storage, writer
 
 POINT = sys.argv[1]
 COUNT = int(sys.argv[2]) if POINT != "decoding" else 0
@@ -81,12 +82,14 @@ class ParquetWriter(pq.ParquetWriter):
             die()
 
 
-real_write_part = runner.write_part
+real_writing = storage.Store.writing
 
 
-def write_part(store, name, table):
-    real_write_part(store, name, table)
-    if POINT == "part-committed" and die_on_count():
+@contextmanager
+def writing(store, name, **options):
+    with real_writing(store, name, **options) as sink:
+        yield sink
+    if POINT == "part-committed" and is_part(name) and die_on_count():  # committed: die
         die()
 
 
@@ -103,8 +106,8 @@ if POINT == "decoding":
     with open(sys.argv[2], "rb") as fh:
         POISON = fh.read()
     loader.decode = decode
-    runner.default_workers = lambda device: 0
-runner.write_part = write_part
+    settings.default_workers = lambda device: 0
+storage.Store.writing = writing
 os.replace = replace
 writer.pq.write_table = write_table
 writer.pq.ParquetWriter = ParquetWriter

@@ -28,13 +28,13 @@ def test_progress_in_a_log_is_a_plain_line_per_report(
     """stderr not a terminal (cron, a scheduler): no redraws left in the log, lines instead.
 
     A slice of an array job counts its own share, and says which slice it is."""
-    monkeypatch.setattr("pipeline.runner.LOG_PROGRESS_SECONDS", 0)  # a report every batch
+    monkeypatch.setattr("pipeline.progress.LOG_PROGRESS_SECONDS", 0)  # a report every batch
     folder, truth = colour_folder
     args = [a for a in base_args(folder, tmp_path / "run", colour_checkpoint) if a != "--quiet"]
     total, which = len(truth), ""
     if part is not None:
         index, count = part
-        args += ["--shard-index", str(index), "--num-shards", str(count)]
+        args += ["--slice-index", str(index), "--num-slices", str(count)]
         total = sum(min(7, len(truth) - start) for start in range(7 * index, len(truth), 7 * count))
         which = f"slice {index} of {count}: "
     result = cli(*args)
@@ -148,15 +148,20 @@ def test_a_different_job_in_the_same_directory_is_refused(
     assert len(read_output(out / "labels.parquet")["labels"][0]) == 2
 
 
-def test_a_changed_source_is_refused_on_resume(cli, tmp_path, colour_checkpoint):
+def test_a_rerun_labels_the_frozen_plan_and_overwrite_lists_the_source_again(
+        cli, tmp_path, colour_checkpoint):
+    """The plan is frozen by the first run: images added since wait for the next run."""
     folder = tmp_path / "imgs"
     write_colour_images(folder, 4)
     out = tmp_path / "run"
     assert cli(*base_args(folder, out, colour_checkpoint)).exit_code == 0
     write_colour_images(folder / "more", 1)
-    result = cli(*base_args(folder, out, colour_checkpoint))
-    assert result.exit_code == 2
-    assert "source.items (4 -> 5)" in result.output
+    again = cli(*base_args(folder, out, colour_checkpoint))
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    assert len(read_output(out / "labels.parquet")) == 4
+    fresh = cli(*base_args(folder, out, colour_checkpoint, "--overwrite"))
+    assert fresh.exit_code == 0, fresh.output
+    assert len(read_output(out / "labels.parquet")) == 5
 
 
 def test_rerun_of_a_finished_run_does_nothing_and_can_convert_format(

@@ -19,17 +19,33 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import loader, quarantine, runner, writer
+from pipeline import loader, recovery, storage
+from pipeline.classifier import Classifier
 from tests.conftest import REPO, read_output, write_colour_images
 
 IMAGES = 200
 SHARD = 10
 KILL_POINTS = ["time", "part-mid-write", "part-before-rename", "part-after-rename",
                "merge-mid-write", "merge-after-rename"]
+
+
+def fail_at_the_storage_seam(monkeypatch, fault) -> None:
+    """Every file the run commits goes through Store.writing: `fault(store, name)` may raise
+    there, before anything of that file is written."""
+    real_writing = storage.Store.writing
+
+    @contextmanager
+    def writing(store, name, **options):
+        fault(store, name)
+        with real_writing(store, name, **options) as sink:
+            yield sink
+
+    monkeypatch.setattr(storage.Store, "writing", writing)
 
 
 def job(folder, out, checkpoint):
@@ -211,7 +227,7 @@ def test_a_signal_landing_inside_logging_leaves_its_lock_to_the_other_threads(
         logging._lock.acquire()  # where logging's own call would have let go of it
         raise KeyboardInterrupt(signal.SIGTERM)
 
-    monkeypatch.setattr(runner, "_fill", interrupted_inside_logging)
+    monkeypatch.setattr(Classifier, "predict", interrupted_inside_logging)
     try:
         fails_with(cli, job(folder, tmp_path / "run", colour_checkpoint), 128 + signal.SIGTERM,
                    "stopped by SIGTERM")
@@ -230,16 +246,15 @@ def test_write_failure_exits_1_keeps_committed_shards_and_rerun_finishes(
         cli, tmp_path, colour_checkpoint, reference, monkeypatch, code):
     folder, reference_table = reference
     out = tmp_path / "run"
-    real_write_part = writer.write_part
     calls = []
 
-    def failing_write_part(store, name, table):
-        calls.append(name)
-        if len(calls) == 4:
-            raise OSError(code, os.strerror(code), store.url(name))
-        real_write_part(store, name, table)
+    def fourth_part_fails(store, name):
+        if "parts/" in name:
+            calls.append(name)
+            if len(calls) == 4:
+                raise OSError(code, os.strerror(code), store.url(name))
 
-    monkeypatch.setattr("pipeline.runner.write_part", failing_write_part)
+    fail_at_the_storage_seam(monkeypatch, fourth_part_fails)
     args = job(folder, out, colour_checkpoint)
     fails_with(cli, args, 1, os.strerror(code), "run the same command to resume")
     committed = sorted((out / "parts").iterdir())
@@ -255,10 +270,11 @@ def test_disk_full_while_merging_keeps_every_part(cli, tmp_path, colour_checkpoi
     folder, reference_table = reference
     out = tmp_path / "run"
 
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def full_disk(store, name):
+        if name.startswith("labels."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("pipeline.runner.merge_parts", full_disk)
+    fail_at_the_storage_seam(monkeypatch, full_disk)
     args = job(folder, out, colour_checkpoint)
     fails_with(cli, args, 1, "No space left on device")
     assert count_parts(out) == IMAGES // SHARD
@@ -352,14 +368,14 @@ class ProbedItems:
 
 
 def test_the_probe_names_every_file_that_kills_the_decoder_and_no_other():
-    found = quarantine.find_crashers(ProbedItems({3, 4, 9}), list(range(12)))
+    found = recovery.find_crashers(ProbedItems({3, 4, 9}), list(range(12)))
     assert found == dict.fromkeys([3, 4, 9], "the decoder crashed on this file (SIGSEGV)")
-    assert quarantine.find_crashers(ProbedItems(set()), list(range(12))) == {}
+    assert recovery.find_crashers(ProbedItems(set()), list(range(12))) == {}
 
 
 def test_an_exception_in_the_probe_blames_no_file():
     # Blaming the file it was on, then the next, would quarantine innocent files one by one.
-    assert quarantine.find_crashers(ProbedItems({5}, raises=2), list(range(8))) == {}
+    assert recovery.find_crashers(ProbedItems({5}, raises=2), list(range(8))) == {}
 
 
 def test_after_a_crash_in_process_the_next_run_isolates_the_decoder_and_finishes(
@@ -385,7 +401,7 @@ def test_a_run_killed_after_its_final_rename_has_nothing_to_do_and_says_only_tha
         cli, tmp_path, colour_checkpoint, reference, monkeypatch):
     folder, _ = reference
     out = tmp_path / "run"
-    monkeypatch.setattr("pipeline.runner.default_workers", lambda device: 0)  # a small CPU's
+    monkeypatch.setattr("pipeline.settings.default_workers", lambda device: 0)  # a small CPU's
     args = without_workers(job(folder, out, colour_checkpoint))
     assert cli(*args).exit_code == 0
     (out / ".lock").write_text("4242\n")  # the pid a holder killed before letting go leaves
@@ -461,8 +477,11 @@ def test_a_part_damaged_outside_our_commits_is_named_and_redone(
     """Disk trouble after a commit: the merge names the part; deleting it redoes one shard."""
     folder, reference_table = reference
     out = tmp_path / "run"
-    monkeypatch.setattr("pipeline.runner.merge_parts",
-                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def interrupted_merge(store, name):
+        if name.startswith("labels."):
+            raise KeyboardInterrupt()
+
+    fail_at_the_storage_seam(monkeypatch, interrupted_merge)
     args = job(folder, out, colour_checkpoint)
     assert cli(*args).exit_code == 130  # stopped with every part committed, none merged
     monkeypatch.undo()

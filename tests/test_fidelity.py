@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from pipeline.decode import Preprocess, decode
-from pipeline.model import preprocess_of_weights
+from pipeline.backends import resolve_preprocess
 from tests.photos import photo
 
 MEAN_BOUND, MAX_BOUND = 0.25, 8
@@ -26,8 +26,8 @@ MEAN_BOUND, MAX_BOUND = 0.25, 8
 PREPROCESSING = {
     "tutorials-256-bilinear": Preprocess(),
     # named weights' own: ResNet-50 V2 (232, bilinear) and EfficientNet-B0 (256, bicubic)
-    "resnet50-v2-232-bilinear": preprocess_of_weights("resnet50", "IMAGENET1K_V2"),
-    "efficientnet-b0-256-bicubic": preprocess_of_weights("efficientnet_b0", "IMAGENET1K_V1"),
+    "resnet50-v2-232-bilinear": resolve_preprocess("resnet50", "IMAGENET1K_V2"),
+    "efficientnet-b0-256-bicubic": resolve_preprocess("efficientnet_b0", "IMAGENET1K_V1"),
 }
 ASPECTS = {"landscape-4:3": (4, 3), "portrait-3:4": (3, 4), "landscape-16:9": (16, 9)}
 LONGEST = 7112  # 16:9 at a shorter side of 4000

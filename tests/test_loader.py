@@ -9,6 +9,7 @@ import torch
 from pipeline import plan as planning
 from pipeline.decode import Preprocess, decode
 from pipeline.loader import make_loader
+from pipeline.sources import Source, SourceSpec
 from pipeline.storage import Store
 from tests.photos import photo_jpeg
 
@@ -32,7 +33,8 @@ def test_batches_are_channels_last_and_hold_each_decoded_crop(tmp_path, workers)
              if p.name != "broken.jpg"]
     assert crops[0].stride()[0] == 1  # the resize's pixels come interleaved, channels last
 
-    loader = make_loader(plan, [0, 1], preprocess, batch_size=3, workers=workers,
+    source = Source(SourceSpec(str(tmp_path)))  # files by path: what every file source reads
+    loader = make_loader(plan, [0, 1], source, preprocess, batch_size=3, workers=workers,
                          max_pixels=10**8, pin_memory=False)
     batches = list(loader)
     assert [b.keys for b in batches] == [["0.jpg", "1.jpg", "broken.jpg"], ["2.jpg", "3.jpg"]]

@@ -10,10 +10,12 @@ import pytest
 import torch
 import torchvision
 
-from pipeline import model
+from pipeline import classifier as classifying
+from pipeline import settings
+from pipeline.backends import resolve_model
+from pipeline.classifier import Classifier, resolve_device, resolve_precision
 from pipeline.errors import RunError, UsageError
 from pipeline.loader import PREFETCH_BATCHES, LoaderSize, fit_shared_memory
-from pipeline.model import Classifier, resolve_device, resolve_model, resolve_precision
 from tests.conftest import COLOURS, read_output, write_colour_images
 
 
@@ -107,7 +109,7 @@ def test_ddp_prefixed_checkpoint_with_categories_loads(tmp_path, small_state_dic
                "categories": list(COLOURS)}
     spec = resolve_model("resnet18", save(tmp_path / "ddp.pt", wrapped))
     assert spec.categories == tuple(COLOURS)
-    model.build_network(spec)  # loads without missing or unexpected keys
+    spec.build()  # loads without missing or unexpected keys
 
 
 @pytest.mark.parametrize("content, message", [
@@ -122,7 +124,7 @@ def test_files_that_are_not_this_models_checkpoint_are_refused(tmp_path, small_s
     else:
         path.write_bytes(content)
     with pytest.raises(UsageError, match=message):
-        model.build_network(resolve_model("resnet50", str(path)))
+        resolve_model("resnet50", str(path)).build()
 
 
 class _Payload:
@@ -163,9 +165,9 @@ def test_top_k_larger_than_the_class_count_is_refused(tmp_path, small_state_dict
 def test_precision_follows_the_device(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("auto", torch.device("cuda")) == torch.float16
-    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(classifying, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(classifying, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", cpu) == torch.float32
     assert resolve_precision("fp16", cpu) == torch.float16
 
@@ -180,9 +182,9 @@ def test_device_auto_and_unavailable_cuda(monkeypatch):
 @pytest.mark.parametrize("cores, on_cpu, on_cuda", [(1, 0, 1), (2, 0, 2), (4, 2, 4), (16, 8, 8)])
 def test_small_cpus_decode_between_batches_not_beside_the_model(monkeypatch, cores, on_cpu,
                                                                  on_cuda):
-    monkeypatch.setattr(model.os, "sched_getaffinity", lambda _: set(range(cores)))
-    assert model.default_workers(torch.device("cpu")) == on_cpu
-    assert model.default_workers(torch.device("cuda")) == on_cuda
+    monkeypatch.setattr(settings.os, "sched_getaffinity", lambda _: set(range(cores)))
+    assert settings.default_workers(torch.device("cpu")) == on_cpu
+    assert settings.default_workers(torch.device("cuda")) == on_cuda
 
 
 MB = 2**20
@@ -220,7 +222,7 @@ def test_predict_returns_sorted_probabilities_for_uint8_batches(tmp_path, small_
     assert (prediction.scores[:, :-1] >= prediction.scores[:, 1:]).all()
     assert prediction.scores.sum(axis=1) == pytest.approx(1.0, abs=1e-5)  # all 4 classes
     # the device-side normalisation equals the usual float pipeline
-    net = model.build_network(spec)
+    net = spec.build()
     mean = torch.tensor(spec.preprocess.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.preprocess.std).view(1, 3, 1, 1)
     with torch.no_grad():

@@ -162,6 +162,7 @@ def test_remote_reads_in_a_worker_overlap(monkeypatch, tmp_path):
     """A batch's object reads run concurrently, so one worker is not bound by latency."""
     from pipeline import loader, plan as planning
     from pipeline.decode import Preprocess
+    from pipeline.sources import base
     from pipeline.storage import Store
     import pyarrow as pa
 
@@ -179,8 +180,9 @@ def test_remote_reads_in_a_worker_overlap(monkeypatch, tmp_path):
             in_flight[0] -= 1
         raise FileNotFoundError(2, "No such file or directory")
 
-    monkeypatch.setattr(loader, "read_bytes", slow_read)
-    samples = loader.PlanItems(plan, Preprocess(), 10**8).__getitems__(list(range(8)))
+    monkeypatch.setattr(base, "read_bytes", slow_read)
+    source = base.Source(base.SourceSpec("s3://bucket/"))
+    samples = loader.PlanItems(plan, source, Preprocess(), 10**8).__getitems__(list(range(8)))
     assert peak[0] == 8
     assert [s["key"] for s in samples] == [f"k{i}" for i in range(8)]
     assert all(s["error"] == "FileNotFoundError: No such file or directory" for s in samples)
@@ -193,11 +195,12 @@ def test_incremental_nights_on_a_prefix_use_the_listings_etags(s3, uploaded, col
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     from pipeline import sources
+    from pipeline.sources import base
 
     def no_per_object_requests(location):
         raise AssertionError(f"asked about {location} one by one")
 
-    monkeypatch.setattr(sources, "_remote_version", no_per_object_requests)
+    monkeypatch.setattr(base, "_remote_version", no_per_object_requests)
     items = sources.read_source(sources.SourceSpec("s3://bucket/images/"), versions=True)
     etags = {p.removeprefix("bucket/images/"): info["ETag"].strip('"')
              for p, info in fs.find("bucket/images", detail=True).items()}

@@ -7,10 +7,11 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 
-from pipeline import runner
+from pipeline import storage
 from tests.conftest import REPO, read_output, write_colour_images
 
 
@@ -67,22 +68,25 @@ def test_interrupt_commits_finished_shards_and_says_how_to_resume(
         cli, tmp_path, colour_checkpoint, images_and_reference, monkeypatch):
     folder, reference = images_and_reference
     out = tmp_path / "run"
-    real_commit = runner.PartCommitter._commit
+    real_writing = storage.Store.writing
     calls = []
 
-    def commit_then_interrupt(self, shard, result):
-        real_commit(self, shard, result)
-        calls.append(shard)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler stopping the job
+    @contextmanager
+    def commit_then_interrupt(store, name, **options):  # the seam every part passes through
+        with real_writing(store, name, **options) as sink:
+            yield sink
+        if "parts/" in name:
+            calls.append(name)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler stopping the job
 
-    monkeypatch.setattr(runner.PartCommitter, "_commit", commit_then_interrupt)
+    monkeypatch.setattr(storage.Store, "writing", commit_then_interrupt)
     stopped = cli(*job(folder, out, colour_checkpoint))
     assert stopped.exit_code == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in stopped.output and "run the same command" in stopped.output
     committed = len(committed_parts(out))
     assert 3 <= committed < 12
-    monkeypatch.setattr(runner.PartCommitter, "_commit", real_commit)
+    monkeypatch.setattr(storage.Store, "writing", real_writing)
     resumed = cli(*job(folder, out, colour_checkpoint))
     assert resumed.exit_code == 0, resumed.output
     summary = (out / "summary.json").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import UsageError
-from pipeline.slices import Slice, from_environment, shard_ranges
+from pipeline.launchers import Slice, from_environment, shard_ranges
 from tests.conftest import REPO, read_output, run_subprocess, write_colour_images
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -53,7 +54,7 @@ def test_slices_from_flags_and_schedulers():
     assert from_environment(3, None, env={"JOB_COMPLETION_INDEX": "2"}) == Slice(2, 3)
     torchrun = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
     assert from_environment(None, None, env=torchrun) == Slice(1, 2, True, 1)
-    with pytest.raises(UsageError, match="pass --num-shards"):
+    with pytest.raises(UsageError, match="pass --num-slices"):
         from_environment(None, None, env={"JOB_COMPLETION_INDEX": "0"})
     with pytest.raises(UsageError, match="must be in 0..1"):
         from_environment(2, 2, env={})
@@ -78,8 +79,8 @@ def test_a_slice_clears_only_its_own_killed_temporaries(tmp_path):
 def test_two_slices_then_merge_equal_a_single_run(tmp_path, colour_checkpoint, single_run):
     folder, reference = single_run
     out = tmp_path / "run"
-    first = run_subprocess(*job(folder, out, colour_checkpoint, "--num-shards", "2",
-                                "--shard-index", "0"))
+    first = run_subprocess(*job(folder, out, colour_checkpoint, "--num-slices", "2",
+                                "--slice-index", "0"))
     assert first.returncode == 0, first.stderr
     assert "slice 0 of 2 done" in first.stderr and "still to come" in first.stderr
     early = run_subprocess("merge", out)
@@ -98,10 +99,36 @@ def test_two_slices_then_merge_equal_a_single_run(tmp_path, colour_checkpoint, s
     assert not (out / "parts").exists()
 
 
+def test_a_slice_starting_after_the_source_grew_labels_the_frozen_plan(
+        tmp_path, colour_checkpoint, single_run):
+    """An array over a folder that gains a file between two tasks: the later task labels
+    the plan the first one froze (it lists nothing), and the table is the first listing's."""
+    source, reference = single_run
+    folder = tmp_path / "imgs"
+    shutil.copytree(source, folder)
+    out = tmp_path / "run"
+    # the old names of the flags, still taken
+    first = run_subprocess(*job(folder, out, colour_checkpoint, "--num-shards", "2",
+                                "--shard-index", "0"))
+    assert first.returncode == 0, first.stderr
+    write_colour_images(folder / "arrived-later", 1)
+    second = run_subprocess(*job(folder, out, colour_checkpoint, "--num-slices", "2",
+                                 "--slice-index", "1"))
+    assert second.returncode == 0, second.stderr
+    assert run_subprocess("merge", out).returncode == 0
+    table = read_output(out / "labels.parquet")  # without the new file: it waits
+    assert table["key"].tolist() == reference["key"].tolist()
+    assert table["top1_label"].tolist() == reference["top1_label"].tolist()
+    shutil.copytree(folder, tmp_path / "elsewhere")
+    moved = run_subprocess(*job(tmp_path / "elsewhere", out, colour_checkpoint,
+                                "--num-slices", "2", "--slice-index", "1"))
+    assert moved.returncode == 2 and "source.location" in moved.stderr
+
+
 def test_overwrite_is_refused_for_a_slice(tmp_path, colour_checkpoint, single_run):
     folder, _ = single_run
-    refused = run_subprocess(*job(folder, tmp_path / "run", colour_checkpoint, "--num-shards",
-                                  "2", "--shard-index", "1", "--overwrite"))
+    refused = run_subprocess(*job(folder, tmp_path / "run", colour_checkpoint, "--num-slices",
+                                  "2", "--slice-index", "1", "--overwrite"))
     assert refused.returncode == 2 and "each slice wipe" in refused.stderr
 
 

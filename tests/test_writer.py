@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import plan as planning
+from pipeline import rundir
 from pipeline.storage import Store, atomic_path, remove_temporaries
 from pipeline.writer import ShardResult, merge_parts, output_schema, part_table, write_part
 
@@ -62,7 +63,7 @@ def test_atomic_path_leaves_nothing_visible_when_writing_fails(tmp_path):
             raise OSError(28, "No space left on device")
     assert not target.exists()
     assert list((tmp_path / "parts").iterdir()) == []
-    assert planning.committed_shards(Store(str(tmp_path))) == set()
+    assert rundir.committed_shards(Store(str(tmp_path))) == set()
 
 
 def refuse_fsync_on_directories(monkeypatch, code: int) -> None:
@@ -93,13 +94,13 @@ def test_an_io_error_syncing_the_directory_still_stops_the_commit(tmp_path, monk
 
 def test_only_committed_parts_count_and_temporaries_are_cleaned(tmp_path):
     store = Store(str(tmp_path))
-    write_part(store, planning.part_name(3), part_table(
+    write_part(store, rundir.part_name(3), part_table(
         shard_rows(["a"]), result_for(1), CATEGORIES, schema()))
     leftover = tmp_path / "parts" / ".part-000004.parquet.tmp-999-ab12"
     leftover.write_bytes(b"killed mid-write")
-    assert planning.committed_shards(store) == {3}
+    assert rundir.committed_shards(store) == {3}
     remove_temporaries(tmp_path / "parts")
-    assert not leftover.exists() and (tmp_path / planning.part_name(3)).exists()
+    assert not leftover.exists() and (tmp_path / rundir.part_name(3)).exists()
 
 
 def test_plan_shards_are_row_groups_and_survive_reload(tmp_path):
@@ -111,6 +112,17 @@ def test_plan_shards_are_row_groups_and_survive_reload(tmp_path):
     assert again.read_shard(1, ["key"])["key"].to_pylist() == [f"k{i}" for i in range(10, 20)]
 
 
+def test_a_plan_is_frozen_once_whoever_lists_later(tmp_path):
+    """Two slices starting together: the second's listing (one more image) does not replace
+    the plan the first is already labelling."""
+    first = pa.table({"key": ["a", "b"], "path": ["a", "b"]})
+    later = pa.table({"key": ["a", "b", "c"], "path": ["a", "b", "c"]})
+    planning.freeze(first, Store(str(tmp_path)), shard_size=10)
+    plan = planning.freeze(later, Store(str(tmp_path)), shard_size=10)
+    assert plan.num_items == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.parquet"]  # no temporary left
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
 def test_merge_streams_parts_in_order_and_odd_names_round_trip(tmp_path, fmt):
     extra = pa.schema([pa.field("caption", pa.string())])
@@ -119,9 +131,9 @@ def test_merge_streams_parts_in_order_and_odd_names_round_trip(tmp_path, fmt):
     store = Store(str(tmp_path))
     for shard, shard_keys in enumerate(keys):
         rows = shard_rows(shard_keys, {"caption": [f"c,{k}" for k in shard_keys]})
-        write_part(store, planning.part_name(shard),
+        write_part(store, rundir.part_name(shard),
                    part_table(rows, result_for(3, failed={2}), CATEGORIES, schema(extra)))
-        parts.append(planning.part_name(shard))
+        parts.append(rundir.part_name(shard))
     out = tmp_path / f"labels.{fmt}"
     counts = merge_parts(store, parts, out.name, fmt)
     assert (counts.rows, counts.ok, counts.errors) == (6, 4, 2)
@@ -146,9 +158,9 @@ def test_merge_output_has_large_row_groups(tmp_path, monkeypatch):
     parts = []
     store = Store(str(tmp_path))
     for shard in range(4):
-        write_part(store, planning.part_name(shard), part_table(
+        write_part(store, rundir.part_name(shard), part_table(
             shard_rows([f"{shard}-{i}" for i in range(2)]), result_for(2), CATEGORIES, schema()))
-        parts.append(planning.part_name(shard))
+        parts.append(rundir.part_name(shard))
     merge_parts(store, parts, "labels.parquet", "parquet")
     meta = pq.ParquetFile(tmp_path / "labels.parquet").metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4]
@@ -160,10 +172,10 @@ def test_merge_refuses_a_part_with_the_wrong_row_count_before_committing(tmp_pat
     from pipeline.errors import RunError
 
     store = Store(str(tmp_path))
-    write_part(store, planning.part_name(0), part_table(
+    write_part(store, rundir.part_name(0), part_table(
         shard_rows(["a", "b"]), result_for(2), CATEGORIES, schema()))
     with pytest.raises(RunError, match="has 2 rows for a shard of 3"):
-        merge_parts(store, [planning.part_name(0)], "labels.parquet", "parquet",
+        merge_parts(store, [rundir.part_name(0)], "labels.parquet", "parquet",
                     expected_rows=[3])
     assert not (tmp_path / "labels.parquet").exists()
 
@@ -176,7 +188,7 @@ def test_a_full_disk_while_merging_is_not_blamed_on_a_part(tmp_path, monkeypatch
     from pipeline import writer
     monkeypatch.setattr(writer, "MERGE_ROW_GROUP", 1)  # write while the part is being read
     store = Store(str(tmp_path))
-    write_part(store, planning.part_name(0), part_table(
+    write_part(store, rundir.part_name(0), part_table(
         shard_rows(["a", "b"]), result_for(2), CATEGORIES, schema()))
 
     def full_disk(self, *args, **kwargs):
@@ -184,9 +196,9 @@ def test_a_full_disk_while_merging_is_not_blamed_on_a_part(tmp_path, monkeypatch
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk)
     with pytest.raises(OSError, match="No space left on device"):
-        merge_parts(store, [planning.part_name(0)], "labels.parquet", "parquet")
+        merge_parts(store, [rundir.part_name(0)], "labels.parquet", "parquet")
     assert not (tmp_path / "labels.parquet").exists()
-    assert (tmp_path / planning.part_name(0)).exists()
+    assert (tmp_path / rundir.part_name(0)).exists()
 
 
 @pytest.mark.parametrize("damaged", [0, 1], ids=["first-part", "later-part"])
@@ -194,7 +206,7 @@ def test_a_damaged_part_is_named_wherever_it_is(tmp_path, damaged):
     from pipeline.errors import RunError
 
     store = Store(str(tmp_path))
-    parts = [planning.part_name(shard) for shard in range(2)]
+    parts = [rundir.part_name(shard) for shard in range(2)]
     for shard, name in enumerate(parts):
         write_part(store, name, part_table(shard_rows([f"{shard}a", f"{shard}b"]),
                                            result_for(2), CATEGORIES, schema()))

@@ -1,0 +1,134 @@
+"""The classifier: weights cast once onto a device, uint8 batches in, top-k probabilities out.
+
+The device is a parameter: the same code runs on the CPU and on CUDA, with the CUDA-only
+knobs behind one check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.backends.base import ModelSpec, head_name
+from pipeline.errors import RunError, UsageError, notice
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX, where bf16 convolutions are fast."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    class_ids: np.ndarray  # int32 (n, k), best first
+    scores: np.ndarray  # float32 (n, k), softmax probabilities
+    embeddings: np.ndarray | None = None  # float32 (n, d): the head's input, when asked
+
+    @staticmethod
+    def join(parts: list[Prediction]) -> Prediction:
+        """The predictions of consecutive parts of a batch, as one."""
+        embeddings = None
+        if parts[0].embeddings is not None:
+            embeddings = np.concatenate([p.embeddings for p in parts])
+        return Prediction(class_ids=np.concatenate([p.class_ids for p in parts]),
+                          scores=np.concatenate([p.scores for p in parts]),
+                          embeddings=embeddings)
+
+
+class Classifier:
+    """Weights cast once onto the device; uint8 batches in, top-k probabilities out (numpy)."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, top_k: int,
+                 compile: bool = False, embeddings: bool = False):
+        if top_k > spec.num_classes:
+            raise UsageError(f"--top-k {top_k} is more than the model's {spec.num_classes} classes")
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.top_k = top_k
+        self.on_cuda = device.type == "cuda"
+        if self.on_cuda:  # the only CUDA-specific knobs; everything else is the same code
+            torch.backends.cudnn.benchmark = True
+        net = spec.build().to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        self._features: list[torch.Tensor] = []
+        self.embedding_size = None
+        if embeddings:
+            # The pooled penultimate features are the head's input: catch them on the way in,
+            # from the same forward pass that gives the labels.
+            head = net.get_submodule(head_name(net))
+            head.register_forward_pre_hook(lambda _, inputs: self._features.append(inputs[0]))
+            self.embedding_size = head.in_features
+        self.net = torch.compile(net) if compile else net
+        mean = torch.tensor(spec.preprocess.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.preprocess.std, device=device).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add on the device. In fp16 (10-bit mantissa)
+        # that is accurate and halves the memory traffic; bf16's 8 bits would round three
+        # times, measurably worse against the reference, so there it is done in fp32.
+        self._norm_dtype = torch.float16 if dtype == torch.float16 else torch.float32
+        self._scale = (1.0 / (255.0 * std)).to(self._norm_dtype)
+        self._shift = (-mean / std).to(self._norm_dtype)
+        self.fits: int | None = None  # the largest batch known to fit, once one did not
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Top-k of a uint8 batch. A batch the device has no memory for goes in halves.
+
+        A model or input size that the default batch does not fit on a small card then
+        still runs, at the largest batch that fits.
+        """
+        if self.fits is not None and len(images) > self.fits:
+            return Prediction.join([self.predict(part) for part in images.split(self.fits)])
+        try:
+            return self._forward(images)
+        except torch.cuda.OutOfMemoryError:  # what any device raises (torch.OutOfMemoryError)
+            pass  # handled below, once the failed attempt's tensors are let go
+        if self.on_cuda:
+            torch.cuda.empty_cache()
+        if len(images) == 1:
+            raise RunError(f"{self.device} ran out of memory for a single image: "
+                           f"{self.spec.model} at {self.spec.preprocess.crop}x"
+                           f"{self.spec.preprocess.crop} does not fit in it")
+        self.fits = len(images) // 2
+        notice(f"{self.device} ran out of memory with batches of {len(images)}: going on "
+               f"with {self.fits}; --batch-size {self.fits} starts there")
+        return self.predict(images)
+
+    @torch.inference_mode()
+    def _forward(self, images: torch.Tensor) -> Prediction:
+        x = images.to(self.device, non_blocking=self.on_cuda)
+        x = torch.addcmul(self._shift, x.to(self._norm_dtype), self._scale)
+        # The loader's batches arrive channels_last already (then this copies nothing);
+        # other callers' planar ones are converted here.
+        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        self._features.clear()
+        probs = self.net(x).float().softmax(dim=1)
+        scores, ids = probs.topk(self.top_k, dim=1)
+        embeddings = None
+        if self.embedding_size is not None:
+            embeddings = self._features[-1].float().cpu().numpy()
+        return Prediction(class_ids=ids.to(torch.int32).cpu().numpy(), scores=scores.cpu().numpy(),
+                          embeddings=embeddings)

@@ -1,0 +1,21 @@
+"""The output format seam: how the final table is written; one module per format, one line each.
+
+Parts are always Parquet (the run's own files); a format decides only the final table.
+"""
+
+from __future__ import annotations
+
+from pipeline.errors import UsageError
+from pipeline.formats.base import Format
+from pipeline.formats.csv import CsvFormat
+from pipeline.formats.parquet import ParquetFormat
+
+FORMATS: dict[str, Format] = {"parquet": ParquetFormat(), "csv": CsvFormat()}
+NAMES = tuple(FORMATS)
+
+
+def get(name: str) -> Format:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise UsageError(f"--format must be one of {', '.join(NAMES)}, got {name!r}") from None

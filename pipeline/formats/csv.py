@@ -1,0 +1,61 @@
+"""CSV: top-k lists flattened into label_1..K, score_1..K, class_id_1..K; quoted as RFC 4180."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import IO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from pipeline.formats.base import Format
+
+_FLAT = {"labels": "label", "scores": "score", "class_ids": "class_id"}
+
+
+def csv_schema(schema: pa.Schema) -> pa.Schema:
+    """The flat CSV layout: label_1..K, score_1..K, class_id_1..K instead of lists."""
+    top_k = int(schema.metadata[b"label_images.top_k"])
+    fields = []
+    for f in schema:
+        if f.name in _FLAT:
+            fields += [pa.field(f"{_FLAT[f.name]}_{i}", f.type.value_type)
+                       for i in range(1, top_k + 1)]
+        else:
+            fields.append(f)
+    return pa.schema(fields)
+
+
+class _Writer:
+    def __init__(self, sink: IO[bytes], schema: pa.Schema):
+        self._top_k = int(schema.metadata[b"label_images.top_k"])
+        self._flat = csv_schema(schema)
+        self._writer = pacsv.CSVWriter(sink, self._flat)
+
+    def write(self, table: pa.Table) -> None:
+        for batch in table.to_batches():
+            columns = []
+            for f in batch.schema:
+                column = batch.column(f.name)
+                if f.name in _FLAT:
+                    columns += [pc.list_element(column, i) for i in range(self._top_k)]
+                else:
+                    columns.append(column)
+            self._writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=self._flat))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class CsvFormat(Format):
+    name = "csv"
+
+    def open(self, sink: IO[bytes], schema: pa.Schema) -> _Writer:
+        return _Writer(sink, schema)
+
+    def statuses(self, source: IO[bytes]) -> Iterator[pa.Array]:
+        reader = pacsv.open_csv(source, convert_options=pacsv.ConvertOptions(
+            include_columns=["status"]))
+        for batch in reader:
+            yield batch.column(0)

@@ -1,0 +1,91 @@
+"""A job, validated before the run directory is touched: source, model, settings, fingerprint."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import version
+
+import pyarrow as pa
+import torch
+import torchvision
+
+import pipeline
+from pipeline import settings as machine
+from pipeline.backends import ModelSpec, resolve_model
+from pipeline.classifier import Classifier
+from pipeline.config import RunConfig
+from pipeline.errors import UsageError
+from pipeline.launchers import Slice
+from pipeline.rundir import PLAN_FILE
+from pipeline.settings import Settings
+from pipeline.sources import Source, SourceSpec, open_source, read_items
+from pipeline.storage import Store
+from pipeline.writer import check_kept_columns
+
+
+@dataclass
+class Job:
+    """Everything a run needs, checked; `items` is None when a frozen plan is to be labelled."""
+
+    config: RunConfig
+    part: Slice
+    source: Source
+    spec: ModelSpec
+    classifier: Classifier
+    settings: Settings
+    items: pa.Table | None
+    started: float = field(default_factory=time.perf_counter)
+    started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(
+        timespec="seconds"))
+
+    def fingerprint(self) -> dict:
+        """What determines the labels: a run directory is only resumed with the same one.
+
+        The items are not in it: a plan, once frozen, is what every later process labels
+        (a resume, a slice that starts later); what arrived since waits for the next run.
+        """
+        return {**self.spec.describe(), "top_k": self.config.top_k,
+                "embeddings": self.config.embeddings, "source": self.source.spec.describe()}
+
+    def record(self) -> dict:
+        """run.json beside the fingerprint: the configuration and what was decided from it."""
+        return {
+            "config": self.config.to_dict(),
+            "resolved": {**self.settings.to_dict(), "preprocess": self.spec.preprocess.to_dict(),
+                         "slices": self.part.count},
+            # The decoders too: they decide the pixels the model sees.
+            "versions": {"label-images": pipeline.__version__, "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "pillow": version("pillow"),
+                         "simplejpeg": version("simplejpeg"), "pi-heif": version("pi-heif")},
+            "started_at": self.started_at,
+        }
+
+
+def source_spec(config: RunConfig) -> SourceSpec:
+    return SourceSpec(location=config.source, path_column=config.path_column,
+                      id_column=config.id_column, root=config.root,
+                      keep_columns=config.keep_columns, allow_duplicates=config.allow_duplicates)
+
+
+def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
+            list_items: bool | None = None) -> Job:
+    """Validate the whole configuration: source, model, weights, device. Writes nothing.
+
+    The source is listed unless its items are frozen already in the run directory (and not
+    to be overwritten): a resumed run, or a slice starting after another froze the plan,
+    does not pay for a listing again.
+    """
+    check_kept_columns(config.keep_columns)
+    source = open_source(source_spec(config))
+    if list_items is None:
+        list_items = config.overwrite or not Store(config.out).exists(PLAN_FILE)
+    items = read_items(source, versions=versions) if list_items else None
+    spec = resolve_model(config.model, config.weights, config.labels, config.resize, config.crop)
+    if config.embeddings and config.format == "csv":
+        raise UsageError("--embeddings are written to Parquet only: use --format parquet")
+    chosen = machine.resolve(config, part, spec.preprocess.crop_bytes)
+    classifier = Classifier(spec, chosen.device, chosen.dtype, config.top_k,
+                            compile=chosen.compile, embeddings=config.embeddings)
+    return Job(config, part, source, spec, classifier, chosen, items)

@@ -1,0 +1,44 @@
+"""Progress: a bar on a terminal, a plain line a minute in a log."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+from pipeline.launchers import Slice
+
+
+# On a terminal the bar redraws in place. In a log (cron, a scheduler's capture) each redraw
+# would stay, up to ten a second: tens of MB a night. There it is one plain line a minute
+# (none for a job shorter than that: its summary line says it all).
+LOG_PROGRESS_SECONDS = 60
+
+
+def progress_bar(total: int, done: int, show: bool, part: Slice) -> tqdm:
+    """Items of this slice (all of them, unless an array job or torchrun split the work)."""
+    which = None if part.whole else part.describe()
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=done, unit="img", disable=not show, file=sys.stderr,
+                    dynamic_ncols=True, smoothing=0.1, desc=which)
+    prefix = f"label-images: {which}: " if which else "label-images: "
+    return tqdm(total=total, initial=done, unit="img", disable=not show,
+                file=_LogLines(sys.stderr), mininterval=LOG_PROGRESS_SECONDS,
+                maxinterval=LOG_PROGRESS_SECONDS, delay=LOG_PROGRESS_SECONDS, smoothing=0,
+                bar_format=prefix + "{n} of {total} images ({percentage:.0f}%), {rate_fmt}, "
+                                    "{elapsed} elapsed, about {remaining} to go")
+
+
+class _LogLines:
+    """A stream for tqdm that keeps each of its redraws as a line of its own."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.strip()  # tqdm's carriage return, padding and final newline
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()

@@ -1,0 +1,136 @@
+"""The Source interface: what a run labels (items) and how their bytes are read.
+
+A kind of source is a subclass of `Source` in a module of this package and one line in
+`KINDS` (pipeline/sources/__init__.py). It lists its items as a table (`key`, `path` as
+the locator, kept columns, and with versions `source_size` and `source_version`) and reads
+the bytes of a batch of them, returning each item's failure as a value: one unreadable file
+fails only its own row.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.errors import UsageError
+from pipeline.storage import filesystem, image_path, is_remote, local_path, read_bytes
+
+# What incremental runs compare to find changed images (they are kept in their tables).
+VERSION_COLUMNS = ("source_size", "source_version")
+# Object reads in flight per process: a batch's requests overlap, so a store's latency is
+# paid about once per 16 images rather than once per image, without more decoding processes.
+REMOTE_READS = 16
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where the items come from and how a manifest is read."""
+
+    location: str
+    path_column: str | None = None
+    id_column: str | None = None
+    root: str | None = None
+    keep_columns: tuple[str, ...] = ()
+    allow_duplicates: bool = False
+
+    def describe(self) -> dict:
+        """What decides which items a run labels: in the fingerprint, so a resume that
+        names another source (or reads it another way) is refused."""
+        return {
+            "location": absolute(self.location),
+            "path_column": self.path_column,
+            "id_column": self.id_column,
+            "root": absolute(self.root) if self.root else None,
+            "keep_columns": list(self.keep_columns),
+        }
+
+
+class Source:
+    """One kind of source. Subclasses say which locations they take and list their items."""
+
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+
+    @classmethod
+    def claims(cls, location: str, is_dir: bool) -> bool:
+        """Whether this kind reads `location` (a folder or prefix when is_dir, else a file)."""
+        raise NotImplementedError
+
+    def list_items(self) -> pa.Table:
+        """key, path, then kept columns (and, if the listing has them, the versions)."""
+        raise NotImplementedError
+
+    def fetch(self, paths: list[str], max_bytes: int) -> list[bytes | Exception]:
+        """The bytes behind each path (files: local or object store), or why not.
+
+        On object storage the requests overlap: a batch pays the latency about once.
+        """
+        def read(path: str) -> bytes | Exception:
+            try:
+                return read_bytes(path, max_bytes=max_bytes)
+            except (OSError, ValueError, RuntimeError, EOFError) as exc:  # gone, refused, ...
+                return exc
+        if any(is_remote(path) for path in paths):
+            if getattr(self, "_readers", None) is None:  # made in the worker, never forked
+                self._readers = ThreadPoolExecutor(REMOTE_READS)
+            return list(self._readers.map(read, paths))
+        return [read(path) for path in paths]
+
+    def versions(self, paths: list[str]) -> list[tuple[int, str]]:
+        """(size, version) per path, (-1, "missing") for what is gone: what a night compares."""
+        remote = [p for p in paths if is_remote(p)]
+        infos = {}
+        if remote:
+            with ThreadPoolExecutor(32) as pool:  # one request each: overlap them
+                infos = dict(zip(remote, pool.map(_remote_version, remote)))
+        result = []
+        for path in paths:
+            if path in infos:
+                result.append(infos[path])
+                continue
+            try:
+                st = os.stat(image_path(path))
+                result.append((st.st_size, str(st.st_mtime_ns)))
+            except OSError:
+                result.append((-1, "missing"))
+        return result
+
+
+def with_versions(table: pa.Table, versions: list[tuple[int, str]]) -> pa.Table:
+    sizes, stamps = zip(*versions) if versions else ((), ())
+    size_column, version_column = VERSION_COLUMNS
+    table = table.append_column(size_column, pa.array(sizes, pa.int64()))
+    return table.append_column(version_column, pa.array(stamps, pa.string()))
+
+
+def _remote_version(location: str) -> tuple[int, str]:
+    fs, path = filesystem(location)  # per URL: a manifest may mix stores
+    try:
+        return version_of(fs.info(path))
+    except OSError:  # FileNotFoundError included
+        return -1, "missing"
+
+
+def version_of(info: dict) -> tuple[int, str]:
+    """Size and a change stamp from an fsspec info dict: the ETag where the store has one."""
+    version = info.get("ETag") or info.get("etag") or info.get("md5Hash") or str(
+        info.get("mtime") or info.get("LastModified") or "")
+    return int(info.get("size") or 0), str(version).strip('"')
+
+
+def refuse_duplicate_keys(keys: pa.ChunkedArray, spec: SourceSpec) -> None:
+    counts = pc.value_counts(keys)
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        examples = ", ".join(repr(v) for v in repeated.field("values")[:5].to_pylist())
+        what = "id" if spec.id_column else "path"
+        raise UsageError(f"{len(repeated)} {what}(s) appear more than once in {spec.location} "
+                         f"(e.g. {examples}); fix the manifest or pass --allow-duplicates")
+
+
+def absolute(location: str) -> str:
+    return location if is_remote(location) else os.path.abspath(local_path(location))

@@ -1,0 +1,64 @@
+"""What a run did: counts, timings and the one line it ends with; written as summary.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunSummary:
+    output: str  # path or URL of the final table
+    run_dir: str = ""
+    items: int = 0
+    ok: int = 0
+    errors: int = 0
+    labelled_now: int = 0  # images labelled by this invocation (resume skips the rest)
+    seconds: float = 0.0
+    loop_seconds: float = 0.0  # the labelling loop alone: no start-up, no merge
+    load_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    write_seconds: float = 0.0
+    resumed: bool = False
+    already_complete: bool = False
+    slice_done: str = ""  # set when this process labelled one slice and did not merge
+    missing: list[int] = field(default_factory=list)  # shards other slices still owe
+    changes: dict = field(default_factory=dict)  # incremental runs: new/changed/unchanged/removed
+    device: str = ""
+    precision: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput of the labelling loop (start-up and merge are in `seconds`)."""
+        return self.labelled_now / self.loop_seconds if self.loop_seconds > 0 else 0.0
+
+    def line(self) -> str:
+        changes = (", ".join(f"{v} {k}" for k, v in self.changes.items()) + "; "
+                   if self.changes else "")
+        if self.already_complete:
+            return f"nothing to do: {changes}{self.output} is complete ({self.items} rows)"
+        if not self.labelled_now:  # a merge
+            return (f"{self.items} images: {self.ok} ok, {self.errors} errors -> "
+                    f"{self.output}")
+        if self.slice_done:
+            waiting = (f"{len(self.missing)} shards still to come from other slices, then run "
+                       f"`label-images merge {self.run_dir}`" if self.missing else
+                       f"all shards are committed: run `label-images merge {self.run_dir}`")
+            return (f"{self.slice_done} done: labelled {self.labelled_now} at "
+                    f"{self.images_per_second:.1f} images/s; {waiting}")
+        return (f"{self.items} images: {changes}{self.ok} ok, {self.errors} errors; labelled "
+                f"{self.labelled_now} at {self.images_per_second:.1f} images/s; wall time "
+                f"{self.seconds:.1f} s -> {self.output}")
+
+    def to_dict(self) -> dict:
+        return {
+            "output": self.output, "items": self.items, "ok": self.ok,
+            "errors": self.errors, "labelled_now": self.labelled_now, "resumed": self.resumed,
+            "wall_seconds": round(self.seconds, 3),
+            "loop_seconds": round(self.loop_seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
+            "load_seconds": round(self.load_seconds, 3),
+            "compute_seconds": round(self.compute_seconds, 3),
+            "write_seconds": round(self.write_seconds, 3),
+            "device": self.device, "precision": self.precision,
+            **({"changes": self.changes} if self.changes else {}),
+        }

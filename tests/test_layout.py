@@ -1,0 +1,51 @@
+"""The package's shape: no import circles, and the run directory's owner loads no torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+PACKAGE = REPO / "pipeline"
+
+
+def module_imports() -> dict[str, set[str]]:
+    """Each pipeline module -> the pipeline modules it imports, inside functions too."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                    "pipeline"):
+                imported.add(node.module)
+                imported.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names if a.name.startswith("pipeline"))
+        graph[name] = imported
+    return {name: {i for i in imported if i in graph and i != name}
+            for name, imported in graph.items()}
+
+
+def test_no_module_imports_itself_back_through_others():
+    graph = module_imports()
+    assert len(graph) > 20  # the walk found the package
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        for nxt in graph[start]:
+            if nxt == target or (nxt not in seen and reaches(nxt, target, seen | {nxt})):
+                return True
+        return False
+
+    assert [name for name in graph if reaches(name, name, {name})] == []
+
+
+def test_the_run_directory_and_sources_load_no_torch():
+    code = ("import sys, pipeline.rundir, pipeline.sources, pipeline.writer, "
+            "pipeline.launchers; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, check=True)
+    assert done.stdout.strip() == "False"
