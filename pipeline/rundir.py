@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from pipeline.errors import RunError, UsageError
-from pipeline.slices import Slice
+from pipeline.launchers import Slice
 from pipeline.storage import TMP_MARK, Store, remove_temporaries
 
 RUN_FILE = "run.json"
