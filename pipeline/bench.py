@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from pipeline import fidelity
+from pipeline import fidelity, tuning
 from pipeline import plan as planning
 from pipeline import runner
 from pipeline.backends import resolve_preprocess
@@ -111,8 +111,14 @@ def _per_core_decode(paths: list[str], preprocess) -> tuple[float, float]:
     return _rate(len(paths), best[ours]), _rate(len(paths), best[pil])
 
 
-def _loader_alone(plan, job) -> float:
-    """Images/s out of the DataLoader, nothing else running; the better of two passes."""
+def _loader_alone(plan, job) -> float | None:
+    """Images/s out of the DataLoader, nothing else running; the better of two passes.
+
+    None when the sample is one batch or less: what comes after the first batch (worker
+    start-up is not throughput) is what is timed, and there would be nothing.
+    """
+    if plan.num_items <= job.settings.batch_size:
+        return None
     best = 0.0
     for _ in range(2):  # the first pass also pays for warming files and allocator
         chosen = job.settings
@@ -127,8 +133,17 @@ def _loader_alone(plan, job) -> float:
             count += len(batch.indices)
         seconds = time.perf_counter() - started
         del batches, loader
-        best = max(best, _rate(count, seconds) if count else _rate(len(first.indices), seconds))
+        best = max(best, _rate(count, seconds))
+    del first
     return best
+
+
+def _loader_figure(rate: float | None, workers: int, images: int, batch: int) -> Figure:
+    if rate is None:
+        return Figure("loader alone", 0.0, f"not timed: {images} image(s) are one batch of "
+                      f"{batch} or less; use more --images")
+    return Figure("loader alone", rate, f"{workers} worker(s), {rate / workers:.1f}/worker"
+                  if workers else "in the main process (--workers 0)")
 
 
 def _model_alone(job, batches: int) -> float:
@@ -192,9 +207,13 @@ def bench(config: RunConfig, images: int, reference_images: int,
         fidelity_found = fidelity.compare(paths[:100], preprocess, config.max_pixels)
         loader = _loader_alone(plan, job)
         model_batches = max(4, min(20, len(paths) // job.settings.batch_size))
-        e2e_config = dataclasses.replace(
+        chosen = job.settings
+        best = tuning.measure_batch_size(job.classifier)  # cached: the job measured it
+        best_rate = best.rates.get(best.batch_size)
+        e2e_config = dataclasses.replace(  # the job's own choices, not measured again
             config, source=str(manifest), out=str(workdir / "run"), quiet=True,
-            overwrite=True, path_column=None, id_column=None, root=None, keep_columns=())
+            overwrite=True, path_column=None, id_column=None, root=None, keep_columns=(),
+            batch_size=chosen.batch_size, workers=chosen.workers, compile=chosen.compile)
         # Model alone and end to end in turn, twice, each keeping its better run: a shared
         # machine's slow moments then land on both alike instead of skewing their ratio.
         model, end_to_end = 0.0, None
@@ -212,17 +231,18 @@ def bench(config: RunConfig, images: int, reference_images: int,
         figures = [
             Figure("PIL reference transform, 1 core", pil),
             Figure("decode + resize (ours), 1 core", ours, f"{ours / pil:.2f}x PIL"),
-            Figure("loader alone", loader,
-                   f"{job.settings.workers} worker(s), {loader / job.settings.workers:.1f}/worker"
-                   if job.settings.workers
-                   else "in the main process (--workers 0)"),
-            Figure("model alone (synthetic batches)", model),
-            Figure("end to end", e2e, f"{e2e / model:.2f}x model, {e2e / plain:.2f}x plain loop, "
+            _loader_figure(loader, chosen.workers, len(paths), chosen.batch_size),
+            Figure(f"model alone, batch {chosen.batch_size} (the job's)", model),
+            Figure(f"model alone, best batch ({best.batch_size})", best_rate or 0.0,
+                   "measured: " + ", ".join(f"{b}: {r:.1f}" for b, r in best.rates.items())),
+            Figure("end to end, once the process is up", e2e,
+                   f"{e2e / model:.2f}x model, {e2e / plain:.2f}x plain loop, "
                    f"{waited:.0%} of it getting batches"),
             Figure("plain loop (tutorials, fp32, 1 image)", plain),
         ]
         result = {
             "source": config.source, "images": len(paths),
+            "measured_best_batch": best.batch_size,
             "model": job.spec.model, **job.settings.to_dict(),
             "torch_threads": torch.get_num_threads(),
             "figures": [dataclasses.asdict(f) for f in figures],

@@ -78,10 +78,10 @@ PrecisionOption = Annotated[Optional[Precision], typer.Option(
     "--precision", help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 "
                         f"(default: {_DEFAULT.precision}).")]
 BatchSize = Annotated[Optional[int], typer.Option(
-    help="Images per batch (default: 256 on CUDA, 32 on CPU).")]
+    help="Images per batch (default: the fastest, measured on this machine and cached).")]
 Workers = Annotated[Optional[int], typer.Option(
-    help="Decoding worker processes (default: min(8, cores) on CUDA; on a CPU, half the "
-         "cores, but 0, decoding between batches, on 2 cores or fewer).")]
+    help="Decoding worker processes; 0 decodes between batches (default: from the measured "
+         "model and decode rates).")]
 FormatOption = Annotated[Optional[Format], typer.Option(
     "--format", help=f"Output format (default: {_DEFAULT.format}).")]
 TopK = Annotated[Optional[int], typer.Option(help=f"Labels per image (default: {_DEFAULT.top_k}).")]
@@ -105,7 +105,10 @@ Overwrite = Annotated[Optional[bool], typer.Option(
 Quiet = Annotated[Optional[bool], typer.Option(
     "--quiet", "-q", help="No progress (a bar; in a log, a line a minute).")]
 Compile = Annotated[Optional[bool], typer.Option(
-    "--compile", help="torch.compile the model (pays off on long runs).")]
+    "--compile", help="torch.compile the model (default: when the images to label repay "
+                      "the compile time at the measured rates).")]
+NoCompile = Annotated[Optional[bool], typer.Option(
+    "--no-compile", help="Never compile the model.")]
 Embeddings = Annotated[Optional[bool], typer.Option(
     "--embeddings", help="Also write each image's pooled penultimate features (float32) to "
                          "Parquet, from the same forward pass.")]
@@ -138,12 +141,14 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
         id_column: IdColumn = None, root: Root = None, keep_columns: KeepColumns = None,
         max_pixels: MaxPixels = None, allow_duplicates: AllowDuplicates = None,
         overwrite: Overwrite = None, quiet: Quiet = None, compile: Compile = None,
-        embeddings: Embeddings = None, incremental: Incremental = None,
+        no_compile: NoCompile = None, embeddings: Embeddings = None,
+        incremental: Incremental = None,
         num_slices: NumSlices = None, slice_index: SliceIndex = None,
         num_shards: NumShards = None, shard_index: ShardIndex = None) -> None:
     """Label every image of SOURCE into OUT/labels.parquet (or .csv); rerun to resume."""
     num_slices = num_slices if num_slices is not None else num_shards
     slice_index = slice_index if slice_index is not None else shard_index
+    compile = False if no_compile else compile
     resolved = _resolve(config, _flags(locals()))
     # Imported here, so that --help and config errors need no torch.
     if resolved.incremental:
@@ -184,10 +189,12 @@ def bench(
     config: ConfigFile = None, model: Model = None, weights: Weights = None,
     resize: Resize = None, crop: Crop = None, device: Device = None,
     precision: PrecisionOption = None, batch_size: BatchSize = None, workers: Workers = None,
-    top_k: TopK = None, compile: Compile = None, path_column: PathColumn = None,
-    id_column: IdColumn = None, root: Root = None, max_pixels: MaxPixels = None,
+    top_k: TopK = None, compile: Compile = None, no_compile: NoCompile = None,
+    path_column: PathColumn = None, id_column: IdColumn = None, root: Root = None,
+    max_pixels: MaxPixels = None,
 ) -> None:
     """Measure decode, loader alone, model alone, end to end and the tutorials' loop."""
+    compile = False if no_compile else compile
     resolved = _resolve(config, _flags(locals()))
     if images < 1 or reference_images < 1:
         raise UsageError("--images and --reference-images must be at least 1")

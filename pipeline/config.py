@@ -45,7 +45,7 @@ class RunConfig:
     allow_duplicates: bool = False
     overwrite: bool = False
     quiet: bool = False
-    compile: bool = False
+    compile: bool | None = None  # None: compile when it pays, measured
     num_slices: int | None = None  # slices of an array job; each labels every n-th shard
     slice_index: int | None = None
     incremental: bool = False
@@ -119,7 +119,7 @@ def _check_type(name: str, value: Any) -> None:
     if kind in (int, int | None):
         ok = isinstance(value, int) and not isinstance(value, bool)
         expected = "a whole number"
-    elif kind is bool:
+    elif kind in (bool, bool | None):
         ok = isinstance(value, bool)
         expected = "true or false"
     elif kind == tuple[str, ...]:

@@ -146,7 +146,8 @@ def _label_and_assemble(top: RunDirectory, job: Job, items: pa.Table,
     todo = items.filter(todo_mask)
     resolved = job.settings.to_dict()
     summary = RunSummary(output=store.url(top.output(config.format)), run_dir=store.url(),
-                         device=resolved["device"], precision=resolved["precision"])
+                         device=resolved["device"], precision=resolved["precision"],
+                         settings=resolved)
     summary.changes = dataclasses.asdict(changes)
     labelled = None
     if todo.num_rows:

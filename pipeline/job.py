@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -12,16 +13,18 @@ import torch
 import torchvision
 
 import pipeline
+from pipeline import plan as planning
 from pipeline import settings as machine
 from pipeline.backends import ModelSpec, resolve_model
 from pipeline.classifier import Classifier
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError
 from pipeline.launchers import Slice
-from pipeline.rundir import PLAN_FILE
+from pipeline.rundir import PLAN_FILE, committed_shards
 from pipeline.settings import Settings
 from pipeline.sources import Source, SourceSpec, open_source, read_items
 from pipeline.storage import Store
+from pipeline.tuning import DECODE_SAMPLE
 from pipeline.writer import check_kept_columns
 
 
@@ -79,13 +82,28 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     """
     check_kept_columns(config.keep_columns)
     source = open_source(source_spec(config))
+    store = Store(config.out)
     if list_items is None:
-        list_items = config.overwrite or not Store(config.out).exists(PLAN_FILE)
+        list_items = config.overwrite or not store.exists(PLAN_FILE)
     items = read_items(source, versions=versions) if list_items else None
     spec = resolve_model(config.model, config.weights, config.labels, config.resize, config.crop)
     if config.embeddings and config.format == "csv":
         raise UsageError("--embeddings are written to Parquet only: use --format parquet")
-    chosen = machine.resolve(config, part, spec.preprocess.crop_bytes)
-    classifier = Classifier(spec, chosen.device, chosen.dtype, config.top_k,
-                            compile=chosen.compile, embeddings=config.embeddings)
+    device, dtype = machine.device_and_precision(config, part)
+    classifier = Classifier(spec, device, dtype, config.top_k, embeddings=config.embeddings)
+    sample, pending = _sample_and_pending(items, store, part)
+    chosen = machine.resolve(config, part, classifier, source, sample, pending)
     return Job(config, part, source, spec, classifier, chosen, items)
+
+
+def _sample_and_pending(items: pa.Table | None, store: Store, part: Slice) -> tuple[list[str],
+                                                                                    int]:
+    """The job's first images, to measure decoding on, and how many this process labels."""
+    if items is not None:
+        return (items["path"].slice(0, DECODE_SAMPLE).to_pylist(),
+                math.ceil(items.num_rows / part.count))
+    plan = planning.load(store)  # a frozen plan: what is left of this process's share
+    done = committed_shards(store)
+    pending = plan.items_in([s for s in range(plan.num_shards)
+                             if part.owns(s) and s not in done])
+    return plan.read_shard(0, ["path"])["path"][:DECODE_SAMPLE].to_pylist(), pending

@@ -57,7 +57,8 @@ def run_in(run_dir: RunDirectory, job: Job, group: ProcessGroup | None = None,
     summary = RunSummary(output=run_dir.store.url(run_dir.output(config.format)),
                          run_dir=run_dir.store.url(), resumed=resumed,
                          device=str(job.settings.device),
-                         precision=str(job.settings.dtype).removeprefix("torch."))
+                         precision=str(job.settings.dtype).removeprefix("torch."),
+                         settings=job.settings.to_dict())
     if run_dir.is_finished(config.format, part.whole):
         return _already_complete(run_dir, config.format, plan, summary)
     label(run_dir, job, plan, summary, progress)

@@ -1,26 +1,31 @@
 """The settings resolved at start: device, precision, batch size, workers, prefetch, compile.
 
-Decided here, in one place, from the configuration and the machine; frozen; recorded in
-run.json as they were decided, with the reason for any that the machine forced.
+Decided here, in one place, before any image is labelled; where the best value depends on
+the machine it is measured on it (tuning.py), and the figures behind each choice are
+recorded with it in run.json and summary.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.classifier import resolve_device, resolve_precision
+from pipeline import tuning
+from pipeline.classifier import Classifier, resolve_device, resolve_precision
 from pipeline.config import RunConfig
 from pipeline.errors import notice
 from pipeline.launchers import Slice
 from pipeline.loader import (PREFETCH_BATCHES, LoaderSize, fit_shared_memory,
                              free_shared_memory, size_for_shared_memory)
+from pipeline.sources import Source
 
-# Cores up to which a CPU run decodes in its own process, between batches: what was measured.
-SMALL_CPU = 2
+# Below this many images to label, compiling cannot pay on any machine we know: it takes
+# 20-30 s and saves a third of the model's time. Not measured for, then.
+MIN_IMAGES_TO_COMPILE = 1000
+CUDA_PREFETCH_BATCHES = 2
 
 
 @dataclass(frozen=True)
@@ -31,29 +36,82 @@ class Settings:
     workers: int
     prefetch: int  # batches each worker is asked for ahead
     compile: bool
+    measured: dict = field(default_factory=dict, compare=False)  # the figures behind them
 
     def to_dict(self) -> dict:
         return {"device": str(self.device), "precision": str(self.dtype).removeprefix("torch."),
                 "batch_size": self.batch_size, "workers": self.workers,
-                "prefetch": self.prefetch, "compile": self.compile}
+                "prefetch": self.prefetch, "compile": self.compile, "measured": self.measured}
 
 
-def resolve(config: RunConfig, part: Slice, crop_bytes: int) -> Settings:
-    """Everything the run decides about the machine, before any image is read."""
+def device_and_precision(config: RunConfig, part: Slice) -> tuple[torch.device, torch.dtype]:
     device = resolve_device(config.device)
     if part.distributed and device.type == "cuda" and config.device in ("auto", "cuda"):
-        device = torch.device("cuda", part.local_rank)  # one GPU per torchrun process
-    wanted = LoaderSize(
-        workers=config.workers if config.workers is not None else default_workers(device),
-        batch_size=config.batch_size or default_batch_size(device), prefetch=PREFETCH_BATCHES)
+        device = resolve_device(f"cuda:{part.local_rank}")  # one GPU per torchrun process
+    return device, resolve_precision(config.precision, device)
+
+
+def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Source,
+            sample: list[str], pending: int) -> Settings:
+    """Everything the run decides about the machine; compiles the classifier if it pays.
+
+    `sample`: paths of the job's first images, to measure decoding on; `pending`: how many
+    images this process is to label.
+    """
+    preprocess, device = classifier.spec.preprocess, classifier.device
+    measured: dict = {"machine": tuning.machine_name(device)}
+    choice = None
+    if config.batch_size is None:
+        choice = tuning.measure_batch_size(classifier)
+        measured["batch_sizes"] = choice.to_dict()
+    batch_size = config.batch_size or choice.batch_size
+    model_rate = choice.rates.get(batch_size) if choice else None
+
+    def rate_of_model() -> float | None:
+        nonlocal model_rate
+        if model_rate is None:
+            model_rate = tuning.model_rate(classifier, batch_size, tuning.MEASURE_SECONDS)
+        return model_rate
+
+    workers = config.workers
+    if workers is None:
+        cores = max(1, tuning.usable_cores() // _ranks_per_node(part))
+        decode_rate = tuning.decode_rate(source, sample, preprocess, config.max_pixels)
+        workers = default_workers(device, rate_of_model(), decode_rate, cores)
+        measured.update(model_images_per_second=round(rate_of_model() or 0, 1),
+                        decode_images_per_second_per_core=round(decode_rate or 0, 1),
+                        cores=cores)
+    compile = config.compile
+    if compile is None:
+        compile = pending >= MIN_IMAGES_TO_COMPILE and tuning.compile_pays(pending,
+                                                                           rate_of_model())
+        measured["compile"] = {"pending_images": pending, "chosen": compile}
+    # On CUDA each batch in flight is also pinned, in page-locked memory nothing else may
+    # use: fewer ahead there.
+    prefetch = CUDA_PREFETCH_BATCHES if device.type == "cuda" else PREFETCH_BATCHES
     size = size_for_shared_memory(
-        wanted, crop_bytes, fixed_workers=config.workers is not None,
-        fixed_batch=config.batch_size is not None,
-        # torchrun's processes on one node share it
-        sharing=int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if part.distributed else 1)
-    return Settings(device=device, dtype=resolve_precision(config.precision, device),
-                    batch_size=size.batch_size, workers=size.workers, prefetch=size.prefetch,
-                    compile=config.compile)
+        LoaderSize(workers, batch_size, prefetch), preprocess.crop_bytes,
+        fixed_workers=config.workers is not None, fixed_batch=config.batch_size is not None,
+        sharing=_ranks_per_node(part))  # torchrun's processes on one node share it
+    if compile:
+        tuning.use_inductor_cache(max(1, tuning.usable_cores() // _ranks_per_node(part)))
+        classifier.compile(fixed_batch=size.batch_size)
+    return Settings(device=device, dtype=classifier.dtype, batch_size=size.batch_size,
+                    workers=size.workers, prefetch=size.prefetch, compile=compile,
+                    measured=measured)
+
+
+def default_workers(device: torch.device, model_rate: float | None,
+                    decode_rate: float | None, cores: int) -> int:
+    """Decode workers from the measured rates (tuning.workers_for); with nothing to go by,
+    none on a CPU and one a core on a GPU."""
+    if not model_rate or not decode_rate:
+        return min(8, cores) if device.type == "cuda" else 0
+    return tuning.workers_for(model_rate, decode_rate, cores, device.type == "cuda")
+
+
+def _ranks_per_node(part: Slice) -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if part.distributed else 1
 
 
 def after_abrupt_end(settings: Settings, config: RunConfig, crop_bytes: int,
@@ -71,23 +129,3 @@ def after_abrupt_end(settings: Settings, config: RunConfig, crop_bytes: int,
     notice(f"the last run in {where} ended abruptly: decoding in a worker process this "
            "time, so that a file that crashes the decoder cannot end it again")
     return dataclasses.replace(settings, workers=1, prefetch=worker.prefetch)
-
-
-def default_batch_size(device: torch.device) -> int:
-    return 256 if device.type == "cuda" else 32
-
-
-def default_workers(device: torch.device) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpus = cpus or 1
-    if device.type == "cuda":
-        return min(8, cpus)
-    if cpus <= SMALL_CPU:
-        # The model's threads take every core. A worker decoding beside them preempts one,
-        # and the other waits for it at each layer's end: on 2 cores, ResNet-50 on 500x375
-        # photos ran at 0.75-0.93x the model alone that way, 0.85-1.02x decoding here between
-        # batches (seven interleaved pairs); on 12 MP photos the two were even.
-        return 0
-    # With more cores the model gets faster, so decoding in turn with it costs more, while
-    # a worker's share of the cores shrinks. Not measured (no such machine here).
-    return cpus // 2

@@ -25,6 +25,7 @@ class RunSummary:
     changes: dict = field(default_factory=dict)  # incremental runs: new/changed/unchanged/removed
     device: str = ""
     precision: str = ""
+    settings: dict = field(default_factory=dict)  # what was chosen, and measured for it
 
     @property
     def images_per_second(self) -> float:
@@ -60,5 +61,6 @@ class RunSummary:
             "compute_seconds": round(self.compute_seconds, 3),
             "write_seconds": round(self.write_seconds, 3),
             "device": self.device, "precision": self.precision,
+            **({"settings": self.settings} if self.settings else {}),
             **({"changes": self.changes} if self.changes else {}),
         }

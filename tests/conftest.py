@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+
+# Measurements of this machine (batch sizes, compiled kernels) go to a cache of the test
+# session's own, not the user's; subprocesses inherit it.
+os.environ.setdefault("LABEL_IMAGES_CACHE", tempfile.mkdtemp(prefix="label-images-tests-"))
 
 # The colour classes the test checkpoint was fitted to recognise, with their base RGB.
 COLOURS = {"red": (210, 45, 40), "green": (50, 190, 70), "blue": (45, 70, 215),

@@ -17,7 +17,9 @@ def test_bench_reports_all_stages_side_by_side(cli, tmp_path, colour_checkpoint)
     figures = json.loads(report.read_text())
     names = [f["name"] for f in figures["figures"]]
     assert names == ["PIL reference transform, 1 core", "decode + resize (ours), 1 core",
-                     "loader alone", "model alone (synthetic batches)", "end to end",
+                     "loader alone", "model alone, batch 4 (the job's)",
+                     f"model alone, best batch ({figures['measured_best_batch']})",
+                     "end to end, once the process is up",
                      "plain loop (tutorials, fp32, 1 image)"]
     assert all(f["images_per_second"] > 0 for f in figures["figures"])
     assert figures["images"] == 16 and figures["workers"] == 1
@@ -31,3 +33,17 @@ def test_bench_reports_all_stages_side_by_side(cli, tmp_path, colour_checkpoint)
     # our crops against the reference on the decode sample (test_fidelity.py checks figures)
     assert figures["fidelity"]["compared"] == 16 and figures["fidelity"]["over_bound"] == []
     assert "our crops against the reference transform" in result.output
+
+
+def test_too_few_images_for_a_stage_is_said_not_timed(cli, tmp_path, colour_checkpoint):
+    """One batch is all worker start-up: the loader alone is not timed on it."""
+    write_colour_images(tmp_path / "imgs", 4)
+    report = tmp_path / "bench.json"
+    result = cli("bench", tmp_path / "imgs", "--images", "4", "--reference-images", "2",
+                 "--json", report, "--model", "resnet18", "--weights", colour_checkpoint,
+                 "--workers", "0", "--batch-size", "4", "--top-k", "2", *FAST)
+    assert result.exit_code == 0, result.output
+    loader = next(f for f in json.loads(report.read_text())["figures"]
+                  if f["name"] == "loader alone")
+    assert loader["images_per_second"] == 0 and "not timed" in loader["note"]
+    assert "not timed: 4 image(s) are one batch of 4 or less" in result.output

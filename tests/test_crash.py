@@ -401,7 +401,7 @@ def test_a_run_killed_after_its_final_rename_has_nothing_to_do_and_says_only_tha
         cli, tmp_path, colour_checkpoint, reference, monkeypatch):
     folder, _ = reference
     out = tmp_path / "run"
-    monkeypatch.setattr("pipeline.settings.default_workers", lambda device: 0)  # a small CPU's
+    monkeypatch.setattr("pipeline.settings.default_workers", lambda *measured: 0)  # a small CPU's
     args = without_workers(job(folder, out, colour_checkpoint))
     assert cli(*args).exit_code == 0
     (out / ".lock").write_text("4242\n")  # the pid a holder killed before letting go leaves

@@ -1,0 +1,194 @@
+"""Measuring the machine: the batch size, the decode workers and whether compiling pays.
+
+A default that depends on the machine is measured on it: a few synthetic batches at
+candidate sizes on the chosen device and precision, the decode rate per core on the job's
+own first images. Batch measurements are cached per machine, model, precision and input
+size in the user's cache directory, so later runs pay nothing; every choice is recorded
+with its figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.classifier import Classifier
+from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
+from pipeline.errors import notice
+
+CPU_BATCHES = (8, 16, 32, 64)
+CUDA_BATCHES = (32, 64, 128, 256, 512)
+MEASURE_SECONDS = 0.5  # per candidate, after its warm-up: enough for a steady figure
+DECODE_SAMPLE = 16  # of the job's first images, decoded to measure the rate per core
+# What compiling costs and gives when nothing of this machine says otherwise: measured on
+# ResNet-50 bf16, 2 cores of an Intel Xeon with AMX (docs/benchmarks.md).
+COMPILE_SECONDS_COLD = 30.0
+COMPILE_SPEEDUP = 1.4
+
+
+def cache_dir() -> Path:
+    """Where measurements and inductor's compiled kernels are kept between runs."""
+    base = os.environ.get("LABEL_IMAGES_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "label-images")
+    return Path(base)
+
+
+def machine_name(device: torch.device) -> str:
+    """The CPU model (and the cores this process may use), or the GPU's name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next((line.split(":", 1)[1].strip() for line in fh
+                         if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} x{usable_cores()}"
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class BatchChoice:
+    batch_size: int
+    rates: dict[int, float]  # images/s of the model alone, by batch size
+    cached: bool  # read from an earlier run's measurement
+
+    def to_dict(self) -> dict:
+        return {"batch_size": self.batch_size, "from_cache": self.cached,
+                "images_per_second": {str(b): round(r, 1) for b, r in self.rates.items()}}
+
+
+def measure_batch_size(classifier: Classifier, candidates: tuple[int, ...] | None = None,
+                       seconds: float = MEASURE_SECONDS) -> BatchChoice:
+    """The batch size at which the model alone labels most images a second, here."""
+    device = classifier.device
+    candidates = candidates or (CUDA_BATCHES if device.type == "cuda" else CPU_BATCHES)
+    crop = classifier.spec.preprocess.crop
+    key = "|".join([machine_name(device), classifier.spec.model, classifier.spec.weights_id,
+                    str(classifier.dtype), str(crop), ",".join(map(str, candidates)),
+                    torch.__version__])
+    cached = _read_cache().get(key)
+    if cached:
+        rates = {int(b): r for b, r in cached.items()}
+        return BatchChoice(max(rates, key=rates.get), rates, cached=True)
+    rates: dict[int, float] = {}
+    for size in candidates:
+        rate = model_rate(classifier, size, seconds)
+        if rate is None:  # the device has no memory for it: larger ones fit even less
+            break
+        rates[size] = rate
+    if not rates:
+        return BatchChoice(candidates[0], {}, cached=False)
+    _write_cache(key, rates)
+    return BatchChoice(max(rates, key=rates.get), rates, cached=False)
+
+
+def model_rate(classifier: Classifier, batch_size: int, seconds: float) -> float | None:
+    """Images/s of the model alone on synthetic uint8 batches; None if it does not fit."""
+    crop = classifier.spec.preprocess.crop
+    images = torch.randint(0, 256, (batch_size, 3, crop, crop), dtype=torch.uint8)
+    images = images.contiguous(memory_format=torch.channels_last)  # the loader's layout
+    fits_before = classifier.fits
+    try:
+        classifier.predict(images)  # warm-up: allocator, oneDNN/cuDNN kernel choice
+        if classifier.fits != fits_before:  # it had to be halved: this size does not fit
+            classifier.fits = fits_before
+            return None
+        done, started = 0, time.perf_counter()
+        while done < 2 * batch_size or time.perf_counter() - started < seconds:
+            classifier.predict(images)
+            done += batch_size
+        return done / (time.perf_counter() - started)
+    finally:
+        classifier.fits = fits_before
+
+
+def decode_rate(source, paths: list[str], preprocess: Preprocess, max_pixels: int) -> float | None:
+    """Images/s that one core decodes, on these files (None if none could be read)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker's setting
+    try:
+        fetched = [data for data in source.fetch(paths, 8 * max_pixels)
+                   if isinstance(data, bytes)]
+        decoded, started = 0, time.perf_counter()
+        for data in fetched:
+            try:
+                decode(data, preprocess, max_pixels)
+                decoded += 1
+            except (ImageError, *DECODE_ERRORS):
+                pass
+        elapsed = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    return decoded / elapsed if decoded and elapsed > 0 else None
+
+
+def workers_for(model_rate: float, decode_rate: float, cores: int, on_cuda: bool) -> int:
+    """Decode workers that keep the model fed, from the two measured rates.
+
+    On a GPU the model does not use the cores: enough workers to decode at its rate (and a
+    fifth more, for slower files), within the cores. On a CPU the model's threads use every
+    core, so each worker takes a core from it: the estimate of each choice is compared,
+    decoding between batches in the main process (rates add as times) or w workers beside
+    a model on the cores left (the slower of the two sides), and the best kept.
+    """
+    if on_cuda:
+        return max(1, min(cores, math.ceil(1.2 * model_rate / decode_rate)))
+    best, best_rate = 0, 1 / (1 / model_rate + 1 / decode_rate)
+    for workers in range(1, cores):
+        rate = min(model_rate * (cores - workers) / cores, workers * decode_rate)
+        if rate > best_rate:
+            best, best_rate = workers, rate
+    return best
+
+
+def compile_pays(pending: int, eager_rate: float, speedup: float = COMPILE_SPEEDUP,
+                 compile_seconds: float = COMPILE_SECONDS_COLD) -> bool:
+    """Whether compiling saves more time on the pending images than it takes."""
+    saved = pending / eager_rate * (1 - 1 / speedup)
+    return saved > compile_seconds
+
+
+def use_inductor_cache(cores: int) -> None:
+    """Compiled kernels kept in our cache directory: the next night's compile takes seconds.
+
+    Inductor's compile workers are held to this process's cores (its default is one per
+    core of the machine, in every torchrun rank).
+    """
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(cores))
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads((cache_dir() / "batch-sizes.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(key: str, rates: dict[int, float]) -> None:
+    """Best effort: a cache that cannot be written costs a measurement next time, no more."""
+    entries = _read_cache()
+    entries[key] = {str(b): r for b, r in rates.items()}
+    path = cache_dir() / "batch-sizes.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:
+        notice(f"cannot keep the batch-size measurement in {path} ({exc.strerror}); the next "
+               "run measures again")
+

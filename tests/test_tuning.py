@@ -1,0 +1,110 @@
+"""Measuring the machine: batch size (cached), workers from rates, whether compiling pays."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import tuning
+from pipeline.backends import resolve_model
+from pipeline.classifier import Classifier
+from tests.conftest import FAST, read_output, write_colour_images
+
+
+@pytest.fixture
+def classifier(colour_checkpoint):
+    spec = resolve_model("resnet18", str(colour_checkpoint), resize=72, crop=64)
+    return Classifier(spec, torch.device("cpu"), torch.float32, top_k=2)
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABEL_IMAGES_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_the_batch_size_is_measured_once_per_machine_and_model(classifier, own_cache,
+                                                                monkeypatch):
+    first = tuning.measure_batch_size(classifier, candidates=(2, 4, 8), seconds=0.05)
+    assert not first.cached and set(first.rates) == {2, 4, 8}
+    assert first.batch_size == max(first.rates, key=first.rates.get)
+    stored = json.loads((own_cache / "batch-sizes.json").read_text())
+    assert len(stored) == 1 and tuning.machine_name(torch.device("cpu")) in next(iter(stored))
+
+    monkeypatch.setattr(tuning, "model_rate", lambda *a: pytest.fail("measured again"))
+    again = tuning.measure_batch_size(classifier, candidates=(2, 4, 8), seconds=0.05)
+    assert again.cached and again.batch_size == first.batch_size
+
+
+def test_a_batch_the_device_cannot_hold_ends_the_search(classifier, own_cache, monkeypatch):
+    real_forward = classifier._forward
+
+    def out_of_memory_above_4(images):
+        if len(images) > 4:
+            raise torch.OutOfMemoryError("out of memory")
+        return real_forward(images)
+
+    monkeypatch.setattr(classifier, "_forward", out_of_memory_above_4)
+    choice = tuning.measure_batch_size(classifier, candidates=(2, 4, 8, 16), seconds=0.05)
+    assert set(choice.rates) == {2, 4} and choice.batch_size in (2, 4)
+    assert classifier.fits is None  # the measurement leaves no halving behind for the run
+
+
+@pytest.mark.parametrize("model, decode, cores, cuda, expected", [
+    (77, 800, 2, False, 0),  # ResNet-50 bf16 on 2 cores, ImageNet-sized JPEGs: decode between
+    (77, 40, 2, False, 1),  # 12 MP photos decode slower than the model: a worker pays
+    (200, 900, 16, False, 1),  # more cores: one worker feeds the model, the rest compute
+    (200, 60, 16, False, 3),  # ... unless decoding is slow: a few
+    (2000, 250, 32, True, 10),  # a GPU: enough workers to decode at its rate, and a fifth
+    (2000, 100, 8, True, 8),  # ... within the cores
+])
+def test_workers_come_from_the_measured_rates(model, decode, cores, cuda, expected):
+    assert tuning.workers_for(model, decode, cores, cuda) == expected
+
+
+def test_compile_when_the_pending_images_repay_it():
+    assert not tuning.compile_pays(pending=500, eager_rate=77, speedup=1.5, compile_seconds=26)
+    assert tuning.compile_pays(pending=20_000, eager_rate=77, speedup=1.5, compile_seconds=26)
+
+
+def test_compiled_and_eager_agree_and_a_short_batch_is_padded_to_one_shape(classifier):
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    eager = classifier.predict(images)
+    shapes = []
+    classifier.compile(fixed_batch=8)
+    compiled_net = classifier.net
+    classifier.net = lambda x: shapes.append(tuple(x.shape)) or compiled_net(x)
+    found = classifier.predict(images)
+    assert shapes == [(8, 3, 64, 64)] and found.scores.shape == (5, 2)
+    assert np.array_equal(found.class_ids[:, 0], eager.class_ids[:, 0])
+    np.testing.assert_allclose(found.scores, eager.scores, atol=1e-4)
+
+
+def test_the_choices_and_their_figures_are_recorded(cli, tmp_path, colour_checkpoint,
+                                                    own_cache):
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 12)
+    out = tmp_path / "run"
+    result = cli("run", folder, "--out", out, "--model", "resnet18", "--weights",
+                 colour_checkpoint, "--top-k", "2", "--quiet", *FAST)
+    assert result.exit_code == 0, result.output
+    resolved = json.loads((out / "run.json").read_text())["resolved"]
+    measured = resolved["measured"]
+    rates = measured["batch_sizes"]["images_per_second"]
+    assert resolved["batch_size"] == int(max(rates, key=rates.get))
+    assert measured["decode_images_per_second_per_core"] > 0 and measured["cores"] >= 1
+    assert measured["compile"] == {"pending_images": 12, "chosen": False}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["batch_size"] == resolved["batch_size"]
+    given = cli("run", folder, "--out", tmp_path / "given", "--model", "resnet18", "--weights",
+                colour_checkpoint, "--quiet", "--batch-size", "3", "--workers", "0", "--top-k", "2",
+                "--no-compile", *FAST)
+    assert given.exit_code == 0, given.output
+    resolved = json.loads((tmp_path / "given" / "run.json").read_text())["resolved"]
+    assert (resolved["batch_size"], resolved["workers"], resolved["compile"]) == (3, 0, False)
+    assert "batch_sizes" not in resolved["measured"]  # what was given is not measured
+    assert len(read_output(tmp_path / "given" / "labels.parquet")) == 12
