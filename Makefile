@@ -6,7 +6,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 SOURCE ?=
 ARGS   ?=
 
-.PHONY: setup run test test-slow clean
+.PHONY: setup run test test-slow test-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ test: setup
 test-slow: setup
 	$(VENV)/bin/pip install --quiet 'pyspark==3.5.*'
 	$(VENV)/bin/python -m pytest -m slow
+
+# On a machine with CUDA: the tests that need a GPU (they skip elsewhere).
+test-gpu: setup
+	$(VENV)/bin/python -m pytest -m gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache

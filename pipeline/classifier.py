@@ -60,11 +60,15 @@ class Prediction:
                           embeddings=embeddings)
 
 
+_LIBRARY_OUT_OF_MEMORY = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
+                          "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
+
+
 class Classifier:
     """Weights cast once onto the device; uint8 batches in, top-k probabilities out (numpy)."""
 
     def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, top_k: int,
-                 compile: bool = False, embeddings: bool = False):
+                 embeddings: bool = False):
         if top_k > spec.num_classes:
             raise UsageError(f"--top-k {top_k} is more than the model's {spec.num_classes} classes")
         self.spec = spec
@@ -74,6 +78,7 @@ class Classifier:
         self.on_cuda = device.type == "cuda"
         if self.on_cuda:  # the only CUDA-specific knobs; everything else is the same code
             torch.backends.cudnn.benchmark = True
+            torch.cuda.set_device(device)  # a torchrun rank's pin thread and compile use it
         net = spec.build().to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self._features: list[torch.Tensor] = []
         self.embedding_size = None
@@ -83,7 +88,8 @@ class Classifier:
             head = net.get_submodule(head_name(net))
             head.register_forward_pre_hook(lambda _, inputs: self._features.append(inputs[0]))
             self.embedding_size = head.in_features
-        self.net = torch.compile(net) if compile else net
+        self.net = net
+        self.fixed_batch: int | None = None  # compiled: every batch padded to this size
         mean = torch.tensor(spec.preprocess.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(spec.preprocess.std, device=device).view(1, 3, 1, 1)
         # (x / 255 - mean) / std as one multiply-add on the device. In fp16 (10-bit mantissa)
@@ -93,6 +99,12 @@ class Classifier:
         self._scale = (1.0 / (255.0 * std)).to(self._norm_dtype)
         self._shift = (-mean / std).to(self._norm_dtype)
         self.fits: int | None = None  # the largest batch known to fit, once one did not
+
+    def compile(self, fixed_batch: int) -> None:
+        """torch.compile the network for one batch shape: shorter batches are padded to it
+        (the padding's rows dropped), so one compile serves the whole run."""
+        self.net = torch.compile(self.net)
+        self.fixed_batch = fixed_batch
 
     def predict(self, images: torch.Tensor) -> Prediction:
         """Top-k of a uint8 batch. A batch the device has no memory for goes in halves.
@@ -106,6 +118,10 @@ class Classifier:
             return self._forward(images)
         except torch.cuda.OutOfMemoryError:  # what any device raises (torch.OutOfMemoryError)
             pass  # handled below, once the failed attempt's tensors are let go
+        except RuntimeError as exc:
+            # cuDNN and cuBLAS report their own allocation failures as plain RuntimeErrors
+            if not any(word in str(exc) for word in _LIBRARY_OUT_OF_MEMORY):
+                raise
         if self.on_cuda:
             torch.cuda.empty_cache()
         if len(images) == 1:
@@ -113,22 +129,31 @@ class Classifier:
                            f"{self.spec.model} at {self.spec.preprocess.crop}x"
                            f"{self.spec.preprocess.crop} does not fit in it")
         self.fits = len(images) // 2
+        if self.fixed_batch is not None:
+            self.fixed_batch = self.fits  # a new shape once, not a padded one that fails
         notice(f"{self.device} ran out of memory with batches of {len(images)}: going on "
                f"with {self.fits}; --batch-size {self.fits} starts there")
         return self.predict(images)
 
     @torch.inference_mode()
     def _forward(self, images: torch.Tensor) -> Prediction:
+        count = len(images)
+        if self.fixed_batch is not None and count < self.fixed_batch:
+            images = torch.cat([images, images.new_zeros(
+                (self.fixed_batch - count, *images.shape[1:]))])
         x = images.to(self.device, non_blocking=self.on_cuda)
         x = torch.addcmul(self._shift, x.to(self._norm_dtype), self._scale)
         # The loader's batches arrive channels_last already (then this copies nothing);
         # other callers' planar ones are converted here.
         x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
         self._features.clear()
-        probs = self.net(x).float().softmax(dim=1)
+        probs = self.net(x)[:count].float().softmax(dim=1)
         scores, ids = probs.topk(self.top_k, dim=1)
+        # One copy back from the device, not two: class ids are exact in float32.
+        found = torch.cat([scores, ids.float()], dim=1).cpu().numpy()
         embeddings = None
         if self.embedding_size is not None:
-            embeddings = self._features[-1].float().cpu().numpy()
-        return Prediction(class_ids=ids.to(torch.int32).cpu().numpy(), scores=scores.cpu().numpy(),
+            embeddings = self._features[-1][:count].float().cpu().numpy()
+        return Prediction(class_ids=found[:, self.top_k:].astype(np.int32),
+                          scores=np.ascontiguousarray(found[:, :self.top_k]),
                           embeddings=embeddings)

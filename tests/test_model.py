@@ -179,12 +179,12 @@ def test_device_auto_and_unavailable_cuda(monkeypatch):
         resolve_device("cuda:0")
 
 
-@pytest.mark.parametrize("cores, on_cpu, on_cuda", [(1, 0, 1), (2, 0, 2), (4, 2, 4), (16, 8, 8)])
-def test_small_cpus_decode_between_batches_not_beside_the_model(monkeypatch, cores, on_cpu,
-                                                                 on_cuda):
-    monkeypatch.setattr(settings.os, "sched_getaffinity", lambda _: set(range(cores)))
-    assert settings.default_workers(torch.device("cpu")) == on_cpu
-    assert settings.default_workers(torch.device("cuda")) == on_cuda
+@pytest.mark.parametrize("cores, on_cuda", [(1, 1), (2, 2), (16, 8)])
+def test_without_rates_to_go_by_a_cpu_decodes_between_batches(cores, on_cuda):
+    """Measured rates decide (test_tuning.py); with none (nothing readable in the sample),
+    no workers on a CPU, one a core up to 8 on a GPU."""
+    assert settings.default_workers(torch.device("cpu"), None, None, cores) == 0
+    assert settings.default_workers(torch.device("cuda"), 100.0, None, cores) == on_cuda
 
 
 MB = 2**20
@@ -244,18 +244,27 @@ def test_fp16_normalisation_matches_fp32_closely(tmp_path, small_state_dict):
     assert half.predict(images).class_ids.tolist() == full.predict(images).class_ids.tolist()
 
 
-def out_of_memory_above(limit: int, forward, sizes: list[int]):
+OUT_OF_MEMORY = {
+    "torch": torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    # cuDNN's and cuBLAS's own allocations fail as plain RuntimeErrors
+    "cudnn": RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    "cublas": RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"),
+}
+
+
+def out_of_memory_above(limit: int, forward, sizes: list[int], error=OUT_OF_MEMORY["torch"]):
     """A forward pass that, like a full GPU, fails for batches larger than `limit`."""
     def limited(batch):
         sizes.append(len(batch))
         if len(batch) > limit:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise error
         return forward(batch)
     return limited
 
 
+@pytest.mark.parametrize("kind", list(OUT_OF_MEMORY))
 def test_a_batch_the_device_cannot_hold_is_labelled_in_halves(tmp_path, small_state_dict,
-                                                               monkeypatch, capsys):
+                                                               monkeypatch, capsys, kind):
     spec = resolve_model("resnet18", save(tmp_path / "w.pth", small_state_dict),
                          resize=40, crop=32)
     classifier = Classifier(spec, torch.device("cpu"), torch.float32, top_k=3,
@@ -265,7 +274,7 @@ def test_a_batch_the_device_cannot_hold_is_labelled_in_halves(tmp_path, small_st
     whole = classifier.predict(images)
     sizes = []
     monkeypatch.setattr(classifier, "_forward",
-                        out_of_memory_above(3, classifier._forward, sizes))
+                        out_of_memory_above(3, classifier._forward, sizes, OUT_OF_MEMORY[kind]))
     halves = classifier.predict(images)
     assert sizes == [8, 4, 2, 2, 2, 2]  # halved until it fits, then kept at that size
     assert halves.class_ids.tolist() == whole.class_ids.tolist()
@@ -287,3 +296,16 @@ def test_a_single_image_the_device_cannot_hold_ends_the_run_in_one_line(
     monkeypatch.setattr(classifier, "_forward", out_of_memory_above(0, classifier._forward, []))
     with pytest.raises(RunError, match="ran out of memory for a single image: resnet18 at 32x32"):
         classifier.predict(torch.zeros((2, 3, 32, 32), dtype=torch.uint8))
+
+
+def test_another_runtime_error_of_the_device_is_not_taken_for_memory(tmp_path,
+                                                                     small_state_dict,
+                                                                     monkeypatch):
+    spec = resolve_model("resnet18", save(tmp_path / "w.pth", small_state_dict),
+                         resize=40, crop=32)
+    classifier = Classifier(spec, torch.device("cpu"), torch.float32, top_k=3)
+    monkeypatch.setattr(classifier, "_forward", out_of_memory_above(
+        0, classifier._forward, [], RuntimeError("CUDA error: an illegal memory access")))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        classifier.predict(torch.zeros((2, 3, 32, 32), dtype=torch.uint8))
+    assert classifier.fits is None
