@@ -54,7 +54,8 @@ def _resolve(config: Path | None, flags: dict) -> configuration.RunConfig:
 
 # Each option is declared once, here, and used by every command that takes it.
 Source = Annotated[Optional[str], typer.Argument(
-    help="A folder of images, or a manifest (.csv .tsv .parquet .jsonl .txt).",
+    help="A folder of images, a manifest (.csv .tsv .parquet .jsonl .txt), or Parquet with "
+         "the images' bytes in a column.",
     show_default=False)]
 Out = Annotated[Optional[str], typer.Option(
     "--out", "-o", help="Run directory, a path or a URL such as s3://bucket/run "
@@ -89,6 +90,8 @@ ShardSize = Annotated[Optional[int], typer.Option(
     help=f"Images per shard, the unit of commit and resume (default: {_DEFAULT.shard_size}).")]
 PathColumn = Annotated[Optional[str], typer.Option(
     help="Manifest column with the image paths (default: detected).")]
+ImageColumn = Annotated[Optional[str], typer.Option(
+    help="Parquet column with the images' bytes (default: the one binary or image column).")]
 IdColumn = Annotated[Optional[str], typer.Option(
     help="Manifest column with a stable id, used as the key (default: the path).")]
 Root = Annotated[Optional[str], typer.Option(
@@ -138,9 +141,9 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
         crop: Crop = None, device: Device = None, precision: PrecisionOption = None,
         batch_size: BatchSize = None, workers: Workers = None, format: FormatOption = None,
         top_k: TopK = None, shard_size: ShardSize = None, path_column: PathColumn = None,
-        id_column: IdColumn = None, root: Root = None, keep_columns: KeepColumns = None,
-        max_pixels: MaxPixels = None, allow_duplicates: AllowDuplicates = None,
-        overwrite: Overwrite = None, quiet: Quiet = None, compile: Compile = None,
+        id_column: IdColumn = None, image_column: ImageColumn = None, root: Root = None,
+        keep_columns: KeepColumns = None, max_pixels: MaxPixels = None,
+        allow_duplicates: AllowDuplicates = None, overwrite: Overwrite = None, quiet: Quiet = None, compile: Compile = None,
         no_compile: NoCompile = None, embeddings: Embeddings = None,
         incremental: Incremental = None,
         num_slices: NumSlices = None, slice_index: SliceIndex = None,

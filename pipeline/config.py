@@ -39,6 +39,7 @@ class RunConfig:
     shard_size: int = 1000
     path_column: str | None = None
     id_column: str | None = None
+    image_column: str | None = None  # Parquet with the images' bytes in a column
     root: str | None = None
     keep_columns: tuple[str, ...] = field(default_factory=tuple)
     max_pixels: int = 100_000_000

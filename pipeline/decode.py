@@ -16,6 +16,8 @@ from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from pipeline.errors import ImageError
+
 # We refuse oversized images ourselves (--max-pixels, from the header, before decoding), so
 # PIL's own global guard, which warns or raises at a fixed size, is switched off.
 Image.MAX_IMAGE_PIXELS = None
@@ -54,10 +56,6 @@ _ORIENT = {
     7: (True, True, True),
     8: (True, True, False),  # turned anticlockwise
 }
-
-
-class ImageError(Exception):
-    """This item cannot be labelled; the message becomes the row's `error` text."""
 
 
 @dataclass(frozen=True)

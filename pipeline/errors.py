@@ -9,6 +9,10 @@ def notice(text: str) -> None:
     print(f"label-images: {text}", file=sys.stderr, flush=True)
 
 
+class ImageError(Exception):
+    """This item cannot be labelled; the message becomes the row's `error` text."""
+
+
 class UsageError(Exception):
     """Bad usage, configuration or input, found before any image is labelled: exit 2."""
 

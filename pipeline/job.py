@@ -69,7 +69,8 @@ class Job:
 def source_spec(config: RunConfig) -> SourceSpec:
     return SourceSpec(location=config.source, path_column=config.path_column,
                       id_column=config.id_column, root=config.root,
-                      keep_columns=config.keep_columns, allow_duplicates=config.allow_duplicates)
+                      keep_columns=config.keep_columns, allow_duplicates=config.allow_duplicates,
+                      image_column=config.image_column)
 
 
 def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,

@@ -213,3 +213,31 @@ def test_incremental_nights_on_a_prefix_use_the_listings_etags(s3, uploaded, col
                            env=env)
     assert again.returncode == 0 and "nothing to do" in again.stderr
     assert "0 new, 0 changed, 34 unchanged, 0 removed" in again.stderr
+
+
+def test_parquet_with_image_bytes_under_a_prefix(s3, tmp_path, colour_checkpoint):
+    """img2dataset's Parquet output in a bucket: the same rows as read from local disk."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.test_parquet_images import jpeg_bytes
+
+    env, fs = s3
+    local = tmp_path / "shards"
+    local.mkdir()
+    for part in range(2):
+        pq.write_table(pa.table({"key": [f"{part}-{i}" for i in range(5)],
+                                 "jpg": [jpeg_bytes(part * 5 + i) for i in range(5)]}),
+                       local / f"{part:05d}.parquet", row_group_size=2)
+    fs.put(str(local), "bucket/shards", recursive=True)
+    remote = run_subprocess(*job("s3://bucket/shards/", tmp_path / "remote", colour_checkpoint,
+                                 "--id-column", "key"), env=env)
+    assert remote.returncode == 0, remote.stderr
+    here = run_subprocess(*job(local, tmp_path / "local", colour_checkpoint,
+                               "--id-column", "key"))
+    assert here.returncode == 0, here.stderr
+    remote_rows = read_output(tmp_path / "remote" / "labels.parquet")
+    local_rows = read_output(tmp_path / "local" / "labels.parquet")
+    assert remote_rows["key"].tolist() == [f"{p}-{i}" for p in range(2) for i in range(5)]
+    assert remote_rows["top1_label"].tolist() == local_rows["top1_label"].tolist()
+    assert remote_rows["path"][0] == "s3://bucket/shards/00000.parquet#row=0"

@@ -36,6 +36,7 @@ class SourceSpec:
     root: str | None = None
     keep_columns: tuple[str, ...] = ()
     allow_duplicates: bool = False
+    image_column: str | None = None  # sources that hold the images' bytes
 
     def describe(self) -> dict:
         """What decides which items a run labels: in the fingerprint, so a resume that
@@ -46,6 +47,7 @@ class SourceSpec:
             "id_column": self.id_column,
             "root": absolute(self.root) if self.root else None,
             "keep_columns": list(self.keep_columns),
+            **({"image_column": self.image_column} if self.image_column else {}),
         }
 
 

@@ -34,7 +34,7 @@ class FolderSource(Source):
 
     def list_items(self) -> pa.Table:
         spec = self.spec
-        if spec.path_column or spec.id_column or spec.keep_columns:
+        if spec.path_column or spec.id_column or spec.keep_columns or spec.image_column:
             raise UsageError("--path-column, --id-column and --keep-columns apply to manifests, "
                              f"but {spec.location} is a folder")
         remote = is_remote(spec.location)

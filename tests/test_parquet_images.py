@@ -1,0 +1,122 @@
+"""Parquet files holding the images' bytes: img2dataset's folders, Hugging Face's Image struct."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tests.conftest import (FAST, REPO, colour_array, read_output, run_subprocess,
+                            write_colour_images)
+
+ROWS = 30
+
+
+def jpeg_bytes(i: int) -> bytes:
+    colour = ["red", "green", "blue", "grey"][i % 4]
+    buffer = io.BytesIO()
+    Image.fromarray(colour_array(colour, 70 + i % 9, 60, seed=500 + i)).save(buffer, "JPEG",
+                                                                             quality=92)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def img2dataset_folder(tmp_path_factory):
+    """As img2dataset writes it: NNNNN.parquet with key, jpg, caption; a failed download
+    kept as a row whose jpg is null; _stats.json files beside."""
+    folder = tmp_path_factory.mktemp("img2dataset")
+    for part in range(2):
+        rows = range(part * ROWS // 2, (part + 1) * ROWS // 2)
+        pq.write_table(pa.table({
+            "key": [f"{i:09d}" for i in rows],
+            "jpg": pa.array([None if i == 7 else jpeg_bytes(i) for i in rows], pa.binary()),
+            "caption": [f"photo {i}" for i in rows],
+        }), folder / f"{part:05d}.parquet", row_group_size=4)
+        (folder / f"{part:05d}_stats.json").write_text(json.dumps({"count": len(rows)}))
+    return folder
+
+
+def job(source, out, checkpoint, *extra):
+    return ["run", str(source), "--out", str(out), "--model", "resnet18", "--weights",
+            str(checkpoint), "--top-k", "2", "--batch-size", "4", "--workers", "0",
+            "--shard-size", "6", "--quiet", *FAST, *extra]
+
+
+def test_an_img2dataset_folder_is_labelled_as_its_images_are(
+        cli, tmp_path, img2dataset_folder, colour_checkpoint):
+    result = cli(*job(img2dataset_folder, tmp_path / "run", colour_checkpoint,
+                      "--id-column", "key", "--keep-columns", "caption"))
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "run" / "labels.parquet").set_index("key")
+    assert list(table.index) == [f"{i:09d}" for i in range(ROWS)]  # each row once, in order
+    failed = table.loc["000000007"]
+    assert failed["status"] == "error" and failed["error"] == "no image bytes in this row"
+    assert table.loc["000000012", "caption"] == "photo 12"
+    assert table.loc["000000012", "path"].endswith("00000.parquet#row=12")
+    # the same images as files, labelled the usual way: the same labels and scores
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i in range(ROWS):
+        if i != 7:
+            (loose / f"{i:09d}.jpg").write_bytes(jpeg_bytes(i))
+    assert cli(*job(loose, tmp_path / "files", colour_checkpoint)).exit_code == 0
+    files = read_output(tmp_path / "files" / "labels.parquet")
+    files["key"] = files["key"].str.removesuffix(".jpg")
+    files = files.set_index("key")
+    ok = table[table["status"] == "ok"]
+    assert ok["top1_label"].equals(files.loc[ok.index, "top1_label"])
+    assert (ok["top1_score"] - files.loc[ok.index, "top1_score"]).abs().max() == 0
+
+
+def test_a_hugging_face_image_column_and_keys_from_the_file(cli, tmp_path, colour_checkpoint):
+    source = tmp_path / "train.parquet"
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({
+        "image": pa.array([{"bytes": jpeg_bytes(i), "path": f"{i}.jpg"} for i in range(5)],
+                          image),
+        "label": list(range(5)),
+    }), source)
+    result = cli(*job(source, tmp_path / "run", colour_checkpoint))
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    assert table["key"].tolist() == [f"train.parquet#{i}" for i in range(5)]
+    assert set(table["status"]) == {"ok"}
+
+
+def test_two_image_columns_ask_which(cli, tmp_path, colour_checkpoint):
+    source = tmp_path / "two.parquet"
+    pq.write_table(pa.table({"jpg": [jpeg_bytes(0)], "png": [jpeg_bytes(1)]}), source)
+    refused = cli(*job(source, tmp_path / "run", colour_checkpoint))
+    assert refused.exit_code == 2 and "pass --image-column" in refused.output
+    chosen = cli(*job(source, tmp_path / "run", colour_checkpoint, "--image-column", "png"))
+    assert chosen.exit_code == 0, chosen.output
+
+
+def test_killed_mid_run_then_resumed_labels_every_row_once(tmp_path, img2dataset_folder,
+                                                           colour_checkpoint):
+    args = job(img2dataset_folder, tmp_path / "run", colour_checkpoint, "--id-column", "key")
+    killed = subprocess.run([sys.executable, str(REPO / "tests" / "killpoints.py"),
+                             "part-after-rename", "2", *args], cwd=REPO, capture_output=True,
+                            text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert len(list((tmp_path / "run" / "parts").iterdir())) == 2
+    resumed = run_subprocess(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    assert table["key"].tolist() == [f"{i:09d}" for i in range(ROWS)]
+
+
+def test_a_folder_of_images_is_still_a_folder(cli, tmp_path, colour_checkpoint):
+    """A Parquet file beside the images that holds no bytes (a manifest) changes nothing."""
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 4)
+    pq.write_table(pa.table({"path": ["img_0000.jpg"]}), folder / "listing.parquet")
+    result = cli(*job(folder, tmp_path / "run", colour_checkpoint))
+    assert result.exit_code == 0, result.output
+    assert len(read_output(tmp_path / "run" / "labels.parquet")) == 4
