@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pipeline.backends.base import Backend, ModelSpec, head_name, overridden, read_labels
+from pipeline.backends.timm import TimmBackend
 from pipeline.backends.torchvision import TorchvisionBackend
 from pipeline.decode import Preprocess
 from pipeline.errors import UsageError
@@ -19,7 +20,7 @@ from pipeline.errors import UsageError
 __all__ = ["BACKENDS", "ModelSpec", "backend_for", "head_name", "resolve_model",
            "resolve_preprocess"]
 
-BACKENDS: list[Backend] = [TorchvisionBackend()]  # the default family (no prefix) last
+BACKENDS: list[Backend] = [TimmBackend(), TorchvisionBackend()]  # no prefix: the default
 
 
 def backend_for(model: str) -> tuple[Backend, str]:

@@ -13,11 +13,12 @@ from pipeline.errors import UsageError
 SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
-def load_checkpoint(path: Path) -> tuple[dict, list[str] | None]:
+def load_checkpoint(path: Path, state_keys: tuple[str, ...] = ("state_dict",)
+                    ) -> tuple[dict, list[str] | None]:
     """(state_dict, class names if the file has them) of a checkpoint file, on the CPU.
 
-    Takes a plain state_dict, or a dict with one under 'state_dict' and optional
-    'categories'. A DataParallel/DDP save's 'module.' prefixes are dropped.
+    Takes a plain state_dict, or a dict with one under the first of `state_keys` it has,
+    and optional 'categories'. A DataParallel/DDP save's 'module.' prefixes are dropped.
     """
     try:
         # weights_only: a checkpoint is tensors and plain containers; never run its pickles.
@@ -31,8 +32,9 @@ def load_checkpoint(path: Path) -> tuple[dict, list[str] | None]:
         raise UsageError(f"--weights {path} is not a PyTorch checkpoint ({exc})") from None
     if not isinstance(raw, dict):
         raise UsageError(f"--weights {path} holds a {type(raw).__name__}, not a state_dict")
-    state_dict = raw.get("state_dict", raw)
-    categories = raw.get("categories") if "state_dict" in raw else None
+    wrapped = next((key for key in state_keys if isinstance(raw.get(key), dict)), None)
+    state_dict = raw[wrapped] if wrapped else raw
+    categories = raw.get("categories") if wrapped else None
     if not isinstance(state_dict, dict) or not all(
             isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise UsageError(f"--weights {path} is not a state_dict (a dict of tensors), "

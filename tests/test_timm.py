@@ -1,0 +1,90 @@
+"""timm models on the model seam: labels as timm's own eval transform and a plain loop give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from tests.conftest import read_output, run_subprocess, write_colour_images
+
+timm = pytest.importorskip("timm")
+
+SIZES = [(500, 375), (512, 512), (1365, 1024), (2048, 1536)]
+
+
+@pytest.fixture(scope="module")
+def timm_checkpoint(tmp_path_factory):
+    """A seeded timm resnet18 of 10 classes, saved as timm's training saves it (with EMA);
+    its head scaled so that scores react to small pixel changes."""
+    torch.manual_seed(3)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    with torch.no_grad():
+        net.fc.weight.mul_(10)
+    path = tmp_path_factory.mktemp("timm") / "checkpoint-9.pth.tar"
+    torch.save({"epoch": 9, "state_dict": {k: torch.zeros_like(v)
+                                           for k, v in net.state_dict().items()},
+                "state_dict_ema": net.state_dict()}, path)
+    return path
+
+
+def reference(paths, checkpoint, transform=None):
+    """The plain loop from timm's own pieces: resolve_data_config + create_transform."""
+    net = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    net.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict_ema"])
+    net.eval()
+    transform = transform or timm.data.create_transform(
+        **timm.data.resolve_data_config({}, model=net))
+    results = []
+    with torch.no_grad():
+        for path in paths:
+            probs = net(transform(Image.open(path).convert("RGB")).unsqueeze(0)).softmax(1)[0]
+            score, index = probs.max(0)
+            results.append((str(int(index)), float(score)))
+    return results
+
+
+def test_a_timm_checkpoint_gives_the_plain_loops_labels(cli, tmp_path, timm_checkpoint):
+    from tests.photos import photo
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, size in enumerate(SIZES):
+        photo(*size, seed=60 + i).save(folder / f"{size[0]}x{size[1]}.jpg", quality=90)
+    result = cli("run", folder, "--out", tmp_path / "run", "--model", "timm:resnet18",
+                 "--weights", timm_checkpoint, "--precision", "fp32", "--top-k", "2",
+                 "--batch-size", "4", "--workers", "0", "--quiet")
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    paths = [folder / key for key in table["key"]]
+    expected = reference(paths, timm_checkpoint)
+    # The checkpoint tells preprocessings apart: torchvision's default recipe (256,
+    # bilinear) instead of timm's (235, bicubic) moves the scores well past the tolerance.
+    tutorials = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                           T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    other = reference(paths, timm_checkpoint, tutorials)
+    assert max(abs(a[1] - b[1]) for a, b in zip(expected, other)) > 5 * 2e-3
+    for key, label, score, (ref_label, ref_score) in zip(
+            table["key"], table["top1_label"], table["top1_score"], expected):
+        assert label == ref_label, key
+        assert abs(score - ref_score) <= 2e-3, (key, score, ref_score)
+    record = (tmp_path / "run" / "run.json").read_text()
+    assert '"interpolation": "bicubic"' in record and '"resize": 235' in record  # timm's own
+
+
+def test_pretrained_timm_weights_offline_are_one_line_never_random(tmp_path):
+    write_colour_images(tmp_path / "imgs", 2)
+    done = run_subprocess("run", tmp_path / "imgs", "--out", tmp_path / "run", "--model",
+                          "timm:resnet18.a1_in1k", env={"HF_HUB_OFFLINE": "1",
+                                                        "HF_HOME": str(tmp_path / "hf")})
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "not cached and could not be downloaded" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_weights_list_shows_timms_pretrained_names(cli):
+    result = cli("weights", "list", "--model", "timm:resnet18")
+    assert result.exit_code == 0, result.output
+    assert "timm:resnet18.a1_in1k" in result.output
