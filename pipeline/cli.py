@@ -54,8 +54,8 @@ def _resolve(config: Path | None, flags: dict) -> configuration.RunConfig:
 
 # Each option is declared once, here, and used by every command that takes it.
 Source = Annotated[Optional[str], typer.Argument(
-    help="A folder of images, a manifest (.csv .tsv .parquet .jsonl .txt), or Parquet with "
-         "the images' bytes in a column.",
+    help="A folder of images, a manifest (.csv .tsv .parquet .jsonl .txt), WebDataset tar "
+         "shards, or Parquet with the images' bytes in a column.",
     show_default=False)]
 Out = Annotated[Optional[str], typer.Option(
     "--out", "-o", help="Run directory, a path or a URL such as s3://bucket/run "

@@ -24,6 +24,7 @@ def test_bench_reports_all_stages_side_by_side(cli, tmp_path, colour_checkpoint)
     assert all(f["images_per_second"] > 0 for f in figures["figures"])
     assert figures["images"] == 16 and figures["workers"] == 1
     assert set(figures["ratios"]) == {"decode_vs_pil_per_core", "end_to_end_vs_model",
+                                      "end_to_end_vs_model_at_best_batch",
                                       "end_to_end_vs_plain_loop",
                                       "end_to_end_getting_batches"}
     assert 0 <= figures["ratios"]["end_to_end_getting_batches"] < 1

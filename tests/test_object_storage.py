@@ -241,3 +241,25 @@ def test_parquet_with_image_bytes_under_a_prefix(s3, tmp_path, colour_checkpoint
     assert remote_rows["key"].tolist() == [f"{p}-{i}" for p in range(2) for i in range(5)]
     assert remote_rows["top1_label"].tolist() == local_rows["top1_label"].tolist()
     assert remote_rows["path"][0] == "s3://bucket/shards/00000.parquet#row=0"
+
+
+def test_tar_shards_under_a_prefix(s3, tmp_path, colour_checkpoint):
+    """WebDataset tars in a bucket: listed as a stream, read by span; as from local disk."""
+    from tests.test_tar_shards import write_tar
+
+    env, fs = s3
+    local = tmp_path / "tars"
+    local.mkdir()
+    write_tar(local / "00000.tar", 0, 5, without_image=3)
+    write_tar(local / "00001.tar", 5, 5)
+    fs.put(str(local), "bucket/tars", recursive=True)
+    remote = run_subprocess(*job("s3://bucket/tars/", tmp_path / "remote", colour_checkpoint),
+                            env=env)
+    assert remote.returncode == 0, remote.stderr
+    here = run_subprocess(*job(local, tmp_path / "local", colour_checkpoint))
+    assert here.returncode == 0, here.stderr
+    remote_rows = read_output(tmp_path / "remote" / "labels.parquet")
+    local_rows = read_output(tmp_path / "local" / "labels.parquet")
+    assert remote_rows["key"].tolist() == [f"{i:09d}" for i in range(10)]
+    for column in ("status", "error", "top1_label", "top1_score"):
+        assert remote_rows[column].equals(local_rows[column]), column  # NaN on the error row

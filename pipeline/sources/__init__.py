@@ -12,13 +12,15 @@ from pipeline.sources.base import (VERSION_COLUMNS, Source, SourceSpec, refuse_d
 from pipeline.sources.folder import FolderSource
 from pipeline.sources.manifest import ManifestSource
 from pipeline.sources.parquet_images import ParquetImagesSource
+from pipeline.sources.tar_shards import TarShardsSource
 from pipeline.storage import filesystem, is_remote, local_path
 
 __all__ = ["KINDS", "VERSION_COLUMNS", "Source", "SourceSpec", "open_source", "read_items",
            "read_source"]
 
 # Asked in order; the first that claims the location reads it.
-KINDS: list[type[Source]] = [ParquetImagesSource, FolderSource, ManifestSource]
+KINDS: list[type[Source]] = [TarShardsSource, ParquetImagesSource, FolderSource,
+                             ManifestSource]
 
 
 def open_source(spec: SourceSpec) -> Source:

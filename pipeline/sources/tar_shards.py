@@ -1,0 +1,147 @@
+"""WebDataset tar shards: a `.tar` file, or a folder or prefix of them (img2dataset's default).
+
+A sample is the members sharing a key (the member's name up to the first dot of its base
+name, as WebDataset groups them); its image is the first member named as an image. Listing
+reads each tar once, front to back, as a stream (one request per tar on object storage),
+and keeps where each image's bytes lie; a batch then reads the span of its images in one
+read of each tar it touches.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+
+import pyarrow as pa
+
+from pipeline.errors import ImageError, UsageError, notice
+from pipeline.sources.base import Source
+from pipeline.sources.folder import IMAGE_EXTENSIONS
+from pipeline.storage import filesystem, is_remote, local_path, open_input
+
+# FILE#MEMBER@OFFSET+SIZE: where an image's bytes lie; FILE#MEMBER! names what went wrong
+_LOCATED = re.compile(r"^(?P<tar>.+?\.tar)#(?P<member>.*)@(?P<offset>\d+)\+(?P<size>\d+)$")
+_PROBLEM = re.compile(r"^(?P<tar>.+?\.tar)#(?P<member>.*?)!(?P<problem>.+)$")
+
+
+class TarShardsSource(Source):
+    """Samples of WebDataset tars; a sample without an image, or a truncated tar, is an
+    error row of its own, never a silent gap."""
+
+    @classmethod
+    def claims(cls, location: str, is_dir: bool) -> bool:
+        if not is_dir:
+            return location.lower().endswith(".tar")
+        return bool(_tars(location))
+
+    def list_items(self) -> pa.Table:
+        spec = self.spec
+        if spec.path_column or spec.root or spec.id_column or spec.keep_columns:
+            raise UsageError("--path-column, --root, --id-column and --keep-columns apply to "
+                             f"manifests, but {spec.location} holds tar shards")
+        keys: list[str] = []
+        paths: list[str] = []
+        location = spec.location
+        tars = [location] if location.lower().endswith(".tar") else _tars(location)
+        for tar in tars:
+            for key, path in _samples(tar):
+                keys.append(key)
+                paths.append(path)
+        return pa.table({"key": pa.array(keys, pa.string()), "path": pa.array(paths, pa.string())})
+
+    def fetch(self, paths: list[str], max_bytes: int) -> list[bytes | Exception]:
+        """Each image's bytes; the images of one tar in a batch come in one read."""
+        found: dict[int, bytes | Exception] = {}
+        spans: dict[str, list[tuple[int, int, int]]] = {}
+        for position, path in enumerate(paths):
+            located = _LOCATED.match(path)
+            if located is None:
+                problem = _PROBLEM.match(path)
+                found[position] = ImageError(problem["problem"] if problem else
+                                             f"not an image of a tar shard: {path}")
+                continue
+            size = int(located["size"])
+            if size > max_bytes:
+                found[position] = OSError(f"the member is {size / 2**20:,.1f} MB, more than "
+                                          "an image within --max-pixels can take")
+                continue
+            spans.setdefault(located["tar"], []).append(
+                (position, int(located["offset"]), size))
+        for tar, members in spans.items():
+            start = min(offset for _, offset, _ in members)
+            end = max(offset + size for _, offset, size in members)
+            try:
+                with open_input(tar) as fh:
+                    fh.seek(start)
+                    data = fh.read(end - start)
+            except OSError as exc:
+                for position, _, _ in members:
+                    found[position] = exc
+                continue
+            for position, offset, size in members:
+                piece = data[offset - start:offset - start + size]
+                found[position] = piece if len(piece) == size else OSError(
+                    "the tar ends before this member's bytes")
+        return [found[position] for position in range(len(paths))]
+
+    def versions(self, paths: list[str]) -> list[tuple[int, str]]:
+        """A sample changes with its tar: the tar's size and version, asked once a tar."""
+        tars = [path.split("#", 1)[0] for path in paths]
+        unique = sorted(set(tars))
+        known = dict(zip(unique, super().versions(unique)))
+        return [known[tar] for tar in tars]
+
+
+def _samples(tar: str) -> Iterator[tuple[str, str]]:
+    """(key, locator) of each sample of one tar, in the tar's order."""
+    order: list[str] = []
+    images: dict[str, str] = {}
+    others: dict[str, list[str]] = {}
+    truncated = None
+    with open_input(tar) as fh:
+        try:
+            # "r|": a stream, read once front to back (no seeking back on object storage)
+            with tarfile.open(fileobj=fh, mode="r|") as archive:
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    folder, _, name = member.name.rpartition("/")
+                    stem, dot, suffix = name.partition(".")
+                    key = f"{folder}/{stem}" if folder else stem
+                    if key not in images and key not in others:
+                        order.append(key)
+                    extension = "." + suffix.rsplit(".", 1)[-1].lower() if dot else ""
+                    if extension in IMAGE_EXTENSIONS and key not in images:
+                        images[key] = (f"{tar}#{member.name}@{member.offset_data}"
+                                       f"+{member.size}")
+                    else:
+                        others.setdefault(key, []).append(suffix or "(no extension)")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            truncated = str(exc) or type(exc).__name__
+    for key in order:
+        if key in images:
+            yield key, images[key]
+        else:
+            kinds = ", ".join(others.get(key, [])) or "none"
+            yield key, f"{tar}#{key}!no image in this sample (members: {kinds})"
+    if truncated is not None:
+        name = os.path.basename(tar)
+        notice(f"{tar} is truncated or damaged after {len(order)} sample(s) ({truncated}): "
+               "those are labelled; the rest of it cannot be read")
+        yield f"{name}#unreadable", (f"{tar}#!the tar is truncated or damaged after "
+                                     f"{len(order)} sample(s): {truncated}"[:400])
+
+
+def _tars(location: str) -> list[str]:
+    """The .tar files directly in a folder or under a prefix, sorted (no hidden ones)."""
+    if is_remote(location):
+        fs, root = filesystem(location)
+        base = location.rstrip("/")
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+        return sorted(f"{base}/{n}" for n in names
+                      if n.lower().endswith(".tar") and not n.startswith("."))
+    folder = os.path.abspath(local_path(location))
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if n.lower().endswith(".tar") and not n.startswith("."))
