@@ -83,9 +83,11 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
                         cores=cores)
     compile = config.compile
     if compile is None:
-        compile = pending >= MIN_IMAGES_TO_COMPILE and tuning.compile_pays(pending,
-                                                                           rate_of_model())
-        measured["compile"] = {"pending_images": pending, "chosen": compile}
+        expected = tuning.compile_figures(classifier, batch_size)
+        compile = pending >= MIN_IMAGES_TO_COMPILE and tuning.compile_pays(
+            pending, rate_of_model(), expected["speedup"], expected["compile_seconds"])
+        measured["compile"] = {"pending_images": pending, "chosen": compile,
+                               "expected": expected}
     # On CUDA each batch in flight is also pinned, in page-locked memory nothing else may
     # use: fewer ahead there.
     prefetch = CUDA_PREFETCH_BATCHES if device.type == "cuda" else PREFETCH_BATCHES
@@ -94,8 +96,10 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
         fixed_workers=config.workers is not None, fixed_batch=config.batch_size is not None,
         sharing=_ranks_per_node(part))  # torchrun's processes on one node share it
     if compile:
+        eager_rate = rate_of_model()  # before compiling: what the compiled rate is held to
         tuning.use_inductor_cache(max(1, tuning.usable_cores() // _ranks_per_node(part)))
         classifier.compile(fixed_batch=size.batch_size)
+        measured["compiled"] = tuning.measure_compile(classifier, size.batch_size, eager_rate)
     return Settings(device=device, dtype=classifier.dtype, batch_size=size.batch_size,
                     workers=size.workers, prefetch=size.prefetch, compile=compile,
                     measured=measured)

@@ -27,8 +27,9 @@ CPU_BATCHES = (8, 16, 32, 64)
 CUDA_BATCHES = (32, 64, 128, 256, 512)
 MEASURE_SECONDS = 0.5  # per candidate, after its warm-up: enough for a steady figure
 DECODE_SAMPLE = 16  # of the job's first images, decoded to measure the rate per core
-# What compiling costs and gives when nothing of this machine says otherwise: measured on
-# ResNet-50 bf16, 2 cores of an Intel Xeon with AMX (docs/benchmarks.md).
+# What compiling costs and gives when this machine has not said yet (then it is measured at
+# the compile and kept): ResNet-50 bf16 on 2 cores of an Intel Xeon with AMX, on a day it
+# gave 1.5x; on another it gave none (docs/benchmarks.md).
 COMPILE_SECONDS_COLD = 30.0
 COMPILE_SPEEDUP = 1.4
 
@@ -91,7 +92,7 @@ def measure_batch_size(classifier: Classifier, candidates: tuple[int, ...] | Non
         rates[size] = rate
     if not rates:
         return BatchChoice(candidates[0], {}, cached=False)
-    _write_cache(key, rates)
+    _write_cache(key, {str(b): r for b, r in rates.items()})
     return BatchChoice(max(rates, key=rates.get), rates, cached=False)
 
 
@@ -157,6 +158,8 @@ def workers_for(model_rate: float, decode_rate: float, cores: int, on_cuda: bool
 def compile_pays(pending: int, eager_rate: float, speedup: float = COMPILE_SPEEDUP,
                  compile_seconds: float = COMPILE_SECONDS_COLD) -> bool:
     """Whether compiling saves more time on the pending images than it takes."""
+    if speedup <= 1 or not eager_rate:
+        return False  # it gave nothing here: never worth its compile time
     saved = pending / eager_rate * (1 - 1 / speedup)
     return saved > compile_seconds
 
@@ -171,24 +174,54 @@ def use_inductor_cache(cores: int) -> None:
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(cores))
 
 
-def _read_cache() -> dict:
+def _read_cache(name: str = "batch-sizes.json") -> dict:
     try:
-        return json.loads((cache_dir() / "batch-sizes.json").read_text())
+        return json.loads((cache_dir() / name).read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _write_cache(key: str, rates: dict[int, float]) -> None:
+def _write_cache(key: str, value, name: str = "batch-sizes.json") -> None:
     """Best effort: a cache that cannot be written costs a measurement next time, no more."""
-    entries = _read_cache()
-    entries[key] = {str(b): r for b, r in rates.items()}
-    path = cache_dir() / "batch-sizes.json"
+    entries = _read_cache(name)
+    entries[key] = value
+    path = cache_dir() / name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(entries, indent=1))
         os.replace(tmp, path)
     except OSError as exc:
-        notice(f"cannot keep the batch-size measurement in {path} ({exc.strerror}); the next "
-               "run measures again")
+        notice(f"cannot keep a measurement in {path} ({exc.strerror}); the next run "
+               "measures again")
 
+
+def _compile_key(classifier: Classifier, batch_size: int) -> str:
+    return "|".join([machine_name(classifier.device), classifier.spec.model,
+                     str(classifier.dtype), str(classifier.spec.preprocess.crop),
+                     str(batch_size), torch.__version__])
+
+
+def compile_figures(classifier: Classifier, batch_size: int) -> dict:
+    """What compiling cost and gave the last time on this machine (its kernels were then
+    kept, so the next compile is the warm one), else the figures we measured elsewhere."""
+    known = _read_cache("compiles.json").get(_compile_key(classifier, batch_size))
+    if known:
+        return {**known, "from": "this machine"}
+    return {"compile_seconds": COMPILE_SECONDS_COLD, "speedup": COMPILE_SPEEDUP,
+            "from": "defaults (not yet measured here)"}
+
+
+def measure_compile(classifier: Classifier, batch_size: int, eager_rate: float | None) -> dict:
+    """Compile now, on a synthetic batch (the run's first would pay the same), timing it,
+    then the compiled model's rate; kept for the next run's decision."""
+    crop = classifier.spec.preprocess.crop
+    images = torch.randint(0, 256, (batch_size, 3, crop, crop), dtype=torch.uint8)
+    started = time.perf_counter()
+    classifier.predict(images.contiguous(memory_format=torch.channels_last))
+    figures = {"compile_seconds": round(time.perf_counter() - started, 1)}
+    rate = model_rate(classifier, batch_size, MEASURE_SECONDS)
+    if rate and eager_rate:
+        figures["speedup"] = round(rate / eager_rate, 2)
+        _write_cache(_compile_key(classifier, batch_size), figures, "compiles.json")
+    return figures

@@ -106,3 +106,14 @@ def test_a_key_in_two_tars_is_refused(cli, tmp_path, colour_checkpoint):
     write_tar(folder / "b.tar", 1, 2)
     result = cli(*job(folder, tmp_path / "run", colour_checkpoint))
     assert result.exit_code == 2 and "appear more than once" in result.output
+
+
+def test_a_brace_pattern_names_the_tars_and_a_missing_one_is_an_error_row(
+        cli, tmp_path, shards, colour_checkpoint):
+    pattern = f"{shards}/{{00000..00002}}.tar"  # 00002.tar does not exist
+    result = cli(*job(pattern, tmp_path / "run", colour_checkpoint))
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    assert table["key"].tolist() == [f"{i:09d}" for i in range(2 * PER_TAR)] + [
+        "00002.tar#unreadable"]
+    assert table["status"].iloc[-1] == "error"

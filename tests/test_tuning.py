@@ -65,6 +65,16 @@ def test_workers_come_from_the_measured_rates(model, decode, cores, cuda, expect
     assert tuning.workers_for(model, decode, cores, cuda) == expected
 
 
+def test_what_a_compile_cost_and_gave_here_decides_the_next_time(classifier, own_cache):
+    assert tuning.compile_figures(classifier, 4)["from"].startswith("defaults")
+    figures = tuning.measure_compile(classifier, 4, eager_rate=1e9)  # "compiled": 0x faster
+    assert figures["compile_seconds"] >= 0 and figures["speedup"] < 1
+    known = tuning.compile_figures(classifier, 4)
+    assert known["from"] == "this machine" and known["speedup"] == figures["speedup"]
+    # a compile that gave nothing here is not chosen again, whatever the job's size
+    assert not tuning.compile_pays(10**7, 50.0, known["speedup"], known["compile_seconds"])
+
+
 def test_compile_when_the_pending_images_repay_it():
     assert not tuning.compile_pays(pending=500, eager_rate=77, speedup=1.5, compile_seconds=26)
     assert tuning.compile_pays(pending=20_000, eager_rate=77, speedup=1.5, compile_seconds=26)
@@ -97,7 +107,8 @@ def test_the_choices_and_their_figures_are_recorded(cli, tmp_path, colour_checkp
     rates = measured["batch_sizes"]["images_per_second"]
     assert resolved["batch_size"] == int(max(rates, key=rates.get))
     assert measured["decode_images_per_second_per_core"] > 0 and measured["cores"] >= 1
-    assert measured["compile"] == {"pending_images": 12, "chosen": False}
+    assert measured["compile"]["pending_images"] == 12 and not measured["compile"]["chosen"]
+    assert measured["compile"]["expected"]["from"].startswith("defaults")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["batch_size"] == resolved["batch_size"]
     given = cli("run", folder, "--out", tmp_path / "given", "--model", "resnet18", "--weights",

@@ -25,6 +25,9 @@ KINDS: list[type[Source]] = [TarShardsSource, ParquetImagesSource, FolderSource,
 
 def open_source(spec: SourceSpec) -> Source:
     """The source kind that reads spec.location; a clear line if none does or it is missing."""
+    for kind in KINDS:
+        if kind.claims_pattern(spec.location):
+            return kind(spec)
     if is_remote(spec.location):
         fs, root = filesystem(spec.location)
         is_dir, is_file = fs.isdir(root), fs.isfile(root)

@@ -58,6 +58,11 @@ class Source:
         self.spec = spec
 
     @classmethod
+    def claims_pattern(cls, location: str) -> bool:
+        """Whether `location` is a pattern of this kind's (it names no one file to check)."""
+        return False
+
+    @classmethod
     def claims(cls, location: str, is_dir: bool) -> bool:
         """Whether this kind reads `location` (a folder or prefix when is_dir, else a file)."""
         raise NotImplementedError

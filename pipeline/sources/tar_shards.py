@@ -1,4 +1,4 @@
-"""WebDataset tar shards: a `.tar` file, or a folder or prefix of them (img2dataset's default).
+"""WebDataset tar shards: a `.tar`, a brace pattern of them, or a folder or prefix of them.
 
 A sample is the members sharing a key (the member's name up to the first dot of its base
 name, as WebDataset groups them); its image is the first member named as an image. Listing
@@ -23,12 +23,17 @@ from pipeline.storage import filesystem, is_remote, local_path, open_input
 
 # FILE#MEMBER@OFFSET+SIZE: where an image's bytes lie; FILE#MEMBER! names what went wrong
 _LOCATED = re.compile(r"^(?P<tar>.+?\.tar)#(?P<member>.*)@(?P<offset>\d+)\+(?P<size>\d+)$")
+_BRACES = re.compile(r"\{(?P<first>\d+)\.\.(?P<last>\d+)\}")
 _PROBLEM = re.compile(r"^(?P<tar>.+?\.tar)#(?P<member>.*?)!(?P<problem>.+)$")
 
 
 class TarShardsSource(Source):
     """Samples of WebDataset tars; a sample without an image, or a truncated tar, is an
     error row of its own, never a silent gap."""
+
+    @classmethod
+    def claims_pattern(cls, location: str) -> bool:
+        return location.lower().endswith(".tar") and _BRACES.search(location) is not None
 
     @classmethod
     def claims(cls, location: str, is_dir: bool) -> bool:
@@ -44,7 +49,10 @@ class TarShardsSource(Source):
         keys: list[str] = []
         paths: list[str] = []
         location = spec.location
-        tars = [location] if location.lower().endswith(".tar") else _tars(location)
+        if self.claims_pattern(location):
+            tars = expand_braces(location)
+        else:
+            tars = [location] if location.lower().endswith(".tar") else _tars(location)
         for tar in tars:
             for key, path in _samples(tar):
                 keys.append(key)
@@ -94,32 +102,45 @@ class TarShardsSource(Source):
         return [known[tar] for tar in tars]
 
 
+def expand_braces(pattern: str) -> list[str]:
+    """`shards/{00000..00002}.tar` -> shards/00000.tar ... shards/00002.tar (zero-padded as
+    written; several groups multiply), as WebDataset and img2dataset write them."""
+    match = _BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    first, last = match["first"], match["last"]
+    width = len(first) if first.startswith("0") else 0
+    if int(last) < int(first):
+        raise UsageError(f"{pattern}: {{{first}..{last}}} counts down")
+    return [expanded for number in range(int(first), int(last) + 1)
+            for expanded in expand_braces(
+                pattern[:match.start()] + str(number).zfill(width) + pattern[match.end():])]
+
+
 def _samples(tar: str) -> Iterator[tuple[str, str]]:
     """(key, locator) of each sample of one tar, in the tar's order."""
     order: list[str] = []
     images: dict[str, str] = {}
     others: dict[str, list[str]] = {}
     truncated = None
-    with open_input(tar) as fh:
-        try:
-            # "r|": a stream, read once front to back (no seeking back on object storage)
-            with tarfile.open(fileobj=fh, mode="r|") as archive:
-                for member in archive:
-                    if not member.isfile():
-                        continue
-                    folder, _, name = member.name.rpartition("/")
-                    stem, dot, suffix = name.partition(".")
-                    key = f"{folder}/{stem}" if folder else stem
-                    if key not in images and key not in others:
-                        order.append(key)
-                    extension = "." + suffix.rsplit(".", 1)[-1].lower() if dot else ""
-                    if extension in IMAGE_EXTENSIONS and key not in images:
-                        images[key] = (f"{tar}#{member.name}@{member.offset_data}"
-                                       f"+{member.size}")
-                    else:
-                        others.setdefault(key, []).append(suffix or "(no extension)")
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            truncated = str(exc) or type(exc).__name__
+    try:
+        # "r|": a stream, read once front to back (no seeking back on object storage)
+        with open_input(tar) as fh, tarfile.open(fileobj=fh, mode="r|") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                folder, _, name = member.name.rpartition("/")
+                stem, dot, suffix = name.partition(".")
+                key = f"{folder}/{stem}" if folder else stem
+                if key not in images and key not in others:
+                    order.append(key)
+                extension = "." + suffix.rsplit(".", 1)[-1].lower() if dot else ""
+                if extension in IMAGE_EXTENSIONS and key not in images:
+                    images[key] = f"{tar}#{member.name}@{member.offset_data}+{member.size}"
+                else:
+                    others.setdefault(key, []).append(suffix or "(no extension)")
+    except (tarfile.TarError, EOFError, OSError) as exc:  # truncated, damaged, or gone
+        truncated = str(exc) or type(exc).__name__
     for key in order:
         if key in images:
             yield key, images[key]
