@@ -117,3 +117,25 @@ def test_a_brace_pattern_names_the_tars_and_a_missing_one_is_an_error_row(
     assert table["key"].tolist() == [f"{i:09d}" for i in range(2 * PER_TAR)] + [
         "00002.tar#unreadable"]
     assert table["status"].iloc[-1] == "error"
+
+
+def test_kept_columns_come_from_the_samples_txt_cls_and_json(cli, tmp_path, colour_checkpoint):
+    folder = tmp_path / "kept"
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as archive:
+        for i in range(3):
+            key = f"{i:09d}"
+            add(archive, f"{key}.jpg", jpeg_bytes(i))
+            add(archive, f"{key}.txt", f"a photo {i}\n".encode())
+            add(archive, f"{key}.cls", str(i % 2).encode())
+            add(archive, f"{key}.json", json.dumps(
+                {"url": f"http://example.invalid/{i}.jpg", "original_width": 70 + i}).encode())
+    result = cli(*job(folder, tmp_path / "run", colour_checkpoint,
+                      "--keep-columns", "txt,cls,url,original_width,absent"))
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    assert table["txt"].tolist() == [f"a photo {i}" for i in range(3)]
+    assert table["cls"].tolist() == ["0", "1", "0"]
+    assert table["url"].tolist() == [f"http://example.invalid/{i}.jpg" for i in range(3)]
+    assert table["original_width"].tolist() == ["70", "71", "72"]
+    assert table["absent"].isna().all()

@@ -9,6 +9,7 @@ read of each tar it touches.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tarfile
@@ -43,21 +44,28 @@ class TarShardsSource(Source):
 
     def list_items(self) -> pa.Table:
         spec = self.spec
-        if spec.path_column or spec.root or spec.id_column or spec.keep_columns:
-            raise UsageError("--path-column, --root, --id-column and --keep-columns apply to "
-                             f"manifests, but {spec.location} holds tar shards")
+        if spec.path_column or spec.root or spec.id_column:
+            raise UsageError("--path-column, --root and --id-column apply to manifests, but "
+                             f"{spec.location} holds tar shards")
         keys: list[str] = []
         paths: list[str] = []
+        kept: dict[str, list[str | None]] = {name: [] for name in spec.keep_columns}
         location = spec.location
         if self.claims_pattern(location):
             tars = expand_braces(location)
         else:
             tars = [location] if location.lower().endswith(".tar") else _tars(location)
         for tar in tars:
-            for key, path in _samples(tar):
+            for key, path, fields in _samples(tar, spec.keep_columns):
                 keys.append(key)
                 paths.append(path)
-        return pa.table({"key": pa.array(keys, pa.string()), "path": pa.array(paths, pa.string())})
+                for name, values in kept.items():
+                    values.append(fields.get(name))
+        table = pa.table({"key": pa.array(keys, pa.string()),
+                          "path": pa.array(paths, pa.string())})
+        for name, values in kept.items():
+            table = table.append_column(name, pa.array(values, pa.string()))
+        return table
 
     def fetch(self, paths: list[str], max_bytes: int) -> list[bytes | Exception]:
         """Each image's bytes; the images of one tar in a batch come in one read."""
@@ -117,11 +125,17 @@ def expand_braces(pattern: str) -> list[str]:
                 pattern[:match.start()] + str(number).zfill(width) + pattern[match.end():])]
 
 
-def _samples(tar: str) -> Iterator[tuple[str, str]]:
-    """(key, locator) of each sample of one tar, in the tar's order."""
+def _samples(tar: str, keep: tuple[str, ...] = ()
+             ) -> Iterator[tuple[str, str, dict[str, str | None]]]:
+    """(key, locator, kept fields) of each sample of one tar, in the tar's order.
+
+    Kept fields: `txt` and `cls` are those members' text; any other name is a field of the
+    sample's `json` member (as text; JSON for lists and objects).
+    """
     order: list[str] = []
     images: dict[str, str] = {}
     others: dict[str, list[str]] = {}
+    fields: dict[str, dict[str, str | None]] = {}
     truncated = None
     try:
         # "r|": a stream, read once front to back (no seeking back on object storage)
@@ -139,20 +153,39 @@ def _samples(tar: str) -> Iterator[tuple[str, str]]:
                     images[key] = f"{tar}#{member.name}@{member.offset_data}+{member.size}"
                 else:
                     others.setdefault(key, []).append(suffix or "(no extension)")
+                    if keep and suffix in ("txt", "cls", "json"):
+                        fields.setdefault(key, {}).update(_fields(
+                            suffix, archive.extractfile(member).read(), keep))
     except (tarfile.TarError, EOFError, OSError) as exc:  # truncated, damaged, or gone
         truncated = str(exc) or type(exc).__name__
     for key in order:
         if key in images:
-            yield key, images[key]
+            yield key, images[key], fields.get(key, {})
         else:
             kinds = ", ".join(others.get(key, [])) or "none"
-            yield key, f"{tar}#{key}!no image in this sample (members: {kinds})"
+            yield key, f"{tar}#{key}!no image in this sample (members: {kinds})", \
+                fields.get(key, {})
     if truncated is not None:
         name = os.path.basename(tar)
         notice(f"{tar} is truncated or damaged after {len(order)} sample(s) ({truncated}): "
                "those are labelled; the rest of it cannot be read")
         yield f"{name}#unreadable", (f"{tar}#!the tar is truncated or damaged after "
-                                     f"{len(order)} sample(s): {truncated}"[:400])
+                                     f"{len(order)} sample(s): {truncated}"[:400]), {}
+
+
+def _fields(suffix: str, data: bytes, keep: tuple[str, ...]) -> dict[str, str | None]:
+    """The kept fields one small member holds (text is read as UTF-8, bad bytes replaced)."""
+    text = data.decode("utf-8", "replace")
+    if suffix != "json":
+        return {suffix: text.strip()} if suffix in keep else {}
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    return {name: value if isinstance(value, str) or value is None else json.dumps(value)
+            for name, value in record.items() if name in keep}
 
 
 def _tars(location: str) -> list[str]:
