@@ -114,7 +114,8 @@ def label(run_dir: RunDirectory, job: Job, plan: Plan, summary: RunSummary,
     with recovery.stopped_by_signals(store, plan):
         while True:
             owned = [s for s in range(plan.num_shards) if job.part.owns(s)]
-            pending = [s for s in owned if s not in committed_shards(store)]
+            committed = committed_shards(store)  # one listing of parts/, not one a shard
+            pending = [s for s in owned if s not in committed]
             bar = progress_bar(plan.items_in(owned), plan.items_in(owned) - plan.items_in(
                 pending), show, job.part)
             try:
