@@ -19,6 +19,7 @@ from pipeline import fidelity, tuning
 from pipeline import plan as planning
 from pipeline import runner
 from pipeline.backends import resolve_preprocess
+from pipeline.classifier import Classifier
 from pipeline.config import RunConfig
 from pipeline.decode import DECODE_ERRORS, ImageError, decode
 from pipeline.loader import make_loader, stack_images
@@ -48,6 +49,27 @@ hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split(
 print(json.dumps({"rows": frozen.num_items, "plan_seconds": planned - started,
                   "resume_seconds": time.perf_counter() - planned,
                   "peak_rss_mb": int(hwm) / 1024}))
+"""
+
+
+# A compile is timed in a fresh process, twice on one inductor cache: first empty (cold,
+# a first night's), then holding the first one's kernels (warm, every later night's).
+_COMPILE_PROBE = """
+import json, os, sys, time
+import torch
+from pipeline.backends import resolve_model
+from pipeline.classifier import Classifier
+from pipeline.tuning import model_rate
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+spec = resolve_model(args["model"], args["weights"], args["labels"], args["resize"], args["crop"])
+classifier = Classifier(spec, torch.device(args["device"]), getattr(torch, args["dtype"]), 1)
+classifier.compile(fixed_batch=args["batch_size"])
+images = torch.randint(0, 256, (args["batch_size"], 3, spec.preprocess.crop,
+                                spec.preprocess.crop), dtype=torch.uint8)
+started = time.perf_counter()
+classifier.predict(images.contiguous(memory_format=torch.channels_last))
+print(json.dumps({"seconds": time.perf_counter() - started}))
 """
 
 
@@ -146,17 +168,17 @@ def _loader_figure(rate: float | None, workers: int, images: int, batch: int) ->
                   if workers else "in the main process (--workers 0)")
 
 
-def _model_alone(job, batches: int, batch_size: int) -> float:
-    crop = job.spec.preprocess.crop
+def _model_alone(classifier: Classifier, batches: int, batch_size: int) -> float:
+    crop = classifier.spec.preprocess.crop
     images = stack_images(torch.randint(0, 256, (batch_size, 3, crop, crop),
                                         dtype=torch.uint8).unbind())  # the loader's layout
-    if job.classifier.on_cuda:
+    if classifier.on_cuda:
         images = images.pin_memory()
     for _ in range(2):  # warm-up: allocator, oneDNN/cuDNN kernel choice, compile
-        job.classifier.predict(images)
+        classifier.predict(images)
     started = time.perf_counter()
     for _ in range(batches):
-        job.classifier.predict(images)
+        classifier.predict(images)
     return _rate(batches * batch_size, time.perf_counter() - started)
 
 
@@ -177,6 +199,23 @@ def _plain_loop(paths: list[str], job) -> float:
             net(x).softmax(dim=1).topk(job.config.top_k)
             count += 1
     return _rate(count, time.perf_counter() - started)
+
+
+def compile_probe(config: RunConfig, job, workdir: Path) -> dict:
+    """Seconds to compile the job's model at its batch: cold, then warm (kernels kept)."""
+    classifier = job.classifier
+    args = {"model": config.model, "weights": config.weights, "labels": config.labels,
+            "resize": config.resize, "crop": config.crop, "device": str(classifier.device),
+            "dtype": str(classifier.dtype).removeprefix("torch."),
+            "batch_size": job.settings.batch_size, "threads": torch.get_num_threads()}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor"),
+           "TORCHINDUCTOR_COMPILE_THREADS": str(tuning.usable_cores())}
+    seconds = {}
+    for kind in ("cold", "warm"):
+        done = subprocess.run([sys.executable, "-c", _COMPILE_PROBE, json.dumps(args)],
+                              capture_output=True, text=True, check=True, env=env)
+        seconds[kind] = json.loads(done.stdout.splitlines()[-1])["seconds"]
+    return {"cold_seconds": seconds["cold"], "warm_seconds": seconds["warm"]}
 
 
 def plan_probe(rows: int, workdir: Path) -> dict:
@@ -208,7 +247,11 @@ def bench(config: RunConfig, images: int, reference_images: int,
         loader = _loader_alone(plan, job)
         model_batches = max(4, min(20, len(paths) // job.settings.batch_size))
         chosen = job.settings
-        best = tuning.measure_batch_size(job.classifier)  # cached: the job measured it
+        # The job's classifier is compiled when the job compiles; the best batch is the
+        # eager model's (what a compile is held to), measured on an eager copy.
+        eager = job.classifier if not chosen.compile else Classifier(
+            job.spec, job.classifier.device, job.classifier.dtype, config.top_k)
+        best = tuning.measure_batch_size(eager)  # cached: the job measured it
         e2e_config = dataclasses.replace(  # the job's own choices, not measured again
             config, source=str(manifest), out=str(workdir / "run"), quiet=True,
             overwrite=True, path_column=None, id_column=None, root=None, keep_columns=(),
@@ -217,9 +260,10 @@ def bench(config: RunConfig, images: int, reference_images: int,
         # machine's slow moments then land on both alike instead of skewing their ratio.
         model, best_model, end_to_end = 0.0, 0.0, None
         for _ in range(2):
-            model = max(model, _model_alone(job, model_batches, chosen.batch_size))
-            best_model = model if best.batch_size == chosen.batch_size else max(
-                best_model, _model_alone(job, model_batches, best.batch_size))
+            model = max(model, _model_alone(job.classifier, model_batches, chosen.batch_size))
+            best_model = model if eager is job.classifier and \
+                best.batch_size == chosen.batch_size else max(
+                    best_model, _model_alone(eager, model_batches, best.batch_size))
             run = runner.run(e2e_config)
             if end_to_end is None or run.images_per_second > end_to_end.images_per_second:
                 end_to_end = run
@@ -233,9 +277,11 @@ def bench(config: RunConfig, images: int, reference_images: int,
             Figure("PIL reference transform, 1 core", pil),
             Figure("decode + resize (ours), 1 core", ours, f"{ours / pil:.2f}x PIL"),
             _loader_figure(loader, chosen.workers, len(paths), chosen.batch_size),
-            Figure(f"model alone, batch {chosen.batch_size} (the job's)", model),
-            Figure(f"model alone, best batch ({best.batch_size})", best_model,
-                   "the job's too; " * (best.batch_size == chosen.batch_size)
+            Figure(f"model alone, batch {chosen.batch_size} (the job's"
+                   + ", compiled)" * chosen.compile + ")" * (not chosen.compile), model),
+            Figure(f"model alone, {'eager, ' * chosen.compile}best batch ({best.batch_size})",
+                   best_model, "the job's too; " * (eager is job.classifier and
+                                                    best.batch_size == chosen.batch_size)
                    + "at the job's start, by batch: "
                    + ", ".join(f"{b}: {r:.1f}" for b, r in best.rates.items())),
             Figure("end to end, once the process is up", e2e,
@@ -257,6 +303,11 @@ def bench(config: RunConfig, images: int, reference_images: int,
         }
         result["fidelity"] = fidelity_found.to_dict()
         result["fidelity_text"] = fidelity.render(fidelity_found, preprocess)
+        if chosen.compile:
+            result["compile"] = compile_probe(config, job, workdir)
+        else:
+            expected = chosen.measured.get("compile", {}).get("expected")
+            result["compile"] = {"chosen": False, "expected": expected}
         if plan_rows:
             result["planning"] = plan_probe(plan_rows, workdir)
         return result
@@ -276,10 +327,21 @@ def render(result: dict) -> str:
              f"{result['model']} {result['precision']} on {result['device']}, batch "
              f"{result['batch_size']}, {result['workers']} worker(s), "
              f"{result['torch_threads']} torch thread(s)",
-             f"{'stage':<40} {'images/s':>9}  note"]
+             f"{'stage':<44} {'images/s':>9}  note"]
     for figure in result["figures"]:
-        lines.append(f"{figure['name']:<40} {figure['images_per_second']:>9.1f}  {figure['note']}")
+        lines.append(f"{figure['name']:<44} {figure['images_per_second']:>9.1f}  {figure['note']}")
     lines.append(result["fidelity_text"])
+    found = result["compile"]
+    if "cold_seconds" in found:
+        lines.append(f"compile at batch {result['batch_size']}: {found['cold_seconds']:.1f} s "
+                     f"cold (empty kernel cache), {found['warm_seconds']:.1f} s warm (kernels "
+                     "kept from an earlier run)")
+    else:
+        expected = found["expected"]
+        lines.append("compile: not used by this job" + (
+            f" (expected {expected['compile_seconds']:.0f} s for {expected['speedup']}x, "
+            f"from {expected['from']})" if expected else " (--no-compile)")
+            + "; --compile measures it")
     if "planning" in result:
         p = result["planning"]
         lines.append(f"planning {p['rows']:,} rows: {p['plan_seconds']:.1f} s, resume check "

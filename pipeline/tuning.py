@@ -197,9 +197,11 @@ def _write_cache(key: str, value, name: str = "batch-sizes.json") -> None:
 
 
 def _compile_key(classifier: Classifier, batch_size: int) -> str:
+    # "frozen" names how it is compiled: figures from compiles without frozen weights (which
+    # gave no speedup on some machines) must not decide for these.
     return "|".join([machine_name(classifier.device), classifier.spec.model,
                      str(classifier.dtype), str(classifier.spec.preprocess.crop),
-                     str(batch_size), torch.__version__])
+                     str(batch_size), torch.__version__, "frozen"])
 
 
 def compile_figures(classifier: Classifier, batch_size: int) -> dict:

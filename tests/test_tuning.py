@@ -80,7 +80,10 @@ def test_compile_when_the_pending_images_repay_it():
     assert tuning.compile_pays(pending=20_000, eager_rate=77, speedup=1.5, compile_seconds=26)
 
 
-def test_compiled_and_eager_agree_and_a_short_batch_is_padded_to_one_shape(classifier):
+def test_compiled_and_eager_agree_and_a_short_batch_is_padded_to_one_shape(colour_checkpoint):
+    """Compiled with frozen weights (batch norm folded in), embeddings caught by a hook."""
+    spec = resolve_model("resnet18", str(colour_checkpoint), resize=72, crop=64)
+    classifier = Classifier(spec, torch.device("cpu"), torch.float32, top_k=2, embeddings=True)
     images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(1))
     eager = classifier.predict(images)
@@ -92,6 +95,8 @@ def test_compiled_and_eager_agree_and_a_short_batch_is_padded_to_one_shape(class
     assert shapes == [(8, 3, 64, 64)] and found.scores.shape == (5, 2)
     assert np.array_equal(found.class_ids[:, 0], eager.class_ids[:, 0])
     np.testing.assert_allclose(found.scores, eager.scores, atol=1e-4)
+    assert found.embeddings.shape == (5, 512)
+    np.testing.assert_allclose(found.embeddings, eager.embeddings, atol=1e-3)
 
 
 def test_the_choices_and_their_figures_are_recorded(cli, tmp_path, colour_checkpoint,
