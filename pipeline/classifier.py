@@ -60,6 +60,28 @@ class Prediction:
                           embeddings=embeddings)
 
 
+class Labelling:
+    """A batch on its way through the device. On CUDA, result() waits for its scores to
+    arrive while the next batch is already sent; elsewhere they are there already."""
+
+    def __init__(self, found: torch.Tensor | Prediction, done: torch.cuda.Event | None = None,
+                 top_k: int = 0, inputs: torch.Tensor | None = None):
+        self._found = found  # scores, class ids (and embeddings) in one host tensor
+        self._done = done
+        self._top_k = top_k
+        self._inputs = inputs  # the host batch, kept until its copy to the device is done
+
+    def result(self) -> Prediction:
+        if isinstance(self._found, Prediction):
+            return self._found
+        if self._done is not None:
+            self._done.synchronize()
+        found, k = self._found.numpy(), self._top_k
+        embeddings = np.ascontiguousarray(found[:, 2 * k:]) if found.shape[1] > 2 * k else None
+        return Prediction(class_ids=found[:, k:2 * k].astype(np.int32),
+                          scores=np.ascontiguousarray(found[:, :k]), embeddings=embeddings)
+
+
 _LIBRARY_OUT_OF_MEMORY = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
                           "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
 
@@ -89,7 +111,10 @@ class Classifier:
             head.register_forward_pre_hook(lambda _, inputs: self._features.append(inputs[0]))
             self.embedding_size = head.in_features
         self.net = net
-        self.fixed_batch: int | None = None  # compiled: every batch padded to this size
+        self.fixed_batch: int | None = None  # every batch padded to this size (pad_batches_to)
+        # CUDA: a batch is copied to the device on a stream of its own while the one before
+        # computes; the stream waits for the copy, no more.
+        self._copies = torch.cuda.Stream(device) if self.on_cuda else None
         mean = torch.tensor(spec.preprocess.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(spec.preprocess.std, device=device).view(1, 3, 1, 1)
         # (x / 255 - mean) / std as one multiply-add on the device. In fp16 (10-bit mantissa)
@@ -100,9 +125,15 @@ class Classifier:
         self._shift = (-mean / std).to(self._norm_dtype)
         self.fits: int | None = None  # the largest batch known to fit, once one did not
 
+    def pad_batches_to(self, size: int) -> None:
+        """Every batch given the same shape: shorter ones (the last, those with error rows)
+        are padded on the device and the padding's rows dropped. A compiled network then
+        compiles once, and cuDNN's benchmark picks its kernels once, not for each new shape."""
+        self.fixed_batch = size
+
     def compile(self, fixed_batch: int) -> None:
-        """torch.compile the network for one batch shape: shorter batches are padded to it
-        (the padding's rows dropped), so one compile serves the whole run."""
+        """torch.compile the network for one batch shape (pad_batches_to), so one compile
+        serves the whole run."""
         import torch._inductor.config as inductor
 
         # Freezing treats the weights as constants: batch norm folded into the convolutions
@@ -111,16 +142,22 @@ class Classifier:
         # which is all this process does.
         inductor.freezing = True
         self.net = torch.compile(self.net)
-        self.fixed_batch = fixed_batch
+        self.pad_batches_to(fixed_batch)
 
     def predict(self, images: torch.Tensor) -> Prediction:
-        """Top-k of a uint8 batch. A batch the device has no memory for goes in halves.
+        """Top-k of a uint8 batch, waited for."""
+        return self.submit(images).result()
+
+    def submit(self, images: torch.Tensor) -> Labelling:
+        """Top-k of a uint8 batch, on its way. A batch the device has no memory for goes in
+        halves.
 
         A model or input size that the default batch does not fit on a small card then
         still runs, at the largest batch that fits.
         """
         if self.fits is not None and len(images) > self.fits:
-            return Prediction.join([self.predict(part) for part in images.split(self.fits)])
+            return Labelling(Prediction.join([self.predict(part)
+                                              for part in images.split(self.fits)]))
         try:
             return self._forward(images)
         except torch.cuda.OutOfMemoryError:  # what any device raises (torch.OutOfMemoryError)
@@ -140,15 +177,14 @@ class Classifier:
             self.fixed_batch = self.fits  # a new shape once, not a padded one that fails
         notice(f"{self.device} ran out of memory with batches of {len(images)}: going on "
                f"with {self.fits}; --batch-size {self.fits} starts there")
-        return self.predict(images)
+        return self.submit(images)
 
     @torch.inference_mode()
-    def _forward(self, images: torch.Tensor) -> Prediction:
+    def _forward(self, images: torch.Tensor) -> Labelling:
         count = len(images)
+        x = self._to_device(images)
         if self.fixed_batch is not None and count < self.fixed_batch:
-            images = torch.cat([images, images.new_zeros(
-                (self.fixed_batch - count, *images.shape[1:]))])
-        x = images.to(self.device, non_blocking=self.on_cuda)
+            x = torch.cat([x, x.new_zeros((self.fixed_batch - count, *x.shape[1:]))])
         x = torch.addcmul(self._shift, x.to(self._norm_dtype), self._scale)
         # The loader's batches arrive channels_last already (then this copies nothing);
         # other callers' planar ones are converted here.
@@ -156,11 +192,26 @@ class Classifier:
         self._features.clear()
         probs = self.net(x)[:count].float().softmax(dim=1)
         scores, ids = probs.topk(self.top_k, dim=1)
-        # One copy back from the device, not two: class ids are exact in float32.
-        found = torch.cat([scores, ids.float()], dim=1).cpu().numpy()
-        embeddings = None
+        # One copy back from the device, not two or three: class ids are exact in float32.
+        found = [scores, ids.float()]
         if self.embedding_size is not None:
-            embeddings = self._features[-1][:count].float().cpu().numpy()
-        return Prediction(class_ids=found[:, self.top_k:].astype(np.int32),
-                          scores=np.ascontiguousarray(found[:, :self.top_k]),
-                          embeddings=embeddings)
+            found.append(self._features[-1][:count].float())
+        return self._to_host(torch.cat(found, dim=1), images)
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.on_cuda:
+            return images.to(self.device)
+        with torch.cuda.stream(self._copies):  # beside the batch before, still computing
+            x = images.to(self.device, non_blocking=True)
+        torch.cuda.current_stream().wait_stream(self._copies)
+        x.record_stream(torch.cuda.current_stream())  # its memory is the compute's to free
+        return x
+
+    def _to_host(self, found: torch.Tensor, images: torch.Tensor) -> Labelling:
+        if not self.on_cuda:
+            return Labelling(found, top_k=self.top_k)
+        host = torch.empty(found.shape, dtype=found.dtype, pin_memory=True)
+        host.copy_(found, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Labelling(host, done, self.top_k, inputs=images)

@@ -27,6 +27,9 @@ MAX_BYTES_PER_PIXEL = 8
 SHARED_MEMORY = "/dev/shm"
 SHARED_MEMORY_SHARE = 0.5
 MIN_BATCH_SIZE = 32  # how far a default batch size is lowered to keep decoding workers
+# On CUDA each batch in flight is also copied into page-locked (pinned) host memory, which
+# the rest of the machine cannot use: at most this share of what is available.
+PINNED_MEMORY_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,13 @@ class LoaderSize:
         if self.workers == 0:
             return 0  # decoded in the main process: nothing is handed over
         return (self.workers * self.prefetch + 1) * self.batch_size * image_bytes
+
+    def pinned_bytes(self, image_bytes: int) -> int:
+        """Page-locked memory the batches in flight hold on CUDA: the prefetched ones (pinned
+        as they arrive) and two at the model (one computing, the next being copied), each
+        in a power-of-two block, as CUDA's host allocator rounds them and keeps them."""
+        block = 1 << max(0, self.batch_size * image_bytes - 1).bit_length()
+        return (max(1, self.workers) * self.prefetch + 2) * block
 
 
 def free_shared_memory() -> int | None:
@@ -97,6 +107,37 @@ def size_for_shared_memory(wanted: LoaderSize, image_bytes: int, *, fixed_worker
              f"using {size.workers} worker(s), batches of {size.batch_size}, {size.prefetch} "
              "prefetched by each")
     notice(f"{shortage}: {using}; for full speed {more_shared_memory(held)}")
+    return size
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations now (Linux); None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            kib = next(line.split()[1] for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+    return int(kib) * 1024
+
+
+def fit_pinned_memory(wanted: LoaderSize, image_bytes: int, available: int | None,
+                      sharing: int = 1) -> LoaderSize:
+    """The loader as wanted, with fewer batches prefetched while their page-locked copies
+    would take more than PINNED_MEMORY_SHARE of the memory available (among `sharing`
+    processes): pinned memory is never swapped out or given back, and a node of 8 GPUs
+    fed 12 MP-sized batches could otherwise lock ~17 GiB."""
+    if available is None:
+        return wanted
+    budget = int(available * PINNED_MEMORY_SHARE) // sharing
+    size = wanted
+    while size.prefetch > 1 and size.pinned_bytes(image_bytes) > budget:
+        size = LoaderSize(size.workers, size.batch_size, size.prefetch - 1)
+    if size.pinned_bytes(image_bytes) > budget:
+        notice(f"the batches in flight would lock {size.pinned_bytes(image_bytes) / 2**20:.0f}"
+               f" MB of page-locked memory per process, more than "
+               f"{PINNED_MEMORY_SHARE:.0%} of the {available / 2**20:.0f} MB available"
+               + (f" shared by {sharing} processes" if sharing > 1 else "")
+               + ": lower --workers or --batch-size if the machine starts swapping")
     return size
 
 

@@ -7,12 +7,13 @@ import time
 import pyarrow as pa
 
 from pipeline import launchers, plan as planning, recovery, settings as machine
+from pipeline.classifier import Labelling
 from pipeline.commit import PartCommitter, ShardBuffers, write_failure
 from pipeline.config import RunConfig
 from pipeline.errors import RunError, UsageError
 from pipeline.job import Job, prepare
 from pipeline.launchers import ProcessGroup
-from pipeline.loader import LoaderSize, PlanItems, make_loader
+from pipeline.loader import Batch, LoaderSize, PlanItems, make_loader
 from pipeline.plan import Plan
 from pipeline.progress import progress_bar
 from pipeline.rundir import RunDirectory, committed_shards, part_name
@@ -140,17 +141,32 @@ def _label_pending(items: PlanItems, pending: list[int], job: Job, schema, store
     batches = iter(loader)  # starts the workers before any thread of ours exists (fork-safe)
     committer = PartCommitter(store, plan, schema, list(job.spec.categories))
     shards = ShardBuffers(plan, job.config.top_k, classifier.embedding_size)
-    received = 0
+    received = labelled = 0  # items out of the loader (where a dead worker was), done
+
+    def finish(batch: Batch, labelling: Labelling | None) -> None:
+        nonlocal labelled
+        computing = time.perf_counter()
+        prediction = labelling.result() if labelling else None
+        summary.compute_seconds += time.perf_counter() - computing
+        for shard, result in shards.fill(batch, prediction):
+            committer.submit(shard, result)
+        labelled += len(batch.indices)
+        bar.update(len(batch.indices))
+
     try:
         try:
+            # One batch in flight: on CUDA the next is read and sent while it computes.
+            in_flight = None
             for batch in _timed(batches, summary):
-                computing = time.perf_counter()
-                prediction = classifier.predict(batch.images) if batch.decoded else None
-                summary.compute_seconds += time.perf_counter() - computing
-                for shard, result in shards.fill(batch, prediction):
-                    committer.submit(shard, result)
                 received += len(batch.indices)
-                bar.update(len(batch.indices))
+                computing = time.perf_counter()
+                labelling = classifier.submit(batch.images) if batch.decoded else None
+                summary.compute_seconds += time.perf_counter() - computing
+                if in_flight:
+                    finish(*in_flight)
+                in_flight = (batch, labelling)
+            if in_flight:
+                finish(*in_flight)
         finally:
             recovery.release_leaked_logging_lock()  # before the writer thread may log
             bar.close()
@@ -160,7 +176,7 @@ def _label_pending(items: PlanItems, pending: list[int], job: Job, schema, store
             finally:
                 committer.drain()  # whatever happened, finished shards get committed
                 summary.write_seconds += committer.seconds
-                summary.labelled_now += received
+                summary.labelled_now += labelled
     except (RuntimeError, ConnectionError, EOFError) as exc:
         size = LoaderSize(chosen.workers, chosen.batch_size, chosen.prefetch)
         failure = recovery.loader_failure(exc, plan, pending, received, size,

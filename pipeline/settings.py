@@ -18,8 +18,8 @@ from pipeline.classifier import Classifier, resolve_device, resolve_precision
 from pipeline.config import RunConfig
 from pipeline.errors import notice
 from pipeline.launchers import Slice
-from pipeline.loader import (PREFETCH_BATCHES, LoaderSize, fit_shared_memory,
-                             free_shared_memory, size_for_shared_memory)
+from pipeline.loader import (PREFETCH_BATCHES, LoaderSize, available_memory, fit_pinned_memory,
+                             fit_shared_memory, free_shared_memory, size_for_shared_memory)
 from pipeline.sources import Source
 
 # Below this many images to label, compiling cannot pay on any machine we know: it takes
@@ -95,6 +95,11 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
         LoaderSize(workers, batch_size, prefetch), preprocess.crop_bytes,
         fixed_workers=config.workers is not None, fixed_batch=config.batch_size is not None,
         sharing=_ranks_per_node(part))  # torchrun's processes on one node share it
+    if device.type == "cuda":
+        size = fit_pinned_memory(size, preprocess.crop_bytes, available_memory(),
+                                 sharing=_ranks_per_node(part))
+        measured["pinned_megabytes"] = round(size.pinned_bytes(preprocess.crop_bytes) / 2**20)
+        classifier.pad_batches_to(size.batch_size)  # one shape for cuDNN's kernel choice
     if compile:
         eager_rate = rate_of_model()  # before compiling: what the compiled rate is held to
         tuning.use_inductor_cache(max(1, tuning.usable_cores() // _ranks_per_node(part)))

@@ -227,7 +227,7 @@ def test_a_signal_landing_inside_logging_leaves_its_lock_to_the_other_threads(
         logging._lock.acquire()  # where logging's own call would have let go of it
         raise KeyboardInterrupt(signal.SIGTERM)
 
-    monkeypatch.setattr(Classifier, "predict", interrupted_inside_logging)
+    monkeypatch.setattr(Classifier, "submit", interrupted_inside_logging)
     try:
         fails_with(cli, job(folder, tmp_path / "run", colour_checkpoint), 128 + signal.SIGTERM,
                    "stopped by SIGTERM")

@@ -25,8 +25,8 @@ pytestmark = [pytest.mark.gpu,
 CUDA = torch.device("cuda", 0)
 
 
-def batch(n: int, crop: int = 64) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(n)
+def batch(n: int, crop: int = 64, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 * seed + n)
     images = torch.randint(0, 256, (n, 3, crop, crop), dtype=torch.uint8, generator=generator)
     return images.contiguous(memory_format=torch.channels_last)
 
@@ -48,6 +48,22 @@ def test_pinned_batches_are_copied_without_blocking_and_give_the_same_labels(
     pinned = classifier.predict(images.pin_memory())
     pageable = classifier.predict(images)
     assert np.array_equal(pinned.class_ids, pageable.class_ids)
+
+
+def test_batches_sent_while_others_compute_keep_their_own_results(colour_checkpoint):
+    """The run's order on CUDA: batch i+1 copied on a side stream while batch i computes,
+    each result fetched once the next is sent; a short batch padded on the device."""
+    spec = resolve_model("resnet18", str(colour_checkpoint), resize=72, crop=64)
+    classifier = Classifier(spec, CUDA, torch.float32, top_k=2, embeddings=True)
+    batches = [batch(16, seed=i).pin_memory() for i in range(3)] + [batch(5).pin_memory()]
+    one_at_a_time = [classifier.predict(images) for images in batches]
+    classifier.pad_batches_to(16)
+    in_flight = [classifier.submit(images) for images in batches]  # none waited for yet
+    for expected, labelling in zip(one_at_a_time, in_flight):
+        found = labelling.result()
+        assert np.array_equal(found.class_ids, expected.class_ids)
+        np.testing.assert_allclose(found.scores, expected.scores, atol=1e-5)
+        np.testing.assert_allclose(found.embeddings, expected.embeddings, atol=1e-4)
 
 
 def test_out_of_memory_in_a_real_run_goes_on_in_halves(cli, tmp_path, colour_checkpoint):

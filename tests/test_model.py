@@ -15,7 +15,8 @@ from pipeline import settings
 from pipeline.backends import resolve_model
 from pipeline.classifier import Classifier, resolve_device, resolve_precision
 from pipeline.errors import RunError, UsageError
-from pipeline.loader import PREFETCH_BATCHES, LoaderSize, fit_shared_memory
+from pipeline.loader import (PREFETCH_BATCHES, LoaderSize, fit_pinned_memory,
+                             fit_shared_memory)
 from tests.conftest import COLOURS, read_output, write_colour_images
 
 
@@ -210,6 +211,24 @@ def test_batches_in_flight_are_kept_within_half_the_shared_memory():
     assert fit(64 * MB, fixed_workers=True) is None  # given workers stay: it cannot fit
     assert fit(64 * MB, fixed_workers=True, fixed_batch=True) is None
     assert fit(1 * MB, workers=0) == LoaderSize(0, 256, PREFETCH_BATCHES)  # nothing shared
+
+
+def test_pinned_batches_are_counted_and_kept_within_a_quarter_of_the_memory(capsys):
+    """The issue's 8-GPU node: 12 MP-fed ranks of 8 workers, batches of 256 at 224 px."""
+    wanted = LoaderSize(8, 256, PREFETCH_BATCHES)
+    # 38.5 MB a batch, pinned in a 64 MiB block; 8 x 4 prefetched + 2 at the model
+    assert wanted.pinned_bytes(CROP_224) == 34 * 64 * MB
+    node = 64 * 1024 * MB  # available, shared by 8 ranks: 8 GiB each, a quarter is 2 GiB
+    assert fit_pinned_memory(wanted, CROP_224, 4 * node, sharing=8) == wanted
+    fitted = fit_pinned_memory(wanted, CROP_224, node, sharing=8)
+    assert fitted == LoaderSize(8, 256, 3)  # fewer prefetched: 26 x 64 MiB <= 2 GiB
+    assert fitted.pinned_bytes(CROP_224) <= node // 4 // 8 < LoaderSize(8, 256, 4).pinned_bytes(
+        CROP_224)
+    assert capsys.readouterr().err == ""
+    # not even one prefetched each fits: said, and the loader left at its least
+    assert fit_pinned_memory(wanted, CROP_224, 2048 * MB, sharing=8) == LoaderSize(8, 256, 1)
+    assert "would lock 640 MB of page-locked memory" in capsys.readouterr().err
+    assert fit_pinned_memory(wanted, CROP_224, None) == wanted  # unknown: as wanted
 
 
 def test_predict_returns_sorted_probabilities_for_uint8_batches(tmp_path, small_state_dict):
