@@ -22,9 +22,9 @@ from pipeline.backends import resolve_preprocess
 from pipeline.classifier import Classifier
 from pipeline.config import RunConfig
 from pipeline.decode import DECODE_ERRORS, ImageError, decode
-from pipeline.loader import make_loader, stack_images
 from pipeline.job import prepare, source_spec
-from pipeline.sources import read_source
+from pipeline.loader import PREFETCH_BATCHES, LoaderSize, make_loader, stack_images
+from pipeline.sources import open_source, read_items, read_source
 from pipeline.storage import Store, is_remote, open_input, read_bytes
 
 # Planning is measured in a fresh process so that its peak memory is its own.
@@ -71,6 +71,9 @@ started = time.perf_counter()
 classifier.predict(images.contiguous(memory_format=torch.channels_last))
 print(json.dumps({"seconds": time.perf_counter() - started}))
 """
+
+
+LOADER_BATCH = 32  # --loader-only's batch when none is given (no model to measure one)
 
 
 @dataclasses.dataclass
@@ -133,21 +136,21 @@ def _per_core_decode(paths: list[str], preprocess) -> tuple[float, float]:
     return _rate(len(paths), best[ours]), _rate(len(paths), best[pil])
 
 
-def _loader_alone(plan, job) -> float | None:
+def _loader_alone(plan, source, preprocess, size: LoaderSize, max_pixels: int,
+                  pin_memory: bool = False) -> float | None:
     """Images/s out of the DataLoader, nothing else running; the better of two passes.
 
     None when the sample is one batch or less: what comes after the first batch (worker
     start-up is not throughput) is what is timed, and there would be nothing.
     """
-    if plan.num_items <= job.settings.batch_size:
+    if plan.num_items <= size.batch_size:
         return None
     best = 0.0
     for _ in range(2):  # the first pass also pays for warming files and allocator
-        chosen = job.settings
-        loader = make_loader(plan, list(range(plan.num_shards)), job.source, job.spec.preprocess,
-                             batch_size=chosen.batch_size, workers=chosen.workers,
-                             max_pixels=job.config.max_pixels, pin_memory=job.classifier.on_cuda,
-                             prefetch=chosen.prefetch)
+        loader = make_loader(plan, list(range(plan.num_shards)), source, preprocess,
+                             batch_size=size.batch_size, workers=size.workers,
+                             max_pixels=max_pixels, pin_memory=pin_memory,
+                             prefetch=size.prefetch)
         batches = iter(loader)
         first = next(batches)  # worker start-up is not throughput
         started, count = time.perf_counter(), 0
@@ -244,9 +247,11 @@ def bench(config: RunConfig, images: int, reference_images: int,
         preprocess = job.spec.preprocess
         ours, pil = _per_core_decode(paths[:100], preprocess)
         fidelity_found = fidelity.compare(paths[:100], preprocess, config.max_pixels)
-        loader = _loader_alone(plan, job)
-        model_batches = max(4, min(20, len(paths) // job.settings.batch_size))
         chosen = job.settings
+        loader = _loader_alone(plan, job.source, preprocess, LoaderSize(
+            chosen.workers, chosen.batch_size, chosen.prefetch), config.max_pixels,
+            pin_memory=job.classifier.on_cuda)
+        model_batches = max(4, min(20, len(paths) // job.settings.batch_size))
         # The job's classifier is compiled when the job compiles; the best batch is the
         # eager model's (what a compile is held to), measured on an eager copy.
         eager = job.classifier if not chosen.compile else Classifier(
@@ -311,6 +316,34 @@ def bench(config: RunConfig, images: int, reference_images: int,
         if plan_rows:
             result["planning"] = plan_probe(plan_rows, workdir)
         return result
+
+
+def loader_only(config: RunConfig, images: int) -> dict:
+    """The loader alone on the first `images` of SOURCE, of any kind; no model is loaded.
+
+    For comparing where and how images are kept (loose files or tar shards, local disk or
+    a bucket): --workers and --batch-size as given, else a worker a core and batches of
+    LOADER_BATCH.
+    """
+    preprocess = resolve_preprocess(config.model, config.weights, config.resize, config.crop)
+    source = open_source(source_spec(config))
+    items = read_items(source).slice(0, images)
+    workers = tuning.usable_cores() if config.workers is None else config.workers
+    size = LoaderSize(workers, config.batch_size or LOADER_BATCH, PREFETCH_BATCHES)
+    with tempfile.TemporaryDirectory(prefix="label-images-bench-") as tmp:
+        plan = planning.freeze(items, Store(tmp), config.shard_size)
+        rate = _loader_alone(plan, source, preprocess, size, config.max_pixels)
+    figure = _loader_figure(rate, size.workers, len(items), size.batch_size)
+    return {"source": config.source, "images": len(items), "workers": size.workers,
+            "batch_size": size.batch_size, "figures": [dataclasses.asdict(figure)]}
+
+
+def render_loader_only(result: dict) -> str:
+    figure = result["figures"][0]
+    return (f"label-images bench --loader-only: {result['images']} images from "
+            f"{result['source']}, batch {result['batch_size']}, "
+            f"{result['workers']} worker(s)\n"
+            f"{figure['name']:<44} {figure['images_per_second']:>9.1f}  {figure['note']}")
 
 
 def fidelity_only(config: RunConfig, images: int) -> dict:

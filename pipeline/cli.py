@@ -177,7 +177,8 @@ def merge(
 @app.command()
 @one_line_errors
 def bench(
-    source: Annotated[str, typer.Argument(help="A folder of images or a manifest to sample.")],
+    source: Annotated[str, typer.Argument(
+        help="A folder of images or a manifest to sample (any kind with --loader-only).")],
     images: Annotated[int, typer.Option(help="Images to use from SOURCE.")] = 500,
     reference_images: Annotated[int, typer.Option(
         help="Images for the (slow) tutorials' loop.")] = 64,
@@ -189,6 +190,10 @@ def bench(
         "--fidelity", help="Only compare our crops with the reference transform's on the "
                            "first --images of SOURCE (mean, max, worst file); no model is "
                            "loaded.")] = False,
+    loader_only: Annotated[bool, typer.Option(
+        "--loader-only", help="Only time the loader alone on the first --images of SOURCE, "
+                              "of any kind (to compare storage layouts); no model is "
+                              "loaded.")] = False,
     config: ConfigFile = None, model: Model = None, weights: Weights = None,
     resize: Resize = None, crop: Crop = None, device: Device = None,
     precision: PrecisionOption = None, batch_size: BatchSize = None, workers: Workers = None,
@@ -203,9 +208,14 @@ def bench(
         raise UsageError("--images and --reference-images must be at least 1")
     from pipeline import bench as benchmark
 
+    if fidelity and loader_only:
+        raise UsageError("--fidelity and --loader-only are two different benchmarks: one at a time")
     if fidelity:
         result = benchmark.fidelity_only(resolved, images)
         typer.echo(result["fidelity_text"])
+    elif loader_only:
+        result = benchmark.loader_only(resolved, images)
+        typer.echo(benchmark.render_loader_only(result))
     else:
         result = benchmark.bench(resolved, images, reference_images, plan_rows)
         typer.echo(benchmark.render(result))

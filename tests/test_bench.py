@@ -57,3 +57,24 @@ def test_too_few_images_for_a_stage_is_said_not_timed(cli, tmp_path, colour_chec
     assert "not timed: 4 image(s) are one batch of 4 or less" in result.output
     # 4 images never repay a compile: not timed either, and what was expected is said
     assert "compile: not used by this job (expected" in result.output
+
+
+def test_the_loader_alone_on_tar_shards_loads_no_model(cli, tmp_path):
+    """Any kind of source; with the default model's weights absent (offline), loading the
+    model would fail: it is not loaded."""
+    from tests.test_tar_shards import write_tar
+
+    (tmp_path / "shards").mkdir()
+    for n in range(2):
+        write_tar(tmp_path / "shards" / f"{n:05d}.tar", 6 * n, 6, corrupt=6 * n + 1)
+    report = tmp_path / "loader.json"
+    result = cli("bench", tmp_path / "shards", "--loader-only", "--images", "10",
+                 "--batch-size", "2", "--workers", "1", "--json", report)
+    assert result.exit_code == 0, result.output
+    found = json.loads(report.read_text())
+    assert (found["images"], found["workers"], found["batch_size"]) == (10, 1, 2)
+    loader = found["figures"][0]
+    assert loader["name"] == "loader alone" and loader["images_per_second"] > 0
+    assert "loader alone" in result.output and "10 images from" in result.output
+    both = cli("bench", tmp_path / "shards", "--loader-only", "--fidelity")
+    assert both.exit_code == 2 and "one at a time" in both.output
