@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -110,6 +111,35 @@ def test_killed_mid_run_then_resumed_labels_every_row_once(tmp_path, img2dataset
     assert resumed.returncode == 0, resumed.stderr
     table = read_output(tmp_path / "run" / "labels.parquet")
     assert table["key"].tolist() == [f"{i:09d}" for i in range(ROWS)]
+
+
+def test_incremental_nights_follow_each_files_version(cli, tmp_path, img2dataset_folder,
+                                                     colour_checkpoint):
+    """A file is its rows' version: a rewritten file relabels its rows, a new one adds, a
+    removed one removes, and each night's table equals a from-scratch run's."""
+    from tests.test_incremental import assert_equals_scratch, night
+
+    folder, out = tmp_path / "parquet", tmp_path / "nightly"
+    shutil.copytree(img2dataset_folder, folder)
+    summary, _ = night(cli, folder, out, colour_checkpoint)
+    assert summary["changes"] == {"new": ROWS, "changed": 0, "unchanged": 0, "removed": 0}
+
+    # night 2: 00001 rewritten (its first image now a failed download), 00002 new, 00000 gone
+    rewritten = pq.read_table(folder / "00001.parquet")
+    images = rewritten["jpg"].to_pylist()
+    images[0] = None
+    pq.write_table(rewritten.set_column(1, "jpg", pa.array(images, pa.binary())),
+                   folder / "00001.parquet")
+    pq.write_table(pa.table({"key": ["new0", "new1"], "jpg": [jpeg_bytes(1), jpeg_bytes(2)]}),
+                   folder / "00002.parquet")
+    (folder / "00000.parquet").unlink()
+    summary, _ = night(cli, folder, out, colour_checkpoint)
+    half = ROWS // 2
+    assert summary["changes"] == {"new": 2, "changed": half, "unchanged": 0, "removed": half}
+    assert summary["labelled_now"] == half + 2
+    table = read_output(out / "labels.parquet")
+    assert (table["status"] == "error").sum() == 1
+    assert_equals_scratch(cli, tmp_path, folder, out, colour_checkpoint, "2")
 
 
 def test_a_folder_of_images_is_still_a_folder(cli, tmp_path, colour_checkpoint):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -97,6 +98,35 @@ def test_killed_mid_run_then_resumed_labels_every_sample_once(tmp_path, shards,
     assert resumed.returncode == 0, resumed.stderr
     table = read_output(tmp_path / "run" / "labels.parquet")
     assert table["key"].tolist() == [f"{i:09d}" for i in range(2 * PER_TAR)]
+
+
+def test_incremental_nights_follow_each_tars_version(cli, tmp_path, colour_checkpoint):
+    """A tar is a sample's version: a rewritten tar relabels its samples, a new one adds,
+    a removed one removes, and each night's table equals a from-scratch run's."""
+    from tests.test_incremental import assert_equals_scratch, night
+
+    folder, out = tmp_path / "shards", tmp_path / "nightly"
+    folder.mkdir()
+    write_tar(folder / "00000.tar", 0, PER_TAR)
+    write_tar(folder / "00001.tar", PER_TAR, PER_TAR)
+    summary, _ = night(cli, folder, out, colour_checkpoint)
+    assert summary["changes"] == {"new": 12, "changed": 0, "unchanged": 0, "removed": 0}
+
+    # night 2: 00001 rewritten (one image now corrupt), 00002 new, 00000 gone
+    before = (folder / "00001.tar").stat()
+    write_tar(folder / "00001.tar", PER_TAR, PER_TAR, corrupt=PER_TAR + 3)
+    os.utime(folder / "00001.tar", ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    write_tar(folder / "00002.tar", 2 * PER_TAR, PER_TAR)
+    (folder / "00000.tar").unlink()
+    summary, _ = night(cli, folder, out, colour_checkpoint)
+    assert summary["changes"] == {"new": 6, "changed": 6, "unchanged": 0, "removed": 6}
+    assert summary["labelled_now"] == 12
+    table = read_output(out / "labels.parquet").set_index("key")
+    assert table.loc[f"{PER_TAR + 3:09d}", "status"] == "error"
+    assert_equals_scratch(cli, tmp_path, folder, out, colour_checkpoint, "2")
+
+    result = cli(*job(folder, out, colour_checkpoint, "--incremental"))
+    assert result.exit_code == 0 and "0 new, 0 changed, 12 unchanged, 0 removed" in result.output
 
 
 def test_a_key_in_two_tars_is_refused(cli, tmp_path, colour_checkpoint):
