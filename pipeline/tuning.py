@@ -28,8 +28,8 @@ CUDA_BATCHES = (32, 64, 128, 256, 512)
 MEASURE_SECONDS = 0.5  # per candidate, after its warm-up: enough for a steady figure
 DECODE_SAMPLE = 16  # of the job's first images, decoded to measure the rate per core
 # What compiling costs and gives when this machine has not said yet (then it is measured at
-# the compile and kept): ResNet-50 bf16 on 2 cores of an Intel Xeon with AMX, on a day it
-# gave 1.5x; on another it gave none (docs/benchmarks.md).
+# the compile and kept): ResNet-50 bf16 on 2 cores, 1.5x on an Intel Xeon with AMX (the
+# issue's figure), 1.2-1.45x with frozen weights on an AMD EPYC (docs/benchmarks.md).
 COMPILE_SECONDS_COLD = 30.0
 COMPILE_SPEEDUP = 1.4
 
