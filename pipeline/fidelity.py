@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
-from pipeline.storage import read_bytes
 
 # Per image, in levels of 255 of the uint8 crop: the bound our fast paths are held to (the
 # sweep in tests/test_fidelity.py; docs/fidelity.md says how it was chosen).
@@ -45,13 +45,20 @@ def reference_crop(data: bytes, preprocess: Preprocess):
                       T.CenterCrop(preprocess.crop), T.PILToTensor()])(image)
 
 
-def compare(paths: list[str], preprocess: Preprocess, max_pixels: int) -> Fidelity:
-    """Decode each file both ways and measure the difference of the two crops."""
+def compare(files: Iterable[tuple[str, bytes | Exception]], preprocess: Preprocess,
+            max_pixels: int) -> Fidelity:
+    """Decode each image both ways and measure the difference of the two crops.
+
+    `files`: each image's name and bytes (or why they could not be read), as a source
+    fetches them.
+    """
     found = Fidelity()
     total = 0.0
-    for path in paths:
+    for path, data in files:
+        if isinstance(data, Exception):
+            found.unreadable += 1
+            continue
         try:
-            data = read_bytes(path)
             ours = decode(data, preprocess, max_pixels).image.float()
             expected = reference_crop(data, preprocess).float()
         except (ImageError, *DECODE_ERRORS):

@@ -78,3 +78,10 @@ def test_the_loader_alone_on_tar_shards_loads_no_model(cli, tmp_path):
     assert "loader alone" in result.output and "10 images from" in result.output
     both = cli("bench", tmp_path / "shards", "--loader-only", "--fidelity")
     assert both.exit_code == 2 and "one at a time" in both.output
+    # the crops of tar members, read as the run reads them; the two corrupt ones said
+    crops = cli("bench", tmp_path / "shards", "--fidelity", "--images", "12")
+    assert crops.exit_code == 0, crops.output
+    assert "on 10 image(s)" in crops.output and "2 unreadable, not compared" in crops.output
+    # the rest of bench opens image files: refused in one line, not timed on nothing
+    whole = cli("bench", tmp_path / "shards")
+    assert whole.exit_code == 2 and "--loader-only and --fidelity measure it" in whole.output

@@ -54,6 +54,10 @@ class SourceSpec:
 class Source:
     """One kind of source. Subclasses say which locations they take and list their items."""
 
+    # Whether each item is a file of its own at its path (folders, manifests), rather than
+    # a part of one (a tar's member, a Parquet row): what a tool opening paths can open.
+    holds_files = True
+
     def __init__(self, spec: SourceSpec):
         self.spec = spec
 

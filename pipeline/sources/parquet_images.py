@@ -41,6 +41,8 @@ def image_columns(schema: pa.Schema) -> list[str]:
 class ParquetImagesSource(Source):
     """Rows of Parquet files (one file, or a folder or prefix of them) with image bytes."""
 
+    holds_files = False
+
     @classmethod
     def claims(cls, location: str, is_dir: bool) -> bool:
         files = _parquet_files(location) if is_dir else (

@@ -32,6 +32,8 @@ class TarShardsSource(Source):
     """Samples of WebDataset tars; a sample without an image, or a truncated tar, is an
     error row of its own, never a silent gap."""
 
+    holds_files = False
+
     @classmethod
     def claims_pattern(cls, location: str) -> bool:
         return location.lower().endswith(".tar") and _BRACES.search(location) is not None
