@@ -63,3 +63,17 @@ def test_the_run_directory_and_sources_load_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_every_package_of_the_pipeline_is_installed():
+    """`pip install .` (not -e) ships what pyproject names: each subpackage must match."""
+    import fnmatch
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    include = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = [".".join(init.parent.relative_to(REPO).parts)
+                for init in (REPO / "pipeline").rglob("__init__.py")]
+    assert "pipeline.sources" in packages and "pipeline.backends" in packages
+    for package in packages:
+        assert any(fnmatch.fnmatchcase(package, pattern) for pattern in include), package
