@@ -161,6 +161,10 @@ def test_kill_series(tmp_path, colour_checkpoint, reference, trial):
     kill_trial(base + trial, folder, tmp_path / "run", colour_checkpoint, reference_table)
 
 
+def as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum, group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
                          ids=["SIGTERM", "ctrl-c"])
 def test_signals_stop_promptly_commit_nothing_half_written_and_say_how_to_resume(
@@ -168,9 +172,11 @@ def test_signals_stop_promptly_commit_nothing_half_written_and_say_how_to_resume
     folder, reference_table = reference
     out = tmp_path / "run"
     args = [sys.executable, "-m", "pipeline", *job(folder, out, colour_checkpoint)]
-    # Ctrl-C in a terminal reaches the whole process group, workers included.
+    # Ctrl-C in a terminal reaches the whole process group, workers included. The job
+    # starts as from a terminal: a suite run in the background of a non-interactive shell
+    # (`make test &`, nohup) ignores SIGINT, and its children would inherit that.
     process = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=as_from_a_terminal)
     deadline = time.monotonic() + 120
     while count_parts(out) < 2 and process.poll() is None:
         assert time.monotonic() < deadline
@@ -180,7 +186,7 @@ def test_signals_stop_promptly_commit_nothing_half_written_and_say_how_to_resume
     (os.killpg if group else os.kill)(process.pid, signum)
     _, stderr = process.communicate(timeout=60)
     assert time.monotonic() - sent < 15, "did not stop promptly"
-    assert process.returncode == 128 + signum
+    assert process.returncode == 128 + signum, stderr[-3000:]
     assert f"stopped by {signal.Signals(signum).name}" in stderr
     assert "run the same command again to resume" in stderr
     assert "Traceback" not in stderr
