@@ -151,14 +151,23 @@ def _per_core_decode(paths: list[str], preprocess) -> tuple[float, float]:
     return _rate(decoded[ours], best[ours]), _rate(decoded[pil], best[pil])
 
 
+def _ready_at_start(size: LoaderSize) -> int:
+    """Batches the loader may hold ready when its first arrives: each worker's prefetched
+    ones (workers start together), or the one in hand when decoding in the main process."""
+    return max(1, size.workers * size.prefetch)
+
+
 def _loader_alone(plan, source, preprocess, size: LoaderSize, max_pixels: int,
                   pin_memory: bool = False) -> float | None:
     """Images/s out of the DataLoader, nothing else running; the better of two passes.
 
-    None when the sample is one batch or less: what comes after the first batch (worker
-    start-up is not throughput) is what is timed, and there would be nothing.
+    Timed from when the batches ready at start (_ready_at_start) are taken: worker
+    start-up is not throughput, and batches decoded before the clock started would count
+    as taking no time (64 images with 2 workers once "measured" 300,000 images/s). None
+    when no batch comes after those.
     """
-    if plan.num_items <= size.batch_size:
+    ready = _ready_at_start(size)
+    if plan.num_items <= ready * size.batch_size:
         return None
     best = 0.0
     for _ in range(2):  # the first pass also pays for warming files and allocator
@@ -167,21 +176,23 @@ def _loader_alone(plan, source, preprocess, size: LoaderSize, max_pixels: int,
                              max_pixels=max_pixels, pin_memory=pin_memory,
                              prefetch=size.prefetch)
         batches = iter(loader)
-        first = next(batches)  # worker start-up is not throughput
+        for _ in range(ready):
+            next(batches)
         started, count = time.perf_counter(), 0
         for batch in batches:
             count += len(batch.indices)
         seconds = time.perf_counter() - started
         del batches, loader
         best = max(best, _rate(count, seconds))
-    del first
     return best
 
 
-def _loader_figure(rate: float | None, workers: int, images: int, batch: int) -> Figure:
+def _loader_figure(rate: float | None, size: LoaderSize, images: int) -> Figure:
     if rate is None:
-        return Figure("loader alone", 0.0, f"not timed: {images} image(s) are one batch of "
-                      f"{batch} or less; use more --images")
+        return Figure("loader alone", 0.0, f"not timed: {images} image(s) are no more than "
+                      f"the {_ready_at_start(size)} batch(es) of {size.batch_size} the loader "
+                      "has ready at its start; use more --images")
+    workers = size.workers
     return Figure("loader alone", rate, f"{workers} worker(s), {rate / workers:.1f}/worker"
                   if workers else "in the main process (--workers 0)")
 
@@ -272,9 +283,9 @@ def bench(config: RunConfig, images: int, reference_images: int,
         fidelity_found = fidelity.compare(_fetched(job.source, paths[:100], config.max_pixels),
                                           preprocess, config.max_pixels)
         chosen = job.settings
-        loader = _loader_alone(plan, job.source, preprocess, LoaderSize(
-            chosen.workers, chosen.batch_size, chosen.prefetch), config.max_pixels,
-            pin_memory=job.classifier.on_cuda)
+        loader_size = LoaderSize(chosen.workers, chosen.batch_size, chosen.prefetch)
+        loader = _loader_alone(plan, job.source, preprocess, loader_size, config.max_pixels,
+                               pin_memory=job.classifier.on_cuda)
         model_batches = max(4, min(20, len(paths) // job.settings.batch_size))
         # The job's classifier is compiled when the job compiles; the best batch is the
         # eager model's (what a compile is held to), measured on an eager copy.
@@ -305,7 +316,7 @@ def bench(config: RunConfig, images: int, reference_images: int,
         figures = [
             Figure("PIL reference transform, 1 core", pil),
             Figure("decode + resize (ours), 1 core", ours, f"{ours / pil:.2f}x PIL"),
-            _loader_figure(loader, chosen.workers, len(paths), chosen.batch_size),
+            _loader_figure(loader, loader_size, len(paths)),
             Figure(f"model alone, batch {chosen.batch_size} (the job's"
                    + ", compiled)" * chosen.compile + ")" * (not chosen.compile), model),
             Figure(f"model alone, {'eager, ' * chosen.compile}best batch ({best.batch_size})",
@@ -357,7 +368,7 @@ def loader_only(config: RunConfig, images: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="label-images-bench-") as tmp:
         plan = planning.freeze(items, Store(tmp), config.shard_size)
         rate = _loader_alone(plan, source, preprocess, size, config.max_pixels)
-    figure = _loader_figure(rate, size.workers, len(items), size.batch_size)
+    figure = _loader_figure(rate, size, len(items))
     return {"source": config.source, "images": len(items), "workers": size.workers,
             "batch_size": size.batch_size, "figures": [dataclasses.asdict(figure)]}
 
