@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from pipeline import fidelity, tuning
+from pipeline import fidelity, probes, tuning
 from pipeline import plan as planning
 from pipeline import runner
 from pipeline.backends import resolve_preprocess
@@ -28,52 +25,6 @@ from pipeline.loader import (MAX_BYTES_PER_PIXEL, PREFETCH_BATCHES, LoaderSize, 
                              stack_images)
 from pipeline.sources import open_source, read_items
 from pipeline.storage import Store, is_remote, open_input, read_bytes
-
-# Planning is measured in a fresh process so that its peak memory is its own.
-_PLAN_PROBE = """
-import json, sys, time
-from pathlib import Path
-from pipeline import plan, rundir, sources
-from pipeline.storage import Store
-started = time.perf_counter()
-items = sources.read_source(sources.SourceSpec(sys.argv[1]))
-digest = plan.items_digest(items)
-store = Store(sys.argv[2])
-frozen = plan.freeze(items, store, 1000)
-del items
-planned = time.perf_counter()
-# what a resume does: read the source again, compare, find the committed shards
-items = sources.read_source(sources.SourceSpec(sys.argv[1]))
-assert plan.items_digest(items) == digest
-plan.load(store); rundir.committed_shards(store)
-# VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
-hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
-print(json.dumps({"rows": frozen.num_items, "plan_seconds": planned - started,
-                  "resume_seconds": time.perf_counter() - planned,
-                  "peak_rss_mb": int(hwm) / 1024}))
-"""
-
-
-# A compile is timed in a fresh process, twice on one inductor cache: first empty (cold,
-# a first night's), then holding the first one's kernels (warm, every later night's).
-_COMPILE_PROBE = """
-import json, os, sys, time
-import torch
-from pipeline.backends import resolve_model
-from pipeline.classifier import Classifier
-from pipeline.tuning import model_rate
-args = json.loads(sys.argv[1])
-torch.set_num_threads(args["threads"])
-spec = resolve_model(args["model"], args["weights"], args["labels"], args["resize"], args["crop"])
-classifier = Classifier(spec, torch.device(args["device"]), getattr(torch, args["dtype"]), 1)
-classifier.compile(fixed_batch=args["batch_size"])
-images = torch.randint(0, 256, (args["batch_size"], 3, spec.preprocess.crop,
-                                spec.preprocess.crop), dtype=torch.uint8)
-started = time.perf_counter()
-classifier.predict(images.contiguous(memory_format=torch.channels_last))
-print(json.dumps({"seconds": time.perf_counter() - started}))
-"""
-
 
 LOADER_BATCH = 32  # --loader-only's batch when none is given (no model to measure one)
 
@@ -230,35 +181,6 @@ def _plain_loop(paths: list[str], job) -> float:
     return _rate(count, time.perf_counter() - started)
 
 
-def compile_probe(config: RunConfig, job, workdir: Path) -> dict:
-    """Seconds to compile the job's model at its batch: cold, then warm (kernels kept)."""
-    classifier = job.classifier
-    args = {"model": config.model, "weights": config.weights, "labels": config.labels,
-            "resize": config.resize, "crop": config.crop, "device": str(classifier.device),
-            "dtype": str(classifier.dtype).removeprefix("torch."),
-            "batch_size": job.settings.batch_size, "threads": torch.get_num_threads()}
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor"),
-           "TORCHINDUCTOR_COMPILE_THREADS": str(tuning.usable_cores())}
-    seconds = {}
-    for kind in ("cold", "warm"):
-        done = subprocess.run([sys.executable, "-c", _COMPILE_PROBE, json.dumps(args)],
-                              capture_output=True, text=True, check=True, env=env)
-        seconds[kind] = json.loads(done.stdout.splitlines()[-1])["seconds"]
-    return {"cold_seconds": seconds["cold"], "warm_seconds": seconds["warm"]}
-
-
-def plan_probe(rows: int, workdir: Path) -> dict:
-    """Time planning a `rows`-row manifest (and a resume over it) in a fresh process."""
-    manifest = workdir / "plan-probe.txt"
-    with open(manifest, "w") as fh:
-        for i in range(rows):
-            fh.write(f"shard-{i // 10000:05d}/image-{i:09d}.jpg\n")
-    done = subprocess.run([sys.executable, "-c", _PLAN_PROBE, str(manifest),
-                           str(workdir / "plan-probe")], capture_output=True, text=True,
-                          check=True)
-    return json.loads(done.stdout)
-
-
 def bench(config: RunConfig, images: int, reference_images: int,
           plan_rows: int | None) -> dict:
     """Measure everything with the same settings in one process; returns the figures."""
@@ -344,12 +266,12 @@ def bench(config: RunConfig, images: int, reference_images: int,
         result["fidelity"] = fidelity_found.to_dict()
         result["fidelity_text"] = fidelity.render(fidelity_found, preprocess)
         if chosen.compile:
-            result["compile"] = compile_probe(config, job, workdir)
+            result["compile"] = probes.compile_times(config, job, workdir)
         else:
             expected = chosen.measured.get("compile", {}).get("expected")
             result["compile"] = {"chosen": False, "expected": expected}
         if plan_rows:
-            result["planning"] = plan_probe(plan_rows, workdir)
+            result["planning"] = probes.planning(plan_rows, workdir)
         return result
 
 
