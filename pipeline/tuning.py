@@ -168,10 +168,18 @@ def use_inductor_cache(cores: int) -> None:
     """Compiled kernels kept in our cache directory: the next night's compile takes seconds.
 
     Inductor's compile workers are held to this process's cores (its default is one per
-    core of the machine, in every torchrun rank).
+    core of the machine, in every torchrun rank). A TORCHINDUCTOR_CACHE_DIR or
+    TORCHINDUCTOR_COMPILE_THREADS of the user's own is kept.
     """
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(cores))
+    import torch._inductor.config as inductor
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Importing torchvision imports torch._dynamo, which sets the variable to torch's
+    # default, /tmp/torchinductor_USER (emptied at a reboot): that value is not the user's.
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        inductor.compile_threads = cores  # read from the environment at import: too late
 
 
 def _read_cache(name: str = "batch-sizes.json") -> dict:

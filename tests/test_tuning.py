@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -124,3 +125,14 @@ def test_the_choices_and_their_figures_are_recorded(cli, tmp_path, colour_checkp
     assert (resolved["batch_size"], resolved["workers"], resolved["compile"]) == (3, 0, False)
     assert "batch_sizes" not in resolved["measured"]  # what was given is not measured
     assert len(read_output(tmp_path / "given" / "labels.parquet")) == 12
+
+
+def test_an_inductor_cache_of_the_users_own_is_kept(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(inductor, "compile_threads", 64)  # the machine's cores, in every rank
+    tuning.use_inductor_cache(cores=3)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    assert inductor.compile_threads == 3
