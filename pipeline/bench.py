@@ -162,6 +162,14 @@ def _model_alone(classifier: Classifier, batches: int, batch_size: int) -> float
     return _rate(batches * batch_size, time.perf_counter() - started)
 
 
+def _by_batch(when: str, choice: dict | None) -> str:
+    """The rates a batch size was chosen from, as the job measured (or cached) them."""
+    if not choice:
+        return ""
+    return f"{when}, by batch: " + ", ".join(
+        f"{b}: {r:.1f}" for b, r in choice["images_per_second"].items())
+
+
 def _plain_loop(paths: list[str], job) -> float:
     """The tutorials' loop: PIL, Resize, CenterCrop, ToTensor, Normalize, fp32, one at a time."""
     spec, device = job.spec, job.classifier.device
@@ -240,12 +248,13 @@ def bench(config: RunConfig, images: int, reference_images: int,
             Figure("decode + resize (ours), 1 core", ours, f"{ours / pil:.2f}x PIL"),
             _loader_figure(loader, loader_size, len(paths)),
             Figure(f"model alone, batch {chosen.batch_size} (the job's"
-                   + ", compiled)" * chosen.compile + ")" * (not chosen.compile), model),
+                   + ", compiled)" * chosen.compile + ")" * (not chosen.compile), model,
+                   _by_batch("compiled at the job's start", chosen.measured.get(
+                       "compiled_batch_sizes"))),
             Figure(f"model alone, {'eager, ' * chosen.compile}best batch ({best.batch_size})",
                    best_model, "the job's too; " * (eager is job.classifier and
                                                     best.batch_size == chosen.batch_size)
-                   + "at the job's start, by batch: "
-                   + ", ".join(f"{b}: {r:.1f}" for b, r in best.rates.items())),
+                   + _by_batch("at the job's start", best.to_dict())),
             Figure("end to end, once the process is up", e2e,
                    f"{e2e / best_model:.2f}x model at its best batch, {e2e / plain:.2f}x plain "
                    f"loop, {waited:.0%} of it getting batches"),

@@ -73,6 +73,30 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
             model_rate = tuning.model_rate(classifier, batch_size, tuning.MEASURE_SECONDS)
         return model_rate
 
+    compile = config.compile
+    compiled_sizes = None  # where the compiled model's best batch is looked for
+    if config.batch_size is None and compile is not False:
+        compiled_sizes = tuning.around(batch_size, tuning.candidate_batches(device))
+    if compile is None:
+        expected = tuning.compile_figures(classifier, batch_size)
+        # The first compile on a machine also tries the sizes around the eager best, each
+        # a compile of its own; later runs know the best and compile once.
+        compiles = 1 if compiled_sizes is None or tuning.compiled_batch_known(
+            classifier, compiled_sizes) else len(compiled_sizes)
+        compile = pending >= MIN_IMAGES_TO_COMPILE and tuning.compile_pays(
+            pending, rate_of_model(), expected["speedup"], compiles * expected["compile_seconds"])
+        measured["compile"] = {"pending_images": pending, "chosen": compile,
+                               "expected": expected}
+    eager_batch, compiled = batch_size, None
+    if compile:
+        eager_rate = rate_of_model()  # before compiling: what the compiled rate is held to
+        tuning.use_inductor_cache(max(1, tuning.usable_cores() // _ranks_per_node(part)))
+        classifier.compile(fixed_batch=batch_size)
+        if compiled_sizes:
+            compiled = tuning.measure_compiled_batch_size(classifier, compiled_sizes)
+            measured["compiled_batch_sizes"] = compiled.to_dict()
+            batch_size = compiled.batch.batch_size
+            model_rate = compiled.batch.rates.get(batch_size)  # the rate the decoders feed
     workers = config.workers
     if workers is None:
         cores = max(1, tuning.usable_cores() // _ranks_per_node(part))
@@ -81,13 +105,6 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
         measured.update(model_images_per_second=round(rate_of_model() or 0, 1),
                         decode_images_per_second_per_core=round(decode_rate or 0, 1),
                         cores=cores)
-    compile = config.compile
-    if compile is None:
-        expected = tuning.compile_figures(classifier, batch_size)
-        compile = pending >= MIN_IMAGES_TO_COMPILE and tuning.compile_pays(
-            pending, rate_of_model(), expected["speedup"], expected["compile_seconds"])
-        measured["compile"] = {"pending_images": pending, "chosen": compile,
-                               "expected": expected}
     # On CUDA each batch in flight is also pinned, in page-locked memory nothing else may
     # use: fewer ahead there.
     prefetch = CUDA_PREFETCH_BATCHES if device.type == "cuda" else PREFETCH_BATCHES
@@ -101,10 +118,15 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
         measured["pinned_megabytes"] = round(size.pinned_bytes(preprocess.crop_bytes) / 2**20)
         classifier.pad_batches_to(size.batch_size)  # one shape for cuDNN's kernel choice
     if compile:
-        eager_rate = rate_of_model()  # before compiling: what the compiled rate is held to
-        tuning.use_inductor_cache(max(1, tuning.usable_cores() // _ranks_per_node(part)))
-        classifier.compile(fixed_batch=size.batch_size)
-        measured["compiled"] = tuning.measure_compile(classifier, size.batch_size, eager_rate)
+        classifier.pad_batches_to(size.batch_size)  # one shape: one compile serves the run
+        if compiled and compiled.compile_seconds and size.batch_size in compiled.batch.rates:
+            # just compiled and measured at this size: what it cost and gave is known
+            measured["compiled"] = tuning.keep_compile_figures(
+                classifier, eager_batch, compiled.compile_seconds,
+                compiled.batch.rates[size.batch_size], eager_rate)
+        else:  # compiled now, at the size the run uses
+            measured["compiled"] = tuning.measure_compile(classifier, size.batch_size,
+                                                          eager_rate, eager_batch)
     return Settings(device=device, dtype=classifier.dtype, batch_size=size.batch_size,
                     workers=size.workers, prefetch=size.prefetch, compile=compile,
                     measured=measured)

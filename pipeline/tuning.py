@@ -74,12 +74,8 @@ class BatchChoice:
 def measure_batch_size(classifier: Classifier, candidates: tuple[int, ...] | None = None,
                        seconds: float = MEASURE_SECONDS) -> BatchChoice:
     """The batch size at which the model alone labels most images a second, here."""
-    device = classifier.device
-    candidates = candidates or (CUDA_BATCHES if device.type == "cuda" else CPU_BATCHES)
-    crop = classifier.spec.preprocess.crop
-    key = "|".join([machine_name(device), classifier.spec.model, classifier.spec.weights_id,
-                    str(classifier.dtype), str(crop), ",".join(map(str, candidates)),
-                    torch.__version__])
+    candidates = candidates or candidate_batches(classifier.device)
+    key = _batch_key(classifier, candidates)
     cached = _read_cache().get(key)
     if cached:
         rates = {int(b): r for b, r in cached.items()}
@@ -96,22 +92,100 @@ def measure_batch_size(classifier: Classifier, candidates: tuple[int, ...] | Non
     return BatchChoice(max(rates, key=rates.get), rates, cached=False)
 
 
+def candidate_batches(device: torch.device) -> tuple[int, ...]:
+    return CUDA_BATCHES if device.type == "cuda" else CPU_BATCHES
+
+
+def around(batch_size: int, candidates: tuple[int, ...]) -> tuple[int, ...]:
+    """The eager model's best batch and its neighbours among the candidates: where a
+    compiled model's best is looked for, since each size it tries is a compile of its own."""
+    if batch_size not in candidates:
+        return (batch_size,)
+    at = candidates.index(batch_size)
+    return candidates[max(0, at - 1):at + 2]
+
+
+@dataclass(frozen=True)
+class CompiledChoice:
+    batch: BatchChoice  # the compiled model's rates by batch size
+    compile_seconds: float | None  # the first compile's, when it was measured now
+
+    def to_dict(self) -> dict:
+        return self.batch.to_dict()
+
+
+def measure_compiled_batch_size(classifier: Classifier, candidates: tuple[int, ...],
+                                seconds: float = MEASURE_SECONDS) -> CompiledChoice:
+    """The batch size at which the compiled model labels most images a second, here; the
+    classifier is compiled (Classifier.compile) and left padding to it.
+
+    Each size is compiled, timed on its first batch, then measured. Cached like the eager
+    sizes (with "compiled" in the key): a later run compiles the best one only.
+    """
+    key = _batch_key(classifier, candidates, compiled=True)
+    cached = _read_cache().get(key)
+    if cached:
+        rates = {int(b): r for b, r in cached.items()}
+        best = max(rates, key=rates.get)
+        classifier.pad_batches_to(best)
+        return CompiledChoice(BatchChoice(best, rates, cached=True), None)
+    rates: dict[int, float] = {}
+    first_compile = None
+    for size in candidates:
+        classifier.pad_batches_to(size)
+        started = time.perf_counter()
+        if not _fits(classifier, synthetic_batch(classifier.spec.preprocess.crop, size)):
+            break  # no memory for this size: larger ones fit even less
+        first_compile = first_compile or time.perf_counter() - started
+        rate = model_rate(classifier, size, seconds)
+        if rate is None:
+            break
+        rates[size] = rate
+    if not rates:
+        classifier.pad_batches_to(candidates[0])
+        return CompiledChoice(BatchChoice(candidates[0], {}, cached=False), None)
+    _write_cache(key, {str(b): r for b, r in rates.items()})
+    best = max(rates, key=rates.get)
+    classifier.pad_batches_to(best)
+    return CompiledChoice(BatchChoice(best, rates, cached=False), round(first_compile, 1))
+
+
+def compiled_batch_known(classifier: Classifier, candidates: tuple[int, ...]) -> bool:
+    return _batch_key(classifier, candidates, compiled=True) in _read_cache()
+
+
+def _batch_key(classifier: Classifier, candidates: tuple[int, ...], compiled: bool = False) -> str:
+    return "|".join([machine_name(classifier.device), classifier.spec.model,
+                     classifier.spec.weights_id, str(classifier.dtype),
+                     str(classifier.spec.preprocess.crop), ",".join(map(str, candidates)),
+                     torch.__version__, *(["compiled, frozen"] if compiled else [])])
+
+
 def model_rate(classifier: Classifier, batch_size: int, seconds: float) -> float | None:
     """Images/s of the model alone on synthetic uint8 batches; None if it does not fit."""
-    crop = classifier.spec.preprocess.crop
+    images = synthetic_batch(classifier.spec.preprocess.crop, batch_size)
+    # warm-up: allocator, oneDNN/cuDNN kernel choice (and a compile's first call)
+    if not _fits(classifier, images):
+        return None
+    done, started = 0, time.perf_counter()
+    while done < 2 * batch_size or time.perf_counter() - started < seconds:
+        classifier.predict(images)
+        done += batch_size
+    return done / (time.perf_counter() - started)
+
+
+def synthetic_batch(crop: int, batch_size: int) -> torch.Tensor:
     images = torch.randint(0, 256, (batch_size, 3, crop, crop), dtype=torch.uint8)
-    images = images.contiguous(memory_format=torch.channels_last)  # the loader's layout
+    return images.contiguous(memory_format=torch.channels_last)  # the loader's layout
+
+
+def _fits(classifier: Classifier, images: torch.Tensor) -> bool:
+    """One batch through the model; False if the device had to halve it (the halving is
+    then not kept: it is the run's to find, at the size the run uses)."""
     fits_before = classifier.fits
     try:
-        classifier.predict(images)  # warm-up: allocator, oneDNN/cuDNN kernel choice
-        if classifier.fits != fits_before:  # it had to be halved: this size does not fit
-            classifier.fits = fits_before
-            return None
-        done, started = 0, time.perf_counter()
-        while done < 2 * batch_size or time.perf_counter() - started < seconds:
-            classifier.predict(images)
-            done += batch_size
-        return done / (time.perf_counter() - started)
+        classifier.predict(images)
+        return classifier.fits == fits_before
     finally:
         classifier.fits = fits_before
 
@@ -213,8 +287,9 @@ def _compile_key(classifier: Classifier, batch_size: int) -> str:
 
 
 def compile_figures(classifier: Classifier, batch_size: int) -> dict:
-    """What compiling cost and gave the last time on this machine (its kernels were then
-    kept, so the next compile is the warm one), else the figures we measured elsewhere."""
+    """What compiling cost and gave the last time on this machine, for a model whose eager
+    best batch is `batch_size` (its kernels were then kept, so the next compile is the warm
+    one), else the figures we measured elsewhere."""
     known = _read_cache("compiles.json").get(_compile_key(classifier, batch_size))
     if known:
         return {**known, "from": "this machine"}
@@ -222,16 +297,24 @@ def compile_figures(classifier: Classifier, batch_size: int) -> dict:
             "from": "defaults (not yet measured here)"}
 
 
-def measure_compile(classifier: Classifier, batch_size: int, eager_rate: float | None) -> dict:
+def measure_compile(classifier: Classifier, batch_size: int, eager_rate: float | None,
+                    eager_batch: int | None = None) -> dict:
     """Compile now, on a synthetic batch (the run's first would pay the same), timing it,
-    then the compiled model's rate; kept for the next run's decision."""
-    crop = classifier.spec.preprocess.crop
-    images = torch.randint(0, 256, (batch_size, 3, crop, crop), dtype=torch.uint8)
+    then the compiled model's rate; kept for the next run's decision (under the eager
+    batch it was made at, `eager_batch`, by default the same)."""
     started = time.perf_counter()
-    classifier.predict(images.contiguous(memory_format=torch.channels_last))
-    figures = {"compile_seconds": round(time.perf_counter() - started, 1)}
-    rate = model_rate(classifier, batch_size, MEASURE_SECONDS)
-    if rate and eager_rate:
-        figures["speedup"] = round(rate / eager_rate, 2)
-        _write_cache(_compile_key(classifier, batch_size), figures, "compiles.json")
+    _fits(classifier, synthetic_batch(classifier.spec.preprocess.crop, batch_size))
+    compile_seconds = time.perf_counter() - started
+    return keep_compile_figures(classifier, eager_batch or batch_size, compile_seconds,
+                                model_rate(classifier, batch_size, MEASURE_SECONDS), eager_rate)
+
+
+def keep_compile_figures(classifier: Classifier, eager_batch: int, compile_seconds: float,
+                         compiled_rate: float | None, eager_rate: float | None) -> dict:
+    """What this compile cost and gave against the eager model at its best batch, kept
+    for the next run's decision."""
+    figures = {"compile_seconds": round(compile_seconds, 1)}
+    if compiled_rate and eager_rate:
+        figures["speedup"] = round(compiled_rate / eager_rate, 2)
+        _write_cache(_compile_key(classifier, eager_batch), figures, "compiles.json")
     return figures

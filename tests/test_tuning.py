@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from pipeline import tuning
 from pipeline.backends import resolve_model
@@ -125,6 +126,52 @@ def test_the_choices_and_their_figures_are_recorded(cli, tmp_path, colour_checkp
     assert (resolved["batch_size"], resolved["workers"], resolved["compile"]) == (3, 0, False)
     assert "batch_sizes" not in resolved["measured"]  # what was given is not measured
     assert len(read_output(tmp_path / "given" / "labels.parquet")) == 12
+
+
+def test_a_compiled_job_measures_its_own_batch_size_once(cli, tmp_path, colour_checkpoint,
+                                                         own_cache, monkeypatch):
+    """Compiled, the best batch is the compiled model's: the sizes around the eager best are
+    each compiled and measured on the first run, and a later run compiles the best only."""
+    monkeypatch.setattr(tuning, "CPU_BATCHES", (2, 4))  # two compiles, not three
+    # what any process that imported torchvision holds: torch's default, set by torch
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    folder = tmp_path / "imgs"
+    truth = write_colour_images(folder, 10)
+    compiled_shapes = []
+    real_compile = Classifier.compile
+
+    def compile_and_watch(classifier, fixed_batch):
+        real_compile(classifier, fixed_batch)
+        compiled_net = classifier.net
+        classifier.net = lambda x: compiled_shapes.append(len(x)) or compiled_net(x)
+
+    monkeypatch.setattr(Classifier, "compile", compile_and_watch)
+    runs = []
+    for name in ("first", "second"):
+        compiled_shapes.clear()
+        result = cli("run", folder, "--out", tmp_path / name, "--model", "resnet18",
+                     "--weights", colour_checkpoint, "--top-k", "2", "--quiet", "--compile",
+                     "--workers", "0", *FAST)
+        assert result.exit_code == 0, result.output
+        runs.append((json.loads((tmp_path / name / "run.json").read_text())["resolved"],
+                     set(compiled_shapes)))
+        table = read_output(tmp_path / name / "labels.parquet")
+        assert dict(zip(table["key"], table["top1_label"])) == truth
+    (first, first_shapes), (second, second_shapes) = runs
+    found = first["measured"]["compiled_batch_sizes"]
+    rates = {int(b): r for b, r in found["images_per_second"].items()}
+    assert not found["from_cache"] and set(rates) == {2, 4} and first_shapes == {2, 4}
+    assert first["batch_size"] == max(rates, key=rates.get) and first["compile"]
+    assert first["measured"]["compiled"]["compile_seconds"] > 0
+    # the eager sizes are measured and kept apart from the compiled ones
+    assert set(first["measured"]["batch_sizes"]["images_per_second"]) == {"2", "4"}
+    again = second["measured"]["compiled_batch_sizes"]
+    assert again["from_cache"] and second["batch_size"] == first["batch_size"]
+    assert second_shapes == {second["batch_size"]}  # one compile, at the best size only
+    assert second["measured"]["compiled"]["compile_seconds"] > 0
+    # the kernels are kept in the user's cache directory, not in /tmp
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(own_cache / "inductor")
+    assert any((own_cache / "inductor").iterdir())
 
 
 def test_an_inductor_cache_of_the_users_own_is_kept(tmp_path, monkeypatch):
