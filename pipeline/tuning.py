@@ -22,6 +22,7 @@ import torch
 from pipeline.classifier import Classifier
 from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
 from pipeline.errors import notice
+from pipeline.loader import MAX_BYTES_PER_PIXEL
 
 CPU_BATCHES = (8, 16, 32, 64)
 CUDA_BATCHES = (32, 64, 128, 256, 512)
@@ -195,7 +196,7 @@ def decode_rate(source, paths: list[str], preprocess: Preprocess, max_pixels: in
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a worker's setting
     try:
-        fetched = [data for data in source.fetch(paths, 8 * max_pixels)
+        fetched = [data for data in source.fetch(paths, MAX_BYTES_PER_PIXEL * max_pixels)
                    if isinstance(data, bytes)]
         decoded, started = 0, time.perf_counter()
         for data in fetched:
