@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch._dynamo
 import torchvision
 from PIL import Image
 from typer.testing import CliRunner
@@ -82,6 +83,15 @@ def _fit_colour_head(net: torch.nn.Module, crop: int = 64) -> None:
     with torch.no_grad():
         head.weight.copy_(solution[:-1].T)
         head.bias.copy_(solution[-1])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compiles():
+    """Each test compiles afresh. Dynamo counts every graph of a code object (ResNet.forward
+    of any instance, freed ones too) and after 8 runs that code eagerly without a word: in
+    one test process a later "compiled" test would then be testing eager code."""
+    yield
+    torch._dynamo.reset()
 
 
 @pytest.fixture(scope="session")

@@ -168,10 +168,7 @@ def test_a_compiled_job_measures_its_own_batch_size_once(cli, tmp_path, colour_c
     again = second["measured"]["compiled_batch_sizes"]
     assert again["from_cache"] and second["batch_size"] == first["batch_size"]
     assert second_shapes == {second["batch_size"]}  # one compile, at the best size only
-    # timed, and kept for the next decision (in this one test process the graph of the
-    # same model, weights and shape may already be in dynamo's cache: not asserted > 0)
-    assert second["measured"]["compiled"]["compile_seconds"] >= 0
-    assert "speedup" in second["measured"]["compiled"]
+    assert second["measured"]["compiled"]["compile_seconds"] > 0
     # the kernels are kept in the user's cache directory, not in /tmp
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(own_cache / "inductor")
     assert any((own_cache / "inductor").iterdir())
