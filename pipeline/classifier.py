@@ -141,7 +141,7 @@ class Classifier:
         # the best eager batch with it, 1.2x without (docs/benchmarks.md). Inference only,
         # which is all this process does.
         inductor.freezing = True
-        # dynamic=False: each batch size tried (tuning.measure_compiled_batch_size) gets a
+        # dynamic=False: each batch size tried (tuning.measure_batch_size, compiled) gets a
         # graph of its own; by default a second size would make the batch dimension
         # symbolic, and the run's one shape would get slower, general kernels.
         self.net = torch.compile(self.net, dynamic=False)

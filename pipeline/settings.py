@@ -93,10 +93,10 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
         tuning.use_inductor_cache(max(1, tuning.usable_cores() // _ranks_per_node(part)))
         classifier.compile(fixed_batch=batch_size)
         if compiled_sizes:
-            compiled = tuning.measure_compiled_batch_size(classifier, compiled_sizes)
+            compiled = tuning.measure_batch_size(classifier, compiled_sizes, compiled=True)
             measured["compiled_batch_sizes"] = compiled.to_dict()
-            batch_size = compiled.batch.batch_size
-            model_rate = compiled.batch.rates.get(batch_size)  # the rate the decoders feed
+            batch_size = compiled.batch_size
+            model_rate = compiled.rates.get(batch_size)  # the rate the decoders feed
     workers = config.workers
     if workers is None:
         cores = max(1, tuning.usable_cores() // _ranks_per_node(part))
@@ -119,11 +119,11 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
         classifier.pad_batches_to(size.batch_size)  # one shape for cuDNN's kernel choice
     if compile:
         classifier.pad_batches_to(size.batch_size)  # one shape: one compile serves the run
-        if compiled and compiled.compile_seconds and size.batch_size in compiled.batch.rates:
+        if compiled and compiled.first_call_seconds and size.batch_size in compiled.rates:
             # just compiled and measured at this size: what it cost and gave is known
             measured["compiled"] = tuning.keep_compile_figures(
-                classifier, eager_batch, compiled.compile_seconds,
-                compiled.batch.rates[size.batch_size], eager_rate)
+                classifier, eager_batch, compiled.first_call_seconds,
+                compiled.rates[size.batch_size], eager_rate)
         else:  # compiled now, at the size the run uses
             measured["compiled"] = tuning.measure_compile(classifier, size.batch_size,
                                                           eager_rate, eager_batch)

@@ -2,9 +2,9 @@
 
 A default that depends on the machine is measured on it: a few synthetic batches at
 candidate sizes on the chosen device and precision, the decode rate per core on the job's
-own first images. Batch measurements are cached per machine, model, precision and input
-size in the user's cache directory, so later runs pay nothing; every choice is recorded
-with its figures.
+own first images. Batch measurements are cached per machine, model, precision, input
+size and compile in the user's cache directory, so later runs pay nothing; every choice
+is recorded with its figures.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class BatchChoice:
     batch_size: int
     rates: dict[int, float]  # images/s of the model alone, by batch size
     cached: bool  # read from an earlier run's measurement
+    first_call_seconds: float | None = None  # compiled, measured now: the first compile's
 
     def to_dict(self) -> dict:
         return {"batch_size": self.batch_size, "from_cache": self.cached,
@@ -73,24 +74,33 @@ class BatchChoice:
 
 
 def measure_batch_size(classifier: Classifier, candidates: tuple[int, ...] | None = None,
-                       seconds: float = MEASURE_SECONDS) -> BatchChoice:
-    """The batch size at which the model alone labels most images a second, here."""
+                       seconds: float = MEASURE_SECONDS, compiled: bool = False) -> BatchChoice:
+    """The batch size at which the model alone labels most images a second, here.
+
+    `compiled` (after Classifier.compile): each size is a compile of its own, timed on its
+    first batch, and the classifier is left padding to the best. Cached apart from the
+    eager sizes, so a later run compiles the best one only.
+    """
     candidates = candidates or candidate_batches(classifier.device)
-    key = _batch_key(classifier, candidates)
+    key = _batch_key(classifier, candidates, compiled)
     cached = _read_cache().get(key)
-    if cached:
-        rates = {int(b): r for b, r in cached.items()}
-        return BatchChoice(max(rates, key=rates.get), rates, cached=True)
-    rates: dict[int, float] = {}
-    for size in candidates:
-        rate = model_rate(classifier, size, seconds)
+    rates: dict[int, float] = {int(b): r for b, r in (cached or {}).items()}
+    first_call = None
+    for size in ([] if cached else candidates):
+        if compiled:
+            classifier.pad_batches_to(size)
+        rate, first = timed_rate(classifier, size, seconds)
         if rate is None:  # the device has no memory for it: larger ones fit even less
             break
         rates[size] = rate
-    if not rates:
-        return BatchChoice(candidates[0], {}, cached=False)
-    _write_cache(key, {str(b): r for b, r in rates.items()})
-    return BatchChoice(max(rates, key=rates.get), rates, cached=False)
+        first_call = first_call or first
+    if rates and not cached:
+        _write_cache(key, {str(b): r for b, r in rates.items()})
+    best = max(rates, key=rates.get) if rates else candidates[0]
+    if compiled:
+        classifier.pad_batches_to(best)
+    return BatchChoice(best, rates, cached=bool(cached),
+                       first_call_seconds=round(first_call, 1) if compiled and first_call else None)
 
 
 def candidate_batches(device: torch.device) -> tuple[int, ...]:
@@ -106,51 +116,6 @@ def around(batch_size: int, candidates: tuple[int, ...]) -> tuple[int, ...]:
     return candidates[max(0, at - 1):at + 2]
 
 
-@dataclass(frozen=True)
-class CompiledChoice:
-    batch: BatchChoice  # the compiled model's rates by batch size
-    compile_seconds: float | None  # the first compile's, when it was measured now
-
-    def to_dict(self) -> dict:
-        return self.batch.to_dict()
-
-
-def measure_compiled_batch_size(classifier: Classifier, candidates: tuple[int, ...],
-                                seconds: float = MEASURE_SECONDS) -> CompiledChoice:
-    """The batch size at which the compiled model labels most images a second, here; the
-    classifier is compiled (Classifier.compile) and left padding to it.
-
-    Each size is compiled, timed on its first batch, then measured. Cached like the eager
-    sizes (with "compiled" in the key): a later run compiles the best one only.
-    """
-    key = _batch_key(classifier, candidates, compiled=True)
-    cached = _read_cache().get(key)
-    if cached:
-        rates = {int(b): r for b, r in cached.items()}
-        best = max(rates, key=rates.get)
-        classifier.pad_batches_to(best)
-        return CompiledChoice(BatchChoice(best, rates, cached=True), None)
-    rates: dict[int, float] = {}
-    first_compile = None
-    for size in candidates:
-        classifier.pad_batches_to(size)
-        started = time.perf_counter()
-        if not _fits(classifier, synthetic_batch(classifier.spec.preprocess.crop, size)):
-            break  # no memory for this size: larger ones fit even less
-        first_compile = first_compile or time.perf_counter() - started
-        rate = model_rate(classifier, size, seconds)
-        if rate is None:
-            break
-        rates[size] = rate
-    if not rates:
-        classifier.pad_batches_to(candidates[0])
-        return CompiledChoice(BatchChoice(candidates[0], {}, cached=False), None)
-    _write_cache(key, {str(b): r for b, r in rates.items()})
-    best = max(rates, key=rates.get)
-    classifier.pad_batches_to(best)
-    return CompiledChoice(BatchChoice(best, rates, cached=False), round(first_compile, 1))
-
-
 def compiled_batch_known(classifier: Classifier, candidates: tuple[int, ...]) -> bool:
     return _batch_key(classifier, candidates, compiled=True) in _read_cache()
 
@@ -164,31 +129,34 @@ def _batch_key(classifier: Classifier, candidates: tuple[int, ...], compiled: bo
 
 def model_rate(classifier: Classifier, batch_size: int, seconds: float) -> float | None:
     """Images/s of the model alone on synthetic uint8 batches; None if it does not fit."""
+    return timed_rate(classifier, batch_size, seconds)[0]
+
+
+def timed_rate(classifier: Classifier, batch_size: int,
+               seconds: float) -> tuple[float | None, float]:
+    """model_rate, and the seconds its first batch took (a compiled model's compile)."""
     images = synthetic_batch(classifier.spec.preprocess.crop, batch_size)
-    # warm-up: allocator, oneDNN/cuDNN kernel choice (and a compile's first call)
-    if not _fits(classifier, images):
-        return None
+    fits_before = classifier.fits
+    started = time.perf_counter()
+    try:
+        # warm-up: allocator, oneDNN/cuDNN kernel choice, a compile. Halved, it did not
+        # fit; the halving is not kept: it is the run's to find, at the size it uses.
+        classifier.predict(images)
+        if classifier.fits != fits_before:
+            return None, 0.0
+    finally:
+        classifier.fits = fits_before
+    first_call = time.perf_counter() - started
     done, started = 0, time.perf_counter()
     while done < 2 * batch_size or time.perf_counter() - started < seconds:
         classifier.predict(images)
         done += batch_size
-    return done / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started), first_call
 
 
 def synthetic_batch(crop: int, batch_size: int) -> torch.Tensor:
     images = torch.randint(0, 256, (batch_size, 3, crop, crop), dtype=torch.uint8)
     return images.contiguous(memory_format=torch.channels_last)  # the loader's layout
-
-
-def _fits(classifier: Classifier, images: torch.Tensor) -> bool:
-    """One batch through the model; False if the device had to halve it (the halving is
-    then not kept: it is the run's to find, at the size the run uses)."""
-    fits_before = classifier.fits
-    try:
-        classifier.predict(images)
-        return classifier.fits == fits_before
-    finally:
-        classifier.fits = fits_before
 
 
 def decode_rate(source, paths: list[str], preprocess: Preprocess, max_pixels: int) -> float | None:
@@ -303,11 +271,9 @@ def measure_compile(classifier: Classifier, batch_size: int, eager_rate: float |
     """Compile now, on a synthetic batch (the run's first would pay the same), timing it,
     then the compiled model's rate; kept for the next run's decision (under the eager
     batch it was made at, `eager_batch`, by default the same)."""
-    started = time.perf_counter()
-    _fits(classifier, synthetic_batch(classifier.spec.preprocess.crop, batch_size))
-    compile_seconds = time.perf_counter() - started
+    rate, compile_seconds = timed_rate(classifier, batch_size, MEASURE_SECONDS)
     return keep_compile_figures(classifier, eager_batch or batch_size, compile_seconds,
-                                model_rate(classifier, batch_size, MEASURE_SECONDS), eager_rate)
+                                rate, eager_rate)
 
 
 def keep_compile_figures(classifier: Classifier, eager_batch: int, compile_seconds: float,

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.backends import resolve_model
 from pipeline.classifier import Classifier
-from pipeline.tuning import measure_batch_size, measure_compiled_batch_size
+from pipeline.tuning import measure_batch_size
 from tests.conftest import REPO, read_output, write_colour_images
 
 pytestmark = [pytest.mark.gpu,
@@ -91,27 +91,19 @@ def test_batch_size_is_measured_on_the_gpu(colour_checkpoint):
     assert choice.batch_size in choice.rates and all(r > 0 for r in choice.rates.values())
 
 
-def test_compiled_and_eager_agree_on_the_gpu(colour_checkpoint):
-    spec = resolve_model("resnet18", str(colour_checkpoint), resize=72, crop=64)
-    images = batch(8)
-    eager = Classifier(spec, CUDA, torch.float16, top_k=2).predict(images)
-    compiled = Classifier(spec, CUDA, torch.float16, top_k=2)
-    compiled.compile(fixed_batch=16)
-    found = compiled.predict(images)
-    np.testing.assert_allclose(found.scores, eager.scores, atol=1e-2)
-
-
-def test_the_compiled_batch_is_measured_on_the_gpu(colour_checkpoint):
-    """Each size compiled and measured on the device; the run then pads to the best."""
+def test_compiled_and_eager_agree_on_the_gpu_at_the_compiled_batch_measured_there(
+        colour_checkpoint):
+    """Each size compiled and measured on the device; a short batch is then padded to the
+    best one and agrees with eager."""
     spec = resolve_model("resnet18", str(colour_checkpoint), resize=72, crop=64)
     images = batch(5)
     eager = Classifier(spec, CUDA, torch.float16, top_k=2).predict(images)
     compiled = Classifier(spec, CUDA, torch.float16, top_k=2)
     compiled.compile(fixed_batch=32)
-    choice = measure_compiled_batch_size(compiled, (32, 64), seconds=0.2)
-    assert set(choice.batch.rates) == {32, 64} and all(r > 0 for r in choice.batch.rates.values())
-    assert compiled.fixed_batch == choice.batch.batch_size and choice.compile_seconds > 0
-    found = compiled.predict(images)  # 5 images, padded to the best size on the device
+    choice = measure_batch_size(compiled, (32, 64), seconds=0.2, compiled=True)
+    assert set(choice.rates) == {32, 64} and all(r > 0 for r in choice.rates.values())
+    assert compiled.fixed_batch == choice.batch_size and choice.first_call_seconds > 0
+    found = compiled.predict(images)
     np.testing.assert_allclose(found.scores, eager.scores, atol=1e-2)
 
 

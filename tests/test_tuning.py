@@ -36,7 +36,7 @@ def test_the_batch_size_is_measured_once_per_machine_and_model(classifier, own_c
     stored = json.loads((own_cache / "batch-sizes.json").read_text())
     assert len(stored) == 1 and tuning.machine_name(torch.device("cpu")) in next(iter(stored))
 
-    monkeypatch.setattr(tuning, "model_rate", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(tuning, "timed_rate", lambda *a: pytest.fail("measured again"))
     again = tuning.measure_batch_size(classifier, candidates=(2, 4, 8), seconds=0.05)
     assert again.cached and again.batch_size == first.batch_size
 
