@@ -124,6 +124,7 @@ class Classifier:
         self._scale = (1.0 / (255.0 * std)).to(self._norm_dtype)
         self._shift = (-mean / std).to(self._norm_dtype)
         self.fits: int | None = None  # the largest batch known to fit, once one did not
+        self._compiled_shapes: set[torch.Size] | None = None  # once compiled: shapes seen
 
     def pad_batches_to(self, size: int) -> None:
         """Every batch given the same shape: shorter ones (the last, those with error rows)
@@ -145,6 +146,7 @@ class Classifier:
         # graph of its own; by default a second size would make the batch dimension
         # symbolic, and the run's one shape would get slower, general kernels.
         self.net = torch.compile(self.net, dynamic=False)
+        self._compiled_shapes = set()
         self.pad_batches_to(fixed_batch)
 
     def predict(self, images: torch.Tensor) -> Prediction:
@@ -193,13 +195,32 @@ class Classifier:
         # other callers' planar ones are converted here.
         x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
         self._features.clear()
-        probs = self.net(x)[:count].float().softmax(dim=1)
+        probs = self._network(x)[:count].float().softmax(dim=1)
         scores, ids = probs.topk(self.top_k, dim=1)
         # One copy back from the device, not two or three: class ids are exact in float32.
         found = [scores, ids.float()]
         if self.embedding_size is not None:
             found.append(self._features[-1][:count].float())
         return self._to_host(torch.cat(found, dim=1), images)
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled_shapes is None or x.shape in self._compiled_shapes:
+            return self.net(x)
+        # A new shape of a compiled network: dynamo traces it, unless it has given up on
+        # the model's forward (after 8 graphs of one code object in a process, from any
+        # instance, freed ones too), when it runs it eagerly without a word. A "compiled"
+        # run would then measure eager, and record that compiling does not pay here.
+        from torch._dynamo.utils import counters
+
+        traced = counters["stats"]["unique_graphs"]
+        out = self.net(x)
+        if counters["stats"]["unique_graphs"] == traced:
+            raise RunError(
+                f"torch.compile ran {self.spec.model} uncompiled at batch {len(x)}: this "
+                "process has compiled its forward too often (torch._dynamo.config."
+                "recompile_limit); run it in a new process or call torch._dynamo.reset()")
+        self._compiled_shapes.add(x.shape)
+        return out
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         if not self.on_cuda:

@@ -8,11 +8,13 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch._dynamo
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from pipeline import tuning
 from pipeline.backends import resolve_model
 from pipeline.classifier import Classifier
+from pipeline.errors import RunError
 from tests.conftest import FAST, read_output, write_colour_images
 
 
@@ -183,3 +185,21 @@ def test_an_inductor_cache_of_the_users_own_is_kept(tmp_path, monkeypatch):
     tuning.use_inductor_cache(cores=3)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
     assert inductor.compile_threads == 3
+
+
+def test_a_compile_that_dynamo_gave_up_on_is_an_error_not_an_eager_run(colour_checkpoint,
+                                                                        monkeypatch):
+    """Dynamo counts the graphs of a model's forward across every instance in a process and,
+    past its limit, runs the next one eagerly without a word: a 'compiled' job would then
+    measure and record eager figures."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)  # 8 by default
+    spec = resolve_model("resnet18", str(colour_checkpoint), resize=72, crop=64)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    first = Classifier(spec, torch.device("cpu"), torch.float32, top_k=2)
+    first.compile(fixed_batch=2)
+    first.predict(images)  # compiled: the one graph the limit allows
+    first.predict(images)  # the same shape again: no new graph, and none expected
+    second = Classifier(spec, torch.device("cpu"), torch.float32, top_k=2)
+    second.compile(fixed_batch=2)
+    with pytest.raises(RunError, match="uncompiled at batch 2.*recompile_limit"):
+        second.predict(images)
