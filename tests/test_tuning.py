@@ -181,10 +181,11 @@ def test_an_inductor_cache_of_the_users_own_is_kept(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
-    monkeypatch.setattr(inductor, "compile_threads", 64)  # the machine's cores, in every rank
-    tuning.use_inductor_cache(cores=3)
+    # the machine's cores, in every rank; config.patch restores it (monkeypatch cannot)
+    with inductor.patch(compile_threads=64):
+        tuning.use_inductor_cache(cores=3)
+        assert inductor.compile_threads == 3
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
-    assert inductor.compile_threads == 3
 
 
 def test_a_compile_that_dynamo_gave_up_on_is_an_error_not_an_eager_run(colour_checkpoint,
