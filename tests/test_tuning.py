@@ -188,12 +188,11 @@ def test_an_inductor_cache_of_the_users_own_is_kept(tmp_path, monkeypatch):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
-def test_a_compile_that_dynamo_gave_up_on_is_an_error_not_an_eager_run(colour_checkpoint,
-                                                                        monkeypatch):
+@torch._dynamo.config.patch(recompile_limit=1)  # 8 by default
+def test_a_compile_that_dynamo_gave_up_on_is_an_error_not_an_eager_run(colour_checkpoint):
     """Dynamo counts the graphs of a model's forward across every instance in a process and,
     past its limit, runs the next one eagerly without a word: a 'compiled' job would then
     measure and record eager figures."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)  # 8 by default
     spec = resolve_model("resnet18", str(colour_checkpoint), resize=72, crop=64)
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     first = Classifier(spec, torch.device("cpu"), torch.float32, top_k=2)
