@@ -56,80 +56,134 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
     """Everything the run decides about the machine; compiles the classifier if it pays.
 
     `sample`: paths of the job's first images, to measure decoding on; `pending`: how many
-    images this process is to label.
+    images this process is to label. Each step may use what the ones before it measured
+    (docs/design.md lists the order and why).
     """
-    preprocess, device = classifier.spec.preprocess, classifier.device
+    device = classifier.device
     measured: dict = {"machine": tuning.machine_name(device)}
-    choice = None
-    if config.batch_size is None:
-        choice = tuning.measure_batch_size(classifier)
-        measured["batch_sizes"] = choice.to_dict()
-    batch_size = config.batch_size or choice.batch_size
-    model_rate = choice.rates.get(batch_size) if choice else None
-
-    def rate_of_model() -> float | None:
-        nonlocal model_rate
-        if model_rate is None:
-            model_rate = tuning.model_rate(classifier, batch_size, tuning.MEASURE_SECONDS)
-        return model_rate
-
-    compile = config.compile
-    compiled_sizes = None  # where the compiled model's best batch is looked for
-    if config.batch_size is None and compile is not False:
-        compiled_sizes = tuning.around(batch_size, tuning.candidate_batches(device))
+    cores = max(1, tuning.usable_cores() // _ranks_per_node(part))
+    model = _batch_size(config, classifier, measured)
+    # where a compiled model's best batch is looked for: around the eager best, if measured
+    compiled_sizes = (tuning.around(model.batch_size, tuning.candidate_batches(device))
+                      if config.batch_size is None else None)
+    compile, compiled, eager = config.compile, None, None
     if compile is None:
-        expected = tuning.compile_figures(classifier, batch_size)
-        # The first compile on a machine also tries the sizes around the eager best, each
-        # a compile of its own; later runs know the best and compile once.
-        compiles = 1 if compiled_sizes is None or tuning.compiled_batch_known(
-            classifier, compiled_sizes) else len(compiled_sizes)
-        compile = pending >= MIN_IMAGES_TO_COMPILE and tuning.compile_pays(
-            pending, rate_of_model(), expected["speedup"], compiles * expected["compile_seconds"])
-        measured["compile"] = {"pending_images": pending, "chosen": compile,
-                               "expected": expected}
-    eager_batch, compiled = batch_size, None
+        compile = _compile_pays(classifier, model, compiled_sizes, pending, measured)
     if compile:
-        eager_rate = rate_of_model()  # before compiling: what the compiled rate is held to
-        tuning.use_inductor_cache(max(1, tuning.usable_cores() // _ranks_per_node(part)))
-        classifier.compile(fixed_batch=batch_size)
-        if compiled_sizes:
-            compiled = tuning.measure_batch_size(classifier, compiled_sizes, compiled=True)
-            measured["compiled_batch_sizes"] = compiled.to_dict()
-            batch_size = compiled.batch_size
-            model_rate = compiled.rates.get(batch_size)  # the rate the decoders feed
+        # the eager model, measured before compiling: what the compiled one is held to
+        eager = _Model(classifier, model.batch_size, model.images_per_second())
+        compiled = _compile(classifier, model, compiled_sizes, cores, measured)
     workers = config.workers
     if workers is None:
-        cores = max(1, tuning.usable_cores() // _ranks_per_node(part))
-        decode_rate = tuning.decode_rate(source, sample, preprocess, config.max_pixels)
-        workers = default_workers(device, rate_of_model(), decode_rate, cores)
-        measured.update(model_images_per_second=round(rate_of_model() or 0, 1),
-                        decode_images_per_second_per_core=round(decode_rate or 0, 1),
-                        cores=cores)
-    # On CUDA each batch in flight is also pinned, in page-locked memory nothing else may
-    # use: fewer ahead there.
-    prefetch = CUDA_PREFETCH_BATCHES if device.type == "cuda" else PREFETCH_BATCHES
-    size = size_for_shared_memory(
-        LoaderSize(workers, batch_size, prefetch), preprocess.crop_bytes,
-        fixed_workers=config.workers is not None, fixed_batch=config.batch_size is not None,
-        sharing=_ranks_per_node(part))  # torchrun's processes on one node share it
-    if device.type == "cuda":
-        size = fit_pinned_memory(size, preprocess.crop_bytes, available_memory(),
-                                 sharing=_ranks_per_node(part))
-        measured["pinned_megabytes"] = round(size.pinned_bytes(preprocess.crop_bytes) / 2**20)
-        classifier.pad_batches_to(size.batch_size)  # one shape for cuDNN's kernel choice
+        workers = _workers(config, source, sample, model, cores, measured)
+    size = _fit_memory(config, part, classifier, LoaderSize(workers, model.batch_size,
+                                                            _prefetch(device)), measured)
     if compile:
         classifier.pad_batches_to(size.batch_size)  # one shape: one compile serves the run
-        if compiled and compiled.first_call_seconds and size.batch_size in compiled.rates:
-            # just compiled and measured at this size: what it cost and gave is known
-            measured["compiled"] = tuning.keep_compile_figures(
-                classifier, eager_batch, compiled.first_call_seconds,
-                compiled.rates[size.batch_size], eager_rate)
-        else:  # compiled now, at the size the run uses
-            measured["compiled"] = tuning.measure_compile(classifier, size.batch_size,
-                                                          eager_rate, eager_batch)
+        measured["compiled"] = _compile_figures(classifier, compiled, size.batch_size, eager)
     return Settings(device=device, dtype=classifier.dtype, batch_size=size.batch_size,
                     workers=size.workers, prefetch=size.prefetch, compile=compile,
                     measured=measured)
+
+
+@dataclass
+class _Model:
+    """The batch the model runs at, and its images/s there, measured when first needed."""
+    classifier: Classifier
+    batch_size: int
+    rate: float | None = None
+
+    def images_per_second(self) -> float | None:
+        if self.rate is None:
+            self.rate = tuning.model_rate(self.classifier, self.batch_size,
+                                          tuning.MEASURE_SECONDS)
+        return self.rate
+
+
+def _batch_size(config: RunConfig, classifier: Classifier, measured: dict) -> _Model:
+    """--batch-size, else the size at which the eager model is fastest here."""
+    if config.batch_size is not None:
+        return _Model(classifier, config.batch_size)
+    choice = tuning.measure_batch_size(classifier)
+    measured["batch_sizes"] = choice.to_dict()
+    return _Model(classifier, choice.batch_size, choice.rates.get(choice.batch_size))
+
+
+def _compile_pays(classifier: Classifier, model: _Model, compiled_sizes: tuple[int, ...] | None,
+                  pending: int, measured: dict) -> bool:
+    """Whether the pending images at the eager rate repay what compiling costs here."""
+    expected = tuning.compile_figures(classifier, model.batch_size)
+    # The first compile on a machine also tries the sizes around the eager best, each a
+    # compile of its own; later runs know the best and compile once.
+    compiles = 1 if compiled_sizes is None or tuning.compiled_batch_known(
+        classifier, compiled_sizes) else len(compiled_sizes)
+    pays = pending >= MIN_IMAGES_TO_COMPILE and tuning.compile_pays(
+        pending, model.images_per_second(), expected["speedup"],
+        compiles * expected["compile_seconds"])
+    measured["compile"] = {"pending_images": pending, "chosen": pays, "expected": expected}
+    return pays
+
+
+def _compile(classifier: Classifier, model: _Model, compiled_sizes: tuple[int, ...] | None,
+             cores: int, measured: dict) -> tuning.BatchChoice | None:
+    """Compiles the classifier; `model` becomes the compiled one at its own best batch
+    (measured around the eager best), unless the batch size was given."""
+    tuning.use_inductor_cache(cores)
+    classifier.compile(fixed_batch=model.batch_size)
+    if not compiled_sizes:
+        # The batch was given: the workers go by the eager rate, and the compiled one is
+        # measured last, at the size the run ends up with (its first call the compile).
+        return None
+    compiled = tuning.measure_batch_size(classifier, compiled_sizes, compiled=True)
+    measured["compiled_batch_sizes"] = compiled.to_dict()
+    model.batch_size = compiled.batch_size
+    model.rate = compiled.rates.get(compiled.batch_size)  # the rate the decoders feed
+    return compiled
+
+
+def _workers(config: RunConfig, source: Source, sample: list[str], model: _Model, cores: int,
+             measured: dict) -> int:
+    """Decode workers from the model's rate and the decode rate per core, both measured."""
+    preprocess = model.classifier.spec.preprocess
+    decode_rate = tuning.decode_rate(source, sample, preprocess, config.max_pixels)
+    rate = model.images_per_second()
+    measured.update(model_images_per_second=round(rate or 0, 1),
+                    decode_images_per_second_per_core=round(decode_rate or 0, 1), cores=cores)
+    return default_workers(model.classifier.device, rate, decode_rate, cores)
+
+
+def _prefetch(device: torch.device) -> int:
+    # On CUDA each batch in flight is also pinned, in page-locked memory nothing else may
+    # use: fewer ahead there.
+    return CUDA_PREFETCH_BATCHES if device.type == "cuda" else PREFETCH_BATCHES
+
+
+def _fit_memory(config: RunConfig, part: Slice, classifier: Classifier, wanted: LoaderSize,
+                measured: dict) -> LoaderSize:
+    """The workers and batch within the shared memory (and on CUDA the pinned memory) this
+    process may use; torchrun's processes on one node share both."""
+    crop_bytes = classifier.spec.preprocess.crop_bytes
+    size = size_for_shared_memory(
+        wanted, crop_bytes, fixed_workers=config.workers is not None,
+        fixed_batch=config.batch_size is not None, sharing=_ranks_per_node(part))
+    if classifier.device.type == "cuda":
+        size = fit_pinned_memory(size, crop_bytes, available_memory(),
+                                 sharing=_ranks_per_node(part))
+        measured["pinned_megabytes"] = round(size.pinned_bytes(crop_bytes) / 2**20)
+        classifier.pad_batches_to(size.batch_size)  # one shape for cuDNN's kernel choice
+    return size
+
+
+def _compile_figures(classifier: Classifier, compiled: tuning.BatchChoice | None,
+                     batch_size: int, eager: _Model) -> dict:
+    """What the compile cost and gave against the eager model, kept for the next run."""
+    if compiled and compiled.first_call_seconds and batch_size in compiled.rates:
+        # just compiled and measured at this size: what it cost and gave is known
+        return tuning.keep_compile_figures(classifier, eager.batch_size,
+                                           compiled.first_call_seconds,
+                                           compiled.rates[batch_size], eager.rate)
+    # compiled now, at the size the run uses
+    return tuning.measure_compile(classifier, batch_size, eager.rate, eager.batch_size)
 
 
 def default_workers(device: torch.device, model_rate: float | None,
