@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline import tuning
+from pipeline import heap, tuning
 from pipeline.classifier import Classifier, resolve_device, resolve_precision
 from pipeline.config import RunConfig
 from pipeline.errors import notice
@@ -60,7 +60,8 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
     (docs/design.md lists the order and why).
     """
     device = classifier.device
-    measured: dict = {"machine": tuning.machine_name(device)}
+    # first: every measurement below, and the run, with the heap as the run will have it
+    measured: dict = {"machine": tuning.machine_name(device), "heap": heap.keep_freed_memory()}
     cores = max(1, tuning.usable_cores() // _ranks_per_node(part))
     model = _batch_size(config, classifier, measured)
     # where a compiled model's best batch is looked for: around the eager best, if measured

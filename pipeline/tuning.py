@@ -3,8 +3,8 @@
 A default that depends on the machine is measured on it: a few synthetic batches at
 candidate sizes on the chosen device and precision, the decode rate per core on the job's
 own first images. Batch measurements are cached per machine, model, precision, input
-size and compile in the user's cache directory, so later runs pay nothing; every choice
-is recorded with its figures.
+size, compile and heap (heap.py) in the user's cache directory, so later runs pay
+nothing; every choice is recorded with its figures.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import heap
 from pipeline.classifier import Classifier
 from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
 from pipeline.errors import notice
@@ -124,7 +125,8 @@ def _batch_key(classifier: Classifier, candidates: tuple[int, ...], compiled: bo
     return "|".join([machine_name(classifier.device), classifier.spec.model,
                      classifier.spec.weights_id, str(classifier.dtype),
                      str(classifier.spec.preprocess.crop), ",".join(map(str, candidates)),
-                     torch.__version__, *(["compiled, frozen"] if compiled else [])])
+                     torch.__version__, heap.state(),
+                     *(["compiled, frozen"] if compiled else [])])
 
 
 def model_rate(classifier: Classifier, batch_size: int, seconds: float) -> float | None:
@@ -252,7 +254,7 @@ def _compile_key(classifier: Classifier, batch_size: int) -> str:
     # gave no speedup on some machines) must not decide for these.
     return "|".join([machine_name(classifier.device), classifier.spec.model,
                      str(classifier.dtype), str(classifier.spec.preprocess.crop),
-                     str(batch_size), torch.__version__, "frozen"])
+                     str(batch_size), torch.__version__, heap.state(), "frozen"])
 
 
 def compile_figures(classifier: Classifier, batch_size: int) -> dict:

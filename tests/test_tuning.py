@@ -11,7 +11,7 @@ import torch
 import torch._dynamo
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-from pipeline import tuning
+from pipeline import heap, tuning
 from pipeline.backends import resolve_model
 from pipeline.classifier import Classifier
 from pipeline.errors import RunError
@@ -116,6 +116,7 @@ def test_the_choices_and_their_figures_are_recorded(cli, tmp_path, colour_checkp
     rates = measured["batch_sizes"]["images_per_second"]
     assert resolved["batch_size"] == int(max(rates, key=rates.get))
     assert measured["decode_images_per_second_per_core"] > 0 and measured["cores"] >= 1
+    assert measured["heap"] == heap.state() != "unchanged"  # what the process's heap does
     assert measured["compile"]["pending_images"] == 12 and not measured["compile"]["chosen"]
     assert measured["compile"]["expected"]["from"].startswith("defaults")
     summary = json.loads((out / "summary.json").read_text())
