@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -41,6 +42,24 @@ def test_the_batch_size_is_measured_once_per_machine_and_model(classifier, own_c
     monkeypatch.setattr(tuning, "timed_rate", lambda *a: pytest.fail("measured again"))
     again = tuning.measure_batch_size(classifier, candidates=(2, 4, 8), seconds=0.05)
     assert again.cached and again.batch_size == first.batch_size
+
+
+def test_a_rate_is_timed_after_the_warm_up_batches(classifier, monkeypatch):
+    """The first batches choose kernels (or compile) and grow the heap: slow, and not the
+    rate the run will see."""
+    real_forward, calls = classifier._forward, []
+
+    def slow_at_first(images):
+        calls.append(len(images))
+        if len(calls) <= tuning.WARM_UP_BATCHES:
+            time.sleep(0.3)
+        return real_forward(images)
+
+    monkeypatch.setattr(classifier, "_forward", slow_at_first)
+    rate, first_call = tuning.timed_rate(classifier, 2, seconds=0.05)
+    assert first_call >= 0.3 and len(calls) >= tuning.WARM_UP_BATCHES + 2
+    # with one slow batch among the (at least two) timed ones, at most 4 images in 0.3 s
+    assert rate > 4 / 0.3
 
 
 def test_a_batch_the_device_cannot_hold_ends_the_search(classifier, own_cache, monkeypatch):
