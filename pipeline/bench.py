@@ -264,7 +264,7 @@ def bench(config: RunConfig, images: int, reference_images: int,
             "source": config.source, "images": len(paths),
             "measured_best_batch": best.batch_size,
             "model": job.spec.model, **job.settings.to_dict(),
-            "torch_threads": torch.get_num_threads(),
+            "model_alone_threads": torch.get_num_threads(),  # the job's: torch_threads
             "figures": [dataclasses.asdict(f) for f in figures],
             "ratios": {"decode_vs_pil_per_core": ours / pil,
                        "end_to_end_vs_model": e2e / model,
@@ -323,11 +323,18 @@ def fidelity_only(config: RunConfig, images: int) -> dict:
             "fidelity": found.to_dict(), "fidelity_text": fidelity.render(found, preprocess)}
 
 
+def _threads(result: dict) -> str:
+    alone, job = result["model_alone_threads"], result["torch_threads"]
+    if job in (None, alone):
+        return f"{alone} torch thread(s)"
+    return f"{alone} torch thread(s), {job} in the job beside its workers"
+
+
 def render(result: dict) -> str:
     lines = [f"label-images bench: {result['images']} images from {result['source']}; "
              f"{result['model']} {result['precision']} on {result['device']}, batch "
              f"{result['batch_size']}, {result['workers']} worker(s), "
-             f"{result['torch_threads']} torch thread(s)",
+             f"{_threads(result)}",
              f"{'stage':<44} {'images/s':>9}  note"]
     for figure in result["figures"]:
         lines.append(f"{figure['name']:<44} {figure['images_per_second']:>9.1f}  {figure['note']}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pyarrow as pa
+import torch
 
 from pipeline import launchers, plan as planning, recovery, settings as machine
 from pipeline.classifier import Labelling
@@ -112,18 +113,24 @@ def label(run_dir: RunDirectory, job: Job, plan: Plan, summary: RunSummary,
                       recovery.quarantined(store))
     show = (not config.quiet) if progress is None else progress
     started = time.perf_counter()
-    with recovery.stopped_by_signals(store, plan):
-        while True:
-            owned = [s for s in range(plan.num_shards) if job.part.owns(s)]
-            committed = committed_shards(store)  # one listing of parts/, not one a shard
-            pending = [s for s in owned if s not in committed]
-            bar = progress_bar(plan.items_in(owned), plan.items_in(owned) - plan.items_in(
-                pending), show, job.part)
-            try:
-                _label_pending(items, pending, job, schema, store, summary, bar)
-                break
-            except recovery.WorkerDied as died:
-                recovery.quarantine_crashers(died, items, store)  # then the rest, again
+    threads = torch.get_num_threads()  # given back at the end: bench measures on after this
+    if job.settings.threads:
+        torch.set_num_threads(job.settings.threads)
+    try:
+        with recovery.stopped_by_signals(store, plan):
+            while True:
+                owned = [s for s in range(plan.num_shards) if job.part.owns(s)]
+                committed = committed_shards(store)  # one listing of parts/, not one a shard
+                pending = [s for s in owned if s not in committed]
+                bar = progress_bar(plan.items_in(owned), plan.items_in(owned) - plan.items_in(
+                    pending), show, job.part)
+                try:
+                    _label_pending(items, pending, job, schema, store, summary, bar)
+                    break
+                except recovery.WorkerDied as died:
+                    recovery.quarantine_crashers(died, items, store)  # then the rest, again
+    finally:
+        torch.set_num_threads(threads)
     summary.loop_seconds = time.perf_counter() - started
 
 

@@ -223,3 +223,26 @@ def test_a_compile_that_dynamo_gave_up_on_is_an_error_not_an_eager_run(colour_ch
     second.compile(fixed_batch=2)
     with pytest.raises(RunError, match="uncompiled at batch 2.*recompile_limit"):
         second.predict(images)
+
+
+def test_the_model_runs_on_the_cores_its_decode_workers_leave(cli, tmp_path, colour_checkpoint,
+                                                              monkeypatch):
+    """Two torch threads on a core that a worker decodes on wait for it at every layer."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    write_colour_images(tmp_path / "imgs", 6)
+    seen, submit = [], Classifier.submit
+    monkeypatch.setattr(Classifier, "submit", lambda self, images: seen.append(
+        torch.get_num_threads()) or submit(self, images))
+    threads_before = torch.get_num_threads()
+    cores = tuning.usable_cores()
+    for workers in (1, 0):
+        out = tmp_path / f"run-{workers}"
+        result = cli("run", tmp_path / "imgs", "--out", out, "--model", "resnet18", "--weights",
+                     colour_checkpoint, "--workers", str(workers), "--batch-size", "2",
+                     "--no-compile", "--quiet", "--top-k", "2", *FAST)
+        assert result.exit_code == 0, result.output
+        resolved = json.loads((out / "run.json").read_text())["resolved"]
+        assert resolved["torch_threads"] == max(1, cores - workers)
+        assert seen and set(seen) == {resolved["torch_threads"]}  # while labelling
+        seen.clear()
+        assert torch.get_num_threads() == threads_before  # given back after the run
