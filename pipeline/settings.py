@@ -86,7 +86,7 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
         measured["compiled"] = _compile_figures(classifier, compiled, size.batch_size, eager)
     return Settings(device=device, dtype=classifier.dtype, batch_size=size.batch_size,
                     workers=size.workers, prefetch=size.prefetch, compile=compile,
-                    threads=_model_threads(device, size.workers, cores), measured=measured)
+                    threads=_model_threads(device, size.workers), measured=measured)
 
 
 @dataclass
@@ -198,14 +198,15 @@ def default_workers(device: torch.device, model_rate: float | None,
     return tuning.workers_for(model_rate, decode_rate, cores, device.type == "cuda")
 
 
-def _model_threads(device: torch.device, workers: int, cores: int) -> int | None:
-    """On a CPU, the model's threads on the cores its decode workers leave it, as
+def _model_threads(device: torch.device, workers: int) -> int | None:
+    """On a CPU with decode workers, the model's threads on the cores they leave it, as
     tuning.workers_for counts them: two threads on a core a worker decodes on wait for it
     at every layer (12 MP photos, 1 worker on 2 cores: 29-30 images/s with 2 threads, 36-37
-    with 1). An OMP_NUM_THREADS of the user's (or torchrun's) is kept."""
-    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+    with 1). Counted from torch's own default (physical cores); None leaves that default.
+    An OMP_NUM_THREADS of the user's (or torchrun's) is kept."""
+    if device.type != "cpu" or not workers or "OMP_NUM_THREADS" in os.environ:
         return None
-    return max(1, cores - workers)
+    return max(1, torch.get_num_threads() - workers)
 
 
 def _ranks_per_node(part: Slice) -> int:
@@ -227,4 +228,4 @@ def after_abrupt_end(settings: Settings, config: RunConfig, crop_bytes: int,
     notice(f"the last run in {where} ended abruptly: decoding in a worker process this "
            "time, so that a file that crashes the decoder cannot end it again")
     return dataclasses.replace(settings, workers=1, prefetch=worker.prefetch,
-                               threads=max(1, settings.threads - 1) if settings.threads else None)
+                               threads=_model_threads(settings.device, 1))
