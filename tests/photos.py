@@ -42,6 +42,9 @@ if __name__ == "__main__":
     import sys
     from pathlib import Path
 
+    from pipeline import heap
+
+    heap.keep_freed_memory()  # 12 MP float images: 8 of them in 12 s instead of 24-26 here
     folder, count, width, height = Path(sys.argv[1]), *map(int, sys.argv[2:5])
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
