@@ -125,11 +125,18 @@ def compiled_batch_known(classifier: Classifier, candidates: tuple[int, ...]) ->
 
 
 def _batch_key(classifier: Classifier, candidates: tuple[int, ...], compiled: bool = False) -> str:
+    return _measurement_key(classifier, ",".join(map(str, candidates)),
+                            *(["compiled, frozen"] if compiled else []))
+
+
+def _measurement_key(classifier: Classifier, *what: str) -> str:
+    """Where a measurement of the model's speed is kept: what that speed depends on (the
+    machine, model, weights, precision, input size, torch, the heap), then what was
+    measured."""
     return "|".join([machine_name(classifier.device), classifier.spec.model,
                      classifier.spec.weights_id, str(classifier.dtype),
-                     str(classifier.spec.preprocess.crop), ",".join(map(str, candidates)),
-                     torch.__version__, heap.state(),
-                     *(["compiled, frozen"] if compiled else [])])
+                     str(classifier.spec.preprocess.crop), torch.__version__, heap.state(),
+                     *what])
 
 
 def model_rate(classifier: Classifier, batch_size: int, seconds: float) -> float | None:
@@ -257,9 +264,7 @@ def _write_cache(key: str, value, name: str = "batch-sizes.json") -> None:
 def _compile_key(classifier: Classifier, batch_size: int) -> str:
     # "frozen" names how it is compiled: figures from compiles without frozen weights (which
     # gave no speedup on some machines) must not decide for these.
-    return "|".join([machine_name(classifier.device), classifier.spec.model,
-                     str(classifier.dtype), str(classifier.spec.preprocess.crop),
-                     str(batch_size), torch.__version__, heap.state(), "frozen"])
+    return _measurement_key(classifier, str(batch_size), "frozen")
 
 
 def compile_figures(classifier: Classifier, batch_size: int) -> dict:
