@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import pyarrow as pa
 import torch
@@ -113,25 +114,32 @@ def label(run_dir: RunDirectory, job: Job, plan: Plan, summary: RunSummary,
                       recovery.quarantined(store))
     show = (not config.quiet) if progress is None else progress
     started = time.perf_counter()
-    threads = torch.get_num_threads()  # given back at the end: bench measures on after this
-    if job.settings.threads:
-        torch.set_num_threads(job.settings.threads)
-    try:
-        with recovery.stopped_by_signals(store, plan):
-            while True:
-                owned = [s for s in range(plan.num_shards) if job.part.owns(s)]
-                committed = committed_shards(store)  # one listing of parts/, not one a shard
-                pending = [s for s in owned if s not in committed]
-                bar = progress_bar(plan.items_in(owned), plan.items_in(owned) - plan.items_in(
-                    pending), show, job.part)
-                try:
-                    _label_pending(items, pending, job, schema, store, summary, bar)
-                    break
-                except recovery.WorkerDied as died:
-                    recovery.quarantine_crashers(died, items, store)  # then the rest, again
-    finally:
-        torch.set_num_threads(threads)
+    with recovery.stopped_by_signals(store, plan), _torch_threads(job.settings.threads):
+        while True:
+            owned = [s for s in range(plan.num_shards) if job.part.owns(s)]
+            committed = committed_shards(store)  # one listing of parts/, not one a shard
+            pending = [s for s in owned if s not in committed]
+            bar = progress_bar(plan.items_in(owned), plan.items_in(owned) - plan.items_in(
+                pending), show, job.part)
+            try:
+                _label_pending(items, pending, job, schema, store, summary, bar)
+                break
+            except recovery.WorkerDied as died:
+                recovery.quarantine_crashers(died, items, store)  # then the rest, again
     summary.loop_seconds = time.perf_counter() - started
+
+
+@contextmanager
+def _torch_threads(threads: int | None):
+    """The model's threads while labelling (settings decides them), given back after: a
+    bench goes on measuring in this process."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _label_pending(items: PlanItems, pending: list[int], job: Job, schema, store, summary,
