@@ -21,8 +21,8 @@ from pipeline.config import RunConfig
 from pipeline.decode import DECODE_ERRORS, ImageError, decode
 from pipeline.job import prepare, source_spec
 from pipeline.errors import UsageError
-from pipeline.loader import (MAX_BYTES_PER_PIXEL, PREFETCH_BATCHES, LoaderSize, make_loader,
-                             stack_images)
+from pipeline.loader import MAX_BYTES_PER_PIXEL, make_loader, stack_images
+from pipeline.memory import PREFETCH_BATCHES, LoaderSize
 from pipeline.sources import open_source, read_items
 from pipeline.storage import Store, is_remote, open_input, read_bytes
 

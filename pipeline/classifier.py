@@ -190,10 +190,15 @@ class Classifier:
         x = self._to_device(images)
         if self.fixed_batch is not None and count < self.fixed_batch:
             x = torch.cat([x, x.new_zeros((self.fixed_batch - count, *x.shape[1:]))])
+        preprocess = self.spec.preprocess
+        if preprocess.channels == "BGR":
+            x = x.flip(1)  # the crops are RGB; mean and std are in the model's order
         x = torch.addcmul(self._shift, x.to(self._norm_dtype), self._scale)
         # The loader's batches arrive channels_last already (then this copies nothing);
         # other callers' planar ones are converted here.
         x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        if preprocess.layout == "NHWC":
+            x = x.permute(0, 2, 3, 1)  # channels_last in memory: a view, nothing copied
         self._features.clear()
         probs = self._network(x)[:count].float().softmax(dim=1)
         scores, ids = probs.topk(self.top_k, dim=1)

@@ -17,6 +17,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.errors import ImageError
+from pipeline.preprocess import Preprocess
 
 # We refuse oversized images ourselves (--max-pixels, from the header, before decoding), so
 # PIL's own global guard, which warns or raises at a fixed size, is switched off.
@@ -56,26 +57,6 @@ _ORIENT = {
     7: (True, True, True),
     8: (True, True, False),  # turned anticlockwise
 }
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Eval preprocessing: resize the shorter side, centre crop, then normalise on the device."""
-
-    resize: int = 256
-    crop: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"
-
-    @property
-    def crop_bytes(self) -> int:
-        """One preprocessed image in a batch: uint8, 3 x crop x crop."""
-        return 3 * self.crop * self.crop
-
-    def to_dict(self) -> dict:
-        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean),
-                "std": list(self.std), "interpolation": self.interpolation}
 
 
 @dataclass(frozen=True)
@@ -126,7 +107,7 @@ def _decode_jpeg(data: bytes, header: _JpegHeader, preprocess: Preprocess,
     _check_size(width, height, max_pixels)
     if colourspace not in ("YCbCr", "Gray", "RGB"):
         return None
-    factor = dct_factor(min(width, height), preprocess.resize)
+    factor = dct_factor(min(width, height), preprocess.resize or preprocess.crop)
     transpose, *flips = _ORIENT.get(_jpeg_orientation(data, header), _ORIENT[1])
     while True:
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // factor),
@@ -252,6 +233,8 @@ def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess,
     pixels are those of the full resize, sampled at most that far off; an axis with no such
     start nearby is only cut on its far side, which is exact.
     """
+    if preprocess.stretch:
+        return _stretch(pixels, preprocess, scaled_from, mirrored)
     radius = _FILTER_RADIUS.get(preprocess.interpolation)
     height, width = pixels.shape[-2:]
     full_height, full_width, factor = scaled_from or (height, width, 1)
@@ -286,6 +269,38 @@ def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess,
     mode = InterpolationMode(preprocess.interpolation)
     resized = F.resize(pixels, [preprocess.resize], interpolation=mode, antialias=True)
     return F.center_crop(resized, [crop, crop])
+
+
+def _stretch(pixels: torch.Tensor, preprocess: Preprocess,
+             scaled_from: tuple[int, int, int] | None,
+             mirrored: tuple[bool, bool]) -> torch.Tensor | None:
+    """The whole image to crop x crop, aspect ratio and all (no crop): Keras' recipe.
+
+    A scaled decode is resized on the original's sampling grid, as in resize_and_crop
+    (decoded pixel j covers original pixels [j*factor, (j+1)*factor)): its last row or
+    column may cover less than `factor`, which a resize to crop/size of it would stretch.
+    """
+    crop = preprocess.crop
+    height, width = pixels.shape[-2:]
+    full_height, full_width, factor = scaled_from or (height, width, 1)
+    reversed_axes = [axis for axis, reverse in zip((-2, -1), mirrored) if reverse]
+    if factor == 1:
+        if reversed_axes:
+            pixels = pixels.flip(reversed_axes)
+        return F.resize(pixels, [crop, crop], antialias=True,
+                        interpolation=InterpolationMode(preprocess.interpolation))
+    # mirrored after the resize: the grid keeps its origin at the stored first pixel
+    region = pixels.permute(1, 2, 0).contiguous().unsqueeze(0).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(
+        region.float() if preprocess.interpolation not in _FILTER_RADIUS else region,
+        scale_factor=(crop * factor / full_height, crop * factor / full_width),
+        mode=preprocess.interpolation, antialias=True, align_corners=False,
+        recompute_scale_factor=False)[0, :, :crop, :crop]
+    if resized.shape[-2:] != (crop, crop):
+        return None  # rounding at the far edge: the full decode
+    if resized.dtype != torch.uint8:
+        resized = resized.round().clamp(0, 255).to(torch.uint8)
+    return resized.flip(reversed_axes) if reversed_axes else resized
 
 
 def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:

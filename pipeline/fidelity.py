@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass, field
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
+from pipeline.decode import DECODE_ERRORS, ImageError, decode
+from pipeline.preprocess import Preprocess
 
 # Per image, in levels of 255 of the uint8 crop: the bound our fast paths are held to (the
 # sweep in tests/test_fidelity.py; docs/fidelity.md says how it was chosen).

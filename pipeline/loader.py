@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Iterator
@@ -12,141 +11,15 @@ import torch
 from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
-from pipeline.errors import UsageError, notice
+from pipeline.decode import DECODE_ERRORS, ImageError, decode
+from pipeline.memory import PREFETCH_BATCHES
+from pipeline.preprocess import Preprocess
 from pipeline.plan import Plan
 from pipeline.sources import Source
 
-PREFETCH_BATCHES = 4  # per worker: batches asked for ahead of the one the model is on
 # A file larger than this per --max-pixels pixel is not read: even uncompressed 16-bit RGBA
 # takes 8 bytes a pixel, so it cannot be an image the run would accept.
 MAX_BYTES_PER_PIXEL = 8
-# Workers hand their batches over in shared memory (/dev/shm on Linux), which containers
-# keep small: 64 MB under Docker and Kubernetes unless raised. The batches in flight may
-# take at most this share of what is free when the run starts.
-SHARED_MEMORY = "/dev/shm"
-SHARED_MEMORY_SHARE = 0.5
-MIN_BATCH_SIZE = 32  # how far a default batch size is lowered to keep decoding workers
-# On CUDA each batch in flight is also copied into page-locked (pinned) host memory, which
-# the rest of the machine cannot use: at most this share of what is available.
-PINNED_MEMORY_SHARE = 0.25
-
-
-@dataclass(frozen=True)
-class LoaderSize:
-    workers: int
-    batch_size: int
-    prefetch: int  # batches each worker is asked for ahead
-
-    def shared_bytes(self, image_bytes: int) -> int:
-        """Shared memory the batches in flight can take: the prefetched ones and one in use."""
-        if self.workers == 0:
-            return 0  # decoded in the main process: nothing is handed over
-        return (self.workers * self.prefetch + 1) * self.batch_size * image_bytes
-
-    def pinned_bytes(self, image_bytes: int) -> int:
-        """Page-locked memory the batches in flight hold on CUDA: the prefetched ones (pinned
-        as they arrive) and two at the model (one computing, the next being copied), each
-        in a power-of-two block, as CUDA's host allocator rounds them and keeps them."""
-        block = 1 << max(0, self.batch_size * image_bytes - 1).bit_length()
-        return (max(1, self.workers) * self.prefetch + 2) * block
-
-
-def free_shared_memory() -> int | None:
-    """Bytes free in shared memory now; None where there is no /dev/shm to measure."""
-    try:
-        stats = os.statvfs(SHARED_MEMORY)
-    except OSError:
-        return None
-    return stats.f_bavail * stats.f_frsize
-
-
-def fit_shared_memory(wanted: LoaderSize, image_bytes: int, free: int | None, *,
-                      fixed_workers: bool, fixed_batch: bool) -> LoaderSize | None:
-    """The largest loader like `wanted` whose batches in flight fit in the shared memory.
-
-    Fewer batches prefetched first, then (unless fixed) smaller batches, down to
-    MIN_BATCH_SIZE, then (unless fixed) fewer workers; None if that is not enough.
-    """
-    if free is None:
-        return wanted
-    budget = int(free * SHARED_MEMORY_SHARE)
-    size = wanted
-    while size.prefetch > 1 and size.shared_bytes(image_bytes) > budget:
-        size = LoaderSize(size.workers, size.batch_size, size.prefetch - 1)
-    while (not fixed_batch and size.batch_size > MIN_BATCH_SIZE
-           and size.shared_bytes(image_bytes) > budget):
-        size = LoaderSize(size.workers, max(MIN_BATCH_SIZE, size.batch_size // 2), size.prefetch)
-    while not fixed_workers and size.workers > 0 and size.shared_bytes(image_bytes) > budget:
-        size = LoaderSize(size.workers - 1, size.batch_size, size.prefetch)
-    if size.workers == 0:
-        return LoaderSize(0, wanted.batch_size, wanted.prefetch)  # nothing shared: as wanted
-    return size if size.shared_bytes(image_bytes) <= budget else None
-
-
-def size_for_shared_memory(wanted: LoaderSize, image_bytes: int, *, fixed_workers: bool,
-                           fixed_batch: bool, sharing: int = 1) -> LoaderSize:
-    """The loader as wanted, or smaller where shared memory is short; says what and why.
-
-    `sharing`: processes that share the shared memory (torchrun's on one node).
-    """
-    free = free_shared_memory()
-    size = fit_shared_memory(wanted, image_bytes, None if free is None else free // sharing,
-                             fixed_workers=fixed_workers, fixed_batch=fixed_batch)
-    if size == wanted:
-        return size
-    held = wanted.shared_bytes(image_bytes) * sharing
-    each = f" in each of {sharing} processes" if sharing > 1 else ""
-    shortage = (f"{SHARED_MEMORY} has {free / 2**20:.0f} MB free, and {wanted.workers} loader "
-                f"workers with batches of {wanted.batch_size}{each} can hold "
-                f"{held / 2**20:.0f} MB there")
-    if size is None:
-        raise UsageError(f"{shortage}: {more_shared_memory(held)}, or lower --workers or "
-                         "--batch-size")
-    using = ("decoding in the main process" if size.workers == 0 else
-             f"using {size.workers} worker(s), batches of {size.batch_size}, {size.prefetch} "
-             "prefetched by each")
-    notice(f"{shortage}: {using}; for full speed {more_shared_memory(held)}")
-    return size
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations now (Linux); None where unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            kib = next(line.split()[1] for line in fh if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
-    return int(kib) * 1024
-
-
-def fit_pinned_memory(wanted: LoaderSize, image_bytes: int, available: int | None,
-                      sharing: int = 1) -> LoaderSize:
-    """The loader as wanted, with fewer batches prefetched while their page-locked copies
-    would take more than PINNED_MEMORY_SHARE of the memory available (among `sharing`
-    processes): pinned memory is never swapped out or given back, and a node of 8 GPUs
-    fed 12 MP-sized batches could otherwise lock ~17 GiB."""
-    if available is None:
-        return wanted
-    budget = int(available * PINNED_MEMORY_SHARE) // sharing
-    size = wanted
-    while size.prefetch > 1 and size.pinned_bytes(image_bytes) > budget:
-        size = LoaderSize(size.workers, size.batch_size, size.prefetch - 1)
-    if size.pinned_bytes(image_bytes) > budget:
-        notice(f"the batches in flight would lock {size.pinned_bytes(image_bytes) / 2**20:.0f}"
-               f" MB of page-locked memory per process, more than "
-               f"{PINNED_MEMORY_SHARE:.0%} of the {available / 2**20:.0f} MB available"
-               + (f" shared by {sharing} processes" if sharing > 1 else "")
-               + ": lower --workers or --batch-size if the machine starts swapping")
-    return size
-
-
-def more_shared_memory(held: int) -> str:
-    """What to tell a user whose loader would hold `held` bytes in shared memory."""
-    gigabytes = max(1, math.ceil(held / SHARED_MEMORY_SHARE / 2**30))
-    return (f"give the container {gigabytes} GB of shared memory (docker run "
-            f"--shm-size={gigabytes}g; Kubernetes: an emptyDir volume with medium: Memory "
-            "mounted at /dev/shm)")
 
 
 @dataclass

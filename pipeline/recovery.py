@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from pipeline.errors import Interrupted, RunError, notice
-from pipeline.loader import (SHARED_MEMORY, LoaderSize, PendingItems, PlanItems, init_worker,
-                             more_shared_memory)
+from pipeline.loader import PendingItems, PlanItems, init_worker
+from pipeline.memory import SHARED_MEMORY, LoaderSize, more_shared_memory
 from pipeline.plan import Plan
 from pipeline.rundir import QUARANTINE_FILE, add_quarantine, committed_shards, read_quarantine
 from pipeline.storage import Store

@@ -15,7 +15,8 @@ from pipeline.config import RunConfig
 from pipeline.errors import RunError, UsageError
 from pipeline.job import Job, prepare
 from pipeline.launchers import ProcessGroup
-from pipeline.loader import Batch, LoaderSize, PlanItems, make_loader
+from pipeline.loader import Batch, PlanItems, make_loader
+from pipeline.memory import LoaderSize
 from pipeline.plan import Plan
 from pipeline.progress import progress_bar
 from pipeline.rundir import RunDirectory, committed_shards, part_name

@@ -18,7 +18,7 @@ from pipeline.classifier import Classifier, resolve_device, resolve_precision
 from pipeline.config import RunConfig
 from pipeline.errors import notice
 from pipeline.launchers import Slice
-from pipeline.loader import (PREFETCH_BATCHES, LoaderSize, available_memory, fit_pinned_memory,
+from pipeline.memory import (PREFETCH_BATCHES, LoaderSize, available_memory, fit_pinned_memory,
                              fit_shared_memory, free_shared_memory, size_for_shared_memory)
 from pipeline.sources import Source
 

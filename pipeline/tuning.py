@@ -21,7 +21,8 @@ import torch
 
 from pipeline import heap
 from pipeline.classifier import Classifier
-from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
+from pipeline.decode import DECODE_ERRORS, ImageError, decode
+from pipeline.preprocess import Preprocess
 from pipeline.errors import notice
 from pipeline.loader import MAX_BYTES_PER_PIXEL
 

@@ -421,7 +421,7 @@ def test_workers_given_that_shared_memory_cannot_hold_are_refused_before_any_wor
         cli, tmp_path, colour_checkpoint, reference, monkeypatch):
     folder, _ = reference
     out = tmp_path / "run"
-    monkeypatch.setattr("pipeline.loader.free_shared_memory", lambda: 100_000)
+    monkeypatch.setattr("pipeline.memory.free_shared_memory", lambda: 100_000)
     fails_with(cli, job(folder, out, colour_checkpoint), 2, "/dev/shm has", "--shm-size",
                "or lower --workers or --batch-size")
     assert not out.exists()

@@ -7,10 +7,11 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torchvision import transforms as T
 
-from pipeline.decode import DECODE_ERRORS, ImageError, Preprocess, decode
+from pipeline.decode import DECODE_ERRORS, ImageError, decode
+from pipeline.preprocess import Preprocess
 
 SMALL = Preprocess(resize=40, crop=32)
 
@@ -189,3 +190,29 @@ def test_resizing_only_the_cropped_region_matches_the_reference(interpolation, m
             assert (ours.float() - reference.float()).abs().mean() <= 0.5, (width, height)
             if (width, height, resize) == (500, 375, 256):
                 assert resized_pixels[-1] < 0.7 * width * height  # the work saved is real
+
+
+@pytest.mark.parametrize("size", [(80, 40), (37, 300), (1200, 900), (901, 1603), (4000, 3000)])
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_plain_resize_keeps_the_whole_image_at_the_input_size(size, orientation):
+    """Preprocess(resize=None): Keras' recipe, the whole picture squeezed to the input, no crop;
+    against torchvision's own resize of PIL's full decode, DCT-scaled JPEG decode or not."""
+    width, height = size
+    rows, cols = np.mgrid[0:height, 0:width]
+    pixels = np.stack([cols * 255 // width, rows * 255 // height,
+                       (cols + rows) * 255 // (width + height)], -1).astype(np.uint8)
+    pixels[:, : width // 8, 0] = 255  # a red left edge: a centre crop would lose it
+    stretch = Preprocess(resize=None, crop=24)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for fmt in ("PNG", "JPEG"):
+        data = encode(Image.fromarray(pixels), fmt, exif=exif.tobytes(),
+                      **({"quality": 95} if fmt == "JPEG" else {}))
+        decoded = decode(data, stretch, max_pixels=10**8)
+        shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        full = torch.from_numpy(np.array(shown)).permute(2, 0, 1)
+        reference = T.functional.resize(full, [24, 24], antialias=True)
+        assert decoded.image.shape == (3, 24, 24)
+        assert (decoded.width, decoded.height) == shown.size
+        difference = (decoded.image.float() - reference.float()).abs()
+        assert difference.mean() < 0.25 and difference.max() <= 2, (fmt, difference.mean())

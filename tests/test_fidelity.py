@@ -17,7 +17,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-from pipeline.decode import Preprocess, decode
+from pipeline.decode import decode
+from pipeline.preprocess import Preprocess
 from pipeline.backends import resolve_preprocess
 from tests.photos import photo
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline import plan as planning
-from pipeline.decode import Preprocess, decode
+from pipeline.decode import decode
+from pipeline.preprocess import Preprocess
 from pipeline.loader import make_loader
 from pipeline.sources import Source, SourceSpec
 from pipeline.storage import Store

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import urllib.error
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from pipeline import settings
 from pipeline.backends import resolve_model
 from pipeline.classifier import Classifier, resolve_device, resolve_precision
 from pipeline.errors import RunError, UsageError
-from pipeline.loader import (PREFETCH_BATCHES, LoaderSize, fit_pinned_memory,
+from pipeline.memory import (PREFETCH_BATCHES, LoaderSize, fit_pinned_memory,
                              fit_shared_memory)
 from tests.conftest import COLOURS, read_output, write_colour_images
 
@@ -328,3 +329,30 @@ def test_another_runtime_error_of_the_device_is_not_taken_for_memory(tmp_path,
     with pytest.raises(RuntimeError, match="illegal memory access"):
         classifier.predict(torch.zeros((2, 3, 32, 32), dtype=torch.uint8))
     assert classifier.fits is None
+
+
+@pytest.mark.parametrize("channels,layout", [("BGR", "NHWC"), ("RGB", "NHWC"), ("BGR", "NCHW")])
+def test_a_model_reading_bgr_channels_last_0_255_gets_exactly_that(tmp_path, small_state_dict,
+                                                                  channels, layout):
+    """What the Preprocess says the model reads, the classifier gives it: colour order, layout
+    and pixel range (mean 0, std 1/255: the values 0-255 as they are), no loader special case."""
+    spec = resolve_model("resnet18", save(tmp_path / "w.pth", small_state_dict),
+                         resize=40, crop=32)
+    net = spec.build()
+    seen = []
+
+    class Reads(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return net(x.permute(0, 3, 1, 2) if layout == "NHWC" else x)
+
+    preprocess = dataclasses.replace(spec.preprocess, mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3,
+                                     channels=channels, layout=layout)
+    spec = dataclasses.replace(spec, preprocess=preprocess, build=Reads)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    Classifier(spec, torch.device("cpu"), torch.float32, top_k=2).predict(images)
+    expected = images.float().flip(1) if channels == "BGR" else images.float()
+    if layout == "NHWC":
+        expected = expected.permute(0, 2, 3, 1)
+    assert seen[0].shape == expected.shape
+    assert torch.allclose(seen[0], expected, atol=1e-3)

@@ -161,7 +161,7 @@ def test_killed_on_object_storage_then_resumed_exactly_once(s3, uploaded, colour
 def test_remote_reads_in_a_worker_overlap(monkeypatch, tmp_path):
     """A batch's object reads run concurrently, so one worker is not bound by latency."""
     from pipeline import loader, plan as planning
-    from pipeline.decode import Preprocess
+    from pipeline.preprocess import Preprocess
     from pipeline.sources import base
     from pipeline.storage import Store
     import pyarrow as pa

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pipeline.backends.base import Backend, ModelSpec, head_name, overridden, read_labels
 from pipeline.backends.timm import TimmBackend
 from pipeline.backends.torchvision import TorchvisionBackend
-from pipeline.decode import Preprocess
+from pipeline.preprocess import Preprocess
 from pipeline.errors import UsageError
 
 __all__ = ["BACKENDS", "ModelSpec", "backend_for", "head_name", "resolve_model",

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from pipeline.decode import Preprocess
+from pipeline.preprocess import Preprocess
 from pipeline.errors import UsageError
 
 DEFAULT_PREPROCESS = Preprocess()  # the tutorials' 256/224 ImageNet recipe

@@ -17,7 +17,7 @@ from torch import nn
 from pipeline.backends.base import Backend, ModelSpec, load_weights
 from pipeline.backends.checkpoints import (SUFFIXES, check_categories, load_checkpoint,
                                            sha256_file)
-from pipeline.decode import Preprocess
+from pipeline.preprocess import Preprocess
 from pipeline.errors import RunError, UsageError
 
 # What timm's training scripts save a model under, the exponential moving average first:

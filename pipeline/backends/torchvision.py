@@ -22,7 +22,7 @@ from pipeline.backends.base import (DEFAULT_PREPROCESS, Backend, ModelSpec, head
                                     load_weights)
 from pipeline.backends.checkpoints import (SUFFIXES, check_categories, load_checkpoint,
                                            sha256_file)
-from pipeline.decode import Preprocess
+from pipeline.preprocess import Preprocess
 from pipeline.errors import RunError, UsageError
 
 _DOWNLOAD_TIMEOUT_S = 60

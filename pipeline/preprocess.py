@@ -1,0 +1,58 @@
+"""What a model expects as input: how an image becomes its crop, and how the crop its tensor.
+
+The model backends say it (from the weights, the checkpoint or the saved model); the decode
+stage makes the uint8 crop from it and the classifier the model's input on the device.
+Neither learns which backend it came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CHANNEL_ORDERS = ("RGB", "BGR")
+LAYOUTS = ("NCHW", "NHWC")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Eval preprocessing: the crop made by the loader, then normalised on the device.
+
+    `resize`: the shorter side is resized to it (antialiased) and the centre `crop` square
+    cut; with `resize=None` the whole image is resized to `crop` x `crop`, aspect ratio and
+    all (Keras' recipe: no crop). mean and std are in units of a full channel (255 = 1.0):
+    pixel values 0-255 as they are are mean 0, std 1/255. `channels` is the order the model
+    reads the colours in, `layout` whether its input is channels first or last.
+    """
+
+    resize: int | None = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    channels: str = "RGB"
+    layout: str = "NCHW"
+
+    def __post_init__(self):
+        if self.channels not in CHANNEL_ORDERS or self.layout not in LAYOUTS:
+            raise ValueError(f"channels {self.channels!r} / layout {self.layout!r}: "
+                             f"expected one of {CHANNEL_ORDERS} / {LAYOUTS}")
+
+    @property
+    def stretch(self) -> bool:
+        """The whole image resized to the input size, no crop."""
+        return self.resize is None
+
+    @property
+    def crop_bytes(self) -> int:
+        """One preprocessed image in a batch: uint8, 3 x crop x crop."""
+        return 3 * self.crop * self.crop
+
+    def to_dict(self) -> dict:
+        described = {"resize": self.resize, "crop": self.crop, "mean": list(self.mean),
+                     "std": list(self.std), "interpolation": self.interpolation}
+        # Only where they are not the default: fingerprints of earlier runs stay equal.
+        if self.channels != "RGB":
+            described["channels"] = self.channels
+        if self.layout != "NCHW":
+            described["layout"] = self.layout
+        return described
