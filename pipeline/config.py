@@ -134,8 +134,7 @@ def _check_type(name: str, value: Any) -> None:
 
 
 def _check_values(config: RunConfig) -> None:
-    if config.format not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {config.format!r}")
+    formats.get(config.format)  # one of the registered formats, or a one-line refusal
     if config.precision not in PRECISIONS:
         raise UsageError(
             f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}"

@@ -163,7 +163,7 @@ def _label_and_assemble(top: RunDirectory, job: Job, items: pa.Table,
         summary.labelled_now, summary.loop_seconds = done.labelled_now, done.loop_seconds
         summary.load_seconds, summary.compute_seconds = done.load_seconds, done.compute_seconds
         summary.write_seconds = done.write_seconds
-    elif changes.removed == 0 and store.exists(top.output(config.format)):
+    elif changes.removed == 0 and top.is_finished(config.format, whole=False):
         top.remove_increments()
         summary.already_complete = True
         summary.items = items.num_rows
@@ -177,7 +177,7 @@ def _label_and_assemble(top: RunDirectory, job: Job, items: pa.Table,
         if labelled is not None:
             labelled.close()
     if config.format != "parquet":
-        merge_parts(store, [TABLE], top.output(config.format), config.format)
+        merge_parts(store, [TABLE], config.format)
     top.remove_increments()  # only once the new table is committed
     summary.write_seconds += time.perf_counter() - started
     summary.items = items.num_rows

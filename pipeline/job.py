@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 import pipeline
-from pipeline import plan as planning
+from pipeline import formats, plan as planning
 from pipeline import settings as machine
 from pipeline.backends import ModelSpec, resolve_model
 from pipeline.classifier import Classifier
@@ -88,8 +88,10 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
         list_items = config.overwrite or not store.exists(PLAN_FILE)
     items = read_items(source, versions=versions) if list_items else None
     spec = resolve_model(config.model, config.weights, config.labels, config.resize, config.crop)
-    if config.embeddings and config.format == "csv":
-        raise UsageError("--embeddings are written to Parquet only: use --format parquet")
+    if config.embeddings and not formats.get(config.format).embeddings:
+        carriers = [name for name, f in formats.FORMATS.items() if f.embeddings]
+        raise UsageError(f"--embeddings cannot be written to {config.format}: use --format "
+                         f"{' or '.join(carriers)}")
     device, dtype = machine.device_and_precision(config, part)
     classifier = Classifier(spec, device, dtype, config.top_k, embeddings=config.embeddings)
     sample, pending = _sample_and_pending(items, store, part)

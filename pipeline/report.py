@@ -16,12 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
+from pipeline import formats
 from pipeline.decode import DECODE_ERRORS, ImageError, to_rgb
 from pipeline.errors import UsageError
-from pipeline.rundir import FORMATS, output_name
 from pipeline.storage import Store, read_bytes
 
 COLUMNS = ["key", "path", "status", "error", "top1_label", "top1_score"]
@@ -50,17 +49,13 @@ class Findings:
 
 
 def read_table(out: str) -> pa.Table:
+    """The report's columns of the finished table, in whichever format the run wrote it."""
     store = Store(out)
-    for name in map(output_name, FORMATS):
-        if store.exists(name):
-            with store.open(name) as fh:
-                if name.endswith(".parquet"):
-                    return pq.read_table(fh, columns=COLUMNS)
-                return pacsv.read_csv(fh, convert_options=pacsv.ConvertOptions(
-                    include_columns=COLUMNS, column_types={"top1_score": pa.float32(),
-                                                          "key": pa.string(),
-                                                          "path": pa.string()}))
-    raise UsageError(f"no finished table in {out} (labels.parquet or labels.csv); "
+    for fmt in formats.FORMATS.values():
+        if fmt.exists(store):
+            return fmt.read(store, COLUMNS)
+    names = ", ".join(f.table_name() for f in formats.FORMATS.values())
+    raise UsageError(f"no finished table in {out} ({names}); "
                      "run `label-images run` to the end first")
 
 

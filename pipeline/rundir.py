@@ -20,6 +20,7 @@ import os
 import re
 from pathlib import Path
 
+from pipeline import formats
 from pipeline.errors import RunError, UsageError
 from pipeline.launchers import Slice
 from pipeline.storage import TMP_MARK, Store, remove_temporaries
@@ -31,14 +32,12 @@ PARTS_DIR = "parts"
 INCREMENTS_DIR = "increments"
 QUARANTINE_FILE = "quarantine.json"
 LOCK_FILE = ".lock"
-OUTPUT_STEM = "labels"
-FORMATS = ("parquet", "csv")
 _PART_NAME = re.compile(r"^part-(\d{6})\.parquet$")
 
 
 def output_name(fmt: str) -> str:
-    """The final table: labels.parquet or labels.csv."""
-    return f"{OUTPUT_STEM}.{fmt}"
+    """The final table in `fmt`: labels.parquet, labels.csv, ... (its format names it)."""
+    return formats.get(fmt).table_name()
 
 
 def part_name(shard: int) -> str:
@@ -167,8 +166,8 @@ class RunDirectory:
 
     def is_finished(self, fmt: str, whole: bool = True) -> bool:
         """The table is here in `fmt`, or (for one process) in Parquet, to convert from."""
-        return self.store.exists(output_name(fmt)) or (
-            whole and self.store.exists(output_name("parquet")))
+        return formats.get(fmt).exists(self.store) or (
+            whole and formats.get("parquet").exists(self.store))
 
     def remove_parts(self) -> None:
         self.store.remove(PARTS_DIR)  # only once the whole table is committed
@@ -178,7 +177,7 @@ class RunDirectory:
 
     def clear(self) -> None:
         """Forget a previous run: only the files this tool writes are removed."""
-        for name in (RUN_FILE, SUMMARY_FILE, PLAN_FILE, *map(output_name, FORMATS), PARTS_DIR,
+        for name in (RUN_FILE, SUMMARY_FILE, PLAN_FILE, *(f.table_name() for f in formats.FORMATS.values()), PARTS_DIR,
                      INCREMENTS_DIR, QUARANTINE_FILE):
             self.store.remove(name)
 

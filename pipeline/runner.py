@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import pyarrow as pa
 import torch
 
-from pipeline import launchers, plan as planning, recovery, settings as machine
+from pipeline import formats, launchers, plan as planning, recovery, settings as machine
 from pipeline.classifier import Labelling
 from pipeline.commit import PartCommitter, ShardBuffers, write_failure
 from pipeline.config import RunConfig
@@ -216,17 +216,17 @@ def _timed(batches, summary: RunSummary):
 
 def _already_complete(run_dir: RunDirectory, fmt: str, plan: Plan,
                       summary: RunSummary) -> RunSummary:
-    store, output = run_dir.store, run_dir.output(fmt)
-    if not store.exists(output):
+    store = run_dir.store
+    if not formats.get(fmt).exists(store):
         # A finished run asked for in another format: convert, do not relabel.
-        counts = merge_parts(store, [run_dir.output("parquet")], output, fmt)
+        counts = merge_parts(store, [run_dir.output("parquet")], fmt)
         summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
         return summary
     run_dir.remove_parts()  # killed after the final rename, before the parts went: finish
     summary.already_complete = True
     summary.items = plan.num_items
     if not run_dir.has_summary():
-        counts = count_rows(store, output)
+        counts = count_rows(store, fmt)
         summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
         run_dir.write_summary(summary.to_dict())
     return summary
@@ -235,8 +235,8 @@ def _already_complete(run_dir: RunDirectory, fmt: str, plan: Plan,
 def _assemble(run_dir: RunDirectory, plan: Plan, fmt: str, summary: RunSummary) -> None:
     started = time.perf_counter()
     shards = range(plan.num_shards)
-    counts = merge_parts(run_dir.store, [part_name(s) for s in shards], run_dir.output(fmt),
-                         fmt, expected_rows=[e - s for s, e in map(plan.shard_bounds, shards)])
+    counts = merge_parts(run_dir.store, [part_name(s) for s in shards], fmt,
+                         expected_rows=[e - s for s, e in map(plan.shard_bounds, shards)])
     run_dir.remove_parts()  # only once the whole table is committed
     summary.write_seconds += time.perf_counter() - started
     summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
@@ -258,7 +258,7 @@ def merge(out: str, fmt: str | None = None) -> RunSummary:
             plan = planning.load(run_dir.store)
             summary = RunSummary(output=run_dir.store.url(run_dir.output(fmt)),
                                  run_dir=run_dir.store.url(), resumed=True)
-            if run_dir.store.exists(run_dir.output(fmt)):
+            if formats.get(fmt).exists(run_dir.store):
                 summary.already_complete = True
                 summary.items = plan.num_items
                 return summary

@@ -126,9 +126,9 @@ class MergeCounts:
     errors: int
 
 
-def merge_parts(store: Store, parts: list[str], output: str, fmt: str,
+def merge_parts(store: Store, parts: list[str], fmt: str,
                 expected_rows: list[int] | None = None) -> MergeCounts:
-    """Stream the parts, in shard order, into one Parquet or CSV file, committed atomically.
+    """Stream the parts, in shard order, into the final table in `fmt`, committed as one.
 
     With expected_rows, a part with another row count aborts the merge before the commit:
     the exactly-once check.
@@ -138,28 +138,26 @@ def merge_parts(store: Store, parts: list[str], output: str, fmt: str,
             schema = pq.read_schema(fh)
     except (pa.ArrowInvalid, OSError) as exc:
         raise _unreadable(store, parts[0], exc) from None
-    rows = ok = 0
-    with store.writing(output) as target:
-        sink = formats.get(fmt).open(target, schema)
-        write = sink.write
-        try:
-            pending: list[pa.Table] = []
-            pending_rows = 0
-            for part, expected in zip(parts, expected_rows or [None] * len(parts)):
-                for table in _row_groups(store, part, expected):
-                    table = table.cast(schema)
-                    rows += table.num_rows
-                    ok += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
-                    pending.append(table)
-                    pending_rows += table.num_rows
-                    if pending_rows >= MERGE_ROW_GROUP:
-                        write(pa.concat_tables(pending))
-                        pending, pending_rows = [], 0
-            if pending:
-                write(pa.concat_tables(pending))
-        finally:
-            sink.close()
-    return MergeCounts(rows=rows, ok=ok, errors=rows - ok)
+    counts = {"rows": 0, "ok": 0}
+
+    def tables():
+        pending: list[pa.Table] = []
+        pending_rows = 0
+        for part, expected in zip(parts, expected_rows or [None] * len(parts)):
+            for table in _row_groups(store, part, expected):
+                table = table.cast(schema)
+                counts["rows"] += table.num_rows
+                counts["ok"] += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
+                pending.append(table)
+                pending_rows += table.num_rows
+                if pending_rows >= MERGE_ROW_GROUP:
+                    yield pa.concat_tables(pending)
+                    pending, pending_rows = [], 0
+        if pending:
+            yield pa.concat_tables(pending)
+
+    formats.get(fmt).assemble(store, schema, tables())
+    return MergeCounts(rows=counts["rows"], ok=counts["ok"], errors=counts["rows"] - counts["ok"])
 
 
 def _row_groups(store: Store, part: str, expected_rows: int | None):
@@ -186,11 +184,10 @@ def _unreadable(store: Store, part: str, exc: Exception) -> RunError:
                     "command again to redo that shard")
 
 
-def count_rows(store: Store, name: str) -> MergeCounts:
-    """Count rows and statuses of a finished output file, streaming (Parquet or CSV)."""
+def count_rows(store: Store, fmt: str) -> MergeCounts:
+    """Count rows and statuses of the finished table in `fmt`, streaming."""
     rows = ok = 0
-    with store.open(name) as fh:
-        for statuses in formats.get(name.rsplit(".", 1)[-1]).statuses(fh):
-            rows += len(statuses)
-            ok += pc.sum(pc.equal(statuses, "ok")).as_py() or 0
+    for statuses in formats.get(fmt).statuses(store):
+        rows += len(statuses)
+        ok += pc.sum(pc.equal(statuses, "ok")).as_py() or 0
     return MergeCounts(rows=rows, ok=ok, errors=rows - ok)

@@ -60,5 +60,5 @@ def test_embeddings_need_parquet(cli, tmp_path, colour_checkpoint):
     refused = cli("run", tmp_path / "imgs", "--out", tmp_path / "run", "--format", "csv",
                   "--embeddings", "--model", "resnet18", "--weights", colour_checkpoint)
     assert refused.exit_code == 2
-    assert "--embeddings are written to Parquet only" in refused.output
+    assert "--embeddings cannot be written to csv: use --format parquet" in refused.output
     assert not (tmp_path / "run").exists()

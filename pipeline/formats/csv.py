@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipeline.formats.base import Format
+from pipeline.storage import Store
 
 _FLAT = {"labels": "label", "scores": "score", "class_ids": "class_id"}
 
@@ -50,12 +51,26 @@ class _Writer:
 
 class CsvFormat(Format):
     name = "csv"
+    list_columns = False
+    embeddings = False  # a vector per row is not a CSV cell anyone can read back
 
     def open(self, sink: IO[bytes], schema: pa.Schema) -> _Writer:
         return _Writer(sink, schema)
 
-    def statuses(self, source: IO[bytes]) -> Iterator[pa.Array]:
-        reader = pacsv.open_csv(source, convert_options=pacsv.ConvertOptions(
-            include_columns=["status"]))
-        for batch in reader:
-            yield batch.column(0)
+    def read(self, store: Store, columns: list[str]) -> pa.Table:
+        # The types the Parquet layout has, where CSV's inference could guess otherwise
+        # (a key of digits is not a number, a score is float32).
+        types = {"key": pa.string(), "path": pa.string(), "status": pa.string(),
+                 "error": pa.string(), "top1_label": pa.string(), "top1_score": pa.float32(),
+                 "width": pa.int32(), "height": pa.int32()}
+        with store.open(self.table_name()) as fh:
+            return pacsv.read_csv(fh, convert_options=pacsv.ConvertOptions(
+                include_columns=columns,
+                column_types={name: types[name] for name in columns if name in types}))
+
+    def statuses(self, store: Store) -> Iterator[pa.Array]:
+        with store.open(self.table_name()) as fh:
+            reader = pacsv.open_csv(fh, convert_options=pacsv.ConvertOptions(
+                include_columns=["status"]))
+            for batch in reader:
+                yield batch.column(0)

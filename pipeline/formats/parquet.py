@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.formats.base import Format
+from pipeline.storage import Store
 
 
 class _Writer:
@@ -28,6 +29,11 @@ class ParquetFormat(Format):
     def open(self, sink: IO[bytes], schema: pa.Schema) -> _Writer:
         return _Writer(sink, schema)
 
-    def statuses(self, source: IO[bytes]) -> Iterator[pa.Array]:
-        for batch in pq.ParquetFile(source).iter_batches(columns=["status"]):
-            yield batch.column(0)
+    def read(self, store: Store, columns: list[str]) -> pa.Table:
+        with store.open(self.table_name()) as fh:
+            return pq.read_table(fh, columns=columns)
+
+    def statuses(self, store: Store) -> Iterator[pa.Array]:
+        with store.open(self.table_name()) as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(columns=["status"]):
+                yield batch.column(0)
