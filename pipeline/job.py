@@ -13,14 +13,14 @@ import torch
 import torchvision
 
 import pipeline
-from pipeline import formats, plan as planning
+from pipeline import formats, plan as planning, rundir
 from pipeline import settings as machine
 from pipeline.backends import ModelSpec, resolve_model
 from pipeline.classifier import Classifier
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError
 from pipeline.launchers import Slice
-from pipeline.rundir import PLAN_FILE, committed_shards
+from pipeline.rundir import PLAN_FILE, RunDirectory, committed_shards
 from pipeline.settings import Settings
 from pipeline.sources import Source, SourceSpec, open_source, read_items
 from pipeline.storage import Store
@@ -95,8 +95,19 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     device, dtype = machine.device_and_precision(config, part)
     classifier = Classifier(spec, device, dtype, config.top_k, embeddings=config.embeddings)
     sample, pending = _sample_and_pending(items, store, part)
-    chosen = machine.resolve(config, part, classifier, source, sample, pending)
+    chosen = machine.resolve(config, part, classifier, source, sample, pending,
+                             ended_abruptly=_ended_abruptly(config, store, part))
+    machine.apply(classifier, chosen)
     return Job(config, part, source, spec, classifier, chosen, items)
+
+
+def _ended_abruptly(config: RunConfig, store: Store, part: Slice) -> str | None:
+    """Where the last run died holding the run directory, if this run is to go on from it
+    (a finished table is not relabelled; an incremental night always labels)."""
+    if not rundir.ended_abruptly(store, part):
+        return None
+    finished = RunDirectory(config.out, part).is_finished(config.format, part.whole)
+    return store.url() if config.overwrite or config.incremental or not finished else None
 
 
 def _sample_and_pending(items: pa.Table | None, store: Store, part: Slice) -> tuple[list[str],

@@ -84,6 +84,24 @@ def add_quarantine(store: Store, entries: list[dict]) -> None:
     write_json(store, QUARANTINE_FILE, {"items": read_quarantine(store) + entries})
 
 
+def lock_name(part: Slice) -> str:
+    # Slices of one job run side by side, each with a lock of its own.
+    return LOCK_FILE if part.whole else f"{LOCK_FILE}-{part.index}-of-{part.count}"
+
+
+def ended_abruptly(store: Store, part: Slice = Slice()) -> bool:
+    """Whether the last run here died holding the directory (SIGKILL, a segfault, the OOM
+    killer): its pid is still in the lock file, which a run ending in any other way empties.
+    Read-only, before the run takes the lock; object-store prefixes have no lock to tell."""
+    if store.remote:
+        return False
+    try:
+        with open(Path(store.root) / lock_name(part), "rb") as fh:
+            return bool(fh.read(64).strip())
+    except OSError:
+        return False
+
+
 class RunDirectory:
     """An output directory held by one run at a time; a killed run's lock goes with it.
 
@@ -95,9 +113,6 @@ class RunDirectory:
         self.store = Store(str(location))
         self.part = part
         self._lock_fd: int | None = None
-        # The previous holder died without letting go (SIGKILL, a segfault, the OOM killer):
-        # its pid is still in the lock file, which a run ending in any other way empties.
-        self.ended_abruptly = False
 
     def __enter__(self) -> RunDirectory:
         try:
@@ -110,10 +125,7 @@ class RunDirectory:
         return self
 
     def _lock(self, path: Path) -> None:
-        # Slices of one job run side by side, each with a lock of its own.
-        lock_name = (LOCK_FILE if self.part.whole
-                     else f"{LOCK_FILE}-{self.part.index}-of-{self.part.count}")
-        fd = os.open(path / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path / lock_name(self.part), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             # A POSIX record lock, not flock: forked loader workers do not inherit it, so a
             # killed run's orphaned workers cannot keep the next run out; the kernel drops
@@ -127,7 +139,6 @@ class RunDirectory:
             which = "" if self.part.whole else f" ({self.part.describe()})"
             raise RunError(f"another label-images run{which} (pid {holder}) is using "
                            f"{path}; wait for it to finish or choose another --out") from None
-        self.ended_abruptly = bool(os.pread(fd, 64, 0).strip())
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import pyarrow as pa
 import torch
 
-from pipeline import formats, launchers, plan as planning, recovery, settings as machine
+from pipeline import formats, launchers, plan as planning, recovery
 from pipeline.classifier import Labelling
 from pipeline.commit import PartCommitter, ShardBuffers, write_failure
 from pipeline.config import RunConfig
@@ -53,10 +53,6 @@ def run_in(run_dir: RunDirectory, job: Job, group: ProcessGroup | None = None,
            progress: bool | None = None) -> RunSummary:
     """The run in an open run directory (an incremental night runs its increment here too)."""
     config, part = job.config, job.part
-    if run_dir.ended_abruptly and (config.overwrite
-                                   or not run_dir.is_finished(config.format, part.whole)):
-        job.settings = machine.after_abrupt_end(
-            job.settings, config, job.spec.preprocess.crop_bytes, run_dir.store.url())
     plan, resumed = _open_plan(run_dir, job, group)
     summary = RunSummary(output=run_dir.store.url(run_dir.output(config.format)),
                          run_dir=run_dir.store.url(), resumed=resumed,

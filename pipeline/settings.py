@@ -7,7 +7,6 @@ recorded with it in run.json and summary.json.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -37,6 +36,8 @@ class Settings:
     prefetch: int  # batches each worker is asked for ahead
     compile: bool
     threads: int | None = None  # torch threads while labelling; None: torch's default
+    # Every batch padded to batch_size (a compiled network: one graph; CUDA: one cuDNN choice)
+    pad_batches: bool = False
     measured: dict = field(default_factory=dict, compare=False)  # the figures behind them
 
     def to_dict(self) -> dict:
@@ -44,6 +45,16 @@ class Settings:
                 "batch_size": self.batch_size, "workers": self.workers,
                 "prefetch": self.prefetch, "compile": self.compile,
                 "torch_threads": self.threads, "measured": self.measured}
+
+
+def apply(classifier: Classifier, settings: Settings) -> None:
+    """The one place the run's classifier takes its settings: compiled (a compile that was
+    measured is kept, not redone) and padded to one batch shape. The runtime seam plugs in
+    here."""
+    if settings.compile:
+        classifier.compile(fixed_batch=settings.batch_size)
+    if settings.pad_batches:
+        classifier.pad_batches_to(settings.batch_size)
 
 
 def device_and_precision(config: RunConfig, part: Slice) -> tuple[torch.device, torch.dtype]:
@@ -54,12 +65,14 @@ def device_and_precision(config: RunConfig, part: Slice) -> tuple[torch.device, 
 
 
 def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Source,
-            sample: list[str], pending: int) -> Settings:
-    """Everything the run decides about the machine; compiles the classifier if it pays.
+            sample: list[str], pending: int, ended_abruptly: str | None = None) -> Settings:
+    """Everything the run decides about the machine, once; `apply` gives it to the classifier.
 
     `sample`: paths of the job's first images, to measure decoding on; `pending`: how many
-    images this process is to label. Each step may use what the ones before it measured
-    (docs/design.md lists the order and why).
+    images this process is to label; `ended_abruptly`: where the last run was killed (or a
+    file crashed the decoder in its process), read from the run directory. Each step may use
+    what the ones before it measured (docs/design.md lists the order and why). Measuring a
+    compiled model compiles the classifier; apply keeps that compile.
     """
     device = classifier.device
     # first: every measurement below, and the run, with the heap as the run will have it
@@ -82,11 +95,14 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
     size = _fit_memory(config, part, classifier, LoaderSize(workers, model.batch_size,
                                                             _prefetch(device)), measured)
     if compile:
-        classifier.pad_batches_to(size.batch_size)  # one shape: one compile serves the run
         measured["compiled"] = _compile_figures(classifier, compiled, size.batch_size, eager)
+    if ended_abruptly:
+        size = _after_abrupt_end(size, config, classifier.spec.preprocess.crop_bytes,
+                                 ended_abruptly)
     return Settings(device=device, dtype=classifier.dtype, batch_size=size.batch_size,
                     workers=size.workers, prefetch=size.prefetch, compile=compile,
-                    threads=_model_threads(device, size.workers), measured=measured)
+                    threads=_model_threads(device, size.workers),
+                    pad_batches=compile or classifier.on_cuda, measured=measured)
 
 
 @dataclass
@@ -173,7 +189,6 @@ def _fit_memory(config: RunConfig, part: Slice, classifier: Classifier, wanted: 
         size = fit_pinned_memory(size, crop_bytes, available_memory(),
                                  sharing=_ranks_per_node(part))
         measured["pinned_megabytes"] = round(size.pinned_bytes(crop_bytes) / 2**20)
-        classifier.pad_batches_to(size.batch_size)  # one shape for cuDNN's kernel choice
     return size
 
 
@@ -213,19 +228,18 @@ def _ranks_per_node(part: Slice) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if part.distributed else 1
 
 
-def after_abrupt_end(settings: Settings, config: RunConfig, crop_bytes: int,
-                     where: str) -> Settings:
+def _after_abrupt_end(size: LoaderSize, config: RunConfig, crop_bytes: int,
+                      where: str) -> LoaderSize:
     """The last run here was killed, or a file crashed the decoder in its own process:
     decode in a worker this time (where none was asked for), so that such a file is found
     and becomes an error row instead of ending the run again at the same place."""
-    if settings.workers or config.workers is not None:
-        return settings
-    worker = fit_shared_memory(LoaderSize(1, settings.batch_size, PREFETCH_BATCHES),
+    if size.workers or config.workers is not None:
+        return size
+    worker = fit_shared_memory(LoaderSize(1, size.batch_size, PREFETCH_BATCHES),
                                crop_bytes, free_shared_memory(), fixed_workers=True,
                                fixed_batch=True)
     if worker is None:
-        return settings
+        return size
     notice(f"the last run in {where} ended abruptly: decoding in a worker process this "
            "time, so that a file that crashes the decoder cannot end it again")
-    return dataclasses.replace(settings, workers=1, prefetch=worker.prefetch,
-                               threads=_model_threads(settings.device, 1))
+    return worker
