@@ -207,6 +207,7 @@ def bench(
     if images < 1 or reference_images < 1:
         raise UsageError("--images and --reference-images must be at least 1")
     from pipeline import bench as benchmark
+    from pipeline.bench import render
 
     if fidelity and loader_only:
         raise UsageError("--fidelity and --loader-only are two different benchmarks: one at a time")
@@ -215,10 +216,10 @@ def bench(
         typer.echo(result["fidelity_text"])
     elif loader_only:
         result = benchmark.loader_only(resolved, images)
-        typer.echo(benchmark.render_loader_only(result))
+        typer.echo(render.render_loader_only(result))
     else:
         result = benchmark.bench(resolved, images, reference_images, plan_rows)
-        typer.echo(benchmark.render(result))
+        typer.echo(render.render(result))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 

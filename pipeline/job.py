@@ -15,7 +15,7 @@ import torchvision
 import pipeline
 from pipeline import formats, plan as planning, rundir
 from pipeline import settings as machine
-from pipeline.backends import ModelSpec, resolve_model
+from pipeline.backends import Backend, ModelSpec, backend_for, resolve_model
 from pipeline.classifier import Classifier
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError
@@ -43,6 +43,10 @@ class Job:
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(
         timespec="seconds"))
 
+    @property
+    def backend(self) -> Backend:
+        return backend_for(self.config.model)[0]
+
     def fingerprint(self) -> dict:
         """What determines the labels: a run directory is only resumed with the same one.
 
@@ -58,8 +62,12 @@ class Job:
             "config": self.config.to_dict(),
             "resolved": {**self.settings.to_dict(), "preprocess": self.spec.preprocess.to_dict(),
                          "slices": self.part.count},
-            # The decoders too: they decide the pixels the model sees.
+            # The model's library, and the decoders: they decide the pixels the model sees
+            # (torchvision resizes them, whatever the backend).
+            "backend": {"library": self.backend.library,
+                        "version": version(self.backend.library)},
             "versions": {"label-images": pipeline.__version__, "torch": torch.__version__,
+                         self.backend.library: version(self.backend.library),
                          "torchvision": torchvision.__version__, "pillow": version("pillow"),
                          "simplejpeg": version("simplejpeg"), "pi-heif": version("pi-heif")},
             "started_at": self.started_at,

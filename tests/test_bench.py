@@ -19,10 +19,10 @@ def test_bench_reports_all_stages_side_by_side(cli, tmp_path, colour_checkpoint)
     figures = json.loads(report.read_text())
     names = [f["name"] for f in figures["figures"]]
     assert names == ["PIL reference transform, 1 core", "decode + resize (ours), 1 core",
-                     "loader alone", "model alone, batch 4 (the job's, compiled)",
+                     "loader alone", "plain loop (tutorials, fp32, 1 image)",
+                     "model alone, batch 4 (the job's, compiled)",
                      f"model alone, eager, best batch ({figures['measured_best_batch']})",
-                     "end to end, once the process is up",
-                     "plain loop (tutorials, fp32, 1 image)"]
+                     "end to end, once the process is up"]
     assert all(f["images_per_second"] > 0 for f in figures["figures"])
     assert figures["images"] == 20 and figures["workers"] == 1
     assert set(figures["ratios"]) == {"decode_vs_pil_per_core", "end_to_end_vs_model",

@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import simplejpeg
+import torchvision
 import typer.main
 
 from pipeline.cli import app
@@ -70,6 +71,7 @@ def test_labels_every_image_once_in_source_order_and_correctly(
     assert run["config"]["top_k"] == 3
     assert run["versions"]["simplejpeg"] == simplejpeg.__version__  # the decoders are recorded
     assert set(run["versions"]) >= {"torch", "torchvision", "pillow", "pi-heif"}
+    assert run["backend"] == {"library": "torchvision", "version": torchvision.__version__}
     meta = pq.read_schema(run_dir / "labels.parquet").metadata
     assert meta[b"label_images.model"] == b"resnet18"
     assert meta[b"label_images.weights"].startswith(b"sha256:")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -71,6 +73,8 @@ def test_a_timm_checkpoint_gives_the_plain_loops_labels(cli, tmp_path, timm_chec
         assert abs(score - ref_score) <= 2e-3, (key, score, ref_score)
     record = (tmp_path / "run" / "run.json").read_text()
     assert '"interpolation": "bicubic"' in record and '"resize": 235' in record  # timm's own
+    # the library that built the network is recorded with its version
+    assert json.loads(record)["backend"] == {"library": "timm", "version": timm.__version__}
 
 
 def test_pretrained_timm_weights_offline_are_one_line_never_random(tmp_path):

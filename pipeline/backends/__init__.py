@@ -17,7 +17,7 @@ from pipeline.backends.torchvision import TorchvisionBackend
 from pipeline.preprocess import Preprocess
 from pipeline.errors import UsageError
 
-__all__ = ["BACKENDS", "ModelSpec", "backend_for", "head_name", "resolve_model",
+__all__ = ["BACKENDS", "Backend", "ModelSpec", "backend_for", "head_name", "resolve_model",
            "resolve_preprocess"]
 
 BACKENDS: list[Backend] = [TimmBackend(), TorchvisionBackend()]  # no prefix: the default

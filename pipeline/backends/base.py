@@ -37,6 +37,7 @@ class ModelSpec:
 
 class Backend:
     prefix: str  # "" for the default family
+    library: str  # the distribution that builds its networks, recorded in run.json
 
     def resolve(self, model: str, weights: str) -> ModelSpec:
         """Find the architecture, load the weights on the CPU, settle classes and preprocessing."""

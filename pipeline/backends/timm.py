@@ -36,6 +36,7 @@ def _timm():
 
 class TimmBackend(Backend):
     prefix = "timm:"
+    library = "timm"
 
     def resolve(self, model: str, weights: str) -> ModelSpec:
         timm = _timm()

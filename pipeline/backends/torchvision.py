@@ -32,6 +32,7 @@ _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")
 
 class TorchvisionBackend(Backend):
     prefix = ""
+    library = "torchvision"
 
     def resolve(self, model: str, weights: str) -> ModelSpec:
         check_model_name(model)
