@@ -10,14 +10,34 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from pipeline import config as configuration
 from pipeline.errors import Interrupted, RunError, UsageError
 
+def _as_flag(option):
+    """--help/-h shown as the flag it is, with no value type beside it."""
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+class _Command(TyperCommand):
+    def get_help_option(self, ctx):
+        return _as_flag(super().get_help_option(ctx))
+
+
+class _Group(TyperGroup):
+    def get_help_option(self, ctx):
+        return _as_flag(super().get_help_option(ctx))
+
+
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
-    help="Label image collections with a torchvision classifier: top-k labels to Parquet/CSV, "
-         "resumable.",
+    cls=_Group, context_settings=HELP_OPTIONS,
+    help="Label image collections with a classifier (torchvision, timm): top-k labels to "
+         "Parquet or CSV, resumable.",
 )
 
 
@@ -29,9 +49,19 @@ Precision = Enum("Precision", {name: name for name in configuration.PRECISIONS},
 _DEFAULT = configuration.RunConfig
 
 
+def _version(shown: bool) -> None:
+    if shown:
+        from pipeline import __version__
+
+        typer.echo(f"label-images {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
-    """Label image collections with a torchvision classifier."""
+def _root(version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, metavar="",
+        help="Show the version and exit.")] = None) -> None:
+    """Label image collections with a classifier (torchvision, timm)."""
 
 
 def one_line_errors(command):
@@ -56,17 +86,18 @@ def _resolve(config: Path | None, flags: dict) -> configuration.RunConfig:
 Source = Annotated[Optional[str], typer.Argument(
     help="A folder of images, a manifest (.csv .tsv .parquet .jsonl .txt), WebDataset tar "
          "shards, or Parquet with the images' bytes in a column.",
-    show_default=False)]
+    show_default=False, metavar="SOURCE")]
 Out = Annotated[Optional[str], typer.Option(
     "--out", "-o", help="Run directory, a path or a URL such as s3://bucket/run "
                         "(default: outputs/<source name>).", show_default=False)]
 ConfigFile = Annotated[Optional[Path], typer.Option(
     "--config", help="TOML file with any of these options; flags override it.")]
-Model = Annotated[Optional[str], typer.Option(
-    help=f"torchvision classification model name (default: {_DEFAULT.model}).")]
+MODEL_HELP = ("A torchvision model name (resnet50, efficientnet_b0, ...), or timm:NAME for "
+              "a timm model")
+Model = Annotated[Optional[str], typer.Option(help=f"{MODEL_HELP} (default: {_DEFAULT.model}).")]
 Weights = Annotated[Optional[str], typer.Option(
-    help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...) or a local checkpoint "
-         f"file (default: {_DEFAULT.weights}).")]
+    help="Named weights (torchvision's DEFAULT, IMAGENET1K_V2, ...; timm's pretrained tag) "
+         f"or a local checkpoint file (default: {_DEFAULT.weights}).")]
 Labels = Annotated[Optional[Path], typer.Option(
     help="Class names, one a line, in class-index order.")]
 Resize = Annotated[Optional[int], typer.Option(
@@ -102,21 +133,21 @@ MaxPixels = Annotated[Optional[int], typer.Option(
     help="Images larger than this (width x height) become error rows (default: "
          f"{_DEFAULT.max_pixels:,}).")]
 AllowDuplicates = Annotated[Optional[bool], typer.Option(
-    "--allow-duplicates", help="Accept a manifest that lists a key twice.")]
+    "--allow-duplicates", metavar="", help="Accept a manifest that lists a key twice.")]
 Overwrite = Annotated[Optional[bool], typer.Option(
-    "--overwrite", help="Discard a previous run in --out and start afresh.")]
+    "--overwrite", metavar="", help="Discard a previous run in --out and start afresh.")]
 Quiet = Annotated[Optional[bool], typer.Option(
-    "--quiet", "-q", help="No progress (a bar; in a log, a line a minute).")]
+    "--quiet", "-q", metavar="", help="No progress (a bar; in a log, a line a minute).")]
 Compile = Annotated[Optional[bool], typer.Option(
-    "--compile", help="torch.compile the model (default: when the images to label repay "
+    "--compile", metavar="", help="torch.compile the model (default: when the images to label repay "
                       "the compile time at the measured rates).")]
 NoCompile = Annotated[Optional[bool], typer.Option(
-    "--no-compile", help="Never compile the model.")]
+    "--no-compile", metavar="", help="Never compile the model.")]
 Embeddings = Annotated[Optional[bool], typer.Option(
-    "--embeddings", help="Also write each image's pooled penultimate features (float32) to "
+    "--embeddings", metavar="", help="Also write each image's pooled penultimate features (float32) to "
                          "Parquet, from the same forward pass.")]
 Incremental = Annotated[Optional[bool], typer.Option(
-    "--incremental", help="Nightly mode: label only new and changed images, drop removed "
+    "--incremental", metavar="", help="Nightly mode: label only new and changed images, drop removed "
                           "ones, keep the rest.")]
 NumSlices = Annotated[Optional[int], typer.Option(
     help="Split the job into this many slices (array jobs); see --slice-index.")]
@@ -134,7 +165,7 @@ def _flags(arguments: dict) -> dict:
             for name, value in arguments.items() if name in configuration.FIELDS}
 
 
-@app.command()
+@app.command(cls=_Command)
 @one_line_errors
 def run(source: Source = None, out: Out = None, config: ConfigFile = None, model: Model = None,
         weights: Weights = None, labels: Labels = None, resize: Resize = None,
@@ -161,10 +192,11 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
     typer.echo(label(resolved).line(), err=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 @one_line_errors
 def merge(
-    out: Annotated[str, typer.Argument(help="The run directory the slices wrote to.")],
+    out: Annotated[str, typer.Argument(help="The run directory the slices wrote to.",
+                                       metavar="OUT", show_default=False)],
     format: Annotated[Optional[Format], typer.Option(
         "--format", help="Output format (default: the run's).")] = None,
 ) -> None:
@@ -174,24 +206,26 @@ def merge(
     typer.echo(runner.merge(out, format.value if format else None).line(), err=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 @one_line_errors
 def bench(
     source: Annotated[str, typer.Argument(
-        help="A folder of images or a manifest to sample (any kind with --loader-only).")],
-    images: Annotated[int, typer.Option(help="Images to use from SOURCE.")] = 500,
+        help="A folder of images or a manifest to sample (any kind with --loader-only).",
+        metavar="SOURCE", show_default=False)],
+    images: Annotated[int, typer.Option(
+        help="Images to use from SOURCE (default: 500).", show_default=False)] = 500,
     reference_images: Annotated[int, typer.Option(
-        help="Images for the (slow) tutorials' loop.")] = 64,
+        help="Images for the (slow) tutorials' loop (default: 64).", show_default=False)] = 64,
     plan_rows: Annotated[Optional[int], typer.Option(
         help="Also time planning a generated manifest of this many rows.")] = None,
     json_out: Annotated[Optional[Path], typer.Option(
         "--json", help="Write the figures to this JSON file.")] = None,
     fidelity: Annotated[bool, typer.Option(
-        "--fidelity", help="Only compare our crops with the reference transform's on the "
+        "--fidelity", metavar="", help="Only compare our crops with the reference transform's on the "
                            "first --images of SOURCE (mean, max, worst file); no model is "
                            "loaded.")] = False,
     loader_only: Annotated[bool, typer.Option(
-        "--loader-only", help="Only time the loader alone on the first --images of SOURCE, "
+        "--loader-only", metavar="", help="Only time the loader alone on the first --images of SOURCE, "
                               "of any kind (to compare storage layouts); no model is "
                               "loaded.")] = False,
     config: ConfigFile = None, model: Model = None, weights: Weights = None,
@@ -224,10 +258,11 @@ def bench(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-@app.command()
+@app.command(cls=_Command)
 @one_line_errors
 def report(
-    out: Annotated[str, typer.Argument(help="A finished run directory (path or URL).")],
+    out: Annotated[str, typer.Argument(help="A finished run directory (path or URL).",
+                                       metavar="OUT", show_default=False)],
     html_file: Annotated[Optional[Path], typer.Option(
         "--html", help="Also write one self-contained HTML page here.")] = None,
     review_below: Annotated[Optional[float], typer.Option(
@@ -253,12 +288,13 @@ def report(
         typer.echo(f"{count} rows below {review_below} -> {export}")
 
 
-weights_app = typer.Typer(no_args_is_help=True,
-                          help="List torchvision's weights; stage them for offline machines.")
+weights_app = typer.Typer(no_args_is_help=True, cls=_Group, context_settings=HELP_OPTIONS,
+                          help="List the named weights (torchvision, timm); stage them for "
+                               "offline machines.")
 app.add_typer(weights_app, name="weights")
 
 
-@weights_app.command("list")
+@weights_app.command("list", cls=_Command)
 @one_line_errors
 def weights_list(
     model: Annotated[Optional[str], typer.Option(help="Only this model's weights.")] = None,
@@ -269,11 +305,13 @@ def weights_list(
     typer.echo(weights.render(weights.catalogue(model)))
 
 
-@weights_app.command("fetch")
+@weights_app.command("fetch", cls=_Command)
 @one_line_errors
 def weights_fetch(
-    model: Annotated[str, typer.Option(help="torchvision model name.")] = "resnet50",
-    weights_name: Annotated[str, typer.Option("--weights", help="Weights name.")] = "DEFAULT",
+    model: Annotated[str, typer.Option(help=f"{MODEL_HELP} (default: resnet50).",
+                                       show_default=False)] = "resnet50",
+    weights_name: Annotated[str, typer.Option(
+        "--weights", help="Weights name (default: DEFAULT).", show_default=False)] = "DEFAULT",
     to: Annotated[Optional[str], typer.Option(
         help="Folder to put the file in (default: torch's cache on this machine).")] = None,
 ) -> None:

@@ -256,3 +256,24 @@ def test_every_option_help_is_shown_whole(cli):
         for param in command.params:
             written = " ".join((getattr(param, "help", None) or "").split())
             assert written in shown, (names, param.name)
+
+
+def test_help_is_one_style_flags_take_no_value_and_h_and_version_work(cli):
+    """Every command's help: -h as --help, defaults said one way ("(default: ...)", never
+    Typer's "[default: ...]" beside ours), no value type shown for a flag, SOURCE and OUT as
+    the placeholders; --version says the version."""
+    from pipeline import __version__
+
+    for names, command in _commands(typer.main.get_command(app)):
+        long, short = cli(*names, "--help"), cli(*names, "-h")
+        assert short.exit_code == 0 and short.output == long.output, names
+        assert "[default:" not in long.output, names
+        assert "<bool>" not in long.output, names
+    assert "[SOURCE]" in cli("run", "-h").output and "{SOURCE}" in cli("bench", "-h").output
+    assert "{OUT}" in cli("report", "-h").output
+    model_help = " ".join(cli("run", "-h").output.replace("│", " ").split())
+    assert "timm:NAME" in model_help and "torchvision classification model name" not in \
+        model_help
+    assert "torchvision's weights" not in cli("weights", "-h").output
+    version = cli("--version")
+    assert version.exit_code == 0 and version.output.strip() == f"label-images {__version__}"
