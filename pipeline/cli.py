@@ -116,7 +116,9 @@ Workers = Annotated[Optional[int], typer.Option(
          "model and decode rates).")]
 FormatOption = Annotated[Optional[Format], typer.Option(
     "--format", help=f"Output format (default: {_DEFAULT.format}).")]
-TopK = Annotated[Optional[int], typer.Option(help=f"Labels per image (default: {_DEFAULT.top_k}).")]
+TopK = Annotated[Optional[int], typer.Option(
+    help=f"Labels per image (default: {configuration.DEFAULT_TOP_K}, or the model's classes if "
+         "it has fewer).")]
 ShardSize = Annotated[Optional[int], typer.Option(
     help=f"Images per shard, the unit of commit and resume (default: {_DEFAULT.shard_size}).")]
 PathColumn = Annotated[Optional[str], typer.Option(

@@ -35,7 +35,7 @@ class RunConfig:
     batch_size: int | None = None  # None: chosen for the device
     workers: int | None = None  # None: chosen for the device
     format: str = "parquet"
-    top_k: int = 5
+    top_k: int | None = None  # None: 5, or the model's classes if it has fewer
     shard_size: int = 1000
     path_column: str | None = None
     id_column: str | None = None
@@ -58,6 +58,7 @@ class RunConfig:
         return data
 
 
+DEFAULT_TOP_K = 5
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 # The types as Python resolves them, so a new field is type-checked without being listed.
 _TYPES = typing.get_type_hints(RunConfig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pipeline import formats, plan as planning, rundir
 from pipeline import settings as machine
 from pipeline.backends import Backend, ModelSpec, backend_for, resolve_model
 from pipeline.classifier import Classifier
-from pipeline.config import RunConfig
+from pipeline.config import DEFAULT_TOP_K, RunConfig
 from pipeline.errors import UsageError
 from pipeline.launchers import Slice
 from pipeline.rundir import PLAN_FILE, RunDirectory, committed_shards
@@ -96,6 +97,8 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
         list_items = config.overwrite or not store.exists(PLAN_FILE)
     items = read_items(source, versions=versions) if list_items else None
     spec = resolve_model(config.model, config.weights, config.labels, config.resize, config.crop)
+    if config.top_k is None:  # only a --top-k asked for is held to the model's classes
+        config = dataclasses.replace(config, top_k=min(DEFAULT_TOP_K, spec.num_classes))
     if config.embeddings and not formats.get(config.format).embeddings:
         carriers = [name for name, f in formats.FORMATS.items() if f.embeddings]
         raise UsageError(f"--embeddings cannot be written to {config.format}: use --format "

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import RunError
@@ -88,3 +89,12 @@ def items_digest(table: pa.Table) -> str:
             digest.update(b"\x1e".join(v.encode() for v in column.to_pylist()))
             digest.update(b"\x1d")
     return digest.hexdigest()
+
+
+def changes_since(plan: Plan, items: pa.Table) -> tuple[int, int]:
+    """How many of a listing's keys the frozen plan lacks (new) and holds no longer (removed)."""
+    planned = pa.concat_tables([plan.read_shard(s, ["key"]) for s in range(plan.num_shards)])
+    planned_keys, listed_keys = planned["key"].combine_chunks(), items["key"].combine_chunks()
+    new = len(listed_keys) - pc.sum(pc.is_in(listed_keys, planned_keys)).as_py()
+    removed = len(planned_keys) - pc.sum(pc.is_in(planned_keys, listed_keys)).as_py()
+    return new, removed

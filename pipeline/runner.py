@@ -60,6 +60,8 @@ def run_in(run_dir: RunDirectory, job: Job, group: ProcessGroup | None = None,
                          precision=str(job.settings.dtype).removeprefix("torch."),
                          settings=job.settings.to_dict())
     if run_dir.is_finished(config.format, part.whole):
+        if job.items is None and part.whole:  # a finished run, its source not listed since
+            summary.stale = _stale(job, plan)
         return _already_complete(run_dir, config.format, plan, summary)
     label(run_dir, job, plan, summary, progress)
     if group is not None:
@@ -208,6 +210,21 @@ def _timed(batches, summary: RunSummary):
         if batch is None:
             return
         yield batch
+
+
+def _stale(job: Job, plan: Plan) -> str:
+    """What a finished run's source gained and lost since its plan was frozen, and what to
+    rerun with: a nightly job must not report success on yesterday's images without a word."""
+    try:
+        new, removed = planning.changes_since(plan, read_items(job.source))
+    except UsageError as exc:  # e.g. no images there any more: the table stands as it is
+        return f"but listing {job.config.source} again fails: {exc}"
+    if not new and not removed:
+        return ""
+    return (f"but {job.config.source} has changed since this run was planned ({new} new, "
+            f"{removed} removed): rerun with --incremental --overwrite once to relabel it as "
+            "an incremental table that --incremental then updates each night, or with "
+            "--overwrite to relabel everything")
 
 
 def _already_complete(run_dir: RunDirectory, fmt: str, plan: Plan,

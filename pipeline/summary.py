@@ -23,6 +23,7 @@ class RunSummary:
     slice_done: str = ""  # set when this process labelled one slice and did not merge
     missing: list[int] = field(default_factory=list)  # shards other slices still owe
     changes: dict = field(default_factory=dict)  # incremental runs: new/changed/unchanged/removed
+    stale: str = ""  # a finished run whose source has changed since: what to do about it
     device: str = ""
     precision: str = ""
     settings: dict = field(default_factory=dict)  # what was chosen, and measured for it
@@ -36,7 +37,8 @@ class RunSummary:
         changes = (", ".join(f"{v} {k}" for k, v in self.changes.items()) + "; "
                    if self.changes else "")
         if self.already_complete:
-            return f"nothing to do: {changes}{self.output} is complete ({self.items} rows)"
+            return (f"nothing to do: {changes}{self.output} is complete ({self.items} rows)"
+                    + (f"; {self.stale}" if self.stale else ""))
         if not self.labelled_now:  # a merge
             return (f"{self.items} images: {self.ok} ok, {self.errors} errors -> "
                     f"{self.output}")
@@ -63,4 +65,5 @@ class RunSummary:
             "device": self.device, "precision": self.precision,
             **({"settings": self.settings} if self.settings else {}),
             **({"changes": self.changes} if self.changes else {}),
+            **({"stale": self.stale} if self.stale else {}),
         }

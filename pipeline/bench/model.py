@@ -20,7 +20,7 @@ def measure(sample: Sample) -> None:
     # The job's classifier is compiled when the job compiles; the best batch is the
     # eager model's (what a compile is held to), measured on an eager copy.
     eager = job.classifier if not chosen.compile else Classifier(
-        job.spec, job.classifier.device, job.classifier.dtype, config.top_k)
+        job.spec, job.classifier.device, job.classifier.dtype, job.config.top_k)
     best = tuning.measure_batch_size(eager)  # cached: the job measured it
     same = eager is job.classifier and best.batch_size == chosen.batch_size
     e2e_config = dataclasses.replace(  # the job's own choices, not measured again

@@ -1,0 +1,60 @@
+"""What bites a new user on the first night: a stale nightly job, the default top-k on a
+small model, the summary's figures and words, the report naming the run, integer sizes."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.config import read_toml, resolve
+from tests.conftest import FAST, REPO, write_colour_images
+
+
+def job(folder, out, checkpoint, *extra):
+    return ("run", folder, "--out", out, "--model", "resnet18", "--weights", checkpoint,
+            "--workers", "0", "--batch-size", "4", "-q", *FAST, *extra)
+
+
+def test_the_nightly_config_is_incremental():
+    values = read_toml(str(REPO / "configs" / "nightly.toml"))
+    assert resolve(values, {}).incremental
+
+
+def test_a_finished_run_rerun_over_a_changed_source_says_so_and_what_to_use(
+        cli, tmp_path, colour_checkpoint):
+    folder, out = tmp_path / "imgs", tmp_path / "run"
+    write_colour_images(folder, 5)
+    first = cli(*job(folder, out, colour_checkpoint, "--top-k", "2"))
+    assert first.exit_code == 0, first.output
+    same = cli(*job(folder, out, colour_checkpoint, "--top-k", "2"))
+    assert "nothing to do" in same.output and "changed" not in same.output
+    write_colour_images(folder / "more", 2, seed=7)  # 2 new images
+    sorted(folder.glob("*.png"))[0].unlink()  # and 1 gone
+    again = cli(*job(folder, out, colour_checkpoint, "--top-k", "2"))
+    assert again.exit_code == 0, again.output
+    line, = [text for text in again.output.splitlines() if "nothing to do" in text]
+    assert "has changed since this run was planned (2 new, 1 removed)" in line
+    assert "--incremental --overwrite" in line and "--overwrite" in line
+    # what it says to do works: the table then holds the source as it is now
+    switched = cli(*job(folder, out, colour_checkpoint, "--top-k", "2", "--incremental",
+                        "--overwrite"))
+    assert switched.exit_code == 0, switched.output
+    import pandas as pd
+
+    assert len(pd.read_parquet(out / "labels.parquet")) == 6
+
+
+def test_the_default_top_k_fits_a_small_model_and_only_an_asked_one_is_refused(
+        cli, tmp_path, colour_checkpoint):
+    """The colour checkpoint has 4 classes: no --top-k gives 4 labels; --top-k 5 is refused."""
+    folder, out = tmp_path / "imgs", tmp_path / "run"
+    write_colour_images(folder, 3)
+    done = cli(*job(folder, out, colour_checkpoint))
+    assert done.exit_code == 0, done.output
+    import pandas as pd
+
+    table = pd.read_parquet(out / "labels.parquet")
+    assert all(len(labels) == 4 for labels in table["labels"])
+    assert json.loads((out / "run.json").read_text())["fingerprint"]["top_k"] == 4
+    asked = cli(*job(folder, tmp_path / "other", colour_checkpoint, "--top-k", "5"))
+    assert asked.exit_code == 2 and "--top-k 5 is more than the model's 4 classes" in \
+        asked.output
