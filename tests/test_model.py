@@ -53,7 +53,8 @@ def test_the_default_job_runs_resnet50_end_to_end(cli, tmp_path, staged_torch_ho
     assert set(table["top1_label"]) <= set(imagenet)
 
 
-def test_missing_weights_offline_is_one_clear_error_never_random_weights(tmp_path, monkeypatch):
+def test_missing_weights_offline_is_one_clear_error_never_random_weights(tmp_path, monkeypatch,
+                                                                          capfd):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
     def no_network(*args, **kwargs):
@@ -66,6 +67,8 @@ def test_missing_weights_offline_is_one_clear_error_never_random_weights(tmp_pat
     expected = tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
     assert str(expected) in message and "--weights PATH" in message
     assert "name resolution" in message and "\n" not in message
+    shown = capfd.readouterr()
+    assert "Downloading" not in shown.out + shown.err  # torch.hub's line, before the error
 
 
 def test_a_staged_torchvision_file_passed_as_path_keeps_its_class_names(staged_torch_home):

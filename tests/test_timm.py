@@ -84,8 +84,51 @@ def test_pretrained_timm_weights_offline_are_one_line_never_random(tmp_path):
                                                         "HF_HOME": str(tmp_path / "hf")})
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
-    assert "not cached and could not be downloaded" in done.stderr
+    assert "not in the Hugging Face cache and HF_HUB_OFFLINE is set" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unreachable_hub_fails_at_once_in_one_whole_line(tmp_path):
+    """Without HF_HUB_OFFLINE, huggingface_hub retried for ~45 s and 24 lines; the hub is
+    now probed first. The endpoint is a closed port on loopback: refused, on any network."""
+    write_colour_images(tmp_path / "imgs", 2)
+    done = run_subprocess("run", tmp_path / "imgs", "--out", tmp_path / "run", "--model",
+                          "timm:resnet18.a1_in1k", env={"HF_ENDPOINT": "http://127.0.0.1:9",
+                                                        "HF_HOME": str(tmp_path / "hf")})
+    assert done.returncode == 2, done.stderr
+    line, = done.stderr.strip().splitlines()
+    assert "not in the Hugging Face cache and 127.0.0.1 cannot be reached" in line
+    assert "`label-images weights fetch --model timm:resnet18.a1_in1k`" in line
+    assert line.endswith("or pass --weights FILE")  # whole, not cut off mid-sentence
+
+
+def test_pretrained_weights_in_the_hugging_face_cache_are_used_without_the_hub(tmp_path):
+    """Staged as `hf download` leaves them: the run loads the cached file, asks nothing of the
+    hub (its endpoint is a closed port), and labels with those weights."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    net = timm.create_model("resnet18", pretrained=False).eval()
+    with torch.no_grad():
+        net.fc.bias.zero_()
+        net.fc.bias[207] = 50.0  # these weights call everything class 207
+    snapshot = (tmp_path / "hf" / "hub" / "models--timm--resnet18.a1_in1k" / "snapshots" /
+                "0123abc")
+    snapshot.mkdir(parents=True)
+    save_file(net.state_dict(), snapshot / "model.safetensors")
+    (tmp_path / "hf" / "hub" / "models--timm--resnet18.a1_in1k" / "refs").mkdir()
+    (tmp_path / "hf" / "hub" / "models--timm--resnet18.a1_in1k" / "refs" / "main").write_text(
+        "0123abc")
+    write_colour_images(tmp_path / "imgs", 2)
+    done = run_subprocess("run", tmp_path / "imgs", "--out", tmp_path / "run", "--model",
+                          "timm:resnet18.a1_in1k", "--workers", "0", "--batch-size", "2",
+                          "--resize", "72", "--crop", "64", "-q",
+                          env={"HF_ENDPOINT": "http://127.0.0.1:9",
+                               "HF_HOME": str(tmp_path / "hf")})
+    assert done.returncode == 0, done.stderr
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    assert set(table["class_ids"].map(lambda ids: ids[0])) == {207}
+    assert "Downloading" not in done.stdout + done.stderr
 
 
 def test_weights_list_shows_timms_pretrained_names(cli):

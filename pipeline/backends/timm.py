@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import urllib.parse
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from pipeline.errors import RunError, UsageError
 # What timm's training scripts save a model under, the exponential moving average first:
 # it is what their own validation reports.
 _STATE_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+_PROBE_TIMEOUT_S = 5  # to open a connection to the hub before asking it for weights
 
 
 def _timm():
@@ -66,9 +69,20 @@ class TimmBackend(Backend):
                  "size_mb": None, "cached": None, "url": None} for name in names]
 
     def fetch(self, model: str, weights: str, to: str | None):
-        raise RunError("timm's pretrained weights come from the Hugging Face hub: on a "
-                       "connected machine run `huggingface-cli download timm/<name>` and copy "
-                       "its cache (HF_HOME), or pass --weights FILE")
+        """Into the Hugging Face cache (where a run looks first), or into the folder `to`."""
+        timm = _timm()
+        _check_name(timm, model)
+        from huggingface_hub import hf_hub_download
+
+        hub_id, names = _hub_files(timm, model)
+        failure = None
+        for name in names:
+            try:
+                return Path(hf_hub_download(hub_id, name, local_dir=to))
+            except Exception as exc:  # the hub's many errors; the next file name, else say it
+                failure = failure or exc
+        raise RunError(f"cannot download {hub_id} from the Hugging Face hub "
+                       f"({_one_line(failure)})")
 
 
 def preprocess_of(net: nn.Module) -> Preprocess:
@@ -98,15 +112,69 @@ def _class_names(timm, net: nn.Module, num_classes: int) -> tuple[str, ...]:
     return tuple(info.index_to_description(i).split(",")[0] for i in range(num_classes))
 
 
-def _pretrained(timm, model: str) -> ModelSpec:
+def _hub_files(timm, model: str) -> tuple[str, list[str]]:
+    """The hub repository of a pretrained name and the file names its weights may have
+    there, as timm looks for them (safetensors first)."""
+    config = timm.models.get_pretrained_cfg(model)
+    if config is None or not config.hf_hub_id:
+        raise UsageError(f"timm has no pretrained weights on the Hugging Face hub for {model!r}"
+                         "; pass --weights FILE")
+    if config.hf_hub_filename:
+        return config.hf_hub_id, [config.hf_hub_filename]
+    return config.hf_hub_id, ["model.safetensors", "pytorch_model.bin"]
+
+
+def _cached_file(hub_id: str, names: list[str]) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in names:
+        found = try_to_load_from_cache(hub_id, name)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached from here, found at once; None if it may be. Without
+    this, huggingface_hub retries for about 45 s before giving up."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return None  # through a proxy: only the download itself can tell
+    host = urllib.parse.urlsplit(constants.ENDPOINT).hostname or "huggingface.co"
     try:
-        net = timm.create_model(model, pretrained=True)
+        socket.create_connection((host, 443), timeout=_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"{host} cannot be reached: {exc.strerror or exc}"
+    return None
+
+
+def _one_line(exc: BaseException | None) -> str:
+    """A library's whole message on one line: never cut off mid-sentence."""
+    text = " ".join(str(exc).split()) if exc is not None else ""
+    return text or type(exc).__name__
+
+
+def _pretrained(timm, model: str) -> ModelSpec:
+    hub_id, names = _hub_files(timm, model)
+    cached = _cached_file(hub_id, names)
+    staging = (f"on a connected machine run `label-images weights fetch --model timm:{model}`"
+               " and copy the Hugging Face cache (HF_HOME, default ~/.cache/huggingface) "
+               "here, or pass --weights FILE")
+    if cached is None:
+        why = _hub_unreachable()
+        if why is not None:
+            raise UsageError(f"timm's pretrained weights for {model} ({hub_id}) are not in "
+                             f"the Hugging Face cache and {why}; {staging}")
+    try:
+        # a cached file is loaded as a file: no request to the hub at all
+        overlay = {"file": cached} if cached else None
+        net = timm.create_model(model, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as exc:  # the hub's and the network's many errors: one line, never random
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"timm's pretrained weights for {model} are not cached and could not "
-                         f"be downloaded ({first}); on a machine with network load them once "
-                         "(they go to the Hugging Face cache, HF_HOME) and copy that cache, "
-                         "or pass --weights FILE") from None
+        raise UsageError(f"timm's pretrained weights for {model} ({hub_id}) are not cached "
+                         f"and could not be downloaded ({_one_line(exc)}); {staging}") from None
     num_classes = net.num_classes
     state_dict = net.state_dict()
     hub_id = net.pretrained_cfg.get("hf_hub_id") or model

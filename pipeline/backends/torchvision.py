@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 import os
 import pickle
 import re
@@ -23,7 +25,7 @@ from pipeline.backends.base import (DEFAULT_PREPROCESS, Backend, ModelSpec, head
 from pipeline.backends.checkpoints import (SUFFIXES, check_categories, load_checkpoint,
                                            sha256_file)
 from pipeline.preprocess import Preprocess
-from pipeline.errors import RunError, UsageError
+from pipeline.errors import RunError, UsageError, notice
 
 _DOWNLOAD_TIMEOUT_S = 60
 # torchvision's file names end in the first hex digits of the file's sha256
@@ -138,8 +140,11 @@ def download_timeout() -> Iterator[None]:
 def _from_named_weights(model: str, name: str) -> ModelSpec:
     weights = lookup_weights(model, name)
     cached = cache_path(weights)
+    was_cached = cached.is_file()
     try:
-        with download_timeout():
+        # torch.hub announces a download on stdout before it tries: offline, that line
+        # came before our one-line error; online, we say it once the file is here.
+        with download_timeout(), contextlib.redirect_stdout(io.StringIO()):
             state_dict = torch.hub.load_state_dict_from_url(
                 weights.url, progress=False, check_hash=True, weights_only=True)
     except (urllib.error.URLError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
@@ -153,6 +158,8 @@ def _from_named_weights(model: str, name: str) -> ModelSpec:
             f"{model} --weights {weights.name}` (or download {weights.url}) and copy the file "
             f"to that path (or set TORCH_HOME), or pass --weights PATH"
         ) from None
+    if not was_cached:
+        notice(f"downloaded {weights} to {cached}")
     categories = tuple(weights.meta.get("categories") or [])
     return ModelSpec(model=model, weights_id=str(weights), num_classes=len(categories),
                      categories=categories, preprocess=preprocess_of(weights),
