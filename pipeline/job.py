@@ -91,20 +91,22 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     does not pay for a listing again.
     """
     check_kept_columns(config.keep_columns)
-    source = open_source(source_spec(config))
-    store = Store(config.out)
-    if list_items is None:
-        list_items = config.overwrite or not store.exists(PLAN_FILE)
-    items = read_items(source, versions=versions) if list_items else None
-    spec = resolve_model(config.model, config.weights, config.labels, config.resize, config.crop)
-    if config.top_k is None:  # only a --top-k asked for is held to the model's classes
-        config = dataclasses.replace(config, top_k=min(DEFAULT_TOP_K, spec.num_classes))
     if config.embeddings and not formats.get(config.format).embeddings:
         carriers = [name for name, f in formats.FORMATS.items() if f.embeddings]
         raise UsageError(f"--embeddings cannot be written to {config.format}: use --format "
                          f"{' or '.join(carriers)}")
+    source = open_source(source_spec(config))  # what kind it is: no listing yet
+    # The model, its weights and the device before the listing: a typo in --model on a
+    # bucket of millions is said at once, not after the whole listing.
+    spec = resolve_model(config.model, config.weights, config.labels, config.resize, config.crop)
+    if config.top_k is None:  # only a --top-k asked for is held to the model's classes
+        config = dataclasses.replace(config, top_k=min(DEFAULT_TOP_K, spec.num_classes))
     device, dtype = machine.device_and_precision(config, part)
     classifier = Classifier(spec, device, dtype, config.top_k, embeddings=config.embeddings)
+    store = Store(config.out)
+    if list_items is None:
+        list_items = config.overwrite or not store.exists(PLAN_FILE)
+    items = read_items(source, versions=versions) if list_items else None
     sample, pending = _sample_and_pending(items, store, part)
     chosen = machine.resolve(config, part, classifier, source, sample, pending,
                              ended_abruptly=_ended_abruptly(config, store, part))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline.config import read_toml, resolve
 from tests.conftest import FAST, REPO, write_colour_images
 
@@ -58,3 +60,25 @@ def test_the_default_top_k_fits_a_small_model_and_only_an_asked_one_is_refused(
     asked = cli(*job(folder, tmp_path / "other", colour_checkpoint, "--top-k", "5"))
     assert asked.exit_code == 2 and "--top-k 5 is more than the model's 4 classes" in \
         asked.output
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--model", "resnet5O", "unknown model"),
+    ("--weights", "/no/such/weights.pth", "--weights file not found"),
+    ("--device", "cuda:7", "--device cuda:7"),
+])
+def test_model_weights_and_device_are_checked_before_the_source_is_listed(
+        cli, tmp_path, colour_checkpoint, monkeypatch, flag, value, message):
+    """A listing of a large bucket takes minutes: a typo must not wait for it."""
+    import pipeline.job
+
+    listed = []
+    monkeypatch.setattr(pipeline.job, "read_items",
+                        lambda *args, **kwargs: listed.append(args) or 1 / 0)
+    write_colour_images(tmp_path / "imgs", 2)
+    flags = {"--model": "resnet18", "--weights": str(colour_checkpoint), "--device": "cpu",
+             flag: value}
+    refused = cli("run", tmp_path / "imgs", "--out", tmp_path / "run", "-q",
+                  *[part for pair in flags.items() for part in pair])
+    assert refused.exit_code == 2 and message in refused.output, refused.output
+    assert listed == []
