@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -182,6 +183,7 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
         num_slices: NumSlices = None, slice_index: SliceIndex = None,
         num_shards: NumShards = None, shard_index: ShardIndex = None) -> None:
     """Label every image of SOURCE into OUT/labels.parquet (or .csv); rerun to resume."""
+    started = time.perf_counter()  # the summary's elapsed time counts torch's import too
     num_slices = num_slices if num_slices is not None else num_shards
     slice_index = slice_index if slice_index is not None else shard_index
     compile = False if no_compile else compile
@@ -191,7 +193,7 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
         from pipeline.incremental import run as label
     else:
         from pipeline.runner import run as label
-    typer.echo(label(resolved).line(), err=True)
+    typer.echo(label(resolved, started=started).line(), err=True)
 
 
 @app.command(cls=_Command)
@@ -280,6 +282,7 @@ def report(
 
     table = reporting.read_table(out)
     found = reporting.analyse(table)
+    found.run = reporting.describe_run(out)
     typer.echo(reporting.render_text(found))
     if html_file is not None:
         with atomic_path(html_file) as tmp:

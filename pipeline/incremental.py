@@ -68,14 +68,15 @@ def _digest(todo: pa.Table) -> str:
     return digest.hexdigest()[:16]
 
 
-def run(config: RunConfig, *, progress: bool | None = None) -> RunSummary:
+def run(config: RunConfig, *, progress: bool | None = None,
+        started: float | None = None) -> RunSummary:
     """`run --incremental`: the same command every night on the same output directory."""
     if config.allow_duplicates:
         raise UsageError("--incremental needs unique keys: it cannot be combined with "
                          "--allow-duplicates")
     if config.num_slices is not None or config.slice_index is not None:
         raise UsageError("--incremental runs as one process; slices are not supported with it")
-    job = prepare(config, versions=True, list_items=True)  # every night lists the source
+    job = prepare(config, versions=True, list_items=True, started=started)  # every night lists the source
     items = job.items
     try:
         with RunDirectory(config.out) as top:

@@ -40,7 +40,7 @@ class Job:
     classifier: Classifier
     settings: Settings
     items: pa.Table | None
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)  # when the command began
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(
         timespec="seconds"))
 
@@ -83,7 +83,7 @@ def source_spec(config: RunConfig) -> SourceSpec:
 
 
 def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
-            list_items: bool | None = None) -> Job:
+            list_items: bool | None = None, started: float | None = None) -> Job:
     """Validate the whole configuration: source, model, weights, device. Writes nothing.
 
     The source is listed unless its items are frozen already in the run directory (and not
@@ -111,7 +111,8 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     chosen = machine.resolve(config, part, classifier, source, sample, pending,
                              ended_abruptly=_ended_abruptly(config, store, part))
     machine.apply(classifier, chosen)
-    return Job(config, part, source, spec, classifier, chosen, items)
+    return Job(config, part, source, spec, classifier, chosen, items,
+               started=time.perf_counter() if started is None else started)
 
 
 def _ended_abruptly(config: RunConfig, store: Store, part: Slice) -> str | None:

@@ -21,7 +21,9 @@ from PIL import Image, ImageOps
 from pipeline import formats
 from pipeline.decode import DECODE_ERRORS, ImageError, to_rgb
 from pipeline.errors import UsageError
+from pipeline.rundir import RUN_FILE, read_json
 from pipeline.storage import Store, read_bytes
+from pipeline.summary import count
 
 COLUMNS = ["key", "path", "status", "error", "top1_label", "top1_score"]
 CONFIDENCE_EDGES = (0.2, 0.5, 0.8)
@@ -46,6 +48,21 @@ class Findings:
     samples: dict[str, list[tuple[str, str, float]]] = field(default_factory=dict)
     review: list[tuple[str, str, str, float]] = field(default_factory=list)
     error_rows: list[tuple[str, str, str]] = field(default_factory=list)
+    run: dict[str, str] = field(default_factory=dict)  # model, weights, date, source
+
+
+def describe_run(out: str) -> dict[str, str]:
+    """What the table was labelled with, from the run directory's run.json (if it has one)."""
+    record = read_json(Store(out), RUN_FILE) or {}
+    fingerprint, config = record.get("fingerprint", {}), record.get("config", {})
+    if not fingerprint:
+        return {}
+    weights = fingerprint.get("weights", "")
+    if config.get("weights") and config["weights"] not in weights:  # a file: its name too
+        weights = f"{config['weights']} ({weights[:19]}...)"
+    return {"model": fingerprint.get("model", ""), "weights": weights,
+            "run date": record.get("started_at", ""),
+            "source": fingerprint.get("source", {}).get("location", "")}
 
 
 def read_table(out: str) -> pa.Table:
@@ -99,7 +116,8 @@ def analyse(table: pa.Table, seed: int = 0) -> Findings:
 
 
 def render_text(found: Findings) -> str:
-    lines = [f"{found.rows} images: {found.ok} ok, {found.errors} errors"]
+    lines = [f"{found.rows} images: {found.ok} ok, {count(found.errors, 'error')}"]
+    lines += [f"{name}: {value}" for name, value in found.run.items()]
     if found.error_kinds:
         lines.append("errors by kind: " + ", ".join(f"{k} {n}" for k, n in found.error_kinds))
     if found.labels:
@@ -163,6 +181,7 @@ def render_html(found: Findings, title: str) -> str:
     errors = "".join(f"<tr><td>{esc(k)}</td><td>{esc(e or '')}</td><td>{esc(p)}</td></tr>"
                      for k, p, e in found.error_rows)
     confidence = ", ".join(f"{n} {esc(edge)}" for edge, n in found.confidence.items())
+    facts = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in found.run.items())
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
@@ -174,7 +193,8 @@ figure {{ display: inline-block; margin: 4px; width: {THUMBNAIL_PX + 8}px; font-
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 2px 6px; }}
 </style></head><body>
 <h1>{esc(title)}</h1>
-<p id="summary">{found.rows} images: {found.ok} ok, {found.errors} errors.
+<table id="run">{facts}</table>
+<p id="summary">{found.rows} images: {found.ok} ok, {count(found.errors, "error")}.
 Top-1 confidence: {confidence}.</p>
 <h2>Labels</h2>{_bars(found.labels[:TOP_LABELS], "label-histogram")}
 <h2>Top-1 confidence</h2>{_bars(histogram, "confidence-histogram")}

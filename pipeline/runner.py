@@ -25,11 +25,13 @@ from pipeline.summary import RunSummary
 from pipeline.writer import count_rows, merge_parts, output_schema
 
 
-def run(config: RunConfig, *, progress: bool | None = None) -> RunSummary:
+def run(config: RunConfig, *, progress: bool | None = None,
+        started: float | None = None) -> RunSummary:
     """Label every item of config.source into config.out, resuming what a previous run began.
 
     Under torchrun every rank labels its share and rank 0 assembles the table; as one slice
     of an array job it labels its slice and leaves the assembly to `label-images merge`.
+    `started`: when the command began (perf_counter), for the summary's whole elapsed time.
     """
     if config.incremental:
         raise ValueError("an incremental run goes through incremental.run")
@@ -37,7 +39,7 @@ def run(config: RunConfig, *, progress: bool | None = None) -> RunSummary:
     if config.overwrite and not part.whole and not part.distributed:
         raise UsageError("--overwrite would let each slice wipe the others' work: clear the "
                          "run directory once before starting the array job instead")
-    job = prepare(config, part)
+    job = prepare(config, part, started=started)
     group = ProcessGroup(part, backend="gloo") if part.distributed else None
     try:
         with RunDirectory(config.out, part) as run_dir:

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def count(number: int, noun: str) -> str:
+    """'1 error', '2 errors', '0 errors'."""
+    return f"{number} {noun}" + "s" * (number != 1)
+
+
 @dataclass
 class RunSummary:
     output: str  # path or URL of the final table
@@ -39,18 +44,19 @@ class RunSummary:
         if self.already_complete:
             return (f"nothing to do: {changes}{self.output} is complete ({self.items} rows)"
                     + (f"; {self.stale}" if self.stale else ""))
+        errors = count(self.errors, "error")
         if not self.labelled_now:  # a merge
-            return (f"{self.items} images: {self.ok} ok, {self.errors} errors -> "
-                    f"{self.output}")
+            return f"{self.items} images: {self.ok} ok, {errors} -> {self.output}"
         if self.slice_done:
             waiting = (f"{len(self.missing)} shards still to come from other slices, then run "
                        f"`label-images merge {self.run_dir}`" if self.missing else
                        f"all shards are committed: run `label-images merge {self.run_dir}`")
             return (f"{self.slice_done} done: labelled {self.labelled_now} at "
                     f"{self.images_per_second:.1f} images/s; {waiting}")
-        return (f"{self.items} images: {changes}{self.ok} ok, {self.errors} errors; labelled "
-                f"{self.labelled_now} at {self.images_per_second:.1f} images/s; wall time "
-                f"{self.seconds:.1f} s -> {self.output}")
+        return (f"{self.items} images: {changes}{self.ok} ok, {errors}; labelled "
+                f"{self.labelled_now} in {self.loop_seconds:.1f} s at "
+                f"{self.images_per_second:.1f} images/s, {self.seconds:.1f} s in all (start-up, "
+                f"measuring and the merge included) -> {self.output}")
 
     def to_dict(self) -> dict:
         return {

@@ -4,6 +4,7 @@ small model, the summary's figures and words, the report naming the run, integer
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -82,3 +83,26 @@ def test_model_weights_and_device_are_checked_before_the_source_is_listed(
                   *[part for pair in flags.items() for part in pair])
     assert refused.exit_code == 2 and message in refused.output, refused.output
     assert listed == []
+
+
+def test_the_summary_says_the_whole_time_and_counts_in_words_and_the_report_names_the_run(
+        cli, tmp_path, colour_checkpoint):
+    folder, out = tmp_path / "imgs", tmp_path / "run"
+    write_colour_images(folder, 3)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    done = cli(*job(folder, out, colour_checkpoint))
+    assert done.exit_code == 0, done.output
+    line = done.output.strip().splitlines()[-1]
+    assert "3 ok, 1 error;" in line  # not "1 errors"
+    loop, whole = (float(x) for x in re.search(r"labelled 4 in ([\d.]+) s at .* ([\d.]+) s in "
+                                               r"all", line).groups())
+    summary = json.loads((out / "summary.json").read_text())
+    # the whole command (model loading, measuring, the merge) is more than the loop's part
+    assert whole >= loop and summary["wall_seconds"] > summary["loop_seconds"]
+    report = cli("report", out, "--html", tmp_path / "page.html")
+    assert report.exit_code == 0, report.output
+    started = json.loads((out / "run.json").read_text())["started_at"]
+    for text in (report.output, (tmp_path / "page.html").read_text()):
+        assert "4 images: 3 ok, 1 error" in text and "1 errors" not in text
+        assert "resnet18" in text and str(colour_checkpoint) in text and started in text
+        assert str(folder) in text
