@@ -106,3 +106,20 @@ def test_the_summary_says_the_whole_time_and_counts_in_words_and_the_report_name
         assert "4 images: 3 ok, 1 error" in text and "1 errors" not in text
         assert "resnet18" in text and str(colour_checkpoint) in text and started in text
         assert str(folder) in text
+
+
+def test_the_readme_says_how_to_keep_width_and_height_integers_in_pandas(
+        cli, tmp_path, colour_checkpoint):
+    """pandas reads nullable int32 columns as float64; the README's way keeps them ints."""
+    import pandas as pd
+
+    readme = (REPO / "README.md").read_text()
+    call, = re.findall(r'`(pd\.read_parquet\(path, dtype_backend="numpy_nullable"\))`', readme)
+    folder, out = tmp_path / "imgs", tmp_path / "run"
+    write_colour_images(folder, 2)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    assert cli(*job(folder, out, colour_checkpoint)).exit_code == 0
+    assert pd.read_parquet(out / "labels.parquet")["width"].dtype == "float64"  # the bite
+    table = eval(call, {"pd": pd, "path": out / "labels.parquet"})
+    assert str(table["width"].dtype) == "Int32" and str(table["height"].dtype) == "Int32"
+    assert table["width"].isna().sum() == 1 and table["width"].dropna().min() > 0

@@ -359,3 +359,19 @@ def test_a_model_reading_bgr_channels_last_0_255_gets_exactly_that(tmp_path, sma
         expected = expected.permute(0, 2, 3, 1)
     assert seen[0].shape == expected.shape
     assert torch.allclose(seen[0], expected, atol=1e-3)
+
+
+def test_a_torchvision_named_file_with_another_hash_is_said_before_imagenet_names_go_on_it(
+        staged_torch_home, monkeypatch, capfd, tmp_path, small_state_dict):
+    """The staged stand-in is seeded, not torchvision's: its hash is not the one its name
+    carries. Through the cache or as a path, the run says so; another name says nothing."""
+    monkeypatch.setenv("TORCH_HOME", str(staged_torch_home))
+    path = next((staged_torch_home / "hub" / "checkpoints").iterdir())
+    for weights in ("DEFAULT", str(path)):
+        spec = resolve_model("resnet50", weights)
+        assert spec.categories[0] == "tench"  # still given, as named
+        said = capfd.readouterr().err
+        assert f"{path} is named as torchvision's ResNet50_Weights.IMAGENET1K_V2" in said
+        assert "does not start with 11ad3fa6" in said and "--labels" in said
+    resolve_model("resnet18", save(tmp_path / "mine.pth", small_state_dict))
+    assert "is named as" not in capfd.readouterr().err

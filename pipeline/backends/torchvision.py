@@ -160,6 +160,8 @@ def _from_named_weights(model: str, name: str) -> ModelSpec:
         ) from None
     if not was_cached:
         notice(f"downloaded {weights} to {cached}")
+    else:  # torch.hub checks the hash of what it downloads only
+        check_named_hash(cached, weights, sha256_file(cached))
     categories = tuple(weights.meta.get("categories") or [])
     return ModelSpec(model=model, weights_id=str(weights), num_classes=len(categories),
                      categories=categories, preprocess=preprocess_of(weights),
@@ -178,13 +180,27 @@ def _from_checkpoint_file(model: str, path: Path) -> ModelSpec:
     # A staged copy of torchvision's own file keeps its class names and preprocessing.
     known = next((w for w in get_model_weights(model)
                   if os.path.basename(w.url) == path.name), None)
+    digest = sha256_file(path)
     if known is not None and categories is None:
+        check_named_hash(path, known, digest)
         categories = known.meta.get("categories")
-    return ModelSpec(model=model, weights_id=f"sha256:{sha256_file(path)}",
+    return ModelSpec(model=model, weights_id=f"sha256:{digest}",
                      num_classes=num_classes,
                      categories=tuple(categories or [str(i) for i in range(num_classes)]),
                      preprocess=preprocess_of(known) if known else DEFAULT_PREPROCESS,
                      build=partial(_build, model, num_classes, state_dict, known))
+
+
+def check_named_hash(path: Path, weights, digest: str) -> None:
+    """torchvision names its files after the start of their sha256 (resnet50-11ad3fa6.pth):
+    a file by that name with another hash is something else (a fine-tuned copy, a stand-in)
+    about to be given ImageNet's class names and preprocessing. Said, not refused."""
+    match = _HASH_IN_NAME.search(os.path.basename(weights.url))
+    if match and not digest.startswith(match.group(1)):
+        notice(f"{path} is named as torchvision's {weights} but its sha256 ({digest[:12]}...) "
+               f"does not start with {match.group(1)}, as that file's does: it is labelled "
+               "with ImageNet's class names and preprocessing all the same; pass --labels if "
+               "it was trained on others")
 
 
 def _build(model: str, num_classes: int, state_dict: dict, weights) -> nn.Module:
