@@ -157,6 +157,16 @@ NumSlices = Annotated[Optional[int], typer.Option(
 SliceIndex = Annotated[Optional[int], typer.Option(
     help="The slice this process labels, 0-based (default: SLURM_ARRAY_TASK_ID or "
          "JOB_COMPLETION_INDEX).")]
+Engine = Annotated[Optional[str], typer.Option(
+    help="Who hands out the shards: local (this process; torchrun and array slices split "
+         "up front) or ray (actors take them from a queue as they free up; needs the ray "
+         "extra) (default: local).")]
+RayAddress = Annotated[Optional[str], typer.Option(
+    help="--engine ray: the cluster (auto, ray://host:10001, host:6379) (default: the running "
+         "cluster, else a local Ray for the job).")]
+Actors = Annotated[Optional[int], typer.Option(
+    help="--engine ray: labelling actors (default: one per GPU in the cluster; on CPU nodes "
+         "one per node, each with the node's cores).")]
 # The earlier names of those two, still taken, not shown.
 NumShards = Annotated[Optional[int], typer.Option(hidden=True)]
 ShardIndex = Annotated[Optional[int], typer.Option(hidden=True)]
@@ -179,7 +189,8 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
         keep_columns: KeepColumns = None, max_pixels: MaxPixels = None,
         allow_duplicates: AllowDuplicates = None, overwrite: Overwrite = None, quiet: Quiet = None, compile: Compile = None,
         no_compile: NoCompile = None, embeddings: Embeddings = None,
-        incremental: Incremental = None,
+        incremental: Incremental = None, engine: Engine = None, ray_address: RayAddress = None,
+        actors: Actors = None,
         num_slices: NumSlices = None, slice_index: SliceIndex = None,
         num_shards: NumShards = None, shard_index: ShardIndex = None) -> None:
     """Label every image of SOURCE into OUT/labels.parquet (or .csv); rerun to resume."""
@@ -189,11 +200,9 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
     compile = False if no_compile else compile
     resolved = _resolve(config, _flags(locals()))
     # Imported here, so that --help and config errors need no torch.
-    if resolved.incremental:
-        from pipeline.incremental import run as label
-    else:
-        from pipeline.runner import run as label
-    typer.echo(label(resolved, started=started).line(), err=True)
+    from pipeline import engines
+
+    typer.echo(engines.run(resolved, started=started).line(), err=True)
 
 
 @app.command(cls=_Command)

@@ -51,6 +51,9 @@ class RunConfig:
     slice_index: int | None = None
     incremental: bool = False
     embeddings: bool = False
+    engine: str = "local"  # who hands out the shards: engines.ENGINES
+    ray_address: str | None = None  # --engine ray: None: a running cluster, else a local Ray
+    actors: int | None = None  # --engine ray: None: one per GPU, or one per CPU node
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -136,6 +139,8 @@ def _check_type(name: str, value: Any) -> None:
 
 def _check_values(config: RunConfig) -> None:
     formats.get(config.format)  # one of the registered formats, or a one-line refusal
+    if config.engine != "ray" and (config.ray_address is not None or config.actors is not None):
+        raise UsageError("--ray-address and --actors are for --engine ray")
     if config.precision not in PRECISIONS:
         raise UsageError(
             f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}"
@@ -143,7 +148,7 @@ def _check_values(config: RunConfig) -> None:
     if not _DEVICE_PATTERN.match(config.device):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     for name in ("top_k", "shard_size", "max_pixels", "batch_size", "resize", "crop",
-                 "num_slices"):
+                 "num_slices", "actors"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UsageError(f"{_flag(name)} must be at least 1, got {value}")

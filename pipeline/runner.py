@@ -55,7 +55,7 @@ def run_in(run_dir: RunDirectory, job: Job, group: ProcessGroup | None = None,
            progress: bool | None = None) -> RunSummary:
     """The run in an open run directory (an incremental night runs its increment here too)."""
     config, part = job.config, job.part
-    plan, resumed = _open_plan(run_dir, job, group)
+    plan, resumed = open_plan(run_dir, job, group)
     summary = RunSummary(output=run_dir.store.url(run_dir.output(config.format)),
                          run_dir=run_dir.store.url(), resumed=resumed,
                          device=str(job.settings.device),
@@ -64,24 +64,24 @@ def run_in(run_dir: RunDirectory, job: Job, group: ProcessGroup | None = None,
     if run_dir.is_finished(config.format, part.whole):
         if job.items is None and part.whole:  # a finished run, its source not listed since
             summary.stale = _stale(job, plan)
-        return _already_complete(run_dir, config.format, plan, summary)
+        return already_complete(run_dir, config.format, plan, summary)
     label(run_dir, job, plan, summary, progress)
     if group is not None:
         group.barrier()  # every rank's shards are committed
     if not part.merges:
         summary.slice_done = part.describe()
-        summary.missing = [] if group is not None else _missing(run_dir, plan)
+        summary.missing = [] if group is not None else missing_shards(run_dir, plan)
         return summary
-    missing = _missing(run_dir, plan)
+    missing = missing_shards(run_dir, plan)
     if missing:  # a bug of ours or a part removed under the run: never assemble without it
         raise RunError(f"shards {missing[:10]} are not committed; run the same command again")
-    _assemble(run_dir, plan, config.format, summary)
+    assemble(run_dir, plan, config.format, summary)
     summary.seconds = time.perf_counter() - job.started
     run_dir.write_summary(summary.to_dict())
     return summary
 
 
-def _open_plan(run_dir: RunDirectory, job: Job, group) -> tuple[Plan, bool]:
+def open_plan(run_dir: RunDirectory, job: Job, group=None) -> tuple[Plan, bool]:
     """Check or record the job here and freeze the plan (rank 0 only); True if resuming."""
     store = run_dir.store
     if group is None or job.part.index == 0:
@@ -104,8 +104,11 @@ def _open_plan(run_dir: RunDirectory, job: Job, group) -> tuple[Plan, bool]:
 
 
 def label(run_dir: RunDirectory, job: Job, plan: Plan, summary: RunSummary,
-          progress: bool | None) -> None:
-    """Label this process's pending shards of the plan, committing each as it completes."""
+          progress: bool | None, shards: list[int] | None = None) -> None:
+    """Label this process's pending shards of the plan, committing each as it completes.
+
+    `shards`: these, not the launcher's share (an engine hands them out one at a time).
+    """
     config, store = job.config, run_dir.store
     kept = pa.schema([plan.schema().field(name) for name in config.keep_columns])
     schema = output_schema(config.top_k, kept, {
@@ -117,7 +120,8 @@ def label(run_dir: RunDirectory, job: Job, plan: Plan, summary: RunSummary,
     started = time.perf_counter()
     with recovery.stopped_by_signals(store, plan), _torch_threads(job.settings.threads):
         while True:
-            owned = [s for s in range(plan.num_shards) if job.part.owns(s)]
+            owned = shards if shards is not None else [
+                s for s in range(plan.num_shards) if job.part.owns(s)]
             committed = committed_shards(store)  # one listing of parts/, not one a shard
             pending = [s for s in owned if s not in committed]
             bar = progress_bar(plan.items_in(owned), plan.items_in(owned) - plan.items_in(
@@ -229,7 +233,7 @@ def _stale(job: Job, plan: Plan) -> str:
             "--overwrite to relabel everything")
 
 
-def _already_complete(run_dir: RunDirectory, fmt: str, plan: Plan,
+def already_complete(run_dir: RunDirectory, fmt: str, plan: Plan,
                       summary: RunSummary) -> RunSummary:
     store = run_dir.store
     if not formats.get(fmt).exists(store):
@@ -247,7 +251,7 @@ def _already_complete(run_dir: RunDirectory, fmt: str, plan: Plan,
     return summary
 
 
-def _assemble(run_dir: RunDirectory, plan: Plan, fmt: str, summary: RunSummary) -> None:
+def assemble(run_dir: RunDirectory, plan: Plan, fmt: str, summary: RunSummary) -> None:
     started = time.perf_counter()
     shards = range(plan.num_shards)
     counts = merge_parts(run_dir.store, [part_name(s) for s in shards], fmt,
@@ -257,7 +261,7 @@ def _assemble(run_dir: RunDirectory, plan: Plan, fmt: str, summary: RunSummary) 
     summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
 
 
-def _missing(run_dir: RunDirectory, plan: Plan) -> list[int]:
+def missing_shards(run_dir: RunDirectory, plan: Plan) -> list[int]:
     committed = committed_shards(run_dir.store)
     return [s for s in range(plan.num_shards) if s not in committed]
 
@@ -277,7 +281,7 @@ def merge(out: str, fmt: str | None = None) -> RunSummary:
                 summary.already_complete = True
                 summary.items = plan.num_items
                 return summary
-            missing = _missing(run_dir, plan)
+            missing = missing_shards(run_dir, plan)
             if missing:
                 count = record.get("resolved", {}).get("slices", 1)
                 owners = sorted({s % count for s in missing})
@@ -286,7 +290,7 @@ def merge(out: str, fmt: str | None = None) -> RunSummary:
                     f"({launchers.shard_ranges(missing)[:300]}), owned by slice(s) "
                     f"{', '.join(map(str, owners))} of {count}; run those, then merge again")
             started = time.perf_counter()
-            _assemble(run_dir, plan, fmt, summary)
+            assemble(run_dir, plan, fmt, summary)
             summary.seconds = time.perf_counter() - started
             run_dir.write_summary(summary.to_dict())
             return summary
