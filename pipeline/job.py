@@ -83,12 +83,14 @@ def source_spec(config: RunConfig) -> SourceSpec:
 
 
 def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
-            list_items: bool | None = None, started: float | None = None) -> Job:
+            list_items: bool | None = None, started: float | None = None,
+            driven: bool = False) -> Job:
     """Validate the whole configuration: source, model, weights, device. Writes nothing.
 
     The source is listed unless its items are frozen already in the run directory (and not
     to be overwritten): a resumed run, or a slice starting after another froze the plan,
-    does not pay for a listing again.
+    does not pay for a listing again. `driven`: an engine's worker, labelling shards of a
+    run directory its driver holds.
     """
     check_kept_columns(config.keep_columns)
     if config.embeddings and not formats.get(config.format).embeddings:
@@ -109,7 +111,8 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     items = read_items(source, versions=versions) if list_items else None
     sample, pending = _sample_and_pending(items, store, part)
     chosen = machine.resolve(config, part, classifier, source, sample, pending,
-                             ended_abruptly=_ended_abruptly(config, store, part))
+                             ended_abruptly=None if driven else _ended_abruptly(config, store,
+                                                                                part))
     machine.apply(classifier, chosen)
     return Job(config, part, source, spec, classifier, chosen, items,
                started=time.perf_counter() if started is None else started)

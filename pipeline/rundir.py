@@ -166,6 +166,11 @@ class RunDirectory:
     def read_run(self) -> dict | None:
         return read_json(self.store, RUN_FILE)
 
+    def record_engine(self, engine: dict) -> None:
+        """run.json gains what the engine did (who labelled what, where)."""
+        record = self.read_run() or {}
+        write_json(self.store, RUN_FILE, {**record, **engine})
+
     def write_summary(self, summary: dict) -> None:
         write_json(self.store, SUMMARY_FILE, summary)
 

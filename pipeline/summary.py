@@ -29,6 +29,7 @@ class RunSummary:
     missing: list[int] = field(default_factory=list)  # shards other slices still owe
     changes: dict = field(default_factory=dict)  # incremental runs: new/changed/unchanged/removed
     stale: str = ""  # a finished run whose source has changed since: what to do about it
+    actors: list[dict] = field(default_factory=list)  # --engine ray: each actor's figures
     device: str = ""
     precision: str = ""
     settings: dict = field(default_factory=dict)  # what was chosen, and measured for it
@@ -53,8 +54,11 @@ class RunSummary:
                        f"all shards are committed: run `label-images merge {self.run_dir}`")
             return (f"{self.slice_done} done: labelled {self.labelled_now} at "
                     f"{self.images_per_second:.1f} images/s; {waiting}")
+        actors = "" if not self.actors else (
+            f" by {count(len(self.actors), 'actor')} ("
+            + ", ".join(f"{a['images']} on {a['host']}" for a in self.actors) + ")")
         return (f"{self.items} images: {changes}{self.ok} ok, {errors}; labelled "
-                f"{self.labelled_now} in {self.loop_seconds:.1f} s at "
+                f"{self.labelled_now}{actors} in {self.loop_seconds:.1f} s at "
                 f"{self.images_per_second:.1f} images/s, {self.seconds:.1f} s in all (start-up, "
                 f"measuring and the merge included) -> {self.output}")
 
@@ -72,4 +76,5 @@ class RunSummary:
             **({"settings": self.settings} if self.settings else {}),
             **({"changes": self.changes} if self.changes else {}),
             **({"stale": self.stale} if self.stale else {}),
+            **({"actors": self.actors} if self.actors else {}),
         }

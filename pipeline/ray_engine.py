@@ -1,0 +1,238 @@
+"""The Ray engine (`--engine ray`): the driver freezes the plan, actors take shards as they free up.
+
+The driver opens the run directory, takes its lock and freezes the plan exactly as a local
+run does; each actor builds the labelling once (its own settings, measured on its machine
+and cached) and is handed one pending shard at a time, which it commits through the usual
+commit protocol straight into the run directory. An actor that dies (SIGKILL, OOM, its node
+lost) has its shard handed to another; a shard that has killed MAX_DEATHS actors is a poison
+shard: the rest finish, and the run ends non-zero naming it. The driver merges at the end;
+if it dies, the same command resumes from the committed parts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import Counter, deque
+from dataclasses import replace
+
+from pipeline import plan as planning, runner
+from pipeline.commit import write_failure
+from pipeline.config import RunConfig
+from pipeline.errors import RunError, UsageError
+from pipeline.job import prepare
+from pipeline.launchers import Slice
+from pipeline.progress import progress_bar
+from pipeline.rundir import PLAN_FILE, RunDirectory, committed_shards
+from pipeline.storage import Store
+from pipeline.summary import RunSummary, count
+
+MAX_DEATHS = 3  # actors a shard may take down before it is called a poison shard
+_CONNECT_TIMEOUT_S = 5
+
+
+def run(config: RunConfig, *, progress: bool | None = None,
+        started: float | None = None) -> RunSummary:
+    ray = _import_ray()
+    if config.num_slices is not None or config.slice_index is not None:
+        raise UsageError("--engine ray hands the shards out itself: it cannot be combined "
+                         "with --num-slices or --slice-index")
+    if config.incremental:
+        raise UsageError("--incremental runs on the local engine for now; drop --engine ray")
+    job = prepare(config, started=started)  # the whole job checked before Ray is started
+    _connect(ray, config.ray_address)
+    try:
+        with RunDirectory(config.out) as run_dir:
+            return _run_in(ray, run_dir, job, progress)
+    except OSError as exc:
+        raise write_failure(exc) from None
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--engine ray needs Ray: pip install 'label-images[ray]'") from None
+    return ray
+
+
+def _connect(ray, address: str | None) -> None:
+    """Join the cluster at `address` (or the running one, else start a local Ray). An
+    address nobody answers at is one line at once: Ray itself waits for minutes."""
+    if address not in (None, "auto", "local"):
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host or address, int(port or 6379)),
+                                     timeout=_CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--ray-address {address}: no Ray cluster answers there "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
+    if ray.is_initialized():  # a caller's own ray.init (a script, the tests): theirs
+        return
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    except ConnectionError as exc:
+        raise UsageError(f"--ray-address {address}: {' '.join(str(exc).split())}") from None
+
+
+def _run_in(ray, run_dir: RunDirectory, job, progress: bool | None) -> RunSummary:
+    config, store = job.config, run_dir.store
+    plan, resumed = runner.open_plan(run_dir, job)
+    summary = RunSummary(output=store.url(run_dir.output(config.format)), run_dir=store.url(),
+                         resumed=resumed, device=str(job.settings.device),
+                         precision=str(job.settings.dtype).removeprefix("torch."),
+                         settings=job.settings.to_dict())
+    if run_dir.is_finished(config.format):
+        return runner.already_complete(run_dir, config.format, plan, summary)
+    committed = committed_shards(store)
+    pending = [s for s in range(plan.num_shards) if s not in committed]
+    show = (not config.quiet) if progress is None else progress
+    bar = progress_bar(plan.num_items, plan.num_items - plan.items_in(pending), show, Slice())
+    try:
+        summary.actors, poison = _label_on_actors(ray, config, plan, pending, bar, summary)
+    finally:
+        bar.close()
+    run_dir.record_engine({"engine": "ray", "actors": summary.actors})
+    if poison:
+        first = {s: plan.read_shard(s, ["key"])["key"][:3].to_pylist() for s in poison}
+        named = "; ".join(f"shard {s} (first keys: {', '.join(map(str, keys))})"
+                          for s, keys in first.items())
+        raise RunError(f"{count(len(poison), 'poison shard')}: {named} took down its actor "
+                       f"{MAX_DEATHS} times; the other shards are committed: remove or fix "
+                       "those images and run the same command again")
+    missing = runner.missing_shards(run_dir, plan)
+    if missing:
+        raise RunError(f"shards {missing[:10]} are not committed; run the same command again")
+    runner.assemble(run_dir, plan, config.format, summary)
+    summary.seconds = time.perf_counter() - job.started
+    run_dir.write_summary(summary.to_dict())
+    return summary
+
+
+def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], bar,
+                     summary: RunSummary) -> tuple[list[dict], list[int]]:
+    """Hand the pending shards to actors one at a time as each frees up; a dead actor's
+    shard goes back to the queue, to another (new) actor. Each actor's figures, and the
+    poison shards."""
+    labeller = ray.remote(ShardLabeller)
+    resources = _actor_resources(ray, config)
+    queue, deaths, poison = deque(pending), Counter(), []
+    stats: list[dict] = []
+
+    def start() -> tuple[object, dict]:
+        actor = labeller.options(**resources).remote(replace(config, quiet=True))
+        try:
+            described = ray.get(actor.describe.remote())
+        except ray.exceptions.RayActorError as exc:
+            raise RunError(f"a labelling actor could not start: {_cause(exc)}") from None
+        described.update(shards=0, images=0, seconds=0.0)
+        stats.append(described)
+        return actor, described
+
+    in_flight: dict = {}
+
+    def feed(actor, described) -> None:
+        if queue:
+            shard = queue.popleft()
+            in_flight[actor.label.remote(shard)] = (actor, described, shard)
+
+    for _ in range(min(_actor_count(ray, config), len(pending))):
+        feed(*start())
+    started = time.perf_counter()  # the loop: from when the first actors are up
+    while in_flight:
+        (done,), _ = ray.wait(list(in_flight), num_returns=1)
+        actor, described, shard = in_flight.pop(done)
+        try:
+            found = ray.get(done)
+        except ray.exceptions.RayActorError:  # SIGKILL, OOM, its node lost: redo elsewhere
+            deaths[shard] += 1
+            described["died"] = True
+            if deaths[shard] >= MAX_DEATHS:
+                poison.append(shard)
+            else:
+                queue.append(shard)
+            if queue:
+                feed(*start())
+            continue
+        except ray.exceptions.RayTaskError as exc:  # a failure of ours (a store down, ...)
+            raise RunError(_cause(exc)) from None
+        described["shards"] += 1
+        described["images"] += found["images"]
+        described["seconds"] += found["seconds"]
+        summary.labelled_now += found["images"]
+        summary.load_seconds += found["load_seconds"]
+        summary.compute_seconds += found["compute_seconds"]
+        summary.write_seconds += found["write_seconds"]
+        bar.update(found["images"])
+        feed(actor, described)
+    for described in stats:
+        described["images_per_second"] = round(
+            described["images"] / described["seconds"], 1) if described["seconds"] else 0.0
+        described["seconds"] = round(described["seconds"], 3)
+    summary.loop_seconds = time.perf_counter() - started
+    return stats, sorted(poison)
+
+
+def _actor_count(ray, config: RunConfig) -> int:
+    """--actors, else one per GPU in the cluster, else one per alive node."""
+    if config.actors:
+        return config.actors
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return gpus or len([n for n in ray.nodes() if n.get("Alive")])
+
+
+def _actor_resources(ray, config: RunConfig) -> dict:
+    """A GPU each where the cluster has them; on CPUs, a node's cores shared among the
+    actors it holds (a node's worth each by default)."""
+    resources = ray.cluster_resources()
+    if resources.get("GPU"):
+        return {"num_gpus": 1}
+    nodes = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
+    per_node = max(1, -(-_actor_count(ray, config) // nodes))
+    return {"num_cpus": max(1, int(resources.get("CPU", 1)) // nodes // per_node)}
+
+
+def _cause(exc: BaseException) -> str:
+    """The message of the error an actor raised, on one line, not Ray's traceback."""
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, (RunError, UsageError)):
+        return str(cause)
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(cause).__name__
+
+
+class ShardLabeller:
+    """An actor (wrapped by ray.remote): the job built once, then one shard per call."""
+
+    def __init__(self, config: RunConfig):
+        store = Store(config.out)
+        if not store.exists(PLAN_FILE):
+            raise RunError(f"the run directory {config.out} cannot be seen from node "
+                           f"{socket.gethostname()}: on a cluster, use a shared file system "
+                           "or object storage (s3://...) for --out")
+        # Its own settings, measured on this machine (and cached as for any run); the plan
+        # is frozen, so the source is not listed again.
+        # Whether the last run died is the driver's to know: it holds the directory now.
+        self.job = prepare(config, list_items=False, driven=True)
+        self.run_dir = RunDirectory(config.out)
+        self.plan = planning.load(store)
+
+    def describe(self) -> dict:
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id()[:12],
+                "host": socket.gethostname(), "pid": os.getpid(),
+                "device": str(self.job.settings.device),
+                "batch_size": self.job.settings.batch_size,
+                "workers": self.job.settings.workers}
+
+    def label(self, shard: int) -> dict:
+        summary = RunSummary(output="")
+        runner.label(self.run_dir, self.job, self.plan, summary, progress=False,
+                     shards=[shard])
+        return {"images": summary.labelled_now, "seconds": summary.loop_seconds,
+                "load_seconds": summary.load_seconds,
+                "compute_seconds": summary.compute_seconds,
+                "write_seconds": summary.write_seconds}

@@ -1,0 +1,158 @@
+"""--engine ray on a real local Ray (2 CPUs, no dashboard): shards handed to actors from a
+queue, exactly once through an actor's death, a poison shard, and the driver's death."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from tests.conftest import FAST, REPO, read_output, write_colour_images
+from tests.ray_hooks import CONTROL
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    control = tmp_path_factory.mktemp("ray") / "control.json"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "tests.ray_hooks.install",
+                          "env_vars": {CONTROL: str(control), "PYTHONPATH": str(REPO)}})
+    yield control
+    ray.shutdown()
+
+
+@pytest.fixture
+def control(cluster):
+    for stale in (cluster, cluster.with_name(cluster.name + ".killed")):
+        stale.unlink(missing_ok=True)
+    yield lambda image, mode: cluster.write_text(json.dumps({"image": str(image),
+                                                             "mode": mode}))
+    cluster.unlink(missing_ok=True)
+
+
+def args(folder, out, checkpoint, *extra):
+    return ("run", folder, "--out", out, "--model", "resnet18", "--weights", checkpoint,
+            "--workers", "0", "--batch-size", "4", "--top-k", "2", "--shard-size", "4", "-q",
+            *FAST, *extra)
+
+
+def labels(path):
+    table = read_output(path).fillna({"top1_label": "-", "top1_score": -1.0})
+    return dict(zip(table["key"], zip(table["top1_label"], table["top1_score"].round(4))))
+
+
+def test_two_actors_give_the_one_process_rows(cli, tmp_path, colour_checkpoint, cluster):
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 18)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    local = cli(*args(folder, tmp_path / "local", colour_checkpoint))
+    assert local.exit_code == 0, local.output
+    done = cli(*args(folder, tmp_path / "ray", colour_checkpoint, "--engine", "ray",
+                     "--actors", "2"))
+    assert done.exit_code == 0, done.output
+    expected, found = read_output(tmp_path / "local" / "labels.parquet"), read_output(
+        tmp_path / "ray" / "labels.parquet")
+    assert list(found["key"]) == list(expected["key"])  # every key once, in plan order
+    assert labels(tmp_path / "ray" / "labels.parquet") == labels(
+        tmp_path / "local" / "labels.parquet")
+    assert list(found["status"]) == list(expected["status"])
+    run = json.loads((tmp_path / "ray" / "run.json").read_text())
+    actors = run["actors"]
+    assert run["engine"] == "ray" and len(actors) == 2
+    assert sum(a["shards"] for a in actors) == 5 and sum(a["images"] for a in actors) == 19
+    assert all(a["device"] == "cpu" and a["node"] and a["images_per_second"] > 0
+               for a in actors)
+    assert "by 2 actors" in done.output
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert summary["actors"] == actors and summary["items"] == 19
+
+
+def test_an_actor_killed_mid_shard_has_its_shard_redone_once(cli, tmp_path, colour_checkpoint,
+                                                             control):
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 12)
+    victim = sorted(folder.iterdir())[5]  # in the second shard
+    control(victim, "once")
+    done = cli(*args(folder, tmp_path / "run", colour_checkpoint, "--engine", "ray",
+                     "--actors", "2"))
+    assert done.exit_code == 0, done.output
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    assert sorted(table["key"]) == sorted(p.name for p in folder.iterdir())
+    assert (table["status"] == "ok").all()
+    actors = json.loads((tmp_path / "run" / "run.json").read_text())["actors"]
+    assert sum(a.get("died", False) for a in actors) == 1 and len(actors) == 3  # replaced
+
+
+def test_a_shard_that_kills_every_actor_is_named_and_the_rest_commit(
+        cli, tmp_path, colour_checkpoint, control):
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 12)
+    victim = sorted(folder.iterdir())[9]  # shard 2 of 0-2
+    control(victim, "always")
+    done = cli(*args(folder, tmp_path / "run", colour_checkpoint, "--engine", "ray",
+                     "--actors", "2"))
+    assert done.exit_code == 1
+    assert "1 poison shard: shard 2 (first keys: " in done.output
+    assert sorted(folder.iterdir())[8].name in done.output and "3 times" in done.output
+    parts = sorted(p.name for p in (tmp_path / "run" / "parts").glob("part-*.parquet"))
+    assert parts == ["part-000000.parquet", "part-000001.parquet"]
+    assert not (tmp_path / "run" / "labels.parquet").exists()
+
+
+def test_the_driver_killed_then_rerun_labels_every_image_once(tmp_path, colour_checkpoint,
+                                                              cluster):
+    folder, out = tmp_path / "imgs", tmp_path / "run"
+    write_colour_images(folder, 40)
+    address = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "pipeline", *map(str, args(
+        folder, out, colour_checkpoint, "--engine", "ray", "--actors", "1",
+        "--ray-address", address))]
+    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "parts").glob("part-*.parquet"))) < 2:
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    committed = len(list((out / "parts").glob("part-*.parquet")))
+    assert 2 <= committed < 10 and not (out / "labels.parquet").exists()
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    table = pd.read_parquet(out / "labels.parquet")
+    assert sorted(table["key"]) == sorted(p.name for p in folder.iterdir())
+    assert table["key"].is_unique
+
+
+def test_engine_flags_refused_in_one_line(cli, tmp_path, colour_checkpoint):
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 2)
+    sliced = cli(*args(folder, tmp_path / "a", colour_checkpoint, "--engine", "ray",
+                       "--num-slices", "2"))
+    assert sliced.exit_code == 2 and "cannot be combined with --num-slices" in sliced.output
+    nobody = cli(*args(folder, tmp_path / "b", colour_checkpoint, "--engine", "ray",
+                       "--ray-address", "127.0.0.1:9"))
+    assert nobody.exit_code == 2 and "no Ray cluster answers there" in nobody.output
+    stray = cli(*args(folder, tmp_path / "c", colour_checkpoint, "--actors", "2"))
+    assert stray.exit_code == 2 and "--ray-address and --actors are for --engine ray" in \
+        stray.output
+
+
+def test_without_ray_installed_the_engine_is_one_line_naming_the_extra(tmp_path,
+                                                                       colour_checkpoint):
+    write_colour_images(tmp_path / "imgs", 2)
+    hidden = ("import sys; sys.modules['ray'] = None; sys.argv = ['label-images', *sys.argv[1:]]"
+              "; from pipeline.cli import main; main()")
+    done = subprocess.run([sys.executable, "-c", hidden, *map(str, args(
+        tmp_path / "imgs", tmp_path / "run", colour_checkpoint, "--engine", "ray"))],
+        cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("label-images: error: --engine ray needs Ray: pip install "
+                                   "'label-images[ray]'")
