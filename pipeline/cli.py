@@ -200,9 +200,12 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
     compile = False if no_compile else compile
     resolved = _resolve(config, _flags(locals()))
     # Imported here, so that --help and config errors need no torch.
-    from pipeline import engines
-
-    typer.echo(engines.run(resolved, started=started).line(), err=True)
+    # An incremental night lists and compares, then labels its increment with the engine.
+    if resolved.incremental:
+        from pipeline.incremental import run as label
+    else:
+        from pipeline.engines import run as label
+    typer.echo(label(resolved, started=started).line(), err=True)
 
 
 @app.command(cls=_Command)

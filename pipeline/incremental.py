@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import runner
+from pipeline import engines
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError
@@ -76,6 +76,7 @@ def run(config: RunConfig, *, progress: bool | None = None,
                          "--allow-duplicates")
     if config.num_slices is not None or config.slice_index is not None:
         raise UsageError("--incremental runs as one process; slices are not supported with it")
+    engines.engine(config)  # its own checks, before the listing
     job = prepare(config, versions=True, list_items=True, started=started)  # every night lists the source
     items = job.items
     try:
@@ -159,7 +160,7 @@ def _label_and_assemble(top: RunDirectory, job: Job, items: pa.Table,
             config=dataclasses.replace(config, out=store.url(increment), format="parquet",
                                        keep_columns=keep, overwrite=False))
         with RunDirectory(store.url(increment)) as sub:
-            done = runner.run_in(sub, sub_job, progress=progress)
+            done = engines.run_in(sub, sub_job, progress=progress)
         labelled = RowSource(store, f"{increment}/{TABLE}")
         summary.labelled_now, summary.loop_seconds = done.labelled_now, done.loop_seconds
         summary.load_seconds, summary.compute_seconds = done.load_seconds, done.compute_seconds

@@ -92,7 +92,8 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     does not pay for a listing again. `driven`: an engine's worker, labelling shards of a
     run directory its driver holds.
     """
-    check_kept_columns(config.keep_columns)
+    if not driven:  # a driver checked its configuration (and may add columns of its own)
+        check_kept_columns(config.keep_columns)
     if config.embeddings and not formats.get(config.format).embeddings:
         carriers = [name for name, f in formats.FORMATS.items() if f.embeddings]
         raise UsageError(f"--embeddings cannot be written to {config.format}: use --format "

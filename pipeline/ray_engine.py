@@ -32,19 +32,20 @@ MAX_DEATHS = 3  # actors a shard may take down before it is called a poison shar
 _CONNECT_TIMEOUT_S = 5
 
 
-def run(config: RunConfig, *, progress: bool | None = None,
-        started: float | None = None) -> RunSummary:
-    ray = _import_ray()
+def check(config: RunConfig) -> None:
+    """What --engine ray refuses before any work."""
+    _import_ray()
     if config.num_slices is not None or config.slice_index is not None:
         raise UsageError("--engine ray hands the shards out itself: it cannot be combined "
                          "with --num-slices or --slice-index")
-    if config.incremental:
-        raise UsageError("--incremental runs on the local engine for now; drop --engine ray")
+
+
+def run(config: RunConfig, *, progress: bool | None = None,
+        started: float | None = None) -> RunSummary:
     job = prepare(config, started=started)  # the whole job checked before Ray is started
-    _connect(ray, config.ray_address)
     try:
         with RunDirectory(config.out) as run_dir:
-            return _run_in(ray, run_dir, job, progress)
+            return run_in(run_dir, job, progress)
     except OSError as exc:
         raise write_failure(exc) from None
 
@@ -77,7 +78,11 @@ def _connect(ray, address: str | None) -> None:
         raise UsageError(f"--ray-address {address}: {' '.join(str(exc).split())}") from None
 
 
-def _run_in(ray, run_dir: RunDirectory, job, progress: bool | None) -> RunSummary:
+def run_in(run_dir: RunDirectory, job, progress: bool | None = None) -> RunSummary:
+    """The plan of an open run directory labelled by actors (an incremental night's
+    increment too), then assembled."""
+    ray = _import_ray()
+    _connect(ray, job.config.ray_address)
     config, store = job.config, run_dir.store
     plan, resumed = runner.open_plan(run_dir, job)
     summary = RunSummary(output=store.url(run_dir.output(config.format)), run_dir=store.url(),

@@ -75,6 +75,23 @@ def test_two_actors_give_the_one_process_rows(cli, tmp_path, colour_checkpoint, 
     assert summary["actors"] == actors and summary["items"] == 19
 
 
+def test_tar_shards_through_the_engine_give_the_one_process_rows(cli, tmp_path,
+                                                                 colour_checkpoint, cluster):
+    from tests.test_tar_shards import write_tar
+
+    (tmp_path / "shards").mkdir()
+    for n in range(3):
+        write_tar(tmp_path / "shards" / f"{n:05d}.tar", 5 * n, 5, corrupt=5 * n + 2)
+    local = cli(*args(tmp_path / "shards", tmp_path / "local", colour_checkpoint))
+    assert local.exit_code == 0, local.output
+    done = cli(*args(tmp_path / "shards", tmp_path / "ray", colour_checkpoint, "--engine",
+                     "ray", "--actors", "2"))
+    assert done.exit_code == 0, done.output
+    assert labels(tmp_path / "ray" / "labels.parquet") == labels(
+        tmp_path / "local" / "labels.parquet")
+    assert (read_output(tmp_path / "ray" / "labels.parquet")["status"] == "error").sum() == 3
+
+
 def test_an_actor_killed_mid_shard_has_its_shard_redone_once(cli, tmp_path, colour_checkpoint,
                                                              control):
     folder = tmp_path / "imgs"
@@ -156,3 +173,20 @@ def test_without_ray_installed_the_engine_is_one_line_naming_the_extra(tmp_path,
     assert done.returncode == 2
     assert done.stderr.strip() == ("label-images: error: --engine ray needs Ray: pip install "
                                    "'label-images[ray]'")
+
+
+def test_incremental_nights_through_the_engine_equal_scratch_runs(cli, tmp_path,
+                                                                  colour_checkpoint, cluster):
+    from tests.test_incremental import assert_equals_scratch, night
+
+    folder, out = tmp_path / "photos", tmp_path / "nightly"
+    truth = write_colour_images(folder, 9, seed=41)
+    summary, _ = night(cli, folder, out, colour_checkpoint, "--engine", "ray", "--actors", "2")
+    assert summary["labelled_now"] == 9
+    assert_equals_scratch(cli, tmp_path, folder, out, colour_checkpoint, "1")
+    write_colour_images(folder / "new", 3, seed=42)
+    os.unlink(folder / sorted(truth)[4])
+    summary, _ = night(cli, folder, out, colour_checkpoint, "--engine", "ray", "--actors", "2")
+    assert summary["changes"] == {"new": 3, "changed": 0, "unchanged": 8, "removed": 1}
+    assert summary["labelled_now"] == 3
+    assert_equals_scratch(cli, tmp_path, folder, out, colour_checkpoint, "2")
