@@ -99,7 +99,8 @@ def run_in(run_dir: RunDirectory, job, progress: bool | None = None) -> RunSumma
         summary.actors, poison = _label_on_actors(ray, config, plan, pending, bar, summary)
     finally:
         bar.close()
-    run_dir.record_engine({"engine": "ray", "actors": summary.actors})
+    run_dir.record_engine({"engine": "ray", "actors": summary.actors,
+                           "redone": summary.redone})
     if poison:
         first = {s: plan.read_shard(s, ["key"])["key"][:3].to_pylist() for s in poison}
         named = "; ".join(f"shard {s} (first keys: {', '.join(map(str, keys))})"
@@ -124,6 +125,7 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], bar,
     labeller = ray.remote(ShardLabeller)
     resources = _actor_resources(ray, config)
     queue, deaths, poison = deque(pending), Counter(), []
+    died_at: dict[int, float] = {}  # shard -> when its actor's death was seen
     stats: list[dict] = []
 
     def start() -> tuple[object, dict]:
@@ -154,6 +156,7 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], bar,
         except ray.exceptions.RayActorError:  # SIGKILL, OOM, its node lost: redo elsewhere
             deaths[shard] += 1
             described["died"] = True
+            died_at.setdefault(shard, time.perf_counter())
             if deaths[shard] >= MAX_DEATHS:
                 poison.append(shard)
             else:
@@ -163,6 +166,9 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], bar,
             continue
         except ray.exceptions.RayTaskError as exc:  # a failure of ours (a store down, ...)
             raise RunError(_cause(exc)) from None
+        if shard in died_at:  # redone: how long after the death it was committed again
+            summary.redone.append({"shard": shard, "deaths": deaths[shard], "seconds": round(
+                time.perf_counter() - died_at.pop(shard), 2)})
         described["shards"] += 1
         described["images"] += found["images"]
         described["seconds"] += found["seconds"]

@@ -30,6 +30,7 @@ class RunSummary:
     changes: dict = field(default_factory=dict)  # incremental runs: new/changed/unchanged/removed
     stale: str = ""  # a finished run whose source has changed since: what to do about it
     actors: list[dict] = field(default_factory=list)  # --engine ray: each actor's figures
+    redone: list[dict] = field(default_factory=list)  # shards redone after an actor died
     device: str = ""
     precision: str = ""
     settings: dict = field(default_factory=dict)  # what was chosen, and measured for it
@@ -77,4 +78,5 @@ class RunSummary:
             **({"changes": self.changes} if self.changes else {}),
             **({"stale": self.stale} if self.stale else {}),
             **({"actors": self.actors} if self.actors else {}),
+            **({"redone": self.redone} if self.redone else {}),
         }

@@ -106,6 +106,8 @@ def test_an_actor_killed_mid_shard_has_its_shard_redone_once(cli, tmp_path, colo
     assert (table["status"] == "ok").all()
     actors = json.loads((tmp_path / "run" / "run.json").read_text())["actors"]
     assert sum(a.get("died", False) for a in actors) == 1 and len(actors) == 3  # replaced
+    redone, = json.loads((tmp_path / "run" / "summary.json").read_text())["redone"]
+    assert redone["shard"] == 1 and redone["deaths"] == 1 and redone["seconds"] > 0
 
 
 def test_a_shard_that_kills_every_actor_is_named_and_the_rest_commit(
