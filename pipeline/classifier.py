@@ -110,7 +110,10 @@ class Classifier:
             head = net.get_submodule(head_name(net))
             head.register_forward_pre_hook(lambda _, inputs: self._features.append(inputs[0]))
             self.embedding_size = head.in_features
-        self.net = net
+        self.net = net  # what runs: the eager network, compiled, or another runtime's
+        self.eager_net = net
+        self.runtime = "torch"
+        self._input_dtype = dtype  # what the network is given
         self.fixed_batch: int | None = None  # every batch padded to this size (pad_batches_to)
         # CUDA: a batch is copied to the device on a stream of its own while the one before
         # computes; the stream waits for the copy, no more.
@@ -148,9 +151,16 @@ class Classifier:
         # dynamic=False: each batch size tried (tuning.measure_batch_size, compiled) gets a
         # graph of its own; by default a second size would make the batch dimension
         # symbolic, and the run's one shape would get slower, general kernels.
-        self.net = torch.compile(self.net, dynamic=False)
+        self.use_network(torch.compile(self.eager_net, dynamic=False), "compile")
         self._compiled_shapes = set()
         self.pad_batches_to(fixed_batch)
+
+    def use_network(self, net, runtime: str) -> None:
+        """Run `net` (a runtime's form of the eager network) from now on. Another runtime
+        than torch's is given fp32 (its own precision is its own)."""
+        self.net, self.runtime = net, runtime
+        self._input_dtype = self.dtype if runtime in ("torch", "compile") else torch.float32
+        self._compiled_shapes = None
 
     def predict(self, images: torch.Tensor) -> Prediction:
         """Top-k of a uint8 batch, waited for."""
@@ -199,7 +209,7 @@ class Classifier:
         x = torch.addcmul(self._shift, x.to(self._norm_dtype), self._scale)
         # The loader's batches arrive channels_last already (then this copies nothing);
         # other callers' planar ones are converted here.
-        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        x = x.to(self._input_dtype).contiguous(memory_format=torch.channels_last)
         if preprocess.layout == "NHWC":
             x = x.permute(0, 2, 3, 1)  # channels_last in memory: a view, nothing copied
         self._features.clear()

@@ -144,6 +144,10 @@ Quiet = Annotated[Optional[bool], typer.Option(
 Compile = Annotated[Optional[bool], typer.Option(
     "--compile", metavar="", help="torch.compile the model (default: when the images to label repay "
                       "the compile time at the measured rates).")]
+RuntimeOption = Annotated[Optional[str], typer.Option(
+    "--runtime", help="What runs the model: torch, compile (torch.compile), openvino (CPU; "
+                      "needs the openvino extra), or auto: measured among those installed "
+                      "(default: auto).")]
 NoCompile = Annotated[Optional[bool], typer.Option(
     "--no-compile", metavar="", help="Never compile the model.")]
 Embeddings = Annotated[Optional[bool], typer.Option(
@@ -188,7 +192,8 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
         id_column: IdColumn = None, image_column: ImageColumn = None, root: Root = None,
         keep_columns: KeepColumns = None, max_pixels: MaxPixels = None,
         allow_duplicates: AllowDuplicates = None, overwrite: Overwrite = None, quiet: Quiet = None, compile: Compile = None,
-        no_compile: NoCompile = None, embeddings: Embeddings = None,
+        no_compile: NoCompile = None, runtime: RuntimeOption = None,
+        embeddings: Embeddings = None,
         incremental: Incremental = None, engine: Engine = None, ray_address: RayAddress = None,
         actors: Actors = None,
         num_slices: NumSlices = None, slice_index: SliceIndex = None,
@@ -248,6 +253,7 @@ def bench(
     resize: Resize = None, crop: Crop = None, device: Device = None,
     precision: PrecisionOption = None, batch_size: BatchSize = None, workers: Workers = None,
     top_k: TopK = None, compile: Compile = None, no_compile: NoCompile = None,
+    runtime: RuntimeOption = None,
     path_column: PathColumn = None, id_column: IdColumn = None, root: Root = None,
     max_pixels: MaxPixels = None,
 ) -> None:

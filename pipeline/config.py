@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import formats
+from pipeline import formats, runtimes
 from pipeline.errors import UsageError
 
 FORMATS = formats.NAMES
@@ -46,7 +46,8 @@ class RunConfig:
     allow_duplicates: bool = False
     overwrite: bool = False
     quiet: bool = False
-    compile: bool | None = None  # None: compile when it pays, measured
+    compile: bool | None = None  # None: compile when it pays, measured (--runtime's alias)
+    runtime: str = "auto"  # runtimes.NAMES: what runs the network; auto measures
     num_slices: int | None = None  # slices of an array job; each labels every n-th shard
     slice_index: int | None = None
     incremental: bool = False
@@ -114,6 +115,11 @@ def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConf
             values[name] = os.fspath(values[name])
     config = RunConfig(**values)
     _check_values(config)
+    # --compile/--no-compile are --runtime compile/torch; settings reads either
+    if config.compile is not None:
+        config = dataclasses.replace(config, runtime="compile" if config.compile else "torch")
+    elif config.runtime != "auto":
+        config = dataclasses.replace(config, compile=config.runtime == "compile")
     return config
 
 
@@ -139,6 +145,11 @@ def _check_type(name: str, value: Any) -> None:
 
 def _check_values(config: RunConfig) -> None:
     formats.get(config.format)  # one of the registered formats, or a one-line refusal
+    if config.runtime not in runtimes.NAMES:
+        raise UsageError(f"--runtime must be one of {', '.join(runtimes.NAMES)}, got "
+                         f"{config.runtime!r}")
+    if config.compile is not None and config.runtime != "auto":
+        raise UsageError("--compile/--no-compile and --runtime say the same thing: give one")
     if config.engine != "ray" and (config.ray_address is not None or config.actors is not None):
         raise UsageError("--ray-address and --actors are for --engine ray")
     if config.precision not in PRECISIONS:

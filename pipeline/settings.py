@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline import heap, tuning
+from pipeline import heap, runtimes, tuning
 from pipeline.classifier import Classifier, resolve_device, resolve_precision
 from pipeline.config import RunConfig
-from pipeline.errors import notice
+from pipeline.errors import UsageError, notice
 from pipeline.launchers import Slice
 from pipeline.memory import (PREFETCH_BATCHES, LoaderSize, available_memory, fit_pinned_memory,
                              fit_shared_memory, free_shared_memory, size_for_shared_memory)
@@ -38,12 +38,13 @@ class Settings:
     threads: int | None = None  # torch threads while labelling; None: torch's default
     # Every batch padded to batch_size (a compiled network: one graph; CUDA: one cuDNN choice)
     pad_batches: bool = False
+    runtime: str = "torch"  # runtimes.RUNTIMES: what runs the network
     measured: dict = field(default_factory=dict, compare=False)  # the figures behind them
 
     def to_dict(self) -> dict:
         return {"device": str(self.device), "precision": str(self.dtype).removeprefix("torch."),
                 "batch_size": self.batch_size, "workers": self.workers,
-                "prefetch": self.prefetch, "compile": self.compile,
+                "prefetch": self.prefetch, "compile": self.compile, "runtime": self.runtime,
                 "torch_threads": self.threads, "measured": self.measured}
 
 
@@ -51,6 +52,8 @@ def apply(classifier: Classifier, settings: Settings) -> None:
     """The one place the run's classifier takes its settings: compiled (a compile that was
     measured is kept, not redone) and padded to one batch shape. The runtime seam plugs in
     here."""
+    if settings.runtime == "openvino":  # compiled anew for the threads the workers leave it
+        runtimes.get("openvino").use(classifier, settings.dtype, threads=settings.threads)
     if settings.compile:
         classifier.compile(fixed_batch=settings.batch_size)
     if settings.pad_batches:
@@ -78,12 +81,17 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
     # first: every measurement below, and the run, with the heap as the run will have it
     measured: dict = {"machine": tuning.machine_name(device), "heap": heap.keep_freed_memory()}
     cores = max(1, tuning.usable_cores() // _ranks_per_node(part))
+    runtime = _runtime_asked(config, classifier)
     model = _batch_size(config, classifier, measured)
+    if runtime is None:  # auto: another runtime installed here is measured against torch's
+        runtime, model = _fastest_runtime(config, classifier, model, measured)
     # where a compiled model's best batch is looked for: around the eager best, if measured
     compiled_sizes = (tuning.around(model.batch_size, tuning.candidate_batches(device))
                       if config.batch_size is None else None)
     compile, compiled, eager = config.compile, None, None
-    if compile is None:
+    if runtime != "torch":
+        compile = False
+    elif compile is None:
         compile = _compile_pays(classifier, model, compiled_sizes, pending, measured)
     if compile:
         # the eager model, measured before compiling: what the compiled one is held to
@@ -102,7 +110,48 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
     return Settings(device=device, dtype=classifier.dtype, batch_size=size.batch_size,
                     workers=size.workers, prefetch=size.prefetch, compile=compile,
                     threads=_model_threads(device, size.workers),
-                    pad_batches=compile or classifier.on_cuda, measured=measured)
+                    pad_batches=compile or classifier.on_cuda,
+                    runtime="compile" if compile else runtime, measured=measured)
+
+
+def _runtime_asked(config: RunConfig, classifier: Classifier) -> str | None:
+    """The runtime asked for, made the classifier's (OpenVINO converted or read from its
+    cache); None for auto, where torch's is measured first."""
+    if config.runtime == "openvino":
+        module = runtimes.get("openvino")
+        module.check(classifier.device)
+        if config.embeddings:
+            raise UsageError("--embeddings come from torch's forward pass: use --runtime "
+                             "torch or compile with them")
+        module.use(classifier, classifier.dtype)
+        return "openvino"
+    if config.runtime == "auto" and config.compile is None and not config.embeddings:
+        return None
+    return "torch"
+
+
+def _fastest_runtime(config: RunConfig, classifier: Classifier, model: _Model,
+                     measured: dict) -> tuple[str, _Model]:
+    """auto: torch eager at its best batch against each other runtime installed here at its
+    own; the faster is kept, and what each did is recorded. torch may still be compiled
+    afterwards (measured as ever)."""
+    others = [name for name in runtimes.installed(classifier.device)
+              if name not in ("torch", "compile")]
+    if not others:
+        return "torch", model
+    rates = {"torch": model.images_per_second()}
+    best, best_model = "torch", model
+    for name in others:
+        runtimes.get(name).use(classifier, classifier.dtype)
+        other = _batch_size(config, classifier, {})
+        rates[name] = other.images_per_second()
+        if (rates[name] or 0) > (rates[best] or 0):
+            best, best_model = name, other
+    if best == "torch":
+        runtimes.get("torch").use(classifier)
+    measured["runtimes"] = {"images_per_second": {k: round(v or 0, 1) for k, v in
+                                                  rates.items()}, "chosen": best}
+    return best, best_model
 
 
 @dataclass

@@ -137,7 +137,9 @@ def _measurement_key(classifier: Classifier, *what: str) -> str:
     return "|".join([machine_name(classifier.device), classifier.spec.model,
                      classifier.spec.weights_id, str(classifier.dtype),
                      str(classifier.spec.preprocess.crop), torch.__version__, heap.state(),
-                     *what])
+                     # another runtime's speed is its own (torch eager's keys stay as they were)
+                     *([classifier.runtime] if classifier.runtime not in ("torch", "compile")
+                       else []), *what])
 
 
 def model_rate(classifier: Classifier, batch_size: int, seconds: float) -> float | None:

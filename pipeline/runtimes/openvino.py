@@ -1,0 +1,106 @@
+"""OpenVINO on the CPU: the torch network converted once (cached), run with OpenVINO's
+kernels at bf16 where the CPU has it, else f32.
+
+The converted model is kept in the measurement cache's folder under a key of what it is
+converted from (the model's fingerprint: weights' hash included) and of OpenVINO's
+version, so a later run reads it in milliseconds and a changed checkpoint is converted
+anew. The classifier still normalises on the device in torch (fp32) and hands OpenVINO the
+float batch; what comes back are the logits the top-k is taken of.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import UsageError
+
+name = "openvino"
+PRECISIONS = {torch.bfloat16: "bf16", torch.float32: "f32", torch.float16: "f16"}
+
+
+def check(device) -> None:
+    if importlib.util.find_spec("openvino") is None:
+        raise UsageError("--runtime openvino needs OpenVINO: pip install "
+                         "'label-images[openvino]'")
+    if device.type != "cpu":
+        raise UsageError(f"--runtime openvino runs on the CPU, not {device}: use --device cpu "
+                         "or another runtime")
+
+
+class Network:
+    """The compiled OpenVINO model as the classifier's network: a float batch in, logits
+    out, as torch tensors."""
+
+    def __init__(self, compiled, precision: str, cached: bool, convert_seconds: float):
+        self.compiled = compiled
+        self.precision = precision
+        self.cached = cached
+        self.convert_seconds = convert_seconds
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        found = self.compiled(x.float().contiguous().numpy())[0]
+        return torch.from_numpy(np.asarray(found))
+
+    def describe(self) -> dict:
+        return {"runtime": name, "precision": self.precision, "from_cache": self.cached,
+                "convert_seconds": round(self.convert_seconds, 2)}
+
+
+def use(classifier, precision: torch.dtype, threads: int | None = None) -> Network:
+    """Convert (or read back) the classifier's network, compile it for this CPU, and make
+    it the classifier's network."""
+    import openvino as ov
+
+    hint = PRECISIONS[precision]
+    path, cached, convert_seconds = _converted(classifier, ov)
+    core = ov.Core()
+    model = core.read_model(str(path))
+    options = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        options["INFERENCE_NUM_THREADS"] = threads
+    network = Network(core.compile_model(model, "CPU", options), hint, cached, convert_seconds)
+    classifier.use_network(network, name)
+    return network
+
+
+def _converted(classifier, ov) -> tuple[Path, bool, float]:
+    """The converted model's path, converting it (once) if it is not cached; whether it
+    was, and the seconds converting took."""
+    from pipeline.tuning import cache_dir
+
+    spec = classifier.spec
+    key = hashlib.sha256(json.dumps({"model": spec.describe(), "openvino": ov.__version__},
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    folder = cache_dir() / "openvino" / key
+    path = folder / "model.xml"
+    if path.is_file():
+        return path, True, 0.0
+    started = time.perf_counter()
+    crop = spec.preprocess.crop
+    net = spec.build().eval()  # fp32 from the weights, not the classifier's bf16 copy
+    example = torch.zeros(2, 3, crop, crop)
+    if spec.preprocess.layout == "NHWC":
+        example = example.permute(0, 2, 3, 1)
+    # Through torch.export (jit.trace, OpenVINO's other way in, is deprecated): any batch
+    # size, the input's other sides fixed, so OpenVINO plans for them.
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    exported = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
+    model = ov.convert_model(exported)
+    model.reshape([-1, *example.shape[1:]])
+    partial = folder.with_name(f".{key}.{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(partial / "model.xml"), compress_to_fp16=False)
+    try:
+        os.rename(partial, folder)  # whole or absent; a concurrent run's copy is as good
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+    return path, False, time.perf_counter() - started

@@ -1,0 +1,122 @@
+"""The runtime seam: OpenVINO gives torch's labels on the test checkpoints, its converted
+model is cached and a changed checkpoint is not, auto records what it measured and chose."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from tests.conftest import FAST, REPO, read_output, write_colour_images
+
+pytest.importorskip("openvino")
+
+# bf16 inference rounds activations to 8 bits of mantissa; fp32's agrees to float rounding
+TOLERANCE = {"fp32": 2e-3, "bf16": 2e-2}
+
+
+def job(folder, out, checkpoint, *extra):
+    return ("run", folder, "--out", out, "--model", "resnet18", "--weights", checkpoint,
+            "--workers", "0", "--batch-size", "4", "--top-k", "2", "-q", *FAST, *extra)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABEL_IMAGES_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_openvino_gives_torchs_labels(cli, tmp_path, colour_checkpoint, cache, precision):
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 10)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    for runtime in ("torch", "openvino"):
+        done = cli(*job(folder, tmp_path / runtime, colour_checkpoint, "--runtime", runtime,
+                        "--precision", "fp32" if runtime == "torch" else precision))
+        assert done.exit_code == 0, done.output
+    reference = read_output(tmp_path / "torch" / "labels.parquet")
+    found = read_output(tmp_path / "openvino" / "labels.parquet")
+    assert list(found["key"]) == list(reference["key"])
+    assert list(found["status"]) == list(reference["status"])  # the error row too
+    ok = reference["status"] == "ok"
+    assert list(found["top1_label"][ok]) == list(reference["top1_label"][ok])
+    gap = (found["top1_score"][ok] - reference["top1_score"][ok]).abs().max()
+    assert gap <= TOLERANCE[precision], gap
+    resolved = json.loads((tmp_path / "openvino" / "run.json").read_text())["resolved"]
+    assert resolved["runtime"] == "openvino" and resolved["compile"] is False
+
+
+def test_the_converted_model_is_reused_and_a_changed_checkpoint_is_converted_anew(
+        cli, tmp_path, colour_checkpoint, cache):
+    from pipeline.backends import resolve_model
+    from pipeline.classifier import Classifier
+    from pipeline.runtimes import openvino
+
+    def converted(weights):
+        spec = resolve_model("resnet18", str(weights), resize=72, crop=64)
+        classifier = Classifier(spec, torch.device("cpu"), torch.float32, top_k=2)
+        return openvino.use(classifier, torch.float32).cached
+
+    assert converted(colour_checkpoint) is False  # converted now
+    assert converted(colour_checkpoint) is True  # read back
+    torch.manual_seed(9)
+    other = tmp_path / "other.pt"
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), other)
+    assert converted(other) is False  # other weights: not the first one's conversion
+    assert len(list((cache / "openvino").iterdir())) == 2
+
+
+def test_auto_measures_the_installed_runtimes_and_records_its_choice(
+        cli, tmp_path, colour_checkpoint, cache):
+    write_colour_images(tmp_path / "imgs", 4)
+    done = cli(*job(tmp_path / "imgs", tmp_path / "run", colour_checkpoint))
+    assert done.exit_code == 0, done.output
+    resolved = json.loads((tmp_path / "run" / "run.json").read_text())["resolved"]
+    measured = resolved["measured"]["runtimes"]
+    assert set(measured["images_per_second"]) == {"torch", "openvino"}
+    assert all(rate > 0 for rate in measured["images_per_second"].values())
+    fastest = max(measured["images_per_second"], key=measured["images_per_second"].get)
+    assert measured["chosen"] == resolved["runtime"] == fastest
+
+
+def test_runtime_refusals_are_one_line(cli, tmp_path, colour_checkpoint, cache):
+    write_colour_images(tmp_path / "imgs", 2)
+    both = cli(*job(tmp_path / "imgs", tmp_path / "a", colour_checkpoint, "--runtime",
+                    "openvino", "--compile"))
+    assert both.exit_code == 2 and "give one" in both.output
+    embeddings = cli(*job(tmp_path / "imgs", tmp_path / "b", colour_checkpoint, "--runtime",
+                          "openvino", "--embeddings"))
+    assert embeddings.exit_code == 2 and "--embeddings come from torch" in embeddings.output
+    hidden = ("import sys; sys.modules['openvino'] = None; sys.argv = ['label-images', "
+              "*sys.argv[1:]]; from pipeline.cli import main; main()")
+    done = subprocess.run([sys.executable, "-c", hidden, *map(str, job(
+        tmp_path / "imgs", tmp_path / "c", colour_checkpoint, "--runtime", "openvino"))],
+        cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "label-images: error: --runtime openvino needs OpenVINO: pip install "
+        "'label-images[openvino]'")
+
+
+def test_openvino_gives_torchs_labels_on_a_timm_checkpoint(cli, tmp_path, cache):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(3)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    with torch.no_grad():
+        net.fc.weight.mul_(10)  # scores that react to small differences
+    checkpoint = tmp_path / "timm.pth"
+    torch.save({"state_dict": net.state_dict()}, checkpoint)
+    write_colour_images(tmp_path / "imgs", 8)
+    for runtime in ("torch", "openvino"):
+        done = cli("run", tmp_path / "imgs", "--out", tmp_path / runtime, "--model",
+                   "timm:resnet18", "--weights", checkpoint, "--workers", "0", "--batch-size",
+                   "4", "--top-k", "2", "-q", *FAST, "--runtime", runtime, "--precision", "fp32")
+        assert done.exit_code == 0, done.output
+    reference = read_output(tmp_path / "torch" / "labels.parquet")
+    found = read_output(tmp_path / "openvino" / "labels.parquet")
+    assert list(found["top1_label"]) == list(reference["top1_label"])
+    assert (found["top1_score"] - reference["top1_score"]).abs().max() <= TOLERANCE["fp32"]
