@@ -40,7 +40,10 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    # int8: a runtime's own (OpenVINO); torch's side of it, normalisation and the
+    # reference it is checked against, is fp32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+            "int8": torch.float32}[name]
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,19 @@ class Classifier:
         x = self._to_device(images)
         if self.fixed_batch is not None and count < self.fixed_batch:
             x = torch.cat([x, x.new_zeros((self.fixed_batch - count, *x.shape[1:]))])
+        x = self.network_input(x)
+        self._features.clear()
+        probs = self._network(x)[:count].float().softmax(dim=1)
+        scores, ids = probs.topk(self.top_k, dim=1)
+        # One copy back from the device, not two or three: class ids are exact in float32.
+        found = [scores, ids.float()]
+        if self.embedding_size is not None:
+            found.append(self._features[-1][:count].float())
+        return self._to_host(torch.cat(found, dim=1), images)
+
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch on the device as the network reads it: colour order, normalised,
+        its dtype and layout (what a runtime calibrates on, too)."""
         preprocess = self.spec.preprocess
         if preprocess.channels == "BGR":
             x = x.flip(1)  # the crops are RGB; mean and std are in the model's order
@@ -212,14 +228,7 @@ class Classifier:
         x = x.to(self._input_dtype).contiguous(memory_format=torch.channels_last)
         if preprocess.layout == "NHWC":
             x = x.permute(0, 2, 3, 1)  # channels_last in memory: a view, nothing copied
-        self._features.clear()
-        probs = self._network(x)[:count].float().softmax(dim=1)
-        scores, ids = probs.topk(self.top_k, dim=1)
-        # One copy back from the device, not two or three: class ids are exact in float32.
-        found = [scores, ids.float()]
-        if self.embedding_size is not None:
-            found.append(self._features[-1][:count].float())
-        return self._to_host(torch.cat(found, dim=1), images)
+        return x
 
     def _network(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled_shapes is None or x.shape in self._compiled_shapes:

@@ -15,7 +15,7 @@ from pipeline import formats, runtimes
 from pipeline.errors import UsageError
 
 FORMATS = formats.NAMES
-PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+PRECISIONS = ("auto", "fp16", "bf16", "fp32", "int8")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -120,6 +120,8 @@ def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConf
         config = dataclasses.replace(config, runtime="compile" if config.compile else "torch")
     elif config.runtime != "auto":
         config = dataclasses.replace(config, compile=config.runtime == "compile")
+    if config.precision == "int8":  # only OpenVINO runs it (auto never picks it unasked)
+        config = dataclasses.replace(config, runtime="openvino", compile=False)
     return config
 
 
@@ -148,6 +150,8 @@ def _check_values(config: RunConfig) -> None:
     if config.runtime not in runtimes.NAMES:
         raise UsageError(f"--runtime must be one of {', '.join(runtimes.NAMES)}, got "
                          f"{config.runtime!r}")
+    if config.precision == "int8" and config.runtime not in ("auto", "openvino"):
+        raise UsageError(f"--precision int8 runs on --runtime openvino, not {config.runtime}")
     if config.compile is not None and config.runtime != "auto":
         raise UsageError("--compile/--no-compile and --runtime say the same thing: give one")
     if config.engine != "ray" and (config.ray_address is not None or config.actors is not None):

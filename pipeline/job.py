@@ -110,7 +110,14 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     if list_items is None:
         list_items = config.overwrite or not store.exists(PLAN_FILE)
     items = read_items(source, versions=versions) if list_items else None
-    sample, pending = _sample_and_pending(items, store, part)
+    # INT8 calibrates on the job's first images and is checked on the next ones
+    size = DECODE_SAMPLE
+    if config.precision == "int8":
+        from pipeline.runtimes import int8
+
+        int8.check()
+        size = int8.sample_size()
+    sample, pending = _sample_and_pending(items, store, part, size)
     chosen = machine.resolve(config, part, classifier, source, sample, pending,
                              ended_abruptly=None if driven else _ended_abruptly(config, store,
                                                                                 part))
@@ -128,14 +135,16 @@ def _ended_abruptly(config: RunConfig, store: Store, part: Slice) -> str | None:
     return store.url() if config.overwrite or config.incremental or not finished else None
 
 
-def _sample_and_pending(items: pa.Table | None, store: Store, part: Slice) -> tuple[list[str],
-                                                                                    int]:
+def _sample_and_pending(items: pa.Table | None, store: Store, part: Slice,
+                        size: int) -> tuple[list[str], int]:
     """The job's first images, to measure decoding on, and how many this process labels."""
     if items is not None:
-        return (items["path"].slice(0, DECODE_SAMPLE).to_pylist(),
+        return (items["path"].slice(0, size).to_pylist(),
                 math.ceil(items.num_rows / part.count))
     plan = planning.load(store)  # a frozen plan: what is left of this process's share
     done = committed_shards(store)
     pending = plan.items_in([s for s in range(plan.num_shards)
                              if part.owns(s) and s not in done])
-    return plan.read_shard(0, ["path"])["path"][:DECODE_SAMPLE].to_pylist(), pending
+    first = [plan.read_shard(s, ["path"])["path"] for s in range(min(
+        plan.num_shards, -(-size // plan.shard_size)))]
+    return [path for shard in first for path in shard.to_pylist()][:size], pending

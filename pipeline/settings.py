@@ -52,8 +52,8 @@ def apply(classifier: Classifier, settings: Settings) -> None:
     """The one place the run's classifier takes its settings: compiled (a compile that was
     measured is kept, not redone) and padded to one batch shape. The runtime seam plugs in
     here."""
-    if settings.runtime == "openvino":  # compiled anew for the threads the workers leave it
-        runtimes.get("openvino").use(classifier, settings.dtype, threads=settings.threads)
+    if settings.runtime == "openvino" and settings.threads:  # those the workers leave it
+        classifier.use_network(classifier.net.with_threads(settings.threads), "openvino")
     if settings.compile:
         classifier.compile(fixed_batch=settings.batch_size)
     if settings.pad_batches:
@@ -81,7 +81,7 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
     # first: every measurement below, and the run, with the heap as the run will have it
     measured: dict = {"machine": tuning.machine_name(device), "heap": heap.keep_freed_memory()}
     cores = max(1, tuning.usable_cores() // _ranks_per_node(part))
-    runtime = _runtime_asked(config, classifier)
+    runtime = _runtime_asked(config, classifier, source, sample, measured)
     model = _batch_size(config, classifier, measured)
     if runtime is None:  # auto: another runtime installed here is measured against torch's
         runtime, model = _fastest_runtime(config, classifier, model, measured)
@@ -99,7 +99,8 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
         compiled = _compile(classifier, model, compiled_sizes, cores, measured)
     workers = config.workers
     if workers is None:
-        workers = _workers(config, source, sample, model, cores, measured)
+        workers = _workers(config, source, sample[:tuning.DECODE_SAMPLE], model, cores,
+                           measured)
     size = _fit_memory(config, part, classifier, LoaderSize(workers, model.batch_size,
                                                             _prefetch(device)), measured)
     if compile:
@@ -114,16 +115,23 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
                     runtime="compile" if compile else runtime, measured=measured)
 
 
-def _runtime_asked(config: RunConfig, classifier: Classifier) -> str | None:
+def _runtime_asked(config: RunConfig, classifier: Classifier, source: Source,
+                   sample: list[str], measured: dict) -> str | None:
     """The runtime asked for, made the classifier's (OpenVINO converted or read from its
-    cache); None for auto, where torch's is measured first."""
+    cache; INT8 calibrated and checked on the job's `sample`); None for auto, where
+    torch's is measured first."""
     if config.runtime == "openvino":
         module = runtimes.get("openvino")
         module.check(classifier.device)
         if config.embeddings:
             raise UsageError("--embeddings come from torch's forward pass: use --runtime "
                              "torch or compile with them")
-        module.use(classifier, classifier.dtype)
+        if config.precision == "int8":
+            from pipeline.runtimes import int8
+
+            measured["int8"] = int8.quantize(classifier, source, sample, config.max_pixels)
+        else:
+            module.use(classifier, classifier.dtype)
         return "openvino"
     if config.runtime == "auto" and config.compile is None and not config.embeddings:
         return None

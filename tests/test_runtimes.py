@@ -120,3 +120,52 @@ def test_openvino_gives_torchs_labels_on_a_timm_checkpoint(cli, tmp_path, cache)
     found = read_output(tmp_path / "openvino" / "labels.parquet")
     assert list(found["top1_label"]) == list(reference["top1_label"])
     assert (found["top1_score"] - reference["top1_score"]).abs().max() <= TOLERANCE["fp32"]
+
+
+def test_int8_calibrated_on_the_jobs_images_agrees_and_is_recorded(cli, tmp_path,
+                                                                   colour_checkpoint, cache):
+    pytest.importorskip("nncf")
+    write_colour_images(tmp_path / "imgs", 40)
+    done = cli(*job(tmp_path / "imgs", tmp_path / "run", colour_checkpoint, "--precision",
+                    "int8"))
+    assert done.exit_code == 0, done.output
+    resolved = json.loads((tmp_path / "run" / "run.json").read_text())["resolved"]
+    figures = resolved["measured"]["int8"]
+    assert resolved["runtime"] == "openvino"
+    assert figures["calibration_images"] == 24 and figures["held_out_images"] == 16
+    assert figures["top1_agreement"] >= 0.99
+    reference = cli(*job(tmp_path / "imgs", tmp_path / "fp32", colour_checkpoint,
+                         "--runtime", "torch", "--precision", "fp32"))
+    assert reference.exit_code == 0
+    assert list(read_output(tmp_path / "run" / "labels.parquet")["top1_label"]) == list(
+        read_output(tmp_path / "fp32" / "labels.parquet")["top1_label"])
+
+
+def test_int8_that_its_calibration_breaks_is_refused_with_the_figures(cli, tmp_path, cache,
+                                                                     colour_checkpoint):
+    """The colour checkpoint's head hidden under a large part common to every class: fp32
+    still tells the colours apart (the common part cancels in the softmax), INT8's 8 bits a
+    weight row, spent on the common part, cannot. The check must see it and refuse."""
+    pytest.importorskip("nncf")
+    saved = torch.load(colour_checkpoint, weights_only=True)
+    state = saved["state_dict"]
+    torch.manual_seed(2)
+    common = torch.randn(state["fc.weight"].shape[1])
+    state["fc.weight"] = common + 2e-3 * state["fc.weight"]
+    state["fc.bias"] = 2e-3 * state["fc.bias"]
+    fragile = tmp_path / "fragile.pt"
+    torch.save(saved, fragile)
+    write_colour_images(tmp_path / "imgs", 40)
+    fp32 = cli(*job(tmp_path / "imgs", tmp_path / "fp32", fragile, "--runtime", "torch",
+                    "--precision", "fp32"))
+    assert fp32.exit_code == 0
+    truth = write_colour_images(tmp_path / "check", 40)  # the same images, their colours
+    found = read_output(tmp_path / "fp32" / "labels.parquet")
+    assert (found["top1_label"] == found["key"].map(truth)).mean() > 0.9  # fp32 still right
+    refused = cli(*job(tmp_path / "imgs", tmp_path / "run", fragile, "--precision", "int8"))
+    assert refused.exit_code == 2, refused.output
+    line = refused.output.strip().splitlines()[-1]
+    assert "--precision int8 refused: its top-1 agrees with fp32 on" in line
+    assert "of 16 held-out images" in line and "worst top-1 score gap" in line
+    assert "below the 99% bound" in line
+    assert not (tmp_path / "run").exists()

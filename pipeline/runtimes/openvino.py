@@ -40,8 +40,10 @@ class Network:
     """The compiled OpenVINO model as the classifier's network: a float batch in, logits
     out, as torch tensors."""
 
-    def __init__(self, compiled, precision: str, cached: bool, convert_seconds: float):
+    def __init__(self, compiled, precision: str, cached: bool, convert_seconds: float,
+                 model=None, options: dict | None = None):
         self.compiled = compiled
+        self.model, self.options = model, options or {}
         self.precision = precision
         self.cached = cached
         self.convert_seconds = convert_seconds
@@ -50,29 +52,36 @@ class Network:
         found = self.compiled(x.float().contiguous().numpy())[0]
         return torch.from_numpy(np.asarray(found))
 
+    def with_threads(self, threads: int) -> "Network":
+        """The same model compiled for `threads` (those the decode workers leave it)."""
+        import openvino as ov
+
+        options = {**self.options, "INFERENCE_NUM_THREADS": threads}
+        return Network(ov.Core().compile_model(self.model, "CPU", options), self.precision,
+                       self.cached, self.convert_seconds, self.model, options)
+
     def describe(self) -> dict:
         return {"runtime": name, "precision": self.precision, "from_cache": self.cached,
                 "convert_seconds": round(self.convert_seconds, 2)}
 
 
-def use(classifier, precision: torch.dtype, threads: int | None = None) -> Network:
+def use(classifier, precision: torch.dtype) -> Network:
     """Convert (or read back) the classifier's network, compile it for this CPU, and make
     it the classifier's network."""
     import openvino as ov
 
     hint = PRECISIONS[precision]
-    path, cached, convert_seconds = _converted(classifier, ov)
+    path, cached, convert_seconds = converted(classifier, ov)
     core = ov.Core()
     model = core.read_model(str(path))
     options = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
-    if threads:
-        options["INFERENCE_NUM_THREADS"] = threads
-    network = Network(core.compile_model(model, "CPU", options), hint, cached, convert_seconds)
+    network = Network(core.compile_model(model, "CPU", options), hint, cached, convert_seconds,
+                      model, options)
     classifier.use_network(network, name)
     return network
 
 
-def _converted(classifier, ov) -> tuple[Path, bool, float]:
+def converted(classifier, ov) -> tuple[Path, bool, float]:
     """The converted model's path, converting it (once) if it is not cached; whether it
     was, and the seconds converting took."""
     from pipeline.tuning import cache_dir
