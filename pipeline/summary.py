@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+DECODE_BOUND = 0.5  # of the loop spent waiting for batches, above which decode is said to limit
+
+
 def count(number: int, noun: str) -> str:
     """'1 error', '2 errors', '0 errors'."""
     return f"{number} {noun}" + "s" * (number != 1)
@@ -61,7 +64,15 @@ class RunSummary:
         return (f"{self.items} images: {changes}{self.ok} ok, {errors}; labelled "
                 f"{self.labelled_now}{actors} in {self.loop_seconds:.1f} s at "
                 f"{self.images_per_second:.1f} images/s, {self.seconds:.1f} s in all (start-up, "
-                f"measuring and the merge included) -> {self.output}")
+                f"measuring and the merge included){self._bottleneck()} -> {self.output}")
+
+    def _bottleneck(self) -> str:
+        """Said when the model waited for decoded batches most of the loop: a faster
+        runtime then buys nothing more, more decode cores would."""
+        if self.loop_seconds <= 0 or self.load_seconds <= DECODE_BOUND * self.loop_seconds:
+            return ""
+        return (f"; decoding was the bottleneck ({self.load_seconds / self.loop_seconds:.0%} "
+                "of the loop waiting for batches)")
 
     def to_dict(self) -> dict:
         return {

@@ -123,3 +123,14 @@ def test_the_readme_says_how_to_keep_width_and_height_integers_in_pandas(
     table = eval(call, {"pd": pd, "path": out / "labels.parquet"})
     assert str(table["width"].dtype) == "Int32" and str(table["height"].dtype) == "Int32"
     assert table["width"].isna().sum() == 1 and table["width"].dropna().min() > 0
+
+
+def test_the_summary_says_when_decoding_held_the_model_back():
+    from pipeline.summary import RunSummary
+
+    waited = RunSummary(output="o", items=10, ok=10, labelled_now=10, loop_seconds=2.0,
+                        load_seconds=1.5, seconds=3.0)
+    assert "decoding was the bottleneck (75% of the loop waiting for batches)" in waited.line()
+    fed = RunSummary(output="o", items=10, ok=10, labelled_now=10, loop_seconds=2.0,
+                     load_seconds=0.2, seconds=3.0)
+    assert "bottleneck" not in fed.line()

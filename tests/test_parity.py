@@ -98,17 +98,25 @@ def sensitive_checkpoint(tmp_path_factory):
 
 
 # Compiled: inductor with frozen weights, batch norm folded into the convolutions (in
-# bf16, folded then rounded): held to the same tolerance as eager.
-@pytest.mark.parametrize("precision, compiled", [("fp32", False), ("bf16", False),
-                                                 ("fp32", True), ("bf16", True)],
-                         ids=["fp32", "bf16", "fp32-compiled", "bf16-compiled"])
+# bf16, folded then rounded): held to the same tolerance as eager. OpenVINO (converted
+# through torch.export, its own kernels, bf16 where the CPU has it): the same tolerances;
+# INT8 has its own check, on the job's images (test_runtimes.py).
+RUNTIMES = [("fp32", "torch"), ("bf16", "torch"), ("fp32", "compile"), ("bf16", "compile"),
+            ("fp32", "openvino"), ("bf16", "openvino")]
+
+
+@pytest.mark.parametrize("precision, runtime", RUNTIMES,
+                         ids=[f"{p}-{r}" for p, r in RUNTIMES])
 def test_photo_sized_jpegs_match_the_reference_loop(cli, tmp_path, photo_folder,
-                                                    sensitive_checkpoint, precision, compiled):
+                                                    sensitive_checkpoint, precision, runtime,
+                                                    monkeypatch):
     """At the default 256/224, through the CLI, against an independent plain loop."""
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+        monkeypatch.setenv("LABEL_IMAGES_CACHE", str(tmp_path / "cache"))
     result = cli("run", photo_folder, "--out", tmp_path / "run", "--model", "resnet18",
                  "--weights", sensitive_checkpoint, "--top-k", "3", "--precision", precision,
-                 "--batch-size", str(len(PHOTO_SIZES)), "--quiet",
-                 *(["--compile"] if compiled else []))
+                 "--batch-size", str(len(PHOTO_SIZES)), "--quiet", "--runtime", runtime)
     assert result.exit_code == 0, result.output
     table = read_output(tmp_path / "run" / "labels.parquet")
     assert len(table) == len(PHOTO_SIZES) and set(table["status"]) == {"ok"}

@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline import fidelity, tuning
 from pipeline import plan as planning
 from pipeline.backends import resolve_preprocess
-from pipeline.bench import compiling, crops, decoding, loading, model, plain_loop
+from pipeline.bench import compiling, crops, decoding, loading, model, plain_loop, runtimes
 from pipeline.bench import plan_timing
 from pipeline.bench.sample import Sample, fetched
 from pipeline.config import RunConfig
@@ -25,7 +25,7 @@ from pipeline.memory import MIN_BATCH_SIZE, PREFETCH_BATCHES, LoaderSize
 from pipeline.sources import open_source, read_items
 from pipeline.storage import Store, is_remote
 
-STAGES = (decoding, crops, loading, plain_loop, model, compiling, plan_timing)
+STAGES = (decoding, crops, loading, plain_loop, model, runtimes, compiling, plan_timing)
 
 
 def bench(config: RunConfig, images: int, reference_images: int,
