@@ -93,14 +93,18 @@ Out = Annotated[Optional[str], typer.Option(
                         "(default: outputs/<source name>).", show_default=False)]
 ConfigFile = Annotated[Optional[Path], typer.Option(
     "--config", help="TOML file with any of these options; flags override it.")]
-MODEL_HELP = ("A torchvision model name (resnet50, efficientnet_b0, ...), or timm:NAME for "
-              "a timm model")
+MODEL_HELP = ("A torchvision model name (resnet50, efficientnet_b0, ...), timm:NAME for a "
+              "timm model, or keras:PATH for a .keras/.h5 file")
 Model = Annotated[Optional[str], typer.Option(help=f"{MODEL_HELP} (default: {_DEFAULT.model}).")]
 Weights = Annotated[Optional[str], typer.Option(
     help="Named weights (torchvision's DEFAULT, IMAGENET1K_V2, ...; timm's pretrained tag) "
          f"or a local checkpoint file (default: {_DEFAULT.weights}).")]
 Labels = Annotated[Optional[Path], typer.Option(
-    help="Class names, one a line, in class-index order.")]
+    help="Class names: a file, one a line in class-index order, or a training folder (its "
+         "subfolders in alphabetical order, as Keras numbers them).")]
+InputMode = Annotated[Optional[str], typer.Option(
+    help="The model's input values: rgb or bgr (pixels 0-255 as they are), or the Keras "
+         "applications' caffe, torch or tf (default: from the weights; Keras models: bgr).")]
 Resize = Annotated[Optional[int], typer.Option(
     help="Resize the shorter side to this (default: from the weights, else 256).")]
 Crop = Annotated[Optional[int], typer.Option(
@@ -186,8 +190,8 @@ def _flags(arguments: dict) -> dict:
 @one_line_errors
 def run(source: Source = None, out: Out = None, config: ConfigFile = None, model: Model = None,
         weights: Weights = None, labels: Labels = None, resize: Resize = None,
-        crop: Crop = None, device: Device = None, precision: PrecisionOption = None,
-        batch_size: BatchSize = None, workers: Workers = None, format: FormatOption = None,
+        crop: Crop = None, input_mode: InputMode = None, device: Device = None,
+        precision: PrecisionOption = None, batch_size: BatchSize = None, workers: Workers = None, format: FormatOption = None,
         top_k: TopK = None, shard_size: ShardSize = None, path_column: PathColumn = None,
         id_column: IdColumn = None, image_column: ImageColumn = None, root: Root = None,
         keep_columns: KeepColumns = None, max_pixels: MaxPixels = None,

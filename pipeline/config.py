@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline import formats, runtimes
 from pipeline.errors import UsageError
+from pipeline.preprocess import INPUT_MODES
 
 FORMATS = formats.NAMES
 PRECISIONS = ("auto", "fp16", "bf16", "fp32", "int8")
@@ -30,6 +31,7 @@ class RunConfig:
     labels: str | None = None
     resize: int | None = None
     crop: int | None = None
+    input_mode: str | None = None  # preprocess.INPUT_MODES: colour order and pixel range
     device: str = "auto"
     precision: str = "auto"
     batch_size: int | None = None  # None: chosen for the device
@@ -147,6 +149,9 @@ def _check_type(name: str, value: Any) -> None:
 
 def _check_values(config: RunConfig) -> None:
     formats.get(config.format)  # one of the registered formats, or a one-line refusal
+    if config.input_mode is not None and config.input_mode not in INPUT_MODES:
+        raise UsageError(f"--input-mode must be one of {', '.join(INPUT_MODES)}, got "
+                         f"{config.input_mode!r}")
     if config.runtime not in runtimes.NAMES:
         raise UsageError(f"--runtime must be one of {', '.join(runtimes.NAMES)}, got "
                          f"{config.runtime!r}")

@@ -107,7 +107,10 @@ def _decode_jpeg(data: bytes, header: _JpegHeader, preprocess: Preprocess,
     _check_size(width, height, max_pixels)
     if colourspace not in ("YCbCr", "Gray", "RGB"):
         return None
-    factor = dct_factor(min(width, height), preprocess.resize or preprocess.crop)
+    # A resize that samples (not antialiased) must sample the full image: a DCT-scaled
+    # decode would average first.
+    factor = (dct_factor(min(width, height), preprocess.resize or preprocess.crop)
+              if preprocess.antialias else 1)
     transpose, *flips = _ORIENT.get(_jpeg_orientation(data, header), _ORIENT[1])
     while True:
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // factor),
@@ -243,7 +246,7 @@ def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess,
     reversed_axes = [axis for axis, reverse in zip((-2, -1), mirrored) if reverse]
     # Downscaling only: torch copies an axis whose output length equals its input length
     # whatever the scale asked for, which a slightly enlarged region can hit.
-    if (radius is not None and crop <= min(resized_height, resized_width)
+    if (radius is not None and preprocess.antialias and crop <= min(resized_height, resized_width)
             and resized_height <= full_height and resized_width <= full_width):
         # torchvision samples output pixel i at (i + 0.5) * full / resized in the original.
         rows = _Span.under_crop(height, full_height / resized_height / factor, resized_height,
@@ -267,7 +270,8 @@ def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess,
     if reversed_axes:
         pixels = pixels.flip(reversed_axes)
     mode = InterpolationMode(preprocess.interpolation)
-    resized = F.resize(pixels, [preprocess.resize], interpolation=mode, antialias=True)
+    resized = F.resize(pixels, [preprocess.resize], interpolation=mode,
+                       antialias=preprocess.antialias)
     return F.center_crop(resized, [crop, crop])
 
 
@@ -287,7 +291,7 @@ def _stretch(pixels: torch.Tensor, preprocess: Preprocess,
     if factor == 1:
         if reversed_axes:
             pixels = pixels.flip(reversed_axes)
-        return F.resize(pixels, [crop, crop], antialias=True,
+        return F.resize(pixels, [crop, crop], antialias=preprocess.antialias,
                         interpolation=InterpolationMode(preprocess.interpolation))
     # mirrored after the resize: the grid keeps its origin at the stored first pixel
     region = pixels.permute(1, 2, 0).contiguous().unsqueeze(0).permute(0, 3, 1, 2)

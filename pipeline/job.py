@@ -101,10 +101,11 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     source = open_source(source_spec(config))  # what kind it is: no listing yet
     # The model, its weights and the device before the listing: a typo in --model on a
     # bucket of millions is said at once, not after the whole listing.
-    spec = resolve_model(config.model, config.weights, config.labels, config.resize, config.crop)
+    spec = resolve_model(config.model, config.weights, config.labels, config.resize, config.crop,
+                         config.input_mode)
     if config.top_k is None:  # only a --top-k asked for is held to the model's classes
         config = dataclasses.replace(config, top_k=min(DEFAULT_TOP_K, spec.num_classes))
-    device, dtype = machine.device_and_precision(config, part)
+    device, dtype = machine.device_and_precision(config, part, spec.precision)
     classifier = Classifier(spec, device, dtype, config.top_k, embeddings=config.embeddings)
     store = Store(config.out)
     if list_items is None:

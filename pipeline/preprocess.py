@@ -7,10 +7,21 @@ Neither learns which backend it came from.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 CHANNEL_ORDERS = ("RGB", "BGR")
 LAYOUTS = ("NCHW", "NHWC")
+# --input-mode: what a model's input values are, as the Keras applications name them
+# (caffe, torch, tf) and as raw pixels in either colour order. mean/std in 0-1 units.
+_RAW = ((0.0, 0.0, 0.0), (1 / 255,) * 3)
+INPUT_MODES = {
+    "rgb": ("RGB", *_RAW),
+    "bgr": ("BGR", *_RAW),  # cv2.imread's pixels as they are: Keras' transfer recipe
+    "caffe": ("BGR", (103.939 / 255, 116.779 / 255, 123.68 / 255), (1 / 255,) * 3),
+    "torch": ("RGB", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "tf": ("RGB", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # x / 127.5 - 1
+}
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,12 @@ class Preprocess:
     interpolation: str = "bilinear"
     channels: str = "RGB"
     layout: str = "NCHW"
+    antialias: bool = True  # False: cv2.resize's INTER_LINEAR, which samples, not averages
+
+    def with_mode(self, mode: str) -> Preprocess:
+        """The same resize, the input values of `mode` (INPUT_MODES)."""
+        channels, mean, std = INPUT_MODES[mode]
+        return dataclasses.replace(self, channels=channels, mean=mean, std=std)
 
     def __post_init__(self):
         if self.channels not in CHANNEL_ORDERS or self.layout not in LAYOUTS:
@@ -55,4 +72,6 @@ class Preprocess:
             described["channels"] = self.channels
         if self.layout != "NCHW":
             described["layout"] = self.layout
+        if not self.antialias:
+            described["antialias"] = False
         return described

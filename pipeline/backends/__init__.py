@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pipeline.backends.base import Backend, ModelSpec, head_name, overridden, read_labels
+from pipeline.backends.keras import KerasBackend
 from pipeline.backends.timm import TimmBackend
 from pipeline.backends.torchvision import TorchvisionBackend
 from pipeline.preprocess import Preprocess
@@ -20,7 +21,7 @@ from pipeline.errors import UsageError
 __all__ = ["BACKENDS", "Backend", "ModelSpec", "backend_for", "head_name", "resolve_model",
            "resolve_preprocess"]
 
-BACKENDS: list[Backend] = [TimmBackend(), TorchvisionBackend()]  # no prefix: the default
+BACKENDS: list[Backend] = [TimmBackend(), KerasBackend(), TorchvisionBackend()]  # no prefix: the default
 
 
 def backend_for(model: str) -> tuple[Backend, str]:
@@ -37,13 +38,18 @@ def backend_for(model: str) -> tuple[Backend, str]:
 
 
 def resolve_model(model: str, weights: str, labels: str | None = None,
-                  resize: int | None = None, crop: int | None = None) -> ModelSpec:
-    """The spec for --model/--weights, with --labels, --resize and --crop applied."""
+                  resize: int | None = None, crop: int | None = None,
+                  input_mode: str | None = None) -> ModelSpec:
+    """The spec for --model/--weights, with --labels, --resize, --crop and --input-mode
+    applied."""
     backend, name = backend_for(model)
     spec = backend.resolve(name, weights)
     if labels is not None:
         spec = replace(spec, categories=tuple(read_labels(labels, spec.num_classes)))
-    return replace(spec, preprocess=overridden(spec.preprocess, resize, crop))
+    preprocess = overridden(spec.preprocess, resize, crop)
+    if input_mode is not None:
+        preprocess = preprocess.with_mode(input_mode)
+    return replace(spec, preprocess=preprocess)
 
 
 def resolve_preprocess(model: str, weights: str, resize: int | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -24,6 +25,7 @@ class ModelSpec:
     categories: tuple[str, ...]
     preprocess: Preprocess
     build: Callable[[], nn.Module] = field(repr=False, compare=False)  # CPU, eval mode
+    precision: str | None = None  # the one precision the network runs in, if it has one
 
     def describe(self) -> dict:
         return {
@@ -61,6 +63,15 @@ def overridden(preprocess: Preprocess, resize: int | None, crop: int | None) -> 
 
 
 def read_labels(path: str, num_classes: int) -> list[str]:
+    """Class names from a file (one a line), or from a training folder: its subfolders in
+    alphabetical order, as Keras' image_dataset_from_directory numbers them."""
+    if os.path.isdir(path):
+        names = sorted(entry.name for entry in os.scandir(path)
+                       if entry.is_dir() and not entry.name.startswith("."))
+        if len(names) != num_classes:
+            raise UsageError(f"--labels {path} has {len(names)} class folders, but the model "
+                             f"has {num_classes} classes")
+        return names
     try:
         with open(path, encoding="utf-8") as fh:
             names = [line.strip() for line in fh.read().splitlines()]
