@@ -102,7 +102,16 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
         eager = _Model(classifier, model.batch_size, model.images_per_second())
         compiled = _compile(classifier, model, compiled_sizes, cores, measured)
     workers = config.workers
-    if workers is None:
+    if runtime == "openvino" and workers:
+        raise UsageError("--runtime openvino decodes in the main process for now: pass "
+                         "--workers 0 (loader workers forked beside OpenVINO's threads "
+                         "crash the process)")
+    if workers is None and runtime == "openvino":
+        # Forked beside OpenVINO's threads, decode workers crash the process when a child
+        # exits (docs/design.md): decoding in the main process until that is solved.
+        workers = 0
+        measured["workers_note"] = "0: loader workers are not forked beside OpenVINO"
+    elif workers is None:
         workers = _workers(config, source, sample[:tuning.DECODE_SAMPLE], model, cores,
                            measured)
     size = _fit_memory(config, part, classifier, LoaderSize(workers, model.batch_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from tests.conftest import FAST, write_colour_images
 
@@ -66,7 +67,9 @@ def test_too_few_images_for_a_stage_is_said_not_timed(cli, tmp_path, colour_chec
     assert loader["images_per_second"] == 0 and "not timed" in loader["note"]
     assert "not timed: 4 image(s) are no more than the 1 batch(es) of 4" in result.output
     # 4 images never repay a compile: not timed either, and what was expected is said
-    assert "compile: not used by this job (expected" in result.output
+    # 4 images never repay a compile (or another runtime was measured faster): said
+    assert re.search(r"compile: not used by this job \((expected|it runs on openvino)",
+                     result.output)
 
 
 def test_the_loader_alone_on_tar_shards_loads_no_model(cli, tmp_path):

@@ -19,7 +19,8 @@ def measure(sample: Sample) -> None:
         sample.found["compile"] = times(sample)
     else:
         expected = chosen.measured.get("compile", {}).get("expected")
-        sample.found["compile"] = {"chosen": False, "expected": expected}
+        sample.found["compile"] = {"chosen": False, "expected": expected,
+                                   "runtime": chosen.runtime}
 
 
 def times(sample: Sample) -> dict:

@@ -34,10 +34,12 @@ def render(result: dict) -> str:
                      "kept from an earlier run)")
     else:
         expected = found["expected"]
+        runtime = found.get("runtime", "torch")
         lines.append("compile: not used by this job" + (
             f" (expected {expected['compile_seconds']:.0f} s for {expected['speedup']}x, "
-            f"from {expected['from']})" if expected else " (--no-compile)")
-            + "; --compile measures it")
+            f"from {expected['from']})" if expected else
+            f" (it runs on {runtime}, measured faster here)" if runtime != "torch" else
+            " (--no-compile)") + "; --compile measures it")
     if "planning" in result:
         p = result["planning"]
         lines.append(f"planning {p['rows']:,} rows: {p['plan_seconds']:.1f} s, resume check "

@@ -33,7 +33,7 @@ def measure(sample: Sample) -> None:
             quiet=True, overwrite=True, path_column=None, id_column=None, root=None,
             keep_columns=(), runtime=name, compile=name == "compile",
             precision=precision or config.precision, batch_size=batch,
-            workers=job.settings.workers))
+            workers=0 if name == "openvino" else job.settings.workers))
         e2e = run.images_per_second
         found[label] = {"model_alone": round(rate, 1), "batch_size": batch,
                         "end_to_end": round(e2e, 1),

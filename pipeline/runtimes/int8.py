@@ -59,10 +59,11 @@ def crops(source, paths: list[str], preprocess, max_pixels: int) -> list[torch.T
 
 def quantize(classifier, source, paths: list[str], max_pixels: int) -> dict:
     """Make the classifier's network the INT8 one, or refuse; the agreement figures."""
-    import nncf
-    import openvino as ov
-
     from pipeline.runtimes import openvino as runtime
+
+    ov = runtime.load()
+    with runtime.without_sigchld():  # its threads too: see openvino.without_sigchld
+        import nncf
 
     check()
     images = crops(source, paths, classifier.spec.preprocess, max_pixels)
@@ -80,7 +81,8 @@ def quantize(classifier, source, paths: list[str], max_pixels: int) -> dict:
     cached = target.is_file()
     core = ov.Core()
     if not cached:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(
+                io.StringIO()), runtime.without_sigchld():
             # NNCF draws progress bars: this is one step of the job's start, not its output
             quantized = nncf.quantize(core.read_model(str(path)), nncf.Dataset(inputs),
                                       subset_size=len(calibration))
@@ -93,7 +95,9 @@ def quantize(classifier, source, paths: list[str], max_pixels: int) -> dict:
             shutil.rmtree(partial, ignore_errors=True)
     options = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     model = core.read_model(str(target))
-    int8 = runtime.Network(core.compile_model(model, "CPU", options), "int8", cached, 0.0,
+    with runtime.without_sigchld():
+        compiled = core.compile_model(model, "CPU", options)
+    int8 = runtime.Network(compiled, "int8", cached, 0.0,
                            model, options)
     figures = agreement(classifier, int8, held_out)
     figures.update(calibration_images=len(calibration), from_cache=cached)

@@ -10,11 +10,13 @@ float batch; what comes back are the logits the top-k is taken of.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -36,6 +38,27 @@ def check(device) -> None:
                          "or another runtime")
 
 
+@contextlib.contextmanager
+def without_sigchld():
+    """OpenVINO starts its threads when it first runs: they take this thread's signal mask.
+    With SIGCHLD blocked there, a loader worker's or a subprocess's exit is delivered to
+    the main thread, as torch's DataLoader handler for it expects (run on one of
+    OpenVINO's threads, it crashed the process: a bench segfaulted after its first fork)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def load():
+    """openvino, imported (its threads started) with SIGCHLD blocked: see without_sigchld."""
+    with without_sigchld():
+        import openvino
+
+    return openvino
+
+
 class Network:
     """The compiled OpenVINO model as the classifier's network: a float batch in, logits
     out, as torch tensors."""
@@ -49,15 +72,17 @@ class Network:
         self.convert_seconds = convert_seconds
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        found = self.compiled(x.float().contiguous().numpy())[0]
+        with without_sigchld():
+            found = self.compiled(x.float().contiguous().numpy())[0]
         return torch.from_numpy(np.asarray(found))
 
     def with_threads(self, threads: int) -> "Network":
         """The same model compiled for `threads` (those the decode workers leave it)."""
-        import openvino as ov
-
+        ov = load()
         options = {**self.options, "INFERENCE_NUM_THREADS": threads}
-        return Network(ov.Core().compile_model(self.model, "CPU", options), self.precision,
+        with without_sigchld():
+            compiled = ov.Core().compile_model(self.model, "CPU", options)
+        return Network(compiled, self.precision,
                        self.cached, self.convert_seconds, self.model, options)
 
     def describe(self) -> dict:
@@ -68,14 +93,15 @@ class Network:
 def use(classifier, precision: torch.dtype) -> Network:
     """Convert (or read back) the classifier's network, compile it for this CPU, and make
     it the classifier's network."""
-    import openvino as ov
-
+    ov = load()
     hint = PRECISIONS[precision]
     path, cached, convert_seconds = converted(classifier, ov)
     core = ov.Core()
     model = core.read_model(str(path))
     options = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
-    network = Network(core.compile_model(model, "CPU", options), hint, cached, convert_seconds,
+    with without_sigchld():
+        compiled = core.compile_model(model, "CPU", options)
+    network = Network(compiled, hint, cached, convert_seconds,
                       model, options)
     classifier.use_network(network, name)
     return network
@@ -103,7 +129,8 @@ def converted(classifier, ov) -> tuple[Path, bool, float]:
     # size, the input's other sides fixed, so OpenVINO plans for them.
     batch = torch.export.Dim("batch", min=1, max=65536)
     exported = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
-    model = ov.convert_model(exported)
+    with without_sigchld():
+        model = ov.convert_model(exported)
     model.reshape([-1, *example.shape[1:]])
     partial = folder.with_name(f".{key}.{os.getpid()}")
     partial.mkdir(parents=True, exist_ok=True)
