@@ -112,8 +112,9 @@ Crop = Annotated[Optional[int], typer.Option(
 Device = Annotated[Optional[str], typer.Option(
     help=f"auto, cpu, cuda or cuda:N (default: {_DEFAULT.device}).")]
 PrecisionOption = Annotated[Optional[Precision], typer.Option(
-    "--precision", help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 "
-                        f"(default: {_DEFAULT.precision}).")]
+    "--precision", metavar="PRECISION",
+    help="auto, fp16, bf16, fp32 or int8 (OpenVINO); auto: fp16 on CUDA, bf16 on CPUs with "
+         f"native bf16, else fp32 (default: {_DEFAULT.precision}).")]
 BatchSize = Annotated[Optional[int], typer.Option(
     help="Images per batch (default: the fastest, measured on this machine and cached).")]
 Workers = Annotated[Optional[int], typer.Option(

@@ -118,7 +118,7 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
                                                             _prefetch(device)), measured)
     if compile:
         measured["compiled"] = _compile_figures(classifier, compiled, size.batch_size, eager)
-    if ended_abruptly:
+    if ended_abruptly and runtime != "openvino":
         size = _after_abrupt_end(size, config, classifier.spec.preprocess.crop_bytes,
                                  ended_abruptly)
     return Settings(device=device, dtype=classifier.dtype, batch_size=size.batch_size,
@@ -146,7 +146,10 @@ def _runtime_asked(config: RunConfig, classifier: Classifier, source: Source,
         else:
             module.use(classifier, classifier.dtype)
         return "openvino"
-    if config.runtime == "auto" and config.compile is None and not config.embeddings:
+    # auto weighs another runtime only where the job decodes in the main process: OpenVINO
+    # beside forked decode workers crashes the process (see the workers below)
+    if (config.runtime == "auto" and config.compile is None and not config.embeddings
+            and config.workers == 0):
         return None
     return "torch"
 
