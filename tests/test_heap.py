@@ -16,22 +16,26 @@ from tests.conftest import REPO
 # page faults each batch costs, before and after keep_freed_memory, in a fresh process
 # (the setting is for the whole process and cannot be undone).
 _FAULTS = """
-import json, resource
+import json, resource, statistics
 import torch
 from pipeline import heap
 
 def faults_per_batch(batches):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    # the median batch's: one in which the heap still grew (when is up to glibc and the
+    # process's history) is not the steady state
+    faults = []
     for _ in range(batches):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         buffers = [torch.ones(2**22 * k) for k in (1, 2, 4)]  # 16, 32 and 64 MB
         del buffers
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / batches
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return statistics.median(faults)
 
 faults_per_batch(2)
-before = faults_per_batch(4)
+before = faults_per_batch(5)
 heap_is = heap.keep_freed_memory()
 faults_per_batch(4)  # the heap grows to hold a batch (here over three batches)
-print(json.dumps({"before": before, "heap": heap_is, "after": faults_per_batch(4)}))
+print(json.dumps({"before": before, "heap": heap_is, "after": faults_per_batch(7)}))
 """
 
 
