@@ -121,7 +121,15 @@ Workers = Annotated[Optional[int], typer.Option(
     help="Decoding worker processes; 0 decodes between batches (default: from the measured "
          "model and decode rates).")]
 FormatOption = Annotated[Optional[Format], typer.Option(
-    "--format", help=f"Output format (default: {_DEFAULT.format}).")]
+    "--format", metavar="FORMAT",
+    help=f"Output format: {', '.join(configuration.FORMATS[:-1])} or "
+         f"{configuration.FORMATS[-1]} (default: {_DEFAULT.format}).")]
+TableOption = Annotated[Optional[str], typer.Option(
+    "--table", help="--format delta: the table's path or URL (default: OUT/labels.delta); "
+                    "--format iceberg: NAMESPACE.NAME (default: label_images.labels).")]
+CatalogOption = Annotated[Optional[str], typer.Option(
+    "--catalog", help="--format iceberg: the catalog, sqlite:///PATH or a REST catalog's "
+                      "http(s) URL (default: SQLite in OUT).")]
 TopK = Annotated[Optional[int], typer.Option(
     help=f"Labels per image (default: {configuration.DEFAULT_TOP_K}, or the model's classes if "
          "it has fewer).")]
@@ -193,6 +201,7 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
         weights: Weights = None, labels: Labels = None, resize: Resize = None,
         crop: Crop = None, input_mode: InputMode = None, device: Device = None,
         precision: PrecisionOption = None, batch_size: BatchSize = None, workers: Workers = None, format: FormatOption = None,
+        table: TableOption = None, catalog: CatalogOption = None,
         top_k: TopK = None, shard_size: ShardSize = None, path_column: PathColumn = None,
         id_column: IdColumn = None, image_column: ImageColumn = None, root: Root = None,
         keep_columns: KeepColumns = None, max_pixels: MaxPixels = None,
@@ -203,7 +212,8 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
         actors: Actors = None,
         num_slices: NumSlices = None, slice_index: SliceIndex = None,
         num_shards: NumShards = None, shard_index: ShardIndex = None) -> None:
-    """Label every image of SOURCE into OUT/labels.parquet (or .csv); rerun to resume."""
+    """Label every image of SOURCE into OUT/labels.parquet (or .csv, or a Delta or Iceberg
+    table); rerun to resume."""
     started = time.perf_counter()  # the summary's elapsed time counts torch's import too
     num_slices = num_slices if num_slices is not None else num_shards
     slice_index = slice_index if slice_index is not None else shard_index
@@ -224,7 +234,7 @@ def merge(
     out: Annotated[str, typer.Argument(help="The run directory the slices wrote to.",
                                        metavar="OUT", show_default=False)],
     format: Annotated[Optional[Format], typer.Option(
-        "--format", help="Output format (default: the run's).")] = None,
+        "--format", metavar="FORMAT", help="Output format (default: the run's).")] = None,
 ) -> None:
     """Assemble OUT/labels.* once every slice of an array job has committed its shards."""
     from pipeline import runner

@@ -37,6 +37,8 @@ class RunConfig:
     batch_size: int | None = None  # None: chosen for the device
     workers: int | None = None  # None: chosen for the device
     format: str = "parquet"
+    table: str | None = None  # delta: a path or URL; iceberg: NAMESPACE.NAME
+    catalog: str | None = None  # iceberg: the catalog's URI (default: SQLite in --out)
     top_k: int | None = None  # None: 5, or the model's classes if it has fewer
     shard_size: int = 1000
     path_column: str | None = None
@@ -148,7 +150,7 @@ def _check_type(name: str, value: Any) -> None:
 
 
 def _check_values(config: RunConfig) -> None:
-    formats.get(config.format)  # one of the registered formats, or a one-line refusal
+    formats.of(config)  # one of the registered formats, its --table and --catalog, or one line
     if config.input_mode is not None and config.input_mode not in INPUT_MODES:
         raise UsageError(f"--input-mode must be one of {', '.join(INPUT_MODES)}, got "
                          f"{config.input_mode!r}")

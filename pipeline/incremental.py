@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import engines
+from pipeline import engines, formats
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError
@@ -29,6 +29,7 @@ from pipeline.summary import RunSummary
 from pipeline.writer import merge_parts
 
 TABLE = output_name("parquet")  # the night's state, whatever format is asked for
+NIGHT = b"label_images.night"  # the state's metadata: which night's commit it is
 CHUNK_ROWS = 65_536  # rows assembled (and written as one row group) at a time
 
 
@@ -147,7 +148,13 @@ def _label_and_assemble(top: RunDirectory, job: Job, items: pa.Table,
     todo_mask, changes = classify(items, known)
     todo = items.filter(todo_mask)
     resolved = job.settings.to_dict()
-    summary = RunSummary(output=store.url(top.output(config.format)), run_dir=store.url(),
+    fmt = formats.of(config)
+    # what tonight's table holds (the model and the source as listed now): a table format
+    # finds its commit again by it, and the next night knows which night its state is
+    night = top.commit().properties["label_images.fingerprint"] + _digest(items)
+    night = hashlib.sha256(night.encode()).hexdigest()[:32]
+    base = None if previous is None else (previous.schema.metadata or {}).get(NIGHT, b"").decode()
+    summary = RunSummary(output=top.output(fmt), run_dir=store.url(),
                          device=resolved["device"], precision=resolved["precision"],
                          settings=resolved)
     summary.changes = dataclasses.asdict(changes)
@@ -165,7 +172,7 @@ def _label_and_assemble(top: RunDirectory, job: Job, items: pa.Table,
         summary.labelled_now, summary.loop_seconds = done.labelled_now, done.loop_seconds
         summary.load_seconds, summary.compute_seconds = done.load_seconds, done.compute_seconds
         summary.write_seconds = done.write_seconds
-    elif changes.removed == 0 and top.is_finished(config.format, whole=False):
+    elif changes.removed == 0 and fmt.holds(store, night):
         top.remove_increments()
         summary.already_complete = True
         summary.items = items.num_rows
@@ -173,13 +180,18 @@ def _label_and_assemble(top: RunDirectory, job: Job, items: pa.Table,
     started = time.perf_counter()
     try:
         with store.writing(TABLE) as sink:
-            summary.ok = assemble(sink, items, todo_mask, previous, labelled,
-                                  config.keep_columns)
+            summary.ok, upserts = assemble(sink, items, todo_mask, previous, labelled,
+                                           config.keep_columns, night)
+        removed = None
+        if known is not None:
+            removed = known["key"].filter(pc.invert(pc.is_in(
+                known["key"], value_set=items["key"].combine_chunks()))).combine_chunks()
     finally:
         if labelled is not None:
             labelled.close()
     if config.format != "parquet":
-        merge_parts(store, [TABLE], config.format)
+        merge_parts(store, [TABLE], fmt, commit=top.commit(
+            night, base=base or None, upserts=upserts, removed=removed))
     top.remove_increments()  # only once the new table is committed
     summary.write_seconds += time.perf_counter() - started
     summary.items = items.num_rows
@@ -190,12 +202,15 @@ def _label_and_assemble(top: RunDirectory, job: Job, items: pa.Table,
 
 
 def assemble(sink, items: pa.Table, todo: pa.Array, previous: RowSource | None,
-             labelled: RowSource | None, keep_columns) -> int:
+             labelled: RowSource | None, keep_columns, night: str) -> tuple[int, list[pa.Table]]:
     """Write the rows in source order, a chunk at a time: labels of unchanged items from the
     previous table, the rest from tonight's; keys, paths, kept columns and versions always
-    from tonight's source. Returns how many rows are ok."""
+    from tonight's source. Returns how many rows are ok, and tonight's rows (the changes a
+    table format commits)."""
     todo = np.asarray(todo, dtype=bool)
     template = (labelled or previous).schema
+    template = template.with_metadata({**(template.metadata or {}), NIGHT: night.encode()})
+    upserts = []
     where = {}
     for name, source in (("previous", previous), ("labelled", labelled)):
         if source is not None:
@@ -222,4 +237,6 @@ def assemble(sink, items: pa.Table, todo: pa.Array, previous: RowSource | None,
                                          current[name].cast(template.field(name).type))
             writer.write_table(chunk)
             ok += int(pc.sum(pc.equal(chunk["status"], "ok")).as_py() or 0)
-    return ok
+            if todo[start:stop].any():
+                upserts.append(chunk.filter(pa.array(todo[start:stop])))
+    return ok, upserts

@@ -108,6 +108,8 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     device, dtype = machine.device_and_precision(config, part, spec.precision)
     classifier = Classifier(spec, device, dtype, config.top_k, embeddings=config.embeddings)
     store = Store(config.out)
+    if not driven and part.merges:  # the table's catalog answers, the table is ours: before
+        formats.of(config).check(store)  # the listing and the labelling, not after
     if list_items is None:
         list_items = config.overwrite or not store.exists(PLAN_FILE)
     items = read_items(source, versions=versions) if list_items else None
@@ -132,7 +134,7 @@ def _ended_abruptly(config: RunConfig, store: Store, part: Slice) -> str | None:
     (a finished table is not relabelled; an incremental night always labels)."""
     if not rundir.ended_abruptly(store, part):
         return None
-    finished = RunDirectory(config.out, part).is_finished(config.format, part.whole)
+    finished = RunDirectory(config.out, part).is_finished(formats.of(config), part.whole)
     return store.url() if config.overwrite or config.incremental or not finished else None
 
 

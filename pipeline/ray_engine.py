@@ -17,7 +17,7 @@ import time
 from collections import Counter, deque
 from dataclasses import replace
 
-from pipeline import plan as planning, runner
+from pipeline import formats, plan as planning, runner
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
 from pipeline.errors import RunError, UsageError
@@ -85,12 +85,13 @@ def run_in(run_dir: RunDirectory, job, progress: bool | None = None) -> RunSumma
     _connect(ray, job.config.ray_address)
     config, store = job.config, run_dir.store
     plan, resumed = runner.open_plan(run_dir, job)
-    summary = RunSummary(output=store.url(run_dir.output(config.format)), run_dir=store.url(),
+    fmt = formats.of(config)
+    summary = RunSummary(output=run_dir.output(fmt), run_dir=store.url(),
                          resumed=resumed, device=str(job.settings.device),
                          precision=str(job.settings.dtype).removeprefix("torch."),
                          settings=job.settings.to_dict())
-    if run_dir.is_finished(config.format):
-        return runner.already_complete(run_dir, config.format, plan, summary)
+    if run_dir.is_finished(fmt):
+        return runner.already_complete(run_dir, fmt, plan, summary)
     committed = committed_shards(store)
     pending = [s for s in range(plan.num_shards) if s not in committed]
     show = (not config.quiet) if progress is None else progress
@@ -111,7 +112,7 @@ def run_in(run_dir: RunDirectory, job, progress: bool | None = None) -> RunSumma
     missing = runner.missing_shards(run_dir, plan)
     if missing:
         raise RunError(f"shards {missing[:10]} are not committed; run the same command again")
-    runner.assemble(run_dir, plan, config.format, summary)
+    runner.assemble(run_dir, plan, fmt, summary)
     summary.seconds = time.perf_counter() - job.started
     run_dir.write_summary(summary.to_dict())
     return summary

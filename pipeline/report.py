@@ -68,7 +68,12 @@ def describe_run(out: str) -> dict[str, str]:
 def read_table(out: str) -> pa.Table:
     """The report's columns of the finished table, in whichever format the run wrote it."""
     store = Store(out)
-    for fmt in formats.FORMATS.values():
+    config = (read_json(store, RUN_FILE) or {}).get("config", {})
+    asked = []  # the run's own format first, where its options put the table
+    if config.get("format") in formats.FORMATS:
+        asked.append(formats.get(config["format"]).configured(
+            {"table": config.get("table"), "catalog": config.get("catalog")}))
+    for fmt in [*asked, *formats.FORMATS.values()]:
         if fmt.exists(store):
             return fmt.read(store, COLUMNS)
     names = ", ".join(f.table_name() for f in formats.FORMATS.values())

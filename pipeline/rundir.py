@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
+import uuid
 from pathlib import Path
 
 from pipeline import formats
+from pipeline.formats.base import Commit, Format
 from pipeline.errors import RunError, UsageError
 from pipeline.launchers import Slice
 from pipeline.storage import TMP_MARK, Store, remove_temporaries
@@ -160,8 +163,9 @@ class RunDirectory:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def output(self, fmt: str) -> str:
-        return output_name(fmt)
+    def output(self, fmt: Format) -> str:
+        """Where readers find the table: a file here, or a table format's table."""
+        return fmt.location(self.store)
 
     def read_run(self) -> dict | None:
         return read_json(self.store, RUN_FILE)
@@ -180,10 +184,22 @@ class RunDirectory:
     def has_plan(self) -> bool:
         return self.store.exists(PLAN_FILE)
 
-    def is_finished(self, fmt: str, whole: bool = True) -> bool:
-        """The table is here in `fmt`, or (for one process) in Parquet, to convert from."""
-        return formats.get(fmt).exists(self.store) or (
-            whole and formats.get("parquet").exists(self.store))
+    def is_finished(self, fmt: Format, whole: bool = True) -> bool:
+        """The table is committed in `fmt`, or (for one process) in Parquet, to convert from."""
+        return fmt.exists(self.store) or (whole and formats.get("parquet").exists(self.store))
+
+    def commit(self, commit_id: str | None = None, **night) -> Commit:
+        """What the table's commit records: the run's id (or a night's), the fingerprint's
+        digest, model and weights; `night`: an incremental night's changes (Commit)."""
+        record = self.read_run() or {}
+        fingerprint = record.get("fingerprint", {})
+        digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+        properties = {"label_images.run_id": str(record.get("run_id")),
+                      "label_images.fingerprint": digest,
+                      "label_images.model": str(fingerprint.get("model")),
+                      "label_images.weights": str(fingerprint.get("weights")),
+                      "label_images.run_dir": self.store.url()}
+        return Commit(id=commit_id or str(record.get("run_id")), properties=properties, **night)
 
     def remove_parts(self) -> None:
         self.store.remove(PARTS_DIR)  # only once the whole table is committed
@@ -193,8 +209,10 @@ class RunDirectory:
 
     def clear(self) -> None:
         """Forget a previous run: only the files this tool writes are removed."""
-        for name in (RUN_FILE, SUMMARY_FILE, PLAN_FILE, *(f.table_name() for f in formats.FORMATS.values()), PARTS_DIR,
-                     INCREMENTS_DIR, QUARANTINE_FILE):
+        # a table format's table stays (its history is its own): only its note of the run goes
+        owned = [name for f in formats.FORMATS.values() for name in f.run_files()]
+        for name in (RUN_FILE, SUMMARY_FILE, PLAN_FILE, *owned, PARTS_DIR, INCREMENTS_DIR,
+                     QUARANTINE_FILE):
             self.store.remove(name)
 
     def prepare(self, fingerprint: dict, record: dict, overwrite: bool,
@@ -213,7 +231,10 @@ class RunDirectory:
             if differences:
                 raise UsageError(
                     f"{self.store.url()} holds {refusal.format('; '.join(differences))}")
-        write_json(self.store, RUN_FILE, {"fingerprint": fingerprint, **record})
+        # the run's id, kept through resumes: a table format's commit is found again by it
+        run_id = (previous or {}).get("run_id") or uuid.uuid4().hex
+        write_json(self.store, RUN_FILE, {"fingerprint": fingerprint, "run_id": run_id,
+                                          **record})
         return previous is not None
 
 

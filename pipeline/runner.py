@@ -13,6 +13,7 @@ from pipeline.classifier import Labelling
 from pipeline.commit import PartCommitter, ShardBuffers, write_failure
 from pipeline.config import RunConfig
 from pipeline.errors import RunError, UsageError
+from pipeline.formats.base import Format
 from pipeline.job import Job, prepare
 from pipeline.launchers import ProcessGroup
 from pipeline.loader import Batch, PlanItems, make_loader
@@ -56,15 +57,16 @@ def run_in(run_dir: RunDirectory, job: Job, group: ProcessGroup | None = None,
     """The run in an open run directory (an incremental night runs its increment here too)."""
     config, part = job.config, job.part
     plan, resumed = open_plan(run_dir, job, group)
-    summary = RunSummary(output=run_dir.store.url(run_dir.output(config.format)),
+    fmt = formats.of(config)
+    summary = RunSummary(output=run_dir.output(fmt),
                          run_dir=run_dir.store.url(), resumed=resumed,
                          device=str(job.settings.device),
                          precision=str(job.settings.dtype).removeprefix("torch."),
                          settings=job.settings.to_dict())
-    if run_dir.is_finished(config.format, part.whole):
+    if run_dir.is_finished(fmt, part.whole):
         if job.items is None and part.whole:  # a finished run, its source not listed since
             summary.stale = _stale(job, plan)
-        return already_complete(run_dir, config.format, plan, summary)
+        return already_complete(run_dir, fmt, plan, summary)
     label(run_dir, job, plan, summary, progress)
     if group is not None:
         group.barrier()  # every rank's shards are committed
@@ -75,7 +77,7 @@ def run_in(run_dir: RunDirectory, job: Job, group: ProcessGroup | None = None,
     missing = missing_shards(run_dir, plan)
     if missing:  # a bug of ours or a part removed under the run: never assemble without it
         raise RunError(f"shards {missing[:10]} are not committed; run the same command again")
-    assemble(run_dir, plan, config.format, summary)
+    assemble(run_dir, plan, fmt, summary)
     summary.seconds = time.perf_counter() - job.started
     run_dir.write_summary(summary.to_dict())
     return summary
@@ -233,12 +235,13 @@ def _stale(job: Job, plan: Plan) -> str:
             "--overwrite to relabel everything")
 
 
-def already_complete(run_dir: RunDirectory, fmt: str, plan: Plan,
+def already_complete(run_dir: RunDirectory, fmt: Format, plan: Plan,
                       summary: RunSummary) -> RunSummary:
     store = run_dir.store
-    if not formats.get(fmt).exists(store):
+    if not fmt.exists(store):
         # A finished run asked for in another format: convert, do not relabel.
-        counts = merge_parts(store, [run_dir.output("parquet")], fmt)
+        counts = merge_parts(store, [formats.get("parquet").table_name()], fmt,
+                             commit=run_dir.commit())
         summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
         return summary
     run_dir.remove_parts()  # killed after the final rename, before the parts went: finish
@@ -251,11 +254,12 @@ def already_complete(run_dir: RunDirectory, fmt: str, plan: Plan,
     return summary
 
 
-def assemble(run_dir: RunDirectory, plan: Plan, fmt: str, summary: RunSummary) -> None:
+def assemble(run_dir: RunDirectory, plan: Plan, fmt: Format, summary: RunSummary) -> None:
     started = time.perf_counter()
     shards = range(plan.num_shards)
     counts = merge_parts(run_dir.store, [part_name(s) for s in shards], fmt,
-                         expected_rows=[e - s for s, e in map(plan.shard_bounds, shards)])
+                         expected_rows=[e - s for s, e in map(plan.shard_bounds, shards)],
+                         commit=run_dir.commit())
     run_dir.remove_parts()  # only once the whole table is committed
     summary.write_seconds += time.perf_counter() - started
     summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
@@ -273,11 +277,15 @@ def merge(out: str, fmt: str | None = None) -> RunSummary:
             record = run_dir.read_run()
             if record is None or not run_dir.has_plan():
                 raise UsageError(f"{out} holds no label-images run (no run.json or plan)")
-            fmt = fmt or record["config"]["format"]
+            options = record["config"]
+            fmt = formats.get(fmt or options["format"]).configured(
+                {"table": options.get("table"), "catalog": options.get("catalog")}
+                if (fmt or options["format"]) == options["format"] else {})
+            fmt.check(run_dir.store)
             plan = planning.load(run_dir.store)
-            summary = RunSummary(output=run_dir.store.url(run_dir.output(fmt)),
+            summary = RunSummary(output=run_dir.output(fmt),
                                  run_dir=run_dir.store.url(), resumed=True)
-            if formats.get(fmt).exists(run_dir.store):
+            if fmt.exists(run_dir.store):
                 summary.already_complete = True
                 summary.items = plan.num_items
                 return summary

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import formats
 from pipeline.errors import RunError, UsageError
+from pipeline.formats.base import Commit, Format
 from pipeline.storage import Store
 
 # Our columns, optional ones included: a kept manifest column may not take one's name.
@@ -126,12 +126,15 @@ class MergeCounts:
     errors: int
 
 
-def merge_parts(store: Store, parts: list[str], fmt: str,
-                expected_rows: list[int] | None = None) -> MergeCounts:
-    """Stream the parts, in shard order, into the final table in `fmt`, committed as one.
+def merge_parts(store: Store, parts: list[str], fmt: Format,
+                expected_rows: list[int] | None = None,
+                commit: Commit | None = None) -> MergeCounts:
+    """Stream the parts, in shard order, into the final table in `fmt`, committed as one
+    (`commit`: what a table format records with it).
 
     With expected_rows, a part with another row count aborts the merge before the commit:
-    the exactly-once check.
+    the exactly-once check. The counts are of the rows streamed: a table format that takes
+    a night's changes only (or finds its commit already made) reads them all the same.
     """
     try:
         with store.open(parts[0]) as fh:
@@ -156,7 +159,10 @@ def merge_parts(store: Store, parts: list[str], fmt: str,
         if pending:
             yield pa.concat_tables(pending)
 
-    formats.get(fmt).assemble(store, schema, tables())
+    streamed = tables()
+    fmt.assemble(store, schema, streamed, commit)
+    for _ in streamed:  # counted whether or not the format needed them
+        pass
     return MergeCounts(rows=counts["rows"], ok=counts["ok"], errors=counts["rows"] - counts["ok"])
 
 
@@ -184,10 +190,10 @@ def _unreadable(store: Store, part: str, exc: Exception) -> RunError:
                     "command again to redo that shard")
 
 
-def count_rows(store: Store, fmt: str) -> MergeCounts:
+def count_rows(store: Store, fmt: Format) -> MergeCounts:
     """Count rows and statuses of the finished table in `fmt`, streaming."""
     rows = ok = 0
-    for statuses in formats.get(fmt).statuses(store):
+    for statuses in fmt.statuses(store):
         rows += len(statuses)
         ok += pc.sum(pc.equal(statuses, "ok")).as_py() or 0
     return MergeCounts(rows=rows, ok=ok, errors=rows - ok)

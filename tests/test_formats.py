@@ -22,7 +22,7 @@ class ArrowFormat(Format):
     embeddings = False  # as a format that cannot carry them says
     commits = 0
 
-    def assemble(self, store, schema, tables):
+    def assemble(self, store, schema, tables, commit=None):
         ArrowFormat.commits += 1
         with store.writing(self.table_name()) as target:
             with pa.ipc.new_file(target, schema) as sink:

@@ -123,10 +123,14 @@ def test_assembly_streams_across_row_groups_and_chunks(tmp_path, monkeypatch):
     previous, labelled = (incremental.RowSource(store, "prev.parquet"),
                           incremental.RowSource(store, "new.parquet"))
     with store.writing("out.parquet") as sink:
-        ok = incremental.assemble(sink, items, todo, previous, labelled, ())
+        ok, upserts = incremental.assemble(sink, items, todo, previous, labelled, (), "night")
     previous.close(), labelled.close()
     result = pq.read_table(tmp_path / "out.parquet")
     assert ok == 10 and result["key"].to_pylist() == order
+    # tonight's rows, what a table format's night commits: the new ones, every chunk's
+    assert [k for t in upserts for k in t["key"].to_pylist()] == [
+        k for k in order if k.startswith("new")]
+    assert result.schema.metadata[incremental.NIGHT] == b"night"
     assert result["top1_label"].to_pylist() == [
         f"{'tonight' if k.startswith('new') else 'before'}-{k}" for k in order]
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import plan as planning
+from pipeline import formats, plan as planning
 from pipeline import rundir
 from pipeline.storage import Store, atomic_path, remove_temporaries
 from pipeline.writer import ShardResult, merge_parts, output_schema, part_table, write_part
@@ -135,7 +135,7 @@ def test_merge_streams_parts_in_order_and_odd_names_round_trip(tmp_path, fmt):
                    part_table(rows, result_for(3, failed={2}), CATEGORIES, schema(extra)))
         parts.append(rundir.part_name(shard))
     out = tmp_path / f"labels.{fmt}"
-    counts = merge_parts(store, parts, fmt)
+    counts = merge_parts(store, parts, formats.get(fmt))
     assert (counts.rows, counts.ok, counts.errors) == (6, 4, 2)
     if fmt == "parquet":
         table = pd.read_parquet(out)
@@ -161,7 +161,7 @@ def test_merge_output_has_large_row_groups(tmp_path, monkeypatch):
         write_part(store, rundir.part_name(shard), part_table(
             shard_rows([f"{shard}-{i}" for i in range(2)]), result_for(2), CATEGORIES, schema()))
         parts.append(rundir.part_name(shard))
-    merge_parts(store, parts, "parquet")
+    merge_parts(store, parts, formats.get("parquet"))
     meta = pq.ParquetFile(tmp_path / "labels.parquet").metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4]
     assert np.array_equal(pq.read_table(tmp_path / "labels.parquet")["key"].to_pylist(),
@@ -175,7 +175,7 @@ def test_merge_refuses_a_part_with_the_wrong_row_count_before_committing(tmp_pat
     write_part(store, rundir.part_name(0), part_table(
         shard_rows(["a", "b"]), result_for(2), CATEGORIES, schema()))
     with pytest.raises(RunError, match="has 2 rows for a shard of 3"):
-        merge_parts(store, [rundir.part_name(0)], "parquet",
+        merge_parts(store, [rundir.part_name(0)], formats.get("parquet"),
                     expected_rows=[3])
     assert not (tmp_path / "labels.parquet").exists()
 
@@ -196,7 +196,7 @@ def test_a_full_disk_while_merging_is_not_blamed_on_a_part(tmp_path, monkeypatch
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk)
     with pytest.raises(OSError, match="No space left on device"):
-        merge_parts(store, [rundir.part_name(0)], "parquet")
+        merge_parts(store, [rundir.part_name(0)], formats.get("parquet"))
     assert not (tmp_path / "labels.parquet").exists()
     assert (tmp_path / rundir.part_name(0)).exists()
 
@@ -212,5 +212,5 @@ def test_a_damaged_part_is_named_wherever_it_is(tmp_path, damaged):
                                            result_for(2), CATEGORIES, schema()))
     (tmp_path / parts[damaged]).write_bytes(b"PAR1 garbage")
     with pytest.raises(RunError, match=f"{parts[damaged]} cannot be read"):
-        merge_parts(store, parts, "parquet")
+        merge_parts(store, parts, formats.get("parquet"))
     assert not (tmp_path / "labels.parquet").exists()

@@ -8,9 +8,12 @@ from __future__ import annotations
 from pipeline.errors import UsageError
 from pipeline.formats.base import Format
 from pipeline.formats.csv import CsvFormat
+from pipeline.formats.delta import DeltaFormat
+from pipeline.formats.iceberg import IcebergFormat
 from pipeline.formats.parquet import ParquetFormat
 
-FORMATS: dict[str, Format] = {"parquet": ParquetFormat(), "csv": CsvFormat()}
+FORMATS: dict[str, Format] = {"parquet": ParquetFormat(), "csv": CsvFormat(),
+                              "delta": DeltaFormat(), "iceberg": IcebergFormat()}
 NAMES = tuple(FORMATS)
 
 
@@ -19,3 +22,8 @@ def get(name: str) -> Format:
         return FORMATS[name]
     except KeyError:
         raise UsageError(f"--format must be one of {', '.join(NAMES)}, got {name!r}") from None
+
+
+def of(config) -> Format:
+    """The run's format, told where its table lives (a table format's --table, --catalog)."""
+    return get(config.format).configured({"table": config.table, "catalog": config.catalog})
