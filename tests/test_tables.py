@@ -90,6 +90,24 @@ def test_a_delta_table_holds_the_parquet_rows_for_every_reader(cli, tmp_path, ph
     schema = pa.schema(table.schema().to_arrow())
     assert schema.field("width").type == pa.int32()
     assert schema.field("top1_score").type == pa.float32()
+    # the HTML report reads the table where the run put it
+    from pipeline import report
+
+    shown = report.read_table(str(tmp_path / "run"))
+    assert sorted(shown["key"].to_pylist()) == sorted(reference["key"])
+
+
+def test_embeddings_go_into_a_delta_table_as_float_lists(cli, tmp_path, photos,
+                                                         colour_checkpoint):
+    folder, _ = photos
+    reference = sorted_rows(parquet_reference(cli, folder, tmp_path / "ref", colour_checkpoint,
+                                              "--embeddings"))
+    done = cli(*job(folder, tmp_path / "run", colour_checkpoint, "--format", "delta",
+                    "--embeddings"))
+    assert done.exit_code == 0, done.output
+    found = sorted_rows(deltalake.DeltaTable(str(tmp_path / "run" / "labels.delta")).to_pandas())
+    assert found["embedding"].tolist() == reference["embedding"].tolist()
+    assert len(next(e for e in found["embedding"] if e is not None)) == 512  # not the error row
 
 
 def test_an_iceberg_table_in_the_default_catalog_holds_the_parquet_rows(cli, tmp_path, photos,
@@ -266,3 +284,60 @@ def test_a_delta_table_on_object_storage(tmp_path, photos, colour_checkpoint, s3
         "AWS_REGION": "us-east-1"})
     assert sorted(table.to_pandas()["key"]) == sorted(p.name for p in folder.iterdir())
     assert fs.exists("bucket/tables/run/table.json")
+
+
+# Another writer commits to the table after this night read it and before its commit.
+_ANOTHER_WRITER = """
+import sys
+import deltalake, pyarrow as pa
+from pipeline.formats.delta import DeltaFormat
+read = DeltaFormat.last_commit
+def read_then_another_writer_commits(self, table):
+    found = read(self, table)
+    rows = deltalake.DeltaTable(table.table_uri).to_pyarrow_table().slice(0, 1)
+    deltalake.write_deltalake(table.table_uri, rows, mode="append")  # a duplicate key
+    return found
+DeltaFormat.last_commit = read_then_another_writer_commits
+sys.argv = ["label-images", *sys.argv[1:]]
+from pipeline.cli import main
+main()
+"""
+
+
+def test_a_table_that_moved_on_under_the_night_is_refused_then_replaced_on_the_rerun(
+        cli, tmp_path, colour_checkpoint):
+    folder, out = tmp_path / "photos", tmp_path / "nightly"
+    write_colour_images(folder, 6, seed=71)
+    _night(cli, folder, out, colour_checkpoint, "--format", "delta")
+    write_colour_images(folder / "new", 2, seed=72)
+    args = job(folder, out, colour_checkpoint, "--incremental", "--format", "delta")
+    raced = subprocess.run([sys.executable, "-c", _ANOTHER_WRITER, *args], cwd=REPO,
+                           capture_output=True, text=True)
+    assert raced.returncode == 1, raced.stderr
+    line, = raced.stderr.strip().splitlines()
+    assert "moved on while this run committed to it (another writer)" in line
+    table = deltalake.DeltaTable(str(out / "labels.delta"))
+    assert table.to_pandas()["key"].duplicated().sum() == 1  # theirs, nothing of tonight's
+    night = _night(cli, folder, out, colour_checkpoint, "--format", "delta")
+    rows = deltalake.DeltaTable(str(out / "labels.delta")).to_pandas()
+    assert sorted(rows["key"]) == sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())  # each once
+    assert night["commit"]
+
+
+def test_an_iceberg_table_that_is_not_ours_is_refused_before_anything_is_written(
+        cli, tmp_path, photos, colour_checkpoint):
+    folder, _ = photos
+    uri = f"sqlite:///{tmp_path}/lake.db"
+    catalog = load_catalog("label_images", type="sql", uri=uri,
+                           warehouse=f"file://{tmp_path}/warehouse")
+    catalog.create_namespace("shop")
+    catalog.create_table("shop.orders", schema=pa.schema([("key", pa.string()),
+                                                          ("status", pa.int64())]))
+    done = cli(*job(folder, tmp_path / "run", colour_checkpoint, "--format", "iceberg",
+                    "--catalog", uri, "--table", "shop.orders"))
+    assert done.exit_code == 2
+    line, = done.output.strip().splitlines()
+    assert "is not a label-images table: path (missing), status (int64, not string)" in line
+    assert not (tmp_path / "run" / "parts").exists()
+    assert catalog.load_table("shop.orders").current_snapshot() is None

@@ -55,8 +55,10 @@ class DeltaFormat(TableFormat):
         if table is not None:
             check_schema(self.location(store), pa.schema(table.schema().to_arrow()))
 
-    def last_commit(self, where: str) -> tuple[str | None, int | None]:
-        table = _open(where)
+    def load(self, where: str):
+        return _open(where)
+
+    def last_commit(self, table) -> tuple[str | None, int | None]:
         if table is None:
             return None, None
         for entry in table.history(8):  # newest first
@@ -65,24 +67,24 @@ class DeltaFormat(TableFormat):
         return None, table.version()
 
     def _commit(self, commit: Commit):
-        # no silent retry on another writer's commit: the merge was computed against the
-        # version it read; the caller says so in one line and a rerun starts from the new one
+        # no retry on another writer's commit: what is written was decided on the version
+        # read; the caller says so in one line, and a rerun starts from the new one
         return _deltalake().CommitProperties(
             custom_metadata={COMMIT_KEY: commit.id, **commit.properties}, max_commit_retries=0)
 
-    def replace(self, where: str, schema: pa.Schema, tables, commit: Commit) -> int:
+    def replace(self, where: str, table, schema: pa.Schema, tables, commit: Commit) -> int:
         deltalake = _deltalake()
         try:
-            deltalake.write_deltalake(where, batches(schema, tables), mode="overwrite",
+            deltalake.write_deltalake(where if table is None else table,
+                                      batches(schema, tables), mode="overwrite",
                                       schema_mode="overwrite",
                                       commit_properties=self._commit(commit))
         except deltalake.exceptions.CommitFailedError:
             raise moved_on(where) from None
         return _open(where).version()
 
-    def apply(self, where: str, schema: pa.Schema, commit: Commit) -> int:
+    def apply(self, table, schema: pa.Schema, commit: Commit) -> int:
         deltalake = _deltalake()
-        table = _open(where)
         # the merge's source: tonight's rows to upsert, and a row per removed key to delete
         source = pa.schema([pa.field(f.name, f.type) for f in schema]
                            + [pa.field(OPERATION, pa.string())])
@@ -105,8 +107,8 @@ class DeltaFormat(TableFormat):
              .when_not_matched_insert(updates=columns, predicate=f"s.{OPERATION} = 'upsert'")
              .execute())
         except deltalake.exceptions.CommitFailedError:
-            raise moved_on(where) from None
-        return _open(where).version()
+            raise moved_on(table.table_uri) from None
+        return table.version()
 
     def set_properties(self, where: str, properties: dict[str, str]) -> None:
         table = _open(where)

@@ -107,14 +107,18 @@ class IcebergFormat(TableFormat):
         if table is not None:
             check_schema(where, table.schema().as_arrow())
 
-    def last_commit(self, where: str) -> tuple[str | None, int | None]:
-        table = self._open(where)
+    def load(self, where: str):
+        return self._open(where)
+
+    def last_commit(self, table) -> tuple[str | None, int | None]:
         snapshot = table.current_snapshot() if table is not None else None
         if snapshot is None:
             return None, None
         return snapshot.summary.get(COMMIT_KEY), snapshot.snapshot_id
 
-    def _commit(self, where: str, table, change) -> int:
+    def _commit(self, table, change) -> int:
+        # the transaction asserts the snapshot the table was read at: another writer's
+        # commit in between fails it (no retry: what is written was decided on that one)
         from pyiceberg.exceptions import CommitFailedException
 
         try:
@@ -124,11 +128,11 @@ class IcebergFormat(TableFormat):
                 with table.transaction() as tx:
                     change(tx)
         except CommitFailedException:
-            raise moved_on(where) from None
+            raise moved_on(".".join(table.name())) from None
         return table.refresh().current_snapshot().snapshot_id
 
-    def replace(self, where: str, schema: pa.Schema, tables, commit: Commit) -> int:
-        table = self._open(where, create=schema)
+    def replace(self, where: str, table, schema: pa.Schema, tables, commit: Commit) -> int:
+        table = table if table is not None else self._open(where, create=schema)
         properties = {COMMIT_KEY: commit.id, **commit.properties}
 
         def change(tx):
@@ -136,14 +140,15 @@ class IcebergFormat(TableFormat):
                 update.union_by_name(schema)
             tx.overwrite(batches(schema, tables), snapshot_properties=properties)
             tx.set_properties(commit.properties)
-        return self._commit(where, table, change)
+        return self._commit(table, change)
 
-    def apply(self, where: str, schema: pa.Schema, commit: Commit) -> int:
+    def apply(self, table, schema: pa.Schema, commit: Commit) -> int:
         from pyiceberg.expressions import In
 
-        table = self._open(where)
         properties = {COMMIT_KEY: commit.id, **commit.properties}
         gone = removed_or_relabelled(commit).to_pylist()
+        if not gone and not commit.upserts:
+            return table.current_snapshot().snapshot_id
 
         def change(tx):
             if gone:
@@ -152,8 +157,7 @@ class IcebergFormat(TableFormat):
                 tx.append(pa.concat_tables([t.cast(schema) for t in commit.upserts]),
                           snapshot_properties=properties)
             tx.set_properties(commit.properties)
-        return self._commit(where, table, change) if gone or commit.upserts else \
-            table.current_snapshot().snapshot_id
+        return self._commit(table, change)
 
     def set_properties(self, where: str, properties: dict[str, str]) -> None:
         table = self._open(where)
@@ -163,4 +167,6 @@ class IcebergFormat(TableFormat):
 
     def read(self, store: Store, columns: list[str]) -> pa.Table:
         table = self._open(self.location(store))
+        if table is None:
+            raise UsageError(f"no Iceberg table {self.location(store)}: was it dropped?")
         return as_ours(table.scan(selected_fields=tuple(columns)).to_arrow())

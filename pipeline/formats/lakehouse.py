@@ -83,10 +83,11 @@ class TableFormat(Format):
         return [MARKER]
 
     def exists(self, store: Store) -> bool:
-        return store.exists(MARKER)
+        marker = self._marker(store)  # this format's table, where this run puts it
+        return (marker.get("format"), marker.get("table")) == (self.name, self.location(store))
 
     def holds(self, store: Store, commit_id: str) -> bool:
-        return self._marker(store).get("commit") == commit_id
+        return self.exists(store) and self._marker(store).get("commit") == commit_id
 
     def _marker(self, store: Store) -> dict:
         if not store.exists(MARKER):
@@ -99,12 +100,15 @@ class TableFormat(Format):
         if commit is None:
             raise RunError(f"--format {self.name} commits through the run (no commit given)")
         schema, where = table_schema(schema), self.location(store)
-        last, version = self.last_commit(where)
+        # the table as read now: the commit is made against this version, so that another
+        # writer's commit in between fails it instead of being merged over or doubled
+        table = self.load(where)
+        last, version = self.last_commit(table)
         if last != commit.id:  # else: committed by this very run before it was killed
             if commit.base is not None and last == commit.base:
-                version = self.apply(where, schema, commit)
+                version = self.apply(table, schema, commit)
             else:
-                version = self.replace(where, schema, tables, commit)
+                version = self.replace(where, table, schema, tables, commit)
         self.set_properties(where, commit.properties)
         record = {"format": self.name, "table": self.location(store), "commit": commit.id,
                   "version": version}
@@ -114,18 +118,22 @@ class TableFormat(Format):
     def statuses(self, store: Store) -> Iterator[pa.Array]:
         yield self.read(store, ["status"])["status"].combine_chunks()
 
-    # what each table format does in its own library, on the table at `where`
-    def last_commit(self, where: str) -> tuple[str | None, int | None]:
-        """The id the last commit of rows recorded (None if the table is new, or another
+    # what each table format does in its own library
+    def load(self, where: str):
+        """The table at `where` as it is now, or None if there is none yet."""
+        raise NotImplementedError
+
+    def last_commit(self, table) -> tuple[str | None, int | None]:
+        """The id the last commit of rows recorded (None if there is no table, or another
         writer's commit came last) and the table's version or snapshot id after it."""
         raise NotImplementedError
 
-    def replace(self, where: str, schema: pa.Schema, tables: Iterable[pa.Table],
+    def replace(self, where: str, table, schema: pa.Schema, tables: Iterable[pa.Table],
                 commit: Commit) -> int:
         """The whole table replaced by `tables` in one commit; returns the new version."""
         raise NotImplementedError
 
-    def apply(self, where: str, schema: pa.Schema, commit: Commit) -> int:
+    def apply(self, table, schema: pa.Schema, commit: Commit) -> int:
         """A night's changes (rows of removed and relabelled images out, tonight's in), one
         commit; returns the new version."""
         raise NotImplementedError
