@@ -341,3 +341,21 @@ def test_an_iceberg_table_that_is_not_ours_is_refused_before_anything_is_written
     assert "is not a label-images table: path (missing), status (int64, not string)" in line
     assert not (tmp_path / "run" / "parts").exists()
     assert catalog.load_table("shop.orders").current_snapshot() is None
+
+
+def test_slices_of_an_array_job_merge_into_one_delta_commit(cli, tmp_path, photos,
+                                                           colour_checkpoint):
+    folder, _ = photos
+    out, table = tmp_path / "run", tmp_path / "lake" / "labels"
+    for index in ("0", "1"):
+        done = cli(*job(folder, out, colour_checkpoint, "--format", "delta", "--table",
+                        str(table), "--num-slices", "2", "--slice-index", index))
+        assert done.exit_code == 0, done.output
+    assert not table.exists()  # the slices commit parts; only the merge makes the table
+    merged = cli("merge", str(out))
+    assert merged.exit_code == 0, merged.output
+    rows = deltalake.DeltaTable(str(table)).to_pandas()
+    assert sorted(rows["key"]) == sorted(p.name for p in folder.iterdir())
+    commits = [h for h in deltalake.DeltaTable(str(table)).history()
+               if h["operation"] != "SET TBLPROPERTIES"]
+    assert len(commits) == 1
