@@ -191,8 +191,8 @@ class Classifier:
             torch.cuda.empty_cache()
         if len(images) == 1:
             raise RunError(f"{self.device} ran out of memory for a single image: "
-                           f"{self.spec.model} at {self.spec.preprocess.crop}x"
-                           f"{self.spec.preprocess.crop} does not fit in it")
+                           f"{self.spec.model} at {self.spec.preprocess.size[1]}x"
+                           f"{self.spec.preprocess.size[0]} does not fit in it")
         self.fits = len(images) // 2
         if self.fixed_batch is not None:
             self.fixed_batch = self.fits  # a new shape once, not a padded one that fails

@@ -109,7 +109,7 @@ def _decode_jpeg(data: bytes, header: _JpegHeader, preprocess: Preprocess,
         return None
     # A resize that samples (not antialiased) must sample the full image: a DCT-scaled
     # decode would average first.
-    factor = (dct_factor(min(width, height), preprocess.resize or preprocess.crop)
+    factor = (dct_factor(min(width, height), preprocess.resize or max(preprocess.size))
               if preprocess.antialias else 1)
     transpose, *flips = _ORIENT.get(_jpeg_orientation(data, header), _ORIENT[1])
     while True:
@@ -284,23 +284,23 @@ def _stretch(pixels: torch.Tensor, preprocess: Preprocess,
     (decoded pixel j covers original pixels [j*factor, (j+1)*factor)): its last row or
     column may cover less than `factor`, which a resize to crop/size of it would stretch.
     """
-    crop = preprocess.crop
+    out_height, out_width = preprocess.size
     height, width = pixels.shape[-2:]
     full_height, full_width, factor = scaled_from or (height, width, 1)
     reversed_axes = [axis for axis, reverse in zip((-2, -1), mirrored) if reverse]
     if factor == 1:
         if reversed_axes:
             pixels = pixels.flip(reversed_axes)
-        return F.resize(pixels, [crop, crop], antialias=preprocess.antialias,
+        return F.resize(pixels, [out_height, out_width], antialias=preprocess.antialias,
                         interpolation=InterpolationMode(preprocess.interpolation))
     # mirrored after the resize: the grid keeps its origin at the stored first pixel
     region = pixels.permute(1, 2, 0).contiguous().unsqueeze(0).permute(0, 3, 1, 2)
     resized = torch.nn.functional.interpolate(
         region.float() if preprocess.interpolation not in _FILTER_RADIUS else region,
-        scale_factor=(crop * factor / full_height, crop * factor / full_width),
+        scale_factor=(out_height * factor / full_height, out_width * factor / full_width),
         mode=preprocess.interpolation, antialias=True, align_corners=False,
-        recompute_scale_factor=False)[0, :, :crop, :crop]
-    if resized.shape[-2:] != (crop, crop):
+        recompute_scale_factor=False)[0, :, :out_height, :out_width]
+    if resized.shape[-2:] != (out_height, out_width):
         return None  # rounding at the far edge: the full decode
     if resized.dtype != torch.uint8:
         resized = resized.round().clamp(0, 255).to(torch.uint8)

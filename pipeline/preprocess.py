@@ -29,14 +29,15 @@ class Preprocess:
     """Eval preprocessing: the crop made by the loader, then normalised on the device.
 
     `resize`: the shorter side is resized to it (antialiased) and the centre `crop` square
-    cut; with `resize=None` the whole image is resized to `crop` x `crop`, aspect ratio and
-    all (Keras' recipe: no crop). mean and std are in units of a full channel (255 = 1.0):
+    cut; with `resize=None` the whole image is resized to `crop` x `crop` (or `crop_height`
+    x `crop`, a model's non-square input), aspect ratio and all (Keras' recipe: no crop). mean and std are in units of a full channel (255 = 1.0):
     pixel values 0-255 as they are are mean 0, std 1/255. `channels` is the order the model
     reads the colours in, `layout` whether its input is channels first or last.
     """
 
     resize: int | None = 256
-    crop: int = 224
+    crop: int = 224  # the input's width, and its height unless crop_height says otherwise
+    crop_height: int | None = None  # a non-square input's height: whole-image resize only
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
@@ -53,6 +54,8 @@ class Preprocess:
         if self.channels not in CHANNEL_ORDERS or self.layout not in LAYOUTS:
             raise ValueError(f"channels {self.channels!r} / layout {self.layout!r}: "
                              f"expected one of {CHANNEL_ORDERS} / {LAYOUTS}")
+        if self.crop_height not in (None, self.crop) and not self.stretch:
+            raise ValueError("a non-square input is the whole image resized (resize=None)")
 
     @property
     def stretch(self) -> bool:
@@ -60,9 +63,14 @@ class Preprocess:
         return self.resize is None
 
     @property
+    def size(self) -> tuple[int, int]:
+        """The model's input (height, width)."""
+        return (self.crop_height or self.crop, self.crop)
+
+    @property
     def crop_bytes(self) -> int:
-        """One preprocessed image in a batch: uint8, 3 x crop x crop."""
-        return 3 * self.crop * self.crop
+        """One preprocessed image in a batch: uint8, 3 x height x width."""
+        return 3 * self.size[0] * self.size[1]
 
     def to_dict(self) -> dict:
         described = {"resize": self.resize, "crop": self.crop, "mean": list(self.mean),
@@ -74,4 +82,6 @@ class Preprocess:
             described["layout"] = self.layout
         if not self.antialias:
             described["antialias"] = False
+        if self.crop_height not in (None, self.crop):
+            described["crop_height"] = self.crop_height
         return described

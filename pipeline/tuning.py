@@ -136,7 +136,7 @@ def _measurement_key(classifier: Classifier, *what: str) -> str:
     measured."""
     return "|".join([machine_name(classifier.device), classifier.spec.model,
                      classifier.spec.weights_id, str(classifier.dtype),
-                     str(classifier.spec.preprocess.crop), torch.__version__, heap.state(),
+                     _input_size(classifier.spec.preprocess), torch.__version__, heap.state(),
                      # another runtime's speed is its own (torch eager's keys stay as they were)
                      *([classifier.runtime] if classifier.runtime not in ("torch", "compile")
                        else []), *what])
@@ -150,7 +150,7 @@ def model_rate(classifier: Classifier, batch_size: int, seconds: float) -> float
 def timed_rate(classifier: Classifier, batch_size: int,
                seconds: float) -> tuple[float | None, float]:
     """model_rate, and the seconds its first batch took (a compiled model's compile)."""
-    images = synthetic_batch(classifier.spec.preprocess.crop, batch_size)
+    images = synthetic_batch(classifier.spec.preprocess.size, batch_size)
     fits_before = classifier.fits
     started = time.perf_counter()
     try:
@@ -171,8 +171,13 @@ def timed_rate(classifier: Classifier, batch_size: int,
     return done / (time.perf_counter() - started), first_call
 
 
-def synthetic_batch(crop: int, batch_size: int) -> torch.Tensor:
-    images = torch.randint(0, 256, (batch_size, 3, crop, crop), dtype=torch.uint8)
+def _input_size(preprocess) -> str:
+    height, width = preprocess.size
+    return str(width) if height == width else f"{height}x{width}"  # square: as it always was
+
+
+def synthetic_batch(size: tuple[int, int], batch_size: int) -> torch.Tensor:
+    images = torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8)
     return images.contiguous(memory_format=torch.channels_last)  # the loader's layout
 
 

@@ -127,3 +127,38 @@ def test_keras_files_that_are_not_image_classifiers_are_one_line(cli, tmp_path):
         assert done.exit_code == 2 and message in done.output, done.output
         assert len(done.output.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_with_a_non_square_input_is_fed_the_whole_image_at_its_height_and_width(
+        cli, tmp_path):
+    """An input of 48 high by 80 wide: cv2.resize(image, (80, 48)) in the recipe's loop."""
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential([keras.Input((48, 80, 3)), keras.layers.Rescaling(1 / 255),
+                              keras.layers.Conv2D(8, 5, activation="relu"),
+                              keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+                              keras.layers.Flatten(),
+                              keras.layers.Dense(4, activation="softmax")])
+    model.save(tmp_path / "wide.keras")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, (width, height) in enumerate([(80, 48), (48, 80), (640, 480), (300, 1600),
+                                         (2048, 1536)]):
+        photo(width, height, seed=90 + i).save(photos / f"{width}x{height}.jpg", quality=92)
+    done = cli("run", photos, "--out", tmp_path / "run", "--model",
+               f"keras:{tmp_path / 'wide.keras'}", "--top-k", "1", "--batch-size", "2",
+               "--workers", "0", "-q")
+    assert done.exit_code == 0, done.output
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    for key, label, score in zip(table["key"], table["top1_label"], table["top1_score"]):
+        image = cv2.resize(cv2.imread(str(photos / key)), (80, 48))  # (width, height)
+        probs = model.predict(image[np.newaxis].astype("float32"), verbose=0)[0]
+        assert label == str(int(np.argmax(probs))), key
+        assert abs(score - float(np.max(probs))) <= TOLERANCE, key
+    preprocess = json.loads((tmp_path / "run" / "run.json").read_text())[
+        "fingerprint"]["preprocess"]
+    assert (preprocess["crop_height"], preprocess["crop"]) == (48, 80)
+    refused = cli("run", photos, "--out", tmp_path / "other", "--model",
+                  f"keras:{tmp_path / 'wide.keras'}", "--resize", "60", "-q")
+    assert refused.exit_code == 2
+    assert "--resize 60 centre-crops a square, and this model takes 80x48 images" in \
+        refused.output

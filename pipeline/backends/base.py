@@ -59,7 +59,13 @@ class Backend:
 
 
 def overridden(preprocess: Preprocess, resize: int | None, crop: int | None) -> Preprocess:
-    return replace(preprocess, resize=resize or preprocess.resize, crop=crop or preprocess.crop)
+    height, width = preprocess.size
+    if height != width and resize and not crop:
+        # a centre crop is square: which square of a non-square input is the user's to say
+        raise UsageError(f"--resize {resize} centre-crops a square, and this model takes "
+                         f"{width}x{height} images: give --crop too, or leave --resize out")
+    return replace(preprocess, resize=resize or preprocess.resize, crop=crop or preprocess.crop,
+                   crop_height=None if crop else preprocess.crop_height)
 
 
 def read_labels(path: str, num_classes: int) -> list[str]:

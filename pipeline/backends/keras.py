@@ -55,8 +55,8 @@ class KerasBackend(Backend):
                              "out")
         loaded = _load(path)
         classes, softmax = _check_classifier(loaded, path)
-        side = _input_side(loaded, path)
-        preprocess = Preprocess(resize=None, crop=side, mean=(0.0, 0.0, 0.0),
+        height, width = _input_size(loaded, path)
+        preprocess = Preprocess(resize=None, crop=width, crop_height=height, mean=(0.0, 0.0, 0.0),
                                 std=(1 / 255,) * 3, interpolation="bilinear", channels="BGR",
                                 layout="NHWC", antialias=False)
         return ModelSpec(model=f"keras:{path}", weights_id=f"sha256:{sha256_file(path)}",
@@ -110,7 +110,7 @@ def _check_classifier(model, path: Path) -> tuple[int, bool]:
     return int(model.outputs[0].shape[-1]), activation == "softmax"
 
 
-def _input_side(model, path: Path) -> int:
+def _input_size(model, path: Path) -> tuple[int, int]:
     if len(model.inputs) != 1:
         raise UsageError(f"--model keras:{path} takes {len(model.inputs)} inputs, not one "
                          "image")
@@ -118,10 +118,7 @@ def _input_side(model, path: Path) -> int:
     if len(shape) != 4 or shape[-1] != 3 or None in shape[1:3]:
         raise UsageError(f"--model keras:{path} does not take images: its input is {shape}, "
                          "not (batch, height, width, 3)")
-    if shape[1] != shape[2]:
-        raise UsageError(f"--model keras:{path} takes {shape[1]}x{shape[2]} images: only a "
-                         "square input is supported so far")
-    return int(shape[1])
+    return int(shape[1]), int(shape[2])
 
 
 class KerasNet(nn.Module):

@@ -22,8 +22,8 @@ def main(args: dict) -> dict:
                          args["crop"])
     classifier = Classifier(spec, torch.device(args["device"]), getattr(torch, args["dtype"]), 1)
     classifier.compile(fixed_batch=args["batch_size"])
-    crop = spec.preprocess.crop
-    images = torch.randint(0, 256, (args["batch_size"], 3, crop, crop), dtype=torch.uint8)
+    height, width = spec.preprocess.size
+    images = torch.randint(0, 256, (args["batch_size"], 3, height, width), dtype=torch.uint8)
     started = time.perf_counter()
     classifier.predict(images.contiguous(memory_format=torch.channels_last))
     return {"seconds": time.perf_counter() - started}

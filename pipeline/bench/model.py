@@ -65,8 +65,8 @@ def measure(sample: Sample) -> None:
 
 
 def alone(classifier: Classifier, batches: int, batch_size: int) -> float:
-    crop = classifier.spec.preprocess.crop
-    images = stack_images(torch.randint(0, 256, (batch_size, 3, crop, crop),
+    height, width = classifier.spec.preprocess.size
+    images = stack_images(torch.randint(0, 256, (batch_size, 3, height, width),
                                         dtype=torch.uint8).unbind())  # the loader's layout
     if classifier.on_cuda:
         images = images.pin_memory()

@@ -120,9 +120,8 @@ def converted(classifier, ov) -> tuple[Path, bool, float]:
     if path.is_file():
         return path, True, 0.0
     started = time.perf_counter()
-    crop = spec.preprocess.crop
     net = spec.build().eval()  # fp32 from the weights, not the classifier's bf16 copy
-    example = torch.zeros(2, 3, crop, crop)
+    example = torch.zeros(2, 3, *spec.preprocess.size)
     if spec.preprocess.layout == "NHWC":
         example = example.permute(0, 2, 3, 1)
     # Through torch.export (jit.trace, OpenVINO's other way in, is deprecated): any batch
