@@ -84,6 +84,7 @@ def run_in(run_dir: RunDirectory, job, progress: bool | None = None) -> RunSumma
     ray = _import_ray()
     _connect(ray, job.config.ray_address)
     config, store = job.config, run_dir.store
+    _check_reachable(ray, store)
     plan, resumed = runner.open_plan(run_dir, job)
     fmt = formats.of(config)
     summary = RunSummary(output=run_dir.output(fmt), run_dir=store.url(),
@@ -204,6 +205,40 @@ def _actor_resources(ray, config: RunConfig) -> dict:
     nodes = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
     per_node = max(1, -(-_actor_count(ray, config) // nodes))
     return {"num_cpus": max(1, int(resources.get("CPU", 1)) // nodes // per_node)}
+
+
+# File systems that only the machine they are on can see: a run directory on one of them
+# cannot be reached by actors on other nodes. Any other (nfs, lustre, gpfs, cephfs, fuse
+# mounts of buckets...) is taken on trust, and an actor that cannot see the plan says so.
+_LOCAL_FILE_SYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "tmpfs",
+                       "ramfs", "overlay", "vfat", "exfat", "ntfs", "ntfs3"}
+
+
+def _file_system(path: str) -> str | None:
+    """The type of the file system `path` is on (/proc/mounts' longest mount point)."""
+    try:
+        with open("/proc/mounts") as fh:
+            mounts = [line.split()[1:3] for line in fh]
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    found = [(point, kind) for point, kind in mounts
+             if real == point or real.startswith(point.rstrip("/") + "/")]
+    return max(found, key=lambda m: len(m[0]))[1] if found else None
+
+
+def _check_reachable(ray, store) -> None:
+    """A run directory on this machine's own disk, on a cluster of more than one node, is
+    refused before any actor starts: actors elsewhere could not commit into it."""
+    if store.remote:
+        return
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    kind = _file_system(store.url())
+    if nodes > 1 and kind in _LOCAL_FILE_SYSTEMS:
+        raise UsageError(f"the run directory {store.url()} is on this machine's own disk "
+                         f"({kind}) and the Ray cluster has {nodes} nodes: every actor must "
+                         "reach it; use a shared file system or object storage (s3://...) "
+                         "for --out")
 
 
 def _cause(exc: BaseException) -> str:

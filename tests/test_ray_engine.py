@@ -194,3 +194,37 @@ def test_incremental_nights_through_the_engine_equal_scratch_runs(cli, tmp_path,
     assert summary["changes"] == {"new": 3, "changed": 0, "unchanged": 8, "removed": 1}
     assert summary["labelled_now"] == 3
     assert_equals_scratch(cli, tmp_path, folder, out, colour_checkpoint, "2")
+
+
+# Two nodes of a real Ray cluster (ray.cluster_utils: a second raylet beside the head)
+_TWO_NODES = """
+import subprocess, sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+try:
+    done = subprocess.run([sys.executable, "-m", "pipeline", *sys.argv[1:], "--ray-address",
+                           cluster.address], capture_output=True, text=True, timeout=300)
+    sys.stderr.write(done.stderr)
+finally:
+    cluster.shutdown()
+sys.exit(done.returncode)
+"""
+
+
+def test_a_local_run_directory_on_a_cluster_of_two_nodes_is_refused_in_one_line(
+        tmp_path, colour_checkpoint):
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 4)
+    done = subprocess.run([sys.executable, "-c", _TWO_NODES, *map(str, args(
+        folder, tmp_path / "run", colour_checkpoint, "--engine", "ray"))], cwd=REPO,
+        capture_output=True, text=True, timeout=400)
+    assert done.returncode == 2, done.stderr
+    refusal = [line for line in done.stderr.splitlines() if "label-images: error" in line]
+    line, = refusal  # the file system's type in brackets: ext4, overlay, tmpfs...
+    assert line.startswith(f"label-images: error: the run directory {tmp_path / 'run'} is on "
+                           "this machine's own disk ("), line
+    assert line.endswith(") and the Ray cluster has 2 nodes: every actor must reach it; use a "
+                         "shared file system or object storage (s3://...) for --out"), line
+    assert not (tmp_path / "run" / "parts").exists()
