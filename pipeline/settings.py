@@ -88,7 +88,7 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
     runtime = _runtime_asked(config, classifier, source, sample, measured)
     model = _batch_size(config, classifier, measured)
     if runtime is None:  # auto: another runtime installed here is measured against torch's
-        runtime, model = _fastest_runtime(config, classifier, model, measured)
+        runtime, model = _fastest_runtime(config, classifier, model, pending, measured)
     # where a compiled model's best batch is looked for: around the eager best, if measured
     compiled_sizes = (tuning.around(model.batch_size, tuning.candidate_batches(device))
                       if config.batch_size is None else None)
@@ -154,27 +154,37 @@ def _runtime_asked(config: RunConfig, classifier: Classifier, source: Source,
     return "torch"
 
 
-def _fastest_runtime(config: RunConfig, classifier: Classifier, model: _Model,
+def _fastest_runtime(config: RunConfig, classifier: Classifier, model: _Model, pending: int,
                      measured: dict) -> tuple[str, _Model]:
-    """auto: torch eager at its best batch against each other runtime installed here at its
-    own; the faster is kept, and what each did is recorded. torch may still be compiled
-    afterwards (measured as ever)."""
+    """auto: torch at its best batch against each other runtime installed here at its own;
+    the faster is kept, and what each did is recorded. torch counts at its compiled rate
+    where compiling would pay for the `pending` images: the speedup compiling gave on this
+    machine last time (else our prior), since compiling only to compare costs a minute. Torch
+    is then compiled or not as ever (_compile_pays, the same figures)."""
     others = [name for name in runtimes.installed(classifier.device)
               if name not in ("torch", "compile")]
     if not others:
         return "torch", model
     rates = {"torch": model.images_per_second()}
-    best, best_model = "torch", model
+    torch_rate, record = rates["torch"] or 0, {}
+    if pending >= MIN_IMAGES_TO_COMPILE:
+        expected = tuning.compile_figures(classifier, model.batch_size)
+        if tuning.compile_pays(pending, torch_rate, expected["speedup"],
+                               expected["compile_seconds"]):
+            torch_rate *= expected["speedup"]
+            record = {"compiled_expected": round(torch_rate, 1),
+                      "compiled_expected_from": expected["from"]}
+    best, best_rate, best_model = "torch", torch_rate, model
     for name in others:
         runtimes.get(name).use(classifier, classifier.dtype)
         other = _batch_size(config, classifier, {})
         rates[name] = other.images_per_second()
-        if (rates[name] or 0) > (rates[best] or 0):
-            best, best_model = name, other
+        if (rates[name] or 0) > best_rate:
+            best, best_rate, best_model = name, rates[name], other
     if best == "torch":
         runtimes.get("torch").use(classifier)
     measured["runtimes"] = {"images_per_second": {k: round(v or 0, 1) for k, v in
-                                                  rates.items()}, "chosen": best}
+                                                  rates.items()}, **record, "chosen": best}
     return best, best_model
 
 

@@ -169,3 +169,33 @@ def test_int8_that_its_calibration_breaks_is_refused_with_the_figures(cli, tmp_p
     assert "of 16 held-out images" in line and "worst top-1 score gap" in line
     assert "below the 99% bound" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_auto_weighs_torch_at_the_speedup_compiling_gave_on_this_machine(colour_checkpoint,
+                                                                         cache):
+    """Where compiling would pay, OpenVINO is held to torch's compiled rate (the speedup
+    kept from this machine's last compile), not to its eager one; not compiled to compare."""
+    from pipeline import settings, tuning
+    from pipeline.backends import resolve_model
+    from pipeline.classifier import Classifier
+    from pipeline.config import RunConfig
+
+    spec = resolve_model("resnet18", str(colour_checkpoint), resize=72, crop=64)
+    classifier = Classifier(spec, torch.device("cpu"), torch.float32, 2)
+    config = RunConfig(source="unused", out="unused", batch_size=4, workers=0)
+    model = settings._Model(classifier, 4)
+    eager = model.images_per_second()
+    # as if a compile here had made torch 1000x faster: no runtime can beat that
+    tuning.keep_compile_figures(classifier, 4, compile_seconds=1.0, compiled_rate=eager * 1000,
+                                eager_rate=eager)
+    measured = {}
+    chosen, _ = settings._fastest_runtime(config, classifier, model, 10**6, measured)
+    weighed = measured["runtimes"]
+    assert chosen == "torch" and weighed["chosen"] == "torch"
+    assert weighed["compiled_expected"] == pytest.approx(eager * 1000, rel=0.01)
+    assert weighed["compiled_expected_from"] == "this machine"
+    assert classifier.runtime == "torch" and classifier._compiled_shapes is None  # not compiled
+    # ten images do not repay a compile: torch is weighed at its eager rate
+    measured = {}
+    settings._fastest_runtime(config, classifier, model, 10, measured)
+    assert "compiled_expected" not in measured["runtimes"]
