@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -111,9 +112,33 @@ def colour_folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return folder, write_colour_images(folder, 24)
 
 
+# A run in this process is on --runtime torch unless it names a runtime: `auto` with
+# --workers 0 would load OpenVINO into the test process, and OpenVINO's threads, once
+# started, can crash a process whose later decode workers or subprocesses exit
+# (docs/design.md#openvino-and-forked-decode-workers-open). What loads OpenVINO runs in a
+# subprocess (invoke_subprocess): test_runtimes, test_bench, test_parity's OpenVINO rows.
+_RUNTIME_FLAGS = ("--runtime", "--compile", "--no-compile")
+
+
 def invoke(*args: str | os.PathLike):
     """Invoke `label-images` in-process; returns the click Result."""
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    args = [str(a) for a in args]
+    if args[:1] == ["run"] and not any(a.split("=")[0] in _RUNTIME_FLAGS for a in args):
+        args += ["--runtime", "torch"]
+    return CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+@dataclass
+class Finished:
+    """What a subprocess run of `label-images` left: as click's Result has it."""
+    exit_code: int
+    output: str  # stderr, then stdout
+
+
+def invoke_subprocess(*args: str | os.PathLike) -> Finished:
+    """Invoke `label-images` in a process of its own (see invoke)."""
+    done = run_subprocess(*args)
+    return Finished(done.returncode, done.stderr + done.stdout)
 
 
 @pytest.fixture

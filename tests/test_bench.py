@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 import re
 
-from tests.conftest import FAST, write_colour_images
+import pytest
+
+from tests.conftest import FAST, invoke_subprocess, write_colour_images
+
+
+@pytest.fixture
+def cli():
+    """The bench measures every runtime, OpenVINO too: in a process of its own (conftest)."""
+    return invoke_subprocess
 
 
 def test_bench_reports_all_stages_side_by_side(cli, tmp_path, colour_checkpoint):

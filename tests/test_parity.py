@@ -9,7 +9,7 @@ import torchvision
 from PIL import Image
 from torchvision import transforms as T
 
-from tests.conftest import read_output, write_colour_images
+from tests.conftest import invoke_subprocess, read_output, write_colour_images
 
 # Scores are softmax probabilities. fp32 differs from the reference only through the
 # decoder (libjpeg-turbo, DCT-scaled for large JPEGs, vs PIL) and the tensor resize (vs
@@ -114,9 +114,11 @@ def test_photo_sized_jpegs_match_the_reference_loop(cli, tmp_path, photo_folder,
     if runtime == "openvino":
         pytest.importorskip("openvino")
         monkeypatch.setenv("LABEL_IMAGES_CACHE", str(tmp_path / "cache"))
-    result = cli("run", photo_folder, "--out", tmp_path / "run", "--model", "resnet18",
-                 "--weights", sensitive_checkpoint, "--top-k", "3", "--precision", precision,
-                 "--batch-size", str(len(PHOTO_SIZES)), "--quiet", "--runtime", runtime)
+    # OpenVINO in a process of its own, out of the test process (conftest)
+    result = (invoke_subprocess if runtime == "openvino" else cli)(
+        "run", photo_folder, "--out", tmp_path / "run", "--model", "resnet18",
+        "--weights", sensitive_checkpoint, "--top-k", "3", "--precision", precision,
+        "--batch-size", str(len(PHOTO_SIZES)), "--quiet", "--runtime", runtime)
     assert result.exit_code == 0, result.output
     table = read_output(tmp_path / "run" / "labels.parquet")
     assert len(table) == len(PHOTO_SIZES) and set(table["status"]) == {"ok"}

@@ -20,7 +20,8 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 def job(folder, out, checkpoint, *extra):
     return ["run", str(folder), "--out", str(out), "--model", "resnet18", "--weights",
             str(checkpoint), "--top-k", "2", "--shard-size", "6", "--batch-size", "4",
-            "--workers", "0", "--resize", "72", "--crop", "64", "--quiet", *extra]
+            "--workers", "0", "--resize", "72", "--crop", "64", "--runtime", "torch", "--quiet",
+            *extra]
 
 
 @pytest.fixture(scope="module")
