@@ -69,9 +69,6 @@ class IcebergFormat(TableFormat):
     def table_name(self) -> str:
         return CATALOG_FILE
 
-    def run_files(self) -> list[str]:
-        return super().run_files()  # the catalog and warehouse stay: the table's history
-
     def _uri(self, store: Store) -> str:
         if self.catalog:
             return self.catalog
