@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from pipeline import config as configuration
+from pipeline import config as configuration, engines, runtimes
 from pipeline.errors import Interrupted, RunError, UsageError
 
 def _as_flag(option):
@@ -158,8 +158,8 @@ Compile = Annotated[Optional[bool], typer.Option(
     "--compile", metavar="", help="torch.compile the model (default: when the images to label repay "
                       "the compile time at the measured rates).")]
 RuntimeOption = Annotated[Optional[str], typer.Option(
-    "--runtime", help="What runs the model: torch, compile (torch.compile), openvino (CPU; "
-                      "needs the openvino extra), or auto: measured among those installed "
+    "--runtime", help=f"What runs the model: {', '.join(runtimes.RUNTIMES)} (an extra, if "
+                      "its library is not installed), or auto: measured among those installed "
                       "(default: auto).")]
 NoCompile = Annotated[Optional[bool], typer.Option(
     "--no-compile", metavar="", help="Never compile the model.")]
@@ -175,9 +175,8 @@ SliceIndex = Annotated[Optional[int], typer.Option(
     help="The slice this process labels, 0-based (default: SLURM_ARRAY_TASK_ID or "
          "JOB_COMPLETION_INDEX).")]
 Engine = Annotated[Optional[str], typer.Option(
-    help="Who hands out the shards: local (this process; torchrun and array slices split "
-         "up front) or ray (actors take them from a queue as they free up; needs the ray "
-         "extra) (default: local).")]
+    help=f"Who hands out the shards: {' or '.join(engines.ENGINES)} (local: this process, "
+         "torchrun and array slices split up front; the others are extras) (default: local).")]
 RayAddress = Annotated[Optional[str], typer.Option(
     help="--engine ray: the cluster (auto, ray://host:10001, host:6379) (default: the running "
          "cluster, else a local Ray for the job).")]
@@ -212,8 +211,7 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
         actors: Actors = None,
         num_slices: NumSlices = None, slice_index: SliceIndex = None,
         num_shards: NumShards = None, shard_index: ShardIndex = None) -> None:
-    """Label every image of SOURCE into OUT/labels.parquet (or .csv, or a Delta or Iceberg
-    table); rerun to resume."""
+    """Label every image of SOURCE into OUT/labels.parquet (or CSV, Delta, Iceberg); rerun to resume."""
     started = time.perf_counter()  # the summary's elapsed time counts torch's import too
     num_slices = num_slices if num_slices is not None else num_shards
     slice_index = slice_index if slice_index is not None else shard_index
