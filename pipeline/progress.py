@@ -7,6 +7,7 @@ import sys
 from tqdm import tqdm
 
 from pipeline.launchers import Slice
+from pipeline.summary import count
 
 
 # On a terminal the bar redraws in place. In a log (cron, a scheduler's capture) each redraw
@@ -15,17 +16,29 @@ from pipeline.launchers import Slice
 LOG_PROGRESS_SECONDS = 60
 
 
-def progress_bar(total: int, done: int, show: bool, part: Slice) -> tqdm:
+class Bar(tqdm):
+    """tqdm's bar, which also counts the error rows this invocation wrote ('3 errors')."""
+
+    errors = 0
+
+    def advance(self, images: int, errors: int = 0) -> None:
+        if errors:  # said from the first one on, so a night going wrong shows early
+            self.errors += errors
+            self.set_postfix_str(count(self.errors, "error"), refresh=False)
+        self.update(images)
+
+
+def progress_bar(total: int, done: int, show: bool, part: Slice) -> Bar:
     """Items of this slice (all of them, unless an array job or torchrun split the work)."""
     which = None if part.whole else part.describe()
     if sys.stderr.isatty():
-        return tqdm(total=total, initial=done, unit="img", disable=not show, file=sys.stderr,
+        return Bar(total=total, initial=done, unit="img", disable=not show, file=sys.stderr,
                     dynamic_ncols=True, smoothing=0.1, desc=which)
     prefix = f"label-images: {which}: " if which else "label-images: "
-    return tqdm(total=total, initial=done, unit="img", disable=not show,
+    return Bar(total=total, initial=done, unit="img", disable=not show,
                 file=_LogLines(sys.stderr), mininterval=LOG_PROGRESS_SECONDS,
                 maxinterval=LOG_PROGRESS_SECONDS, delay=LOG_PROGRESS_SECONDS, smoothing=0,
-                bar_format=prefix + "{n} of {total} images ({percentage:.0f}%), {rate_fmt}, "
+                bar_format=prefix + "{n} of {total} images ({percentage:.0f}%), {rate_fmt}{postfix}, "
                                     "{elapsed} elapsed, about {remaining} to go")
 
 

@@ -175,10 +175,11 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], bar,
         described["images"] += found["images"]
         described["seconds"] += found["seconds"]
         summary.labelled_now += found["images"]
+        summary.errors_now += found["errors"]
         summary.load_seconds += found["load_seconds"]
         summary.compute_seconds += found["compute_seconds"]
         summary.write_seconds += found["write_seconds"]
-        bar.update(found["images"])
+        bar.advance(found["images"], found["errors"])
         feed(actor, described)
     for described in stats:
         described["images_per_second"] = round(
@@ -279,7 +280,8 @@ class ShardLabeller:
         summary = RunSummary(output="")
         runner.label(self.run_dir, self.job, self.plan, summary, progress=False,
                      shards=[shard])
-        return {"images": summary.labelled_now, "seconds": summary.loop_seconds,
+        return {"images": summary.labelled_now, "errors": summary.errors_now,
+                "seconds": summary.loop_seconds,
                 "load_seconds": summary.load_seconds,
                 "compute_seconds": summary.compute_seconds,
                 "write_seconds": summary.write_seconds}

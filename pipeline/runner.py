@@ -173,7 +173,9 @@ def _label_pending(items: PlanItems, pending: list[int], job: Job, schema, store
         for shard, result in shards.fill(batch, prediction):
             committer.submit(shard, result)
         labelled += len(batch.indices)
-        bar.update(len(batch.indices))
+        errors = len(batch.indices) - len(batch.decoded)
+        summary.errors_now += errors
+        bar.advance(len(batch.indices), errors)
 
     try:
         try:

@@ -21,6 +21,7 @@ class RunSummary:
     ok: int = 0
     errors: int = 0
     labelled_now: int = 0  # images labelled by this invocation (resume skips the rest)
+    errors_now: int = 0  # of those, the ones that are error rows (the bar counts them)
     seconds: float = 0.0
     loop_seconds: float = 0.0  # the labelling loop alone: no start-up, no merge
     load_seconds: float = 0.0

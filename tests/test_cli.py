@@ -46,6 +46,26 @@ def test_progress_in_a_log_is_a_plain_line_per_report(
     assert len(set(counts)) > 2 and counts == sorted(counts) and counts[-1] == total
 
 
+def test_the_progress_counts_error_rows_as_they_are_written(
+        cli, tmp_path, colour_checkpoint, monkeypatch):
+    """A night going wrong shows on its bar (in a log, its lines), not only at the end."""
+    monkeypatch.setattr("pipeline.progress.LOG_PROGRESS_SECONDS", 0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    truth = write_colour_images(folder, 24)
+    broken = sorted(truth)[3::4]
+    for key in broken:
+        (folder / key).write_bytes(b"not an image")
+    args = [a for a in base_args(folder, tmp_path / "run", colour_checkpoint) if a != "--quiet"]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    said = [(int(n), int(e or 0)) for n, e in re.findall(
+        r"^label-images: (\d+) of \d+ images \(\d+%\), [^,]+(?:, (\d+) errors?)?, ",
+        result.output, re.MULTILINE)]
+    assert said[-1] == (len(truth), len(broken)), result.output
+    assert [e for _, e in said] == sorted(e for _, e in said) and len({e for _, e in said}) > 2
+
+
 def test_labels_every_image_once_in_source_order_and_correctly(
         cli, tmp_path, colour_folder, colour_checkpoint):
     folder, truth = colour_folder

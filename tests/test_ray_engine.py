@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,15 +52,20 @@ def labels(path):
     return dict(zip(table["key"], zip(table["top1_label"], table["top1_score"].round(4))))
 
 
-def test_two_actors_give_the_one_process_rows(cli, tmp_path, colour_checkpoint, cluster):
+def test_two_actors_give_the_one_process_rows(cli, tmp_path, colour_checkpoint, cluster,
+                                              monkeypatch):
     folder = tmp_path / "imgs"
     write_colour_images(folder, 18)
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     local = cli(*args(folder, tmp_path / "local", colour_checkpoint))
     assert local.exit_code == 0, local.output
-    done = cli(*args(folder, tmp_path / "ray", colour_checkpoint, "--engine", "ray",
-                     "--actors", "2"))
+    monkeypatch.setattr("pipeline.progress.LOG_PROGRESS_SECONDS", 0)  # the driver's bar
+    done = cli(*[a for a in args(folder, tmp_path / "ray", colour_checkpoint, "--engine", "ray",
+                                 "--actors", "2") if a != "-q"])
     assert done.exit_code == 0, done.output
+    bar = re.findall(r"^label-images: (\d+) of 19 images \(\d+%\), [^,]+(, 1 error)?, ",
+                     done.output, re.MULTILINE)
+    assert bar[-1] == ("19", ", 1 error"), done.output  # the actors' error rows, counted
     expected, found = read_output(tmp_path / "local" / "labels.parquet"), read_output(
         tmp_path / "ray" / "labels.parquet")
     assert list(found["key"]) == list(expected["key"])  # every key once, in plan order
