@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 import pipeline
-from pipeline import formats, plan as planning, rundir
+from pipeline import formats, plan as planning, rundir, runtimes
 from pipeline import settings as machine
 from pipeline.backends import Backend, ModelSpec, backend_for, resolve_model
 from pipeline.classifier import Classifier
@@ -108,6 +108,7 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     device, dtype = machine.device_and_precision(config, part, spec.precision)
     classifier = Classifier(spec, device, dtype, config.top_k, embeddings=config.embeddings)
     store = Store(config.out)
+    config, kept = _runtime_of_the_run(config, store, device)
     if not driven and part.merges:  # the table's catalog answers, the table is ours: before
         formats.of(config).check(store)  # the listing and the labelling, not after
     if list_items is None:
@@ -124,9 +125,31 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     chosen = machine.resolve(config, part, classifier, source, sample, pending,
                              ended_abruptly=None if driven else _ended_abruptly(config, store,
                                                                                 part))
+    if kept:
+        chosen.measured["runtime_kept"] = f"{kept}: the runtime this run began with"
     machine.apply(classifier, chosen)
     return Job(config, part, source, spec, classifier, chosen, items,
                started=time.perf_counter() if started is None else started)
+
+
+def _runtime_of_the_run(config: RunConfig, store: Store,
+                        device: torch.device) -> tuple[RunConfig, str | None]:
+    """auto, in a run directory whose run chose already (a resume, a slice starting later,
+    an engine's actor): that runtime, so that one table is labelled by one runtime (they
+    agree within a tolerance, not bit for bit), where it chose for the same kind of device.
+    A night, or --overwrite, chooses afresh."""
+    if (config.runtime != "auto" or config.compile is not None or config.overwrite
+            or config.incremental):
+        return config, None
+    resolved = (rundir.read_json(store, rundir.RUN_FILE) or {}).get("resolved") or {}
+    chosen = resolved.get("runtime")
+    if chosen not in runtimes.RUNTIMES or str(resolved.get("device")).split(":")[0] != device.type:
+        return config, None  # chosen for another kind of device (a CPU driver, GPU actors)
+    try:
+        runtimes.get(chosen).check(device)
+    except UsageError:  # not installed on this machine: auto among what is
+        return config, None
+    return dataclasses.replace(config, runtime=chosen, compile=chosen == "compile"), chosen
 
 
 def _ended_abruptly(config: RunConfig, store: Store, part: Slice) -> str | None:

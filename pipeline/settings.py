@@ -102,23 +102,14 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
         eager = _Model(classifier, model.batch_size, model.images_per_second())
         compiled = _compile(classifier, model, compiled_sizes, cores, measured)
     workers = config.workers
-    if runtime == "openvino" and workers:
-        raise UsageError("--runtime openvino decodes in the main process for now: pass "
-                         "--workers 0 (loader workers forked beside OpenVINO's threads "
-                         "crash the process)")
-    if workers is None and runtime == "openvino":
-        # Forked beside OpenVINO's threads, decode workers crash the process when a child
-        # exits (docs/design.md): decoding in the main process until that is solved.
-        workers = 0
-        measured["workers_note"] = "0: loader workers are not forked beside OpenVINO"
-    elif workers is None:
+    if workers is None:
         workers = _workers(config, source, sample[:tuning.DECODE_SAMPLE], model, cores,
                            measured)
     size = _fit_memory(config, part, classifier, LoaderSize(workers, model.batch_size,
                                                             _prefetch(device)), measured)
     if compile:
         measured["compiled"] = _compile_figures(classifier, compiled, size.batch_size, eager)
-    if ended_abruptly and runtime != "openvino":
+    if ended_abruptly:
         size = _after_abrupt_end(size, config, classifier.spec.preprocess.crop_bytes,
                                  ended_abruptly)
     return Settings(device=device, dtype=classifier.dtype, batch_size=size.batch_size,
@@ -146,10 +137,7 @@ def _runtime_asked(config: RunConfig, classifier: Classifier, source: Source,
         else:
             module.use(classifier, classifier.dtype)
         return "openvino"
-    # auto weighs another runtime only where the job decodes in the main process: OpenVINO
-    # beside forked decode workers crashes the process (see the workers below)
-    if (config.runtime == "auto" and config.compile is None and not config.embeddings
-            and config.workers == 0):
+    if config.runtime == "auto" and config.compile is None and not config.embeddings:
         return None
     return "torch"
 

@@ -112,20 +112,18 @@ def colour_folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return folder, write_colour_images(folder, 24)
 
 
-# A run in this process with --workers 0 is on --runtime torch unless it names a runtime:
-# `auto` with --workers 0 would load OpenVINO into the test process, and OpenVINO's threads, once
-# started, can crash a process whose later decode workers or subprocesses exit
-# (docs/design.md#openvino-and-forked-decode-workers-open). What loads OpenVINO runs in a
-# subprocess (invoke_subprocess): test_runtimes, test_bench, test_parity's OpenVINO rows.
+# A run in this process is on --runtime torch unless it names a runtime: `auto` would weigh
+# OpenVINO (where installed) and might label one run of a comparison with it and the other
+# with torch, which agree within a tolerance, not bit for bit. What tests OpenVINO and auto's
+# choice runs in a process of its own, as a user's job does (invoke_subprocess):
+# test_runtimes, test_bench, test_parity's OpenVINO rows.
 _RUNTIME_FLAGS = ("--runtime", "--compile", "--no-compile")
 
 
 def invoke(*args: str | os.PathLike):
     """Invoke `label-images` in-process; returns the click Result."""
     args = [str(a) for a in args]
-    decodes_here = any(a == "--workers" and b == "0" for a, b in zip(args, args[1:]))
-    if (args[:1] == ["run"] and decodes_here
-            and not any(a.split("=")[0] in _RUNTIME_FLAGS for a in args)):
+    if args[:1] == ["run"] and not any(a.split("=")[0] in _RUNTIME_FLAGS for a in args):
         args += ["--runtime", "torch"]
     return CliRunner().invoke(app, args, catch_exceptions=False)
 

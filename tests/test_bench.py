@@ -39,6 +39,7 @@ def test_bench_reports_all_stages_side_by_side(cli, tmp_path, colour_checkpoint)
     for name in ("torch", "compile", "openvino"):
         assert f"runtime {name}: end to end" in names
         assert runtimes[name]["model_alone"] > 0 and runtimes[name]["end_to_end"] > 0
+        assert runtimes[name]["workers"] == 1  # the --workers asked for, OpenVINO's too
     assert "runtime openvino int8: refused" in names
     assert all(f["images_per_second"] > 0 for f in figures["figures"]
                if not f["name"].endswith("refused"))

@@ -36,14 +36,16 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_openvino_gives_torchs_labels(cli, tmp_path, colour_checkpoint, cache, precision):
+@pytest.mark.parametrize("precision, workers", [("fp32", "0"), ("bf16", "1")])
+def test_openvino_gives_torchs_labels(cli, tmp_path, colour_checkpoint, cache, precision,
+                                      workers):
     folder = tmp_path / "imgs"
     write_colour_images(folder, 10)
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     for runtime in ("torch", "openvino"):
         done = cli(*job(folder, tmp_path / runtime, colour_checkpoint, "--runtime", runtime,
-                        "--precision", "fp32" if runtime == "torch" else precision))
+                        "--precision", "fp32" if runtime == "torch" else precision,
+                        "--workers", workers))
         assert done.exit_code == 0, done.output
     reference = read_output(tmp_path / "torch" / "labels.parquet")
     found = read_output(tmp_path / "openvino" / "labels.parquet")
@@ -55,6 +57,41 @@ def test_openvino_gives_torchs_labels(cli, tmp_path, colour_checkpoint, cache, p
     assert gap <= TOLERANCE[precision], gap
     resolved = json.loads((tmp_path / "openvino" / "run.json").read_text())["resolved"]
     assert resolved["runtime"] == "openvino" and resolved["compile"] is False
+    assert resolved["workers"] == int(workers)
+
+
+_LONG_LIVED = """
+import os, signal, subprocess, sys
+from pipeline import engines
+from pipeline.config import RunConfig
+
+for night in ("a", "b"):
+    engines.run(RunConfig(source=sys.argv[1], out=os.path.join(sys.argv[2], night),
+                          model="resnet18", weights=sys.argv[3], runtime="openvino",
+                          precision="fp32", workers=1, batch_size=4, top_k=2, quiet=True,
+                          resize=72, crop=64))
+for _ in range(30):
+    subprocess.run(["true"])  # each child's exit is a SIGCHLD to this process
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+except KeyboardInterrupt:
+    print("interrupted cleanly")
+"""
+
+
+def test_a_process_that_ran_openvino_beside_a_decode_worker_takes_signals_after(
+        tmp_path, colour_checkpoint, cache):
+    """A notebook or a service runs two jobs, then starts subprocesses and is stopped:
+    OpenVINO, once run, left the process dying of SIGSEGV at its next signal (its CPU
+    plugin's alternate signal stack, unmapped but still the thread's)."""
+    write_colour_images(tmp_path / "imgs", 12)
+    done = subprocess.run([sys.executable, "-c", _LONG_LIVED, str(tmp_path / "imgs"),
+                           str(tmp_path), str(colour_checkpoint)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "interrupted cleanly"
+    for night in ("a", "b"):
+        assert len(read_output(tmp_path / night / "labels.parquet")) == 12
 
 
 def test_the_converted_model_is_reused_and_a_changed_checkpoint_is_converted_anew(
@@ -215,3 +252,25 @@ def test_auto_weighs_torch_at_the_speedup_compiling_gave_on_this_machine(colour_
     assert many["compiled_expected"] == pytest.approx(found["eager"] * 1000, rel=0.01)
     assert many["compiled_expected_from"] == "this machine"
     assert "compiled_expected" not in few  # torch weighed at its eager rate
+
+
+def test_a_run_keeps_the_runtime_it_began_with(cli, tmp_path, colour_checkpoint, cache):
+    """A later slice (or a resume, an actor) on auto labels with the runtime the run chose,
+    not with whatever auto would measure now: one table, one runtime."""
+    write_colour_images(tmp_path / "imgs", 8)
+    out = tmp_path / "run"
+    first = cli(*job(tmp_path / "imgs", out, colour_checkpoint, "--runtime", "openvino",
+                     "--shard-size", "2", "--num-slices", "2", "--slice-index", "0"))
+    assert first.exit_code == 0, first.output
+    later = cli(*job(tmp_path / "imgs", out, colour_checkpoint, "--shard-size", "2",
+                     "--num-slices", "2", "--slice-index", "1"))  # auto
+    assert later.exit_code == 0, later.output
+    resolved = json.loads((out / "run.json").read_text())["resolved"]
+    assert resolved["runtime"] == "openvino"
+    assert resolved["measured"]["runtime_kept"].startswith("openvino")
+    assert "runtimes" not in resolved["measured"]  # auto did not measure again
+    afresh = cli(*job(tmp_path / "imgs", out, colour_checkpoint, "--runtime", "auto",
+                      "--overwrite"))
+    assert afresh.exit_code == 0, afresh.output
+    measured = json.loads((out / "run.json").read_text())["resolved"]["measured"]
+    assert "runtime_kept" not in measured and "runtimes" in measured

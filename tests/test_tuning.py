@@ -12,7 +12,7 @@ import torch
 import torch._dynamo
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-from pipeline import heap, tuning
+from pipeline import heap, runtimes, tuning
 from pipeline.backends import resolve_model
 from pipeline.classifier import Classifier
 from pipeline.errors import RunError
@@ -123,12 +123,14 @@ def test_compiled_and_eager_agree_and_a_short_batch_is_padded_to_one_shape(colou
 
 
 def test_the_choices_and_their_figures_are_recorded(cli, tmp_path, colour_checkpoint,
-                                                    own_cache):
+                                                    own_cache, monkeypatch):
     folder = tmp_path / "imgs"
     write_colour_images(folder, 12)
     out = tmp_path / "run"
+    # auto as on a machine with torch alone (auto among runtimes: test_runtimes)
+    monkeypatch.delitem(runtimes.RUNTIMES, "openvino")
     result = cli("run", folder, "--out", out, "--model", "resnet18", "--weights",
-                 colour_checkpoint, "--top-k", "2", "--quiet", *FAST)
+                 colour_checkpoint, "--top-k", "2", "--quiet", "--runtime", "auto", *FAST)
     assert result.exit_code == 0, result.output
     resolved = json.loads((out / "run.json").read_text())["resolved"]
     measured = resolved["measured"]

@@ -11,6 +11,7 @@ from pipeline.bench.model import alone
 from pipeline.bench.sample import Figure, Sample
 from pipeline.classifier import Classifier
 from pipeline.errors import UsageError
+from pipeline.summary import count
 
 
 def measure(sample: Sample) -> None:
@@ -33,13 +34,17 @@ def measure(sample: Sample) -> None:
             quiet=True, overwrite=True, path_column=None, id_column=None, root=None,
             keep_columns=(), runtime=name, compile=name == "compile",
             precision=precision or config.precision, batch_size=batch,
-            workers=0 if name == "openvino" else job.settings.workers))
+            # torch's are the job's own; another runtime's measured by its run, as a job on
+            # it would (its model's rate decides how many decode workers keep up)
+            workers=job.settings.workers if name in ("torch", "compile") else config.workers))
         e2e = run.images_per_second
         found[label] = {"model_alone": round(rate, 1), "batch_size": batch,
+                        "workers": run.settings.get("workers"),
                         "end_to_end": round(e2e, 1),
                         "waiting_for_batches": round(run.load_seconds / run.loop_seconds, 3)}
         sample.figures += [Figure(f"runtime {label}: model alone, batch {batch}", rate),
                            Figure(f"runtime {label}: end to end", e2e,
+                                  f"{count(run.settings.get('workers', 0), 'worker')}, "
                                   f"{run.load_seconds / run.loop_seconds:.0%} of it getting "
                                   "batches" + (": decode is the bottleneck" if
                                                run.load_seconds > 0.5 * run.loop_seconds

@@ -62,7 +62,7 @@ def quantize(classifier, source, paths: list[str], max_pixels: int) -> dict:
     from pipeline.runtimes import openvino as runtime
 
     ov = runtime.load()
-    with runtime.without_sigchld():  # its threads too: see openvino.without_sigchld
+    with runtime.shielded():  # its threads too: see openvino.shielded
         import nncf
 
     check()
@@ -82,7 +82,7 @@ def quantize(classifier, source, paths: list[str], max_pixels: int) -> dict:
     core = ov.Core()
     if not cached:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(
-                io.StringIO()), runtime.without_sigchld():
+                io.StringIO()), runtime.shielded():
             # NNCF draws progress bars: this is one step of the job's start, not its output
             quantized = nncf.quantize(core.read_model(str(path)), nncf.Dataset(inputs),
                                       subset_size=len(calibration))
@@ -95,7 +95,7 @@ def quantize(classifier, source, paths: list[str], max_pixels: int) -> dict:
             shutil.rmtree(partial, ignore_errors=True)
     options = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     model = core.read_model(str(target))
-    with runtime.without_sigchld():
+    with runtime.shielded():
         compiled = core.compile_model(model, "CPU", options)
     int8 = runtime.Network(compiled, "int8", cached, 0.0,
                            model, options)

@@ -11,12 +11,14 @@ float batch; what comes back are the logits the top-k is taken of.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -38,22 +40,61 @@ def check(device) -> None:
                          "or another runtime")
 
 
+# The signals the job handles (a dead loader worker, Ctrl-C, a scheduler's stop): taken on
+# our threads, none of OpenVINO's.
+_PROCESS_SIGNALS = {signal.SIGCHLD, signal.SIGINT, signal.SIGTERM}
+
+
 @contextlib.contextmanager
-def without_sigchld():
-    """OpenVINO starts its threads when it first runs: they take this thread's signal mask.
-    With SIGCHLD blocked there, a loader worker's or a subprocess's exit is delivered to
-    the main thread, as torch's DataLoader handler for it expects (run on one of
-    OpenVINO's threads, it crashed the process: a bench segfaulted after its first fork)."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+def shielded():
+    """An OpenVINO call, leaving this thread's signal handling as it found it.
+
+    OpenVINO's CPU plugin gives the thread that compiles a model an alternate signal stack
+    (sigaltstack) and, once that model is freed, unmaps the stack without taking it off
+    the thread. Python's handlers run on the alternate stack, so the next signal this
+    thread took (a loader worker's or a subprocess's exit, Ctrl-C) was a SIGSEGV: the
+    kernel could not write the signal's frame there. Our stack is put back after every
+    call. The threads OpenVINO starts inside take the job's signals blocked, so they
+    arrive on ours.
+    """
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _PROCESS_SIGNALS)
+    stack = _signal_stack()
     try:
         yield
     finally:
+        _signal_stack(stack)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+_SS_DISABLE = 2  # <signal.h>: no alternate stack
+
+
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int),
+                ("ss_size", ctypes.c_size_t)]  # Linux's stack_t
+
+
+def _signal_stack(restore: _SignalStack | None = None) -> _SignalStack | None:
+    """This thread's alternate signal stack; with `restore`, set back to it (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    current = _SignalStack()
+    if restore is None:
+        libc.sigaltstack(None, ctypes.byref(current))
+        return current
+    if restore.ss_flags & _SS_DISABLE:
+        restore = _SignalStack(None, _SS_DISABLE, 0)
+    else:
+        restore = _SignalStack(restore.ss_sp, 0, restore.ss_size)
+    if libc.sigaltstack(ctypes.byref(restore), None) != 0:
+        raise OSError(ctypes.get_errno(), "sigaltstack")
+    return None
+
+
 def load():
-    """openvino, imported (its threads started) with SIGCHLD blocked: see without_sigchld."""
-    with without_sigchld():
+    """openvino, imported with its first threads shielded (see shielded)."""
+    with shielded():
         import openvino
 
     return openvino
@@ -72,7 +113,7 @@ class Network:
         self.convert_seconds = convert_seconds
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with without_sigchld():
+        with shielded():
             found = self.compiled(x.float().contiguous().numpy())[0]
         return torch.from_numpy(np.asarray(found))
 
@@ -80,7 +121,7 @@ class Network:
         """The same model compiled for `threads` (those the decode workers leave it)."""
         ov = load()
         options = {**self.options, "INFERENCE_NUM_THREADS": threads}
-        with without_sigchld():
+        with shielded():
             compiled = ov.Core().compile_model(self.model, "CPU", options)
         return Network(compiled, self.precision,
                        self.cached, self.convert_seconds, self.model, options)
@@ -99,7 +140,7 @@ def use(classifier, precision: torch.dtype) -> Network:
     core = ov.Core()
     model = core.read_model(str(path))
     options = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
-    with without_sigchld():
+    with shielded():
         compiled = core.compile_model(model, "CPU", options)
     network = Network(compiled, hint, cached, convert_seconds,
                       model, options)
@@ -128,7 +169,7 @@ def converted(classifier, ov) -> tuple[Path, bool, float]:
     # size, the input's other sides fixed, so OpenVINO plans for them.
     batch = torch.export.Dim("batch", min=1, max=65536)
     exported = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
-    with without_sigchld():
+    with shielded():
         model = ov.convert_model(exported)
     model.reshape([-1, *example.shape[1:]])
     partial = folder.with_name(f".{key}.{os.getpid()}")
