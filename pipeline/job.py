@@ -141,7 +141,11 @@ def _runtime_of_the_run(config: RunConfig, store: Store,
     if (config.runtime != "auto" or config.compile is not None or config.overwrite
             or config.incremental):
         return config, None
-    resolved = (rundir.read_json(store, rundir.RUN_FILE) or {}).get("resolved") or {}
+    try:
+        record = rundir.read_json(store, rundir.RUN_FILE) or {}
+    except (OSError, UsageError):  # no run directory to read: said where it is opened
+        return config, None
+    resolved = record.get("resolved") or {}
     chosen = resolved.get("runtime")
     if chosen not in runtimes.RUNTIMES or str(resolved.get("device")).split(":")[0] != device.type:
         return config, None  # chosen for another kind of device (a CPU driver, GPU actors)
