@@ -85,7 +85,7 @@ def quantize(classifier, source, paths: list[str], max_pixels: int) -> dict:
                 io.StringIO()), runtime.shielded():
             # NNCF draws progress bars: this is one step of the job's start, not its output
             quantized = nncf.quantize(core.read_model(str(path)), nncf.Dataset(inputs),
-                                      subset_size=len(calibration))
+                                      subset_size=len(inputs))  # in batches, as given
         partial = target.parent.with_name(f".{target.parent.name}.{os.getpid()}")
         partial.mkdir(parents=True, exist_ok=True)
         ov.save_model(quantized, str(partial / "model.xml"), compress_to_fp16=False)
