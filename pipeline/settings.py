@@ -52,8 +52,9 @@ def apply(classifier: Classifier, settings: Settings) -> None:
     """The one place the run's classifier takes its settings: compiled (a compile that was
     measured is kept, not redone) and padded to one batch shape. The runtime seam plugs in
     here."""
-    if settings.runtime == "openvino" and settings.threads:  # those the workers leave it
-        classifier.use_network(classifier.net.with_threads(settings.threads), "openvino")
+    # a runtime with threads of its own gets those the workers leave it (torch's: runner)
+    if settings.threads and hasattr(classifier.net, "with_threads"):
+        classifier.use_network(classifier.net.with_threads(settings.threads), settings.runtime)
     if settings.compile:
         classifier.compile(fixed_batch=settings.batch_size)
     if settings.pad_batches:
@@ -123,9 +124,9 @@ def _runtime_asked(config: RunConfig, classifier: Classifier, source: Source,
                    sample: list[str], measured: dict) -> str | None:
     """The runtime asked for, made the classifier's (OpenVINO converted or read from its
     cache; INT8 calibrated and checked on the job's `sample`); None for auto, where
-    torch's is measured first."""
-    if config.runtime == "openvino":
-        module = runtimes.get("openvino")
+    torch's is measured first. torch's own (eager, compile) are decided with compiling."""
+    if config.runtime != "auto" and runtimes.get(config.runtime).own_kernels:
+        module = runtimes.get(config.runtime)
         module.check(classifier.device)
         if config.embeddings:
             raise UsageError("--embeddings come from torch's forward pass: use --runtime "
@@ -136,7 +137,7 @@ def _runtime_asked(config: RunConfig, classifier: Classifier, source: Source,
             measured["int8"] = int8.quantize(classifier, source, sample, config.max_pixels)
         else:
             module.use(classifier, classifier.dtype)
-        return "openvino"
+        return config.runtime
     if config.runtime == "auto" and config.compile is None and not config.embeddings:
         return None
     return "torch"
@@ -150,7 +151,7 @@ def _fastest_runtime(config: RunConfig, classifier: Classifier, model: _Model, p
     machine last time (else our prior), since compiling only to compare costs a minute. Torch
     is then compiled or not as ever (_compile_pays, the same figures)."""
     others = [name for name in runtimes.installed(classifier.device)
-              if name not in ("torch", "compile")]
+              if runtimes.get(name).own_kernels]
     if not others:
         return "torch", model
     rates = {"torch": model.images_per_second()}

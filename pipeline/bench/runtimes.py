@@ -36,7 +36,7 @@ def measure(sample: Sample) -> None:
             precision=precision or config.precision, batch_size=batch,
             # torch's are the job's own; another runtime's measured by its run, as a job on
             # it would (its model's rate decides how many decode workers keep up)
-            workers=job.settings.workers if name in ("torch", "compile") else config.workers))
+            workers=config.workers if runtimes.get(name).own_kernels else job.settings.workers))
         e2e = run.images_per_second
         found[label] = {"model_alone": round(rate, 1), "batch_size": batch,
                         "workers": run.settings.get("workers"),

@@ -4,6 +4,7 @@ compiling repays its time, and the classifier compiles (Classifier.compile)."""
 from __future__ import annotations
 
 name = "compile"
+own_kernels = False  # torch runs the network: its features (embeddings) are there
 
 
 def check(device) -> None:

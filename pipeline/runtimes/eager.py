@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 name = "torch"
+own_kernels = False  # torch runs the network: its features (embeddings) are there
 
 
 def check(device) -> None:

@@ -28,6 +28,7 @@ import torch
 from pipeline.errors import UsageError
 
 name = "openvino"
+own_kernels = True  # the network outside torch: logits only, no embeddings
 PRECISIONS = {torch.bfloat16: "bf16", torch.float32: "f32", torch.float16: "f16"}
 
 
