@@ -146,8 +146,8 @@ def _runtime_of_the_run(config: RunConfig, store: Store,
     except (OSError, UsageError):  # no run directory to read: said where it is opened
         return config, None
     resolved = record.get("resolved") or {}
-    chosen = resolved.get("runtime")
-    if chosen not in runtimes.RUNTIMES or str(resolved.get("device")).split(":")[0] != device.type:
+    chosen, where = resolved.get("runtime"), str(resolved.get("device")).split(":")[0]
+    if chosen not in runtimes.RUNTIMES or where != device.type:
         return config, None  # chosen for another kind of device (a CPU driver, GPU actors)
     try:
         runtimes.get(chosen).check(device)

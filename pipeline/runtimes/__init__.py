@@ -4,9 +4,10 @@ A runtime module has `name`, `own_kernels` (True where the network runs outside 
 torch features, so no embeddings; auto measures it against torch), `check(device)` (a
 one-line refusal where it cannot run: its extra missing, a device it does not run on), and
 `use(classifier, precision, ...)`, which makes the classifier run its network that way; a
-network with threads of its own has `with_threads(n)` (those the decode workers leave). torch eager is the network as built;
-compile is torch.compile of it (settings measures whether it pays); OpenVINO converts it
-and runs it with its own CPU kernels. `auto` measures the installed ones (settings.resolve).
+network with threads of its own has `with_threads(n)` (those the decode workers leave).
+torch eager is the network as built; compile is torch.compile of it (settings measures
+whether it pays); OpenVINO converts it and runs it with its own CPU kernels. `auto`
+measures the installed ones (settings.resolve).
 Imported when used: a module's library is an optional extra.
 """
 
