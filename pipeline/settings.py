@@ -125,8 +125,8 @@ def _runtime_asked(config: RunConfig, classifier: Classifier, source: Source,
     """The runtime asked for, made the classifier's (OpenVINO converted or read from its
     cache; INT8 calibrated and checked on the job's `sample`); None for auto, where
     torch's is measured first. torch's own (eager, compile) are decided with compiling."""
-    if config.runtime != "auto" and runtimes.get(config.runtime).own_kernels:
-        module = runtimes.get(config.runtime)
+    module = runtimes.get(config.runtime) if config.runtime != "auto" else None
+    if module is not None and module.own_kernels:
         module.check(classifier.device)
         if config.embeddings:
             raise UsageError("--embeddings come from torch's forward pass: use --runtime "

@@ -70,6 +70,10 @@ def shielded():
 _SS_DISABLE = 2  # <signal.h>: no alternate stack
 
 
+# libc, opened once: shielded() runs around every batch's inference
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
 class _SignalStack(ctypes.Structure):
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int),
                 ("ss_size", ctypes.c_size_t)]  # Linux's stack_t
@@ -77,18 +81,17 @@ class _SignalStack(ctypes.Structure):
 
 def _signal_stack(restore: _SignalStack | None = None) -> _SignalStack | None:
     """This thread's alternate signal stack; with `restore`, set back to it (Linux only)."""
-    if not sys.platform.startswith("linux"):
+    if _LIBC is None:
         return None
-    libc = ctypes.CDLL(None, use_errno=True)
     current = _SignalStack()
     if restore is None:
-        libc.sigaltstack(None, ctypes.byref(current))
+        _LIBC.sigaltstack(None, ctypes.byref(current))
         return current
     if restore.ss_flags & _SS_DISABLE:
         restore = _SignalStack(None, _SS_DISABLE, 0)
     else:
         restore = _SignalStack(restore.ss_sp, 0, restore.ss_size)
-    if libc.sigaltstack(ctypes.byref(restore), None) != 0:
+    if _LIBC.sigaltstack(ctypes.byref(restore), None) != 0:
         raise OSError(ctypes.get_errno(), "sigaltstack")
     return None
 
