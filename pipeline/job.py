@@ -19,7 +19,7 @@ from pipeline import settings as machine
 from pipeline.backends import Backend, ModelSpec, backend_for, resolve_model
 from pipeline.classifier import Classifier
 from pipeline.config import DEFAULT_TOP_K, RunConfig
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, notice
 from pipeline.launchers import Slice
 from pipeline.rundir import PLAN_FILE, RunDirectory, committed_shards
 from pipeline.settings import Settings
@@ -157,12 +157,22 @@ def _runtime_of_the_run(config: RunConfig, store: Store,
 
 
 def _ended_abruptly(config: RunConfig, store: Store, part: Slice) -> str | None:
-    """Where the last run died holding the run directory, if this run is to go on from it
-    (a finished table is not relabelled; an incremental night always labels)."""
-    if not rundir.ended_abruptly(store, part):
+    """Where the last run died holding the run directory, if a fatal signal (a file that
+    crashes the decoder) took it down and this run is to go on from it: settings then decodes
+    in a worker. A kill is said as what it is, and changes nothing (a finished table is not
+    relabelled; an incremental night always labels)."""
+    how = rundir.ended_abruptly(store, part)
+    if how is None:
         return None
     finished = RunDirectory(config.out, part).is_finished(formats.of(config), part.whole)
-    return store.url() if config.overwrite or config.incremental or not finished else None
+    if not (config.overwrite or config.incremental or not finished):
+        return None
+    if how == "killed":
+        if not config.overwrite:
+            notice(f"the last run in {store.url()} did not finish (it was stopped without "
+                   "warning, e.g. killed or out of memory); resuming it")
+        return None
+    return store.url()
 
 
 def _sample_and_pending(items: pa.Table | None, store: Store, part: Slice,

@@ -14,11 +14,13 @@ labels.parquet    the final table (or labels.csv)
 from __future__ import annotations
 
 import errno
+import faulthandler
 import fcntl
 import hashlib
 import json
 import os
 import re
+import sys
 import uuid
 from pathlib import Path
 
@@ -92,17 +94,22 @@ def lock_name(part: Slice) -> str:
     return LOCK_FILE if part.whole else f"{LOCK_FILE}-{part.index}-of-{part.count}"
 
 
-def ended_abruptly(store: Store, part: Slice = Slice()) -> bool:
-    """Whether the last run here died holding the directory (SIGKILL, a segfault, the OOM
-    killer): its pid is still in the lock file, which a run ending in any other way empties.
-    Read-only, before the run takes the lock; object-store prefixes have no lock to tell."""
+def ended_abruptly(store: Store, part: Slice = Slice()) -> str | None:
+    """How the last run here died holding the directory, if it did: "crashed" when a fatal
+    signal (a decoder's segfault) left Python's fault trace after its pid in the lock file,
+    "killed" when only the pid is there (SIGKILL, the OOM killer, a lost machine): a run
+    ending any other way empties it. Read-only, before the run takes the lock; object-store
+    prefixes have no lock to tell."""
     if store.remote:
-        return False
+        return None
     try:
         with open(Path(store.root) / lock_name(part), "rb") as fh:
-            return bool(fh.read(64).strip())
+            held = fh.read(1 << 16)
     except OSError:
-        return False
+        return None
+    if not held.strip():
+        return None
+    return "crashed" if b"Fatal Python error" in held else "killed"
 
 
 class RunDirectory:
@@ -144,6 +151,11 @@ class RunDirectory:
                            f"{path}; wait for it to finish or choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.lseek(fd, 0, os.SEEK_END)
+        # A fatal signal writes Python's trace after the pid: how the next run tells a
+        # crash (a file that kills the decoder) from a kill, which leaves only the pid.
+        self._faults_were_shown = faulthandler.is_enabled()
+        faulthandler.enable(file=fd, all_threads=True)
         self._lock_fd = fd
         # Only temporaries nobody else can be writing: this slice's own parts, and the
         # top-level files when no other slice can be running.
@@ -158,6 +170,9 @@ class RunDirectory:
 
     def __exit__(self, *exc_info) -> None:
         if self._lock_fd is not None:
+            faulthandler.disable()
+            if self._faults_were_shown:  # as before the run (pytest's, python -X faulthandler)
+                faulthandler.enable(file=sys.__stderr__, all_threads=True)
             os.ftruncate(self._lock_fd, 0)  # ended, not abruptly
             fcntl.lockf(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
