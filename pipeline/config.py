@@ -52,6 +52,7 @@ class RunConfig:
     quiet: bool = False
     compile: bool | None = None  # None: compile when it pays, measured (--runtime's alias)
     runtime: str = "auto"  # runtimes.NAMES: what runs the network; auto measures
+    int8_agreement: float = 0.99  # --precision int8: least top-1 agreement with fp32
     num_slices: int | None = None  # slices of an array job; each labels every n-th shard
     slice_index: int | None = None
     incremental: bool = False
@@ -139,6 +140,9 @@ def _check_type(name: str, value: Any) -> None:
     elif kind in (bool, bool | None):
         ok = isinstance(value, bool)
         expected = "true or false"
+    elif kind in (float, float | None):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        expected = "a number"
     elif kind == tuple[str, ...]:
         ok = isinstance(value, (list, tuple)) and all(isinstance(c, str) for c in value)
         expected = "a list of column names"
@@ -174,6 +178,9 @@ def _check_values(config: RunConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UsageError(f"{_flag(name)} must be at least 1, got {value}")
+    if not 0 < config.int8_agreement <= 1:
+        raise UsageError(f"--int8-agreement is a share of images, above 0 and at most 1 "
+                         f"(0.98 for 98%), got {config.int8_agreement}")
     if config.workers is not None and config.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {config.workers}")
     if len(set(config.keep_columns)) != len(config.keep_columns):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
+import time
+from contextlib import contextmanager
 
 from tqdm import tqdm
 
+from pipeline.errors import notice
 from pipeline.launchers import Slice
 from pipeline.summary import count
 
@@ -55,3 +58,16 @@ class _LogLines:
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+@contextmanager
+def step(what: str, shown: bool = True):
+    """A start-up step that takes seconds (measuring, converting, compiling), said as it
+    begins and with its time when it ends: a first minute is never a silent one."""
+    if not shown:
+        yield
+        return
+    notice(f"{what} ...")
+    began = time.perf_counter()
+    yield
+    notice(f"{what}: done in {time.perf_counter() - began:.1f} s")

@@ -19,11 +19,16 @@ from pipeline.errors import UsageError, notice
 from pipeline.launchers import Slice
 from pipeline.memory import (PREFETCH_BATCHES, LoaderSize, available_memory, fit_pinned_memory,
                              fit_shared_memory, free_shared_memory, size_for_shared_memory)
+from pipeline.progress import step
 from pipeline.sources import Source
 
 # Below this many images to label, compiling cannot pay on any machine we know: it takes
 # 20-30 s and saves a third of the model's time. Not measured for, then.
 MIN_IMAGES_TO_COMPILE = 1000
+# Below this many, the batch size and the runtimes are not measured either (what this
+# machine measured before is still used): measuring takes 10-60 s on a CPU, longer than
+# labelling such a job at any of the candidates. LABEL_IMAGES_MEASURE_FROM sets another.
+MIN_IMAGES_TO_MEASURE = 1000
 CUDA_PREFETCH_BATCHES = 2
 
 
@@ -77,8 +82,8 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
     """Everything the run decides about the machine, once; `apply` gives it to the classifier.
 
     `sample`: paths of the job's first images, to measure decoding on; `pending`: how many
-    images this process is to label; `ended_abruptly`: where the last run was killed (or a
-    file crashed the decoder in its process), read from the run directory. Each step may use
+    images this process is to label; `ended_abruptly`: where the last run crashed (a file
+    that crashed the decoder in its process), read from the run directory. Each step may use
     what the ones before it measured (docs/design.md lists the order and why). Measuring a
     compiled model compiles the classifier; apply keeps that compile.
     """
@@ -86,8 +91,9 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
     # first: every measurement below, and the run, with the heap as the run will have it
     measured: dict = {"machine": tuning.machine_name(device), "heap": heap.keep_freed_memory()}
     cores = max(1, tuning.usable_cores() // _ranks_per_node(part))
+    shown = not config.quiet
     runtime = _runtime_asked(config, classifier, source, sample, measured)
-    model = _batch_size(config, classifier, measured)
+    model = _batch_size(config, classifier, measured, pending)
     if runtime is None:  # auto: another runtime installed here is measured against torch's
         runtime, model = _fastest_runtime(config, classifier, model, pending, measured)
     # where a compiled model's best batch is looked for: around the eager best, if measured
@@ -101,7 +107,11 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
     if compile:
         # the eager model, measured before compiling: what the compiled one is held to
         eager = _Model(classifier, model.batch_size, model.images_per_second())
-        compiled = _compile(classifier, model, compiled_sizes, cores, measured)
+        expected = measured.get("compile", {}).get("expected", {}).get("compile_seconds")
+        with step(f"compiling {classifier.spec.model} with torch.compile"
+                  + (f" (about {expected:.0f} s, once: the kernels are cached)" if expected
+                     else ""), shown):
+            compiled = _compile(classifier, model, compiled_sizes, cores, measured)
     workers = config.workers
     if workers is None:
         workers = _workers(config, source, sample[:tuning.DECODE_SAMPLE], model, cores,
@@ -134,9 +144,14 @@ def _runtime_asked(config: RunConfig, classifier: Classifier, source: Source,
         if config.precision == "int8":
             from pipeline.runtimes import int8
 
-            measured["int8"] = int8.quantize(classifier, source, sample, config.max_pixels)
+            with step(f"quantizing {classifier.spec.model} to INT8 on this job's first images "
+                      "and checking it against fp32", not config.quiet):
+                measured["int8"] = int8.quantize(classifier, source, sample, config.max_pixels,
+                                                  config.int8_agreement)
         else:
-            module.use(classifier, classifier.dtype)
+            with step(f"preparing {classifier.spec.model} for {config.runtime}",
+                      not config.quiet):
+                module.use(classifier, classifier.dtype)
         return config.runtime
     if config.runtime == "auto" and config.compile is None and not config.embeddings:
         return None
@@ -149,10 +164,14 @@ def _fastest_runtime(config: RunConfig, classifier: Classifier, model: _Model, p
     the faster is kept, and what each did is recorded. torch counts at its compiled rate
     where compiling would pay for the `pending` images: the speedup compiling gave on this
     machine last time (else our prior), since compiling only to compare costs a minute. Torch
-    is then compiled or not as ever (_compile_pays, the same figures)."""
+    is then compiled or not as ever (_compile_pays, the same figures). A job too small to
+    repay converting and measuring another runtime runs on torch."""
     others = [name for name in runtimes.installed(classifier.device)
               if runtimes.get(name).own_kernels]
     if not others:
+        return "torch", model
+    if pending < min_images_to_measure():
+        measured["runtimes"] = {"chosen": "torch", "not_measured": _too_few(pending)}
         return "torch", model
     rates = {"torch": model.images_per_second()}
     torch_rate, record = rates["torch"] or 0, {}
@@ -165,9 +184,11 @@ def _fastest_runtime(config: RunConfig, classifier: Classifier, model: _Model, p
                       "compiled_expected_from": expected["from"]}
     best, best_rate, best_model = "torch", torch_rate, model
     for name in others:
-        runtimes.get(name).use(classifier, classifier.dtype)
-        other = _batch_size(config, classifier, {})
-        rates[name] = other.images_per_second()
+        with step(f"measuring {classifier.spec.model} on {name} against torch (converted "
+                  "once, then cached)", not config.quiet):
+            runtimes.get(name).use(classifier, classifier.dtype)
+            other = _batch_size(config, classifier, {}, pending, announce=False)
+            rates[name] = other.images_per_second()
         if (rates[name] or 0) > best_rate:
             best, best_rate, best_model = name, rates[name], other
     if best == "torch":
@@ -175,6 +196,15 @@ def _fastest_runtime(config: RunConfig, classifier: Classifier, model: _Model, p
     measured["runtimes"] = {"images_per_second": {k: round(v or 0, 1) for k, v in
                                                   rates.items()}, **record, "chosen": best}
     return best, best_model
+
+
+def min_images_to_measure() -> int:
+    return int(os.environ.get("LABEL_IMAGES_MEASURE_FROM", MIN_IMAGES_TO_MEASURE))
+
+
+def _too_few(pending: int) -> str:
+    return (f"{pending} images to label, fewer than the {min_images_to_measure()} that "
+            "repay measuring")
 
 
 @dataclass
@@ -191,11 +221,23 @@ class _Model:
         return self.rate
 
 
-def _batch_size(config: RunConfig, classifier: Classifier, measured: dict) -> _Model:
-    """--batch-size, else the size at which the eager model is fastest here."""
+def _batch_size(config: RunConfig, classifier: Classifier, measured: dict, pending: int,
+                announce: bool = True) -> _Model:
+    """--batch-size, else the size at which the eager model is fastest here (measured once
+    per machine; a job too small to repay it takes the second smallest candidate)."""
     if config.batch_size is not None:
         return _Model(classifier, config.batch_size)
-    choice = tuning.measure_batch_size(classifier)
+    known = tuning.batch_known(classifier)
+    if not known and pending < min_images_to_measure():
+        size = tuning.candidate_batches(classifier.device)[1]
+        measured["batch_sizes"] = {"not_measured": _too_few(pending), "chosen": size}
+        return _Model(classifier, size)
+    sizes = ", ".join(map(str, tuning.candidate_batches(classifier.device)))
+    with step(f"measuring the fastest batch size of {classifier.spec.model} "
+              f"({str(classifier.dtype).removeprefix('torch.')}, {classifier.device.type}) among "
+              f"{sizes}: once per machine, then cached",
+              announce and not known and not config.quiet):
+        choice = tuning.measure_batch_size(classifier)
     measured["batch_sizes"] = choice.to_dict()
     return _Model(classifier, choice.batch_size, choice.rates.get(choice.batch_size))
 
@@ -302,7 +344,7 @@ def _ranks_per_node(part: Slice) -> int:
 
 def _after_abrupt_end(size: LoaderSize, config: RunConfig, crop_bytes: int,
                       where: str) -> LoaderSize:
-    """The last run here was killed, or a file crashed the decoder in its own process:
+    """A file crashed the decoder in the last run's own process (a fatal signal's trace):
     decode in a worker this time (where none was asked for), so that such a file is found
     and becomes an error row instead of ending the run again at the same place."""
     if size.workers or config.workers is not None:
@@ -312,6 +354,7 @@ def _after_abrupt_end(size: LoaderSize, config: RunConfig, crop_bytes: int,
                                fixed_batch=True)
     if worker is None:
         return size
-    notice(f"the last run in {where} ended abruptly: decoding in a worker process this "
-           "time, so that a file that crashes the decoder cannot end it again")
+    notice(f"the last run in {where} crashed (a fatal signal, as when a file crashes the "
+           "decoder): decoding in a worker process this time, so that such a file becomes "
+           "an error row instead of ending the run again")
     return worker

@@ -125,6 +125,11 @@ def compiled_batch_known(classifier: Classifier, candidates: tuple[int, ...]) ->
     return _batch_key(classifier, candidates, compiled=True) in _read_cache()
 
 
+def batch_known(classifier: Classifier) -> bool:
+    """Whether this machine measured the eager model's batch sizes before (cached)."""
+    return _batch_key(classifier, candidate_batches(classifier.device)) in _read_cache()
+
+
 def _batch_key(classifier: Classifier, candidates: tuple[int, ...], compiled: bool = False) -> str:
     return _measurement_key(classifier, ",".join(map(str, candidates)),
                             *(["compiled, frozen"] if compiled else []))

@@ -87,6 +87,13 @@ def _fit_colour_head(net: torch.nn.Module, crop: int = 64) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _measured_whatever_the_size(monkeypatch):
+    """The tests' jobs are tiny: they measure as a job of a thousand images would (a
+    small job's shortcut is tested on its own, test_tuning)."""
+    monkeypatch.setenv("LABEL_IMAGES_MEASURE_FROM", "0")
+
+
+@pytest.fixture(autouse=True)
 def _fresh_compiles():
     """Each test compiles afresh. Dynamo counts every graph of a code object (ResNet.forward
     of any instance, freed ones too) and after 8 runs that code eagerly without a word: in

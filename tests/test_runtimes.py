@@ -4,6 +4,7 @@ model is cached and a changed checkpoint is not, auto records what it measured a
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -209,10 +210,22 @@ def test_int8_that_its_calibration_breaks_is_refused_with_the_figures(cli, tmp_p
     assert refused.exit_code == 2, refused.output
     # (a subprocess's stderr: NNCF's own warnings come before it)
     line, = [line for line in refused.output.splitlines() if "label-images: error" in line]
-    assert "--precision int8 refused: its top-1 agrees with fp32 on" in line
-    assert "of 16 held-out images" in line and "worst top-1 score gap" in line
-    assert "below the 99% bound" in line
+    assert ("--precision int8 refused: calibrated on 24 images and checked on 16 others (the "
+            "job's first 40 images, 40 decodable: fewer than the 300 + 200 asked)") in line
+    assert "worst top-1 score gap" in line and "below the 99.0% bound" in line
     assert not (tmp_path / "run").exists()
+    # the bound is the team's to set: the one the refusal names passes, and is recorded
+    lower = re.search(r"--int8-agreement (\d\.\d\d)", line).group(1)
+    agreed = float(re.search(r"agrees with fp32 on ([\d.]+)%", line).group(1)) / 100
+    assert float(lower) <= agreed < 0.99
+    accepted = cli(*job(tmp_path / "imgs", tmp_path / "run", fragile, "--precision", "int8",
+                        "--int8-agreement", lower))
+    assert accepted.exit_code == 0, accepted.output
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["config"]["int8_agreement"] == float(lower)
+    figures = record["resolved"]["measured"]["int8"]
+    assert figures["bound"] == float(lower)
+    assert abs(figures["top1_agreement"] - agreed) < 1e-3  # the same check, the same images
 
 
 _WEIGHED = """

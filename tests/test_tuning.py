@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import time
 
@@ -150,6 +151,37 @@ def test_the_choices_and_their_figures_are_recorded(cli, tmp_path, colour_checkp
     assert (resolved["batch_size"], resolved["workers"], resolved["compile"]) == (3, 0, False)
     assert "batch_sizes" not in resolved["measured"]  # what was given is not measured
     assert len(read_output(tmp_path / "given" / "labels.parquet")) == 12
+
+
+def test_a_small_job_measures_nothing_and_a_first_measure_is_said_as_it_runs(
+        cli, tmp_path, colour_checkpoint, own_cache, monkeypatch):
+    """157 photos do not repay a minute of measuring; a job that measures says so as it
+    does, on a first run here, and not again once it is cached."""
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 12)
+    monkeypatch.delitem(runtimes.RUNTIMES, "openvino")  # auto as with torch alone
+    common = ("--model", "resnet18", "--weights", colour_checkpoint, "--top-k", "2",
+              "--runtime", "auto", "--workers", "0", *FAST)
+    monkeypatch.delenv("LABEL_IMAGES_MEASURE_FROM")
+    small = cli("run", folder, "--out", tmp_path / "small", *common)
+    assert small.exit_code == 0, small.output
+    measured = json.loads((tmp_path / "small" / "run.json").read_text())["resolved"]["measured"]
+    assert measured["batch_sizes"] == {
+        "not_measured": "12 images to label, fewer than the 1000 that repay measuring",
+        "chosen": tuning.candidate_batches(torch.device("cpu"))[1]}
+    assert "label-images: measuring" not in small.output and not (own_cache / "batch-sizes.json").exists()
+    monkeypatch.setenv("LABEL_IMAGES_MEASURE_FROM", "10")  # as a job of 10 images or more
+    first = cli("run", folder, "--out", tmp_path / "first", *common)
+    assert first.exit_code == 0, first.output
+    said = [line for line in first.output.splitlines() if "fastest batch size" in line]
+    assert len(said) == 2 and said[0].endswith("once per machine, then cached ...")
+    assert re.search(r": done in \d+\.\d s$", said[1]), said
+    assert "images_per_second" in json.loads((tmp_path / "first" / "run.json").read_text())[
+        "resolved"]["measured"]["batch_sizes"]
+    again = cli("run", folder, "--out", tmp_path / "again", *common)
+    assert again.exit_code == 0 and "fastest batch size" not in again.output  # cached
+    quiet = cli("run", folder, "--out", tmp_path / "quiet", *common, "-q", "--batch-size", "2")
+    assert quiet.exit_code == 0 and "label-images: measuring" not in quiet.output
 
 
 def test_a_compiled_job_measures_its_own_batch_size_once(cli, tmp_path, colour_checkpoint,

@@ -27,7 +27,7 @@ def measure(sample: Sample) -> None:
         try:
             rate, batch = _model_alone(sample, name, precision)
         except UsageError as refused:  # INT8 below its agreement bound on these images
-            sample.figures.append(Figure(f"runtime {label}: refused", 0.0, str(refused)[:160]))
+            sample.figures.append(Figure(f"runtime {label}: refused", 0.0, str(refused)))
             continue
         run = runner.run(dataclasses.replace(
             config, source=str(sample.manifest), out=str(sample.workdir / f"rt-{label}"),
@@ -74,7 +74,7 @@ def _model_alone(sample: Sample, name: str, precision: str | None) -> tuple[floa
         from pipeline.runtimes import int8
 
         int8.quantize(classifier, job.source, sample.paths[:int8.sample_size()],
-                      sample.config.max_pixels)
+                      sample.config.max_pixels, sample.config.int8_agreement)
     elif name == "compile":
         classifier.compile(fixed_batch=job.settings.batch_size)
     elif name != "torch":

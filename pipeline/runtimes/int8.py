@@ -4,8 +4,9 @@ images, then held to the fp32 reference on others of them before any image is la
 Calibration takes the first CALIBRATION_IMAGES decodable images of the plan (never
 synthetic data: the ranges must be the job's); the agreement check labels the next ones
 (HELD_OUT_IMAGES, never the calibration's) with the INT8 model and with the fp32 network
-and compares top-1. Below AGREEMENT_BOUND the job refuses INT8 in one line with the figures
-(docs/fidelity.md says why this bound). The quantized model is cached by the converted
+and compares top-1. A job with fewer images than both calibrates on three fifths of them and
+checks on the rest. Below the bound (--int8-agreement, AGREEMENT_BOUND by default) the job
+refuses INT8 in one line with the figures (docs/fidelity.md says why this bound). The quantized model is cached by the converted
 model's key, NNCF's version and the calibration images' digest.
 """
 
@@ -57,8 +58,9 @@ def crops(source, paths: list[str], preprocess, max_pixels: int) -> list[torch.T
     return found
 
 
-def quantize(classifier, source, paths: list[str], max_pixels: int) -> dict:
-    """Make the classifier's network the INT8 one, or refuse; the agreement figures."""
+def quantize(classifier, source, paths: list[str], max_pixels: int,
+             bound: float = AGREEMENT_BOUND) -> dict:
+    """Make the classifier's network the INT8 one, or refuse below `bound`; the figures."""
     from pipeline.runtimes import openvino as runtime
 
     ov = runtime.load()
@@ -99,14 +101,20 @@ def quantize(classifier, source, paths: list[str], max_pixels: int) -> dict:
         compiled = core.compile_model(model, "CPU", options)
     int8 = runtime.Network(compiled, "int8", cached, 0.0,
                            model, options)
-    figures = agreement(classifier, int8, held_out)
+    figures = agreement(classifier, int8, held_out, bound)
     figures.update(calibration_images=len(calibration), from_cache=cached)
-    if figures["top1_agreement"] < AGREEMENT_BOUND:
+    if figures["top1_agreement"] < bound:
+        fewer = (f" (the job's first {len(paths)} images, {len(images)} decodable: fewer than "
+                 f"the {CALIBRATION_IMAGES} + {HELD_OUT_IMAGES} asked)"
+                 if len(calibration) < CALIBRATION_IMAGES or len(held_out) < HELD_OUT_IMAGES
+                 else "")
         raise UsageError(
-            f"--precision int8 refused: its top-1 agrees with fp32 on "
-            f"{figures['top1_agreement']:.1%} of {figures['held_out_images']} held-out images "
-            f"of this job (worst top-1 score gap {figures['worst_top1_score_gap']:.3f}), below "
-            f"the {AGREEMENT_BOUND:.0%} bound; use --precision bf16 or fp32")
+            f"--precision int8 refused: calibrated on {len(calibration)} images and checked on "
+            f"{len(held_out)} others{fewer}, its top-1 agrees with fp32 on "
+            f"{figures['top1_agreement']:.1%} (worst top-1 score gap "
+            f"{figures['worst_top1_score_gap']:.3f}), below the {bound:.1%} bound; accept "
+            f"less with --int8-agreement {_lower(figures['top1_agreement'])}, or use "
+            "--precision bf16 or fp32")
     classifier.use_network(int8, runtime.name)
     return figures
 
@@ -116,8 +124,14 @@ def _input(classifier, images: list[torch.Tensor]) -> np.ndarray:
     return x.float().contiguous().numpy()
 
 
+def _lower(agreement: float) -> str:
+    """A bound that this agreement would pass, as a user would type it."""
+    return f"{max(0.0, int(agreement * 100) / 100):.2f}"
+
+
 @torch.inference_mode()
-def agreement(classifier, int8, held_out: list[torch.Tensor]) -> dict:
+def agreement(classifier, int8, held_out: list[torch.Tensor],
+              bound: float = AGREEMENT_BOUND) -> dict:
     """Top-1 of the INT8 network against the fp32 eager network's on the held-out images,
     and the largest gap in the reference's top-1 probability."""
     reference_net = classifier.eager_net.float()
@@ -131,4 +145,4 @@ def agreement(classifier, int8, held_out: list[torch.Tensor]) -> dict:
         rows = torch.arange(len(top1))
         gap = max(gap, float((found[rows, top1] - reference[rows, top1]).abs().max()))
     return {"held_out_images": len(held_out), "top1_agreement": round(agree / len(held_out), 4),
-            "worst_top1_score_gap": round(gap, 4), "bound": AGREEMENT_BOUND}
+            "worst_top1_score_gap": round(gap, 4), "bound": bound}
