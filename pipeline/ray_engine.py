@@ -20,7 +20,7 @@ from dataclasses import replace
 from pipeline import formats, plan as planning, runner
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
-from pipeline.errors import RunError, UsageError
+from pipeline.errors import RunError, UsageError, notice
 from pipeline.job import prepare
 from pipeline.launchers import Slice
 from pipeline.progress import progress_bar
@@ -96,11 +96,8 @@ def run_in(run_dir: RunDirectory, job, progress: bool | None = None) -> RunSumma
     committed = committed_shards(store)
     pending = [s for s in range(plan.num_shards) if s not in committed]
     show = (not config.quiet) if progress is None else progress
-    bar = progress_bar(plan.num_items, plan.num_items - plan.items_in(pending), show, Slice())
-    try:
-        summary.actors, poison = _label_on_actors(ray, config, plan, pending, bar, summary)
-    finally:
-        bar.close()
+    summary.actors, poison = _label_on_actors(ray, config, plan, pending, summary, lambda: (
+        progress_bar(plan.num_items, plan.num_items - plan.items_in(pending), show, Slice())))
     run_dir.record_engine({"engine": "ray", "actors": summary.actors,
                            "redone": summary.redone})
     if poison:
@@ -119,26 +116,31 @@ def run_in(run_dir: RunDirectory, job, progress: bool | None = None) -> RunSumma
     return summary
 
 
-def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], bar,
-                     summary: RunSummary) -> tuple[list[dict], list[int]]:
+def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], summary: RunSummary,
+                     make_bar) -> tuple[list[dict], list[int]]:
     """Hand the pending shards to actors one at a time as each frees up; a dead actor's
     shard goes back to the queue, to another (new) actor. Each actor's figures, and the
-    poison shards."""
+    poison shards.
+
+    One clock for the rate: the bar and the summary's loop both start once the first
+    actors are up (they start together), so every actor's labelling falls inside it."""
     labeller = ray.remote(ShardLabeller)
     resources = _actor_resources(ray, config)
     queue, deaths, poison = deque(pending), Counter(), []
     died_at: dict[int, float] = {}  # shard -> when its actor's death was seen
     stats: list[dict] = []
 
-    def start() -> tuple[object, dict]:
-        actor = labeller.options(**resources).remote(replace(config, quiet=True))
+    def start(count: int = 1) -> list[tuple[object, dict]]:
+        actors = [labeller.options(**resources).remote(replace(config, quiet=True))
+                  for _ in range(count)]
         try:
-            described = ray.get(actor.describe.remote())
+            described = ray.get([actor.describe.remote() for actor in actors])
         except ray.exceptions.RayActorError as exc:
             raise RunError(f"a labelling actor could not start: {_cause(exc)}") from None
-        described.update(shards=0, images=0, seconds=0.0)
-        stats.append(described)
-        return actor, described
+        for figures in described:
+            figures.update(shards=0, images=0, seconds=0.0)
+        stats.extend(described)
+        return list(zip(actors, described))
 
     in_flight: dict = {}
 
@@ -147,40 +149,48 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], bar,
             shard = queue.popleft()
             in_flight[actor.label.remote(shard)] = (actor, described, shard)
 
-    for _ in range(min(_actor_count(ray, config), len(pending))):
-        feed(*start())
-    started = time.perf_counter()  # the loop: from when the first actors are up
-    while in_flight:
-        (done,), _ = ray.wait(list(in_flight), num_returns=1)
-        actor, described, shard = in_flight.pop(done)
-        try:
-            found = ray.get(done)
-        except ray.exceptions.RayActorError:  # SIGKILL, OOM, its node lost: redo elsewhere
-            deaths[shard] += 1
-            described["died"] = True
-            died_at.setdefault(shard, time.perf_counter())
-            if deaths[shard] >= MAX_DEATHS:
-                poison.append(shard)
-            else:
-                queue.append(shard)
-            if queue:
-                feed(*start())
-            continue
-        except ray.exceptions.RayTaskError as exc:  # a failure of ours (a store down, ...)
-            raise RunError(_cause(exc)) from None
-        if shard in died_at:  # redone: how long after the death it was committed again
-            summary.redone.append({"shard": shard, "deaths": deaths[shard], "seconds": round(
-                time.perf_counter() - died_at.pop(shard), 2)})
-        described["shards"] += 1
-        described["images"] += found["images"]
-        described["seconds"] += found["seconds"]
-        summary.labelled_now += found["images"]
-        summary.errors_now += found["errors"]
-        summary.load_seconds += found["load_seconds"]
-        summary.compute_seconds += found["compute_seconds"]
-        summary.write_seconds += found["write_seconds"]
-        bar.advance(found["images"], found["errors"])
-        feed(actor, described)
+    asked = _actor_count(ray, config)
+    if config.actors and asked > len(pending):
+        notice(f"--actors {asked}: {count(len(pending), 'shard')} to label, so "
+               f"{count(len(pending), 'actor')} started")
+    first = start(min(asked, len(pending)))
+    bar, started = make_bar(), time.perf_counter()  # the loop: from when they are up
+    try:
+        for actor, described in first:
+            feed(actor, described)
+        while in_flight:
+            (done,), _ = ray.wait(list(in_flight), num_returns=1)
+            actor, described, shard = in_flight.pop(done)
+            try:
+                found = ray.get(done)
+            except ray.exceptions.RayActorError:  # SIGKILL, OOM, its node lost: redo elsewhere
+                deaths[shard] += 1
+                described["died"] = True
+                died_at.setdefault(shard, time.perf_counter())
+                if deaths[shard] >= MAX_DEATHS:
+                    poison.append(shard)
+                else:
+                    queue.append(shard)
+                if queue:
+                    feed(*start()[0])
+                continue
+            except ray.exceptions.RayTaskError as exc:  # a failure of ours (a store down, ...)
+                raise RunError(_cause(exc)) from None
+            if shard in died_at:  # redone: how long after the death it was committed again
+                summary.redone.append({"shard": shard, "deaths": deaths[shard], "seconds": round(
+                    time.perf_counter() - died_at.pop(shard), 2)})
+            described["shards"] += 1
+            described["images"] += found["images"]
+            described["seconds"] += found["seconds"]
+            summary.labelled_now += found["images"]
+            summary.errors_now += found["errors"]
+            summary.load_seconds += found["load_seconds"]
+            summary.compute_seconds += found["compute_seconds"]
+            summary.write_seconds += found["write_seconds"]
+            bar.advance(found["images"], found["errors"])
+            feed(actor, described)
+    finally:
+        bar.close()
     for described in stats:
         described["images_per_second"] = round(
             described["images"] / described["seconds"], 1) if described["seconds"] else 0.0

@@ -81,6 +81,20 @@ def test_two_actors_give_the_one_process_rows(cli, tmp_path, colour_checkpoint, 
     assert "by 2 actors" in done.output
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert summary["actors"] == actors and summary["items"] == 19
+    # one clock: every actor's labelling falls inside the loop the rate is counted over
+    assert all(a["seconds"] <= summary["loop_seconds"] for a in actors), summary
+    assert summary["images_per_second"] == round(19 / summary["loop_seconds"], 2)
+
+
+def test_more_actors_than_shards_says_how_many_started(cli, tmp_path, colour_checkpoint,
+                                                       cluster):
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 3)  # one shard of 4
+    done = cli(*args(folder, tmp_path / "ray", colour_checkpoint, "--engine", "ray",
+                     "--actors", "2"))
+    assert done.exit_code == 0, done.output
+    assert "--actors 2: 1 shard to label, so 1 actor started" in done.output
+    assert len(json.loads((tmp_path / "ray" / "run.json").read_text())["actors"]) == 1
 
 
 def test_tar_shards_through_the_engine_give_the_one_process_rows(cli, tmp_path,
