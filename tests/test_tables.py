@@ -73,8 +73,9 @@ def test_a_delta_table_holds_the_parquet_rows_for_every_reader(cli, tmp_path, ph
     assert done.exit_code == 0, done.output
     where = tmp_path / "run" / "labels.delta"
     table = deltalake.DeltaTable(str(where))
-    assert table.version() == 0 or table.history(2)[0]["operation"] == "SET TBLPROPERTIES"
-    assert len([h for h in table.history() if h["operation"] != "SET TBLPROPERTIES"]) == 1
+    # a run is one table version, and table.json names it
+    assert table.version() == 0 and [h["operation"] for h in table.history()] == ["WRITE"]
+    assert json.loads((tmp_path / "run" / "table.json").read_text())["version"] == 0
     columns = list(reference.columns)
     pd.testing.assert_frame_equal(sorted_rows(table.to_pandas())[columns], reference)
     arrow = table.to_pyarrow_dataset()  # DuckDB reads it through Arrow
@@ -82,10 +83,10 @@ def test_a_delta_table_holds_the_parquet_rows_for_every_reader(cli, tmp_path, ph
         sorted_rows(duckdb.sql("select * from arrow").to_arrow_table())[columns], reference)
     pd.testing.assert_frame_equal(
         sorted_rows(polars.read_delta(str(where)).to_pandas())[columns], reference)
-    assert table.metadata().configuration["label_images.model"] == "resnet18"
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    last = [h for h in table.history() if h["operation"] != "SET TBLPROPERTIES"][0]
+    last = table.history()[0]
     assert last[COMMIT_KEY] == run["run_id"] and last["label_images.fingerprint"]
+    assert last["label_images.model"] == "resnet18" and last["label_images.weights"]
     # the types readers see are the Parquet output's: a list of strings, int32, float32
     schema = pa.schema(table.schema().to_arrow())
     assert schema.field("width").type == pa.int32()
@@ -162,7 +163,7 @@ def test_killed_between_the_table_commit_and_the_end_then_rerun_commits_once(
     assert again.exit_code == 0, again.output
     if fmt == "delta":
         table = deltalake.DeltaTable(str(tmp_path / "run" / "labels.delta"))
-        commits = [h for h in table.history() if h["operation"] != "SET TBLPROPERTIES"]
+        commits = table.history()
         rows = table.to_pandas()
     else:
         table = iceberg_table(tmp_path / "run")
@@ -224,10 +225,10 @@ def test_three_nights_equal_three_scratch_runs_and_night_one_is_still_readable(
     scratch("3")
     # night 1, by time travel
     pd.testing.assert_frame_equal(sorted_rows(read(night_one["version"])), first)
-    if fmt == "delta":  # a night is one merge (the table's properties set only once)
+    if fmt == "delta":  # a night is one merge, and nothing else
         history = deltalake.DeltaTable(str(out / "labels.delta")).history()
-        merges = [h for h in history if h["operation"] == "MERGE"]
-        assert len(merges) == 2 and all(h[COMMIT_KEY] for h in merges)
+        assert [h["operation"] for h in history] == ["MERGE", "MERGE", "WRITE"]
+        assert all(h[COMMIT_KEY] for h in history)
     # a night with nothing changed commits nothing
     before = read()
     _night(cli, folder, out, colour_checkpoint, "--format", fmt)
@@ -356,6 +357,5 @@ def test_slices_of_an_array_job_merge_into_one_delta_commit(cli, tmp_path, photo
     assert merged.exit_code == 0, merged.output
     rows = deltalake.DeltaTable(str(table)).to_pandas()
     assert sorted(rows["key"]) == sorted(p.name for p in folder.iterdir())
-    commits = [h for h in deltalake.DeltaTable(str(table)).history()
-               if h["operation"] != "SET TBLPROPERTIES"]
-    assert len(commits) == 1
+    commits = deltalake.DeltaTable(str(table)).history()
+    assert [h["operation"] for h in commits] == ["WRITE"]

@@ -11,7 +11,8 @@ from pipeline.formats.lakehouse import (COMMIT_KEY, OPERATION, TableFormat, as_o
 from pipeline.storage import Store
 
 DEFAULT_TABLE = "labels.delta"  # in the run directory, unless --table says where
-# delta-rs sets a property of ours only through ALTER, a commit of its own (no rows)
+# Tables written before a run became one version: delta-rs set a property of ours only
+# through ALTER, a commit of its own (no rows). Passed over when looking for our last commit.
 _PROPERTIES = "SET TBLPROPERTIES"
 
 
@@ -109,11 +110,6 @@ class DeltaFormat(TableFormat):
         except deltalake.exceptions.CommitFailedError:
             raise moved_on(table.table_uri) from None
         return table.version()
-
-    def set_properties(self, where: str, properties: dict[str, str]) -> None:
-        table = _open(where)
-        if any(table.metadata().configuration.get(k) != v for k, v in properties.items()):
-            table.alter.set_table_properties(properties, raise_if_not_exists=False)
 
     def read(self, store: Store, columns: list[str]) -> pa.Table:
         return as_ours(pa.table(_open(self.location(store)).to_pyarrow_table(columns=columns)))

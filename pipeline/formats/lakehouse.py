@@ -139,7 +139,8 @@ class TableFormat(Format):
         raise NotImplementedError
 
     def set_properties(self, where: str, properties: dict[str, str]) -> None:
-        """The run's model and weights on the table, where they are not there already."""
+        """The run's model and weights on the table's own properties, where the format
+        keeps them without a commit of their own (Iceberg); else they are the commit's."""
 
 
 def removed_or_relabelled(commit: Commit) -> pa.Array:
