@@ -6,31 +6,42 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 SOURCE ?=
 ARGS   ?=
 
-.PHONY: setup run test test-slow test-gpu clean
+.PHONY: setup extras run test test-slow test-gpu clean
 
+# What running needs, and nothing more: an optional runtime installed here would be weighed
+# by --runtime auto, so the test extras (OpenVINO, Ray, Keras, ...) come only with `make test`.
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet $(TORCH)
+	$(VENV)/bin/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
+
+# Optional parts, kept as an editable install of this checkout: make extras EXTRAS=openvino,s3
+extras: setup
+	@test -n "$(EXTRAS)" || { echo 'usage: make extras EXTRAS=openvino[,s3,ray,timm,keras,delta,iceberg]' >&2; exit 2; }
+	$(VENV)/bin/pip install --quiet -e '.[$(EXTRAS)]'
 
 run: setup
 	@test -n "$(SOURCE)" || { echo 'usage: make run SOURCE=path/to/images [ARGS="--out DIR ..."]' >&2; exit 2; }
 	$(VENV)/bin/label-images run "$(SOURCE)" $(ARGS)
 
-test: setup
+test: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest
 
 # Also reads the output with Spark (pyspark brings Spark itself; it needs Java on the PATH).
-test-slow: setup
+test-slow: $(VENV)/.installed-test
 	$(VENV)/bin/pip install --quiet 'pyspark==3.5.*'
 	$(VENV)/bin/python -m pytest -m slow
 
 # On a machine with CUDA: the tests that need a GPU (they skip elsewhere).
-test-gpu: setup
+test-gpu: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest -m gpu
 
 clean:
