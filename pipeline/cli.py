@@ -37,8 +37,9 @@ HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
     cls=_Group, context_settings=HELP_OPTIONS,
-    help="Label image collections with a classifier (torchvision, timm): top-k labels to "
-         "Parquet or CSV, resumable.",
+    help="Label image collections with a classifier (torchvision, timm, Keras): top-k labels "
+         f"to {', '.join(configuration.FORMATS[:-1])} or {configuration.FORMATS[-1]}, "
+         "resumable.",
 )
 
 
@@ -62,7 +63,7 @@ def _version(shown: bool) -> None:
 def _root(version: Annotated[Optional[bool], typer.Option(
         "--version", callback=_version, is_eager=True, metavar="",
         help="Show the version and exit.")] = None) -> None:
-    """Label image collections with a classifier (torchvision, timm)."""
+    """Label image collections with a classifier (torchvision, timm, Keras)."""
 
 
 def one_line_errors(command):
@@ -115,6 +116,9 @@ PrecisionOption = Annotated[Optional[Precision], typer.Option(
     "--precision", metavar="PRECISION",
     help="auto, fp16, bf16, fp32 or int8 (OpenVINO); auto: fp16 on CUDA, bf16 on CPUs with "
          f"native bf16, else fp32 (default: {_DEFAULT.precision}).")]
+Int8Agreement = Annotated[Optional[float], typer.Option(
+    help="--precision int8: the least share of held-out images whose top-1 must agree with "
+         f"fp32, or INT8 is refused (default: {_DEFAULT.int8_agreement}).")]
 BatchSize = Annotated[Optional[int], typer.Option(
     help="Images per batch (default: the fastest, measured on this machine and cached).")]
 Workers = Annotated[Optional[int], typer.Option(
@@ -176,7 +180,9 @@ SliceIndex = Annotated[Optional[int], typer.Option(
          "JOB_COMPLETION_INDEX).")]
 Engine = Annotated[Optional[str], typer.Option(
     help=f"Who hands out the shards: {' or '.join(engines.ENGINES)} (local: this process, "
-         "torchrun and array slices split up front; the others are extras) (default: local).")]
+         "torchrun and array slices split up front; "
+         + "; ".join(f"{name}: an extra" for name in engines.ENGINES if name != "local")
+         + ") (default: local).")]
 RayAddress = Annotated[Optional[str], typer.Option(
     help="--engine ray: the cluster (auto, ray://host:10001, host:6379) (default: the running "
          "cluster, else a local Ray for the job).")]
@@ -199,7 +205,8 @@ def _flags(arguments: dict) -> dict:
 def run(source: Source = None, out: Out = None, config: ConfigFile = None, model: Model = None,
         weights: Weights = None, labels: Labels = None, resize: Resize = None,
         crop: Crop = None, input_mode: InputMode = None, device: Device = None,
-        precision: PrecisionOption = None, batch_size: BatchSize = None, workers: Workers = None, format: FormatOption = None,
+        precision: PrecisionOption = None, int8_agreement: Int8Agreement = None,
+        batch_size: BatchSize = None, workers: Workers = None, format: FormatOption = None,
         table: TableOption = None, catalog: CatalogOption = None,
         top_k: TopK = None, shard_size: ShardSize = None, path_column: PathColumn = None,
         id_column: IdColumn = None, image_column: ImageColumn = None, root: Root = None,
@@ -217,6 +224,7 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
     slice_index = slice_index if slice_index is not None else shard_index
     compile = False if no_compile else compile
     resolved = _resolve(config, _flags(locals()))
+    _check_source_exists(resolved.source)
     # Imported here, so that --help and config errors need no torch.
     # An incremental night lists and compares, then labels its increment with the engine.
     if resolved.incremental:
@@ -224,6 +232,15 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
     else:
         from pipeline.engines import run as label
     typer.echo(label(resolved, started=started).line(), err=True)
+
+
+def _check_source_exists(source: str) -> None:
+    """A local SOURCE that is not there, said before torch is imported (seconds): the
+    source kinds say the rest once it is. URLs and patterns (shards/{0..9}.tar) are theirs."""
+    if "://" in source or any(mark in source for mark in "{*?["):
+        return
+    if not Path(source).expanduser().exists():
+        raise UsageError(f"source not found: {source}")
 
 
 @app.command(cls=_Command)
@@ -264,7 +281,8 @@ def bench(
                               "loaded.")] = False,
     config: ConfigFile = None, model: Model = None, weights: Weights = None,
     resize: Resize = None, crop: Crop = None, device: Device = None,
-    precision: PrecisionOption = None, batch_size: BatchSize = None, workers: Workers = None,
+    precision: PrecisionOption = None, int8_agreement: Int8Agreement = None,
+    batch_size: BatchSize = None, workers: Workers = None,
     top_k: TopK = None, compile: Compile = None, no_compile: NoCompile = None,
     runtime: RuntimeOption = None,
     path_column: PathColumn = None, id_column: IdColumn = None, root: Root = None,

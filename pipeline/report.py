@@ -167,6 +167,14 @@ def _bars(pairs: list[tuple[str, int]], css_class: str) -> str:
     return "".join(parts)
 
 
+def _caption(key: str) -> str:
+    """A key as lines that break only after a '/', each folder or file name whole (cut with
+    an ellipsis where it is wider than the thumbnail; the full key is the caption's title)."""
+    parts = key.split("/")
+    return "<wbr>".join(f'<span class="name">{html.escape(part)}{"/" * (i < len(parts) - 1)}'
+                        "</span>" for i, part in enumerate(parts))
+
+
 def render_html(found: Findings, title: str) -> str:
     esc = html.escape
     histogram = [(f"{i / 10:.1f}-{(i + 1) / 10:.1f}", n) for i, n in enumerate(found.histogram)]
@@ -177,8 +185,8 @@ def render_html(found: Findings, title: str) -> str:
             uri = thumbnail(path)
             image = (f'<img class="thumb" src="{uri}" alt="{esc(key)}">' if uri
                      else '<div class="missing">unreadable now</div>')
-            cells.append(f'<figure>{image}<figcaption>{esc(key)}<br>{score:.2f}'
-                         f'</figcaption></figure>')
+            cells.append(f'<figure>{image}<figcaption title="{esc(key)}">{_caption(key)}'
+                         f'<br>{score:.2f}</figcaption></figure>')
         sheet.append(f'<section class="label-group"><h3>{esc(label)}</h3>{"".join(cells)}'
                      '</section>')
     review = "".join(f"<tr><td>{esc(k)}</td><td>{esc(label)}</td><td>{score:.3f}</td>"
@@ -193,7 +201,9 @@ def render_html(found: Findings, title: str) -> str:
 body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222; }}
 svg text {{ font: 12px system-ui, sans-serif; }} .bar {{ fill: #4a78b5; }}
 figure {{ display: inline-block; margin: 4px; width: {THUMBNAIL_PX + 8}px; font-size: 11px;
-          vertical-align: top; overflow-wrap: anywhere; }}
+          vertical-align: top; }}
+.name {{ display: inline-block; max-width: 100%; overflow: hidden; white-space: nowrap;
+         text-overflow: ellipsis; vertical-align: bottom; }}
 .missing {{ width: {THUMBNAIL_PX}px; height: {THUMBNAIL_PX}px; background: #eee; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 2px 6px; }}
 </style></head><body>

@@ -6,6 +6,8 @@ import json
 from importlib.metadata import version
 import math
 import re
+import subprocess
+import sys
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -14,7 +16,7 @@ import simplejpeg
 import typer.main
 
 from pipeline.cli import app
-from tests.conftest import FAST, read_output, run_subprocess, write_colour_images
+from tests.conftest import FAST, REPO, read_output, run_subprocess, write_colour_images
 
 
 def base_args(source, out, checkpoint, *extra):
@@ -227,6 +229,17 @@ def test_bad_config_file_is_one_line_and_exit_2(cli, tmp_path, colour_folder, to
     assert result.exit_code == 2
     assert message in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_missing_source_is_said_before_torch_is_imported(tmp_path):
+    """Seven seconds of imports before "source not found" is a person's first minute."""
+    probe = ("import sys\nfrom pipeline import cli\nsys.argv = ['label-images', 'run', "
+             f"{str(tmp_path / 'nowhere')!r}]\ntry:\n    cli.main()\nexcept SystemExit as e:\n"
+             "    print(e.code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=REPO)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+    assert "source not found" in done.stderr
 
 
 def test_exit_codes_and_one_line_errors_from_the_real_command(tmp_path, colour_checkpoint):

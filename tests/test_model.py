@@ -132,6 +132,15 @@ def test_files_that_are_not_this_models_checkpoint_are_refused(tmp_path, small_s
         resolve_model("resnet50", str(path)).build()
 
 
+def test_a_text_file_given_as_weights_is_said_to_be_no_checkpoint(tmp_path):
+    names = tmp_path / "classes.txt"
+    names.write_text("red\ngreen\nblue\ngrey\n")
+    with pytest.raises(UsageError) as refused:
+        resolve_model("resnet18", str(names)).build()
+    assert str(refused.value) == (f"--weights {names} is not a PyTorch checkpoint (a file "
+                                  "torch.save wrote) (a text file: class names go to --labels)")
+
+
 class _Payload:
     """Unpickling this would create a file: a checkpoint must never be able to run code."""
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline import report as reporting
 from tests.conftest import FAST, invoke, write_colour_images
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -66,6 +67,20 @@ def test_html_page_references_nothing_outside_itself(cli, finished_run, tmp_path
     assert "script" not in parser.tags and "link" not in parser.tags
     assert "url(" not in text and "@import" not in text and "//" not in re.sub(
         r"data:[^\"]+", "", text).replace("<!doctype html>", "")
+
+
+def test_contact_sheet_captions_break_between_folders_never_inside_a_name():
+    findings = reporting.analyse(pa.table({
+        "key": ["2026/12/06/cam07/IMG_0000001234_a_rather_long_name.jpg"], "path": ["x.jpg"],
+        "status": ["ok"], "error": pa.array([None], pa.string()), "top1_label": ["red"],
+        "top1_score": pa.array([0.9], pa.float32())}))
+    page = reporting.render_html(findings, "t")
+    caption = re.search(r"<figcaption[^>]*>(.*?)<br>", page).group(1)
+    assert re.sub(r"<[^>]+>", "", caption) == "2026/12/06/cam07/IMG_0000001234_a_rather_long_name.jpg"
+    assert caption.count("<wbr>") == 4  # after each '/', and nowhere else
+    assert '<span class="name">IMG_0000001234_a_rather_long_name.jpg</span>' in caption
+    assert 'title="2026/12/06/cam07/IMG_0000001234_a_rather_long_name.jpg"' in page
+    assert "anywhere" not in page and "break-all" not in page
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")

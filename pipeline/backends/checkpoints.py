@@ -20,6 +20,7 @@ def load_checkpoint(path: Path, state_keys: tuple[str, ...] = ("state_dict",)
     Takes a plain state_dict, or a dict with one under the first of `state_keys` it has,
     and optional 'categories'. A DataParallel/DDP save's 'module.' prefixes are dropped.
     """
+    _check_is_a_checkpoint(path)
     try:
         # weights_only: a checkpoint is tensors and plain containers; never run its pickles.
         raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -40,6 +41,26 @@ def load_checkpoint(path: Path, state_keys: tuple[str, ...] = ("state_dict",)
         raise UsageError(f"--weights {path} is not a state_dict (a dict of tensors), "
                          "nor a dict with one under 'state_dict'")
     return {k.removeprefix("module."): v for k, v in state_dict.items()}, categories
+
+
+# What torch.save writes first: a zip archive (since torch 1.6), or a pickle's protocol mark.
+_CHECKPOINT_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def _check_is_a_checkpoint(path: Path) -> None:
+    """A file that is no checkpoint at all (class names, an image, a Keras file) said as
+    such, before torch's unpickler answers with a piece of its own internals."""
+    try:
+        with open(path, "rb") as fh:
+            start = fh.read(4)
+    except OSError as exc:
+        raise UsageError(f"--weights {path}: {exc.strerror or exc}") from None
+    if not start.startswith(_CHECKPOINT_STARTS):
+        text = start.isascii() and all(c.isprintable() or c.isspace()
+                                       for c in start.decode("ascii"))
+        hint = " (a text file: class names go to --labels)" if text else ""
+        raise UsageError(f"--weights {path} is not a PyTorch checkpoint (a file torch.save "
+                         f"wrote){hint}")
 
 
 def check_categories(categories, num_classes: int, path: Path) -> None:
