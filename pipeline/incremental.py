@@ -24,7 +24,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import UsageError
 from pipeline.job import Job, prepare
 from pipeline.rundir import RunDirectory, increment_dir, output_name
-from pipeline.sources import VERSION_COLUMNS
+from pipeline.sources import VERSION_COLUMNS, read_items
 from pipeline.summary import RunSummary
 from pipeline.writer import merge_parts
 
@@ -78,8 +78,8 @@ def run(config: RunConfig, *, progress: bool | None = None,
     if config.num_slices is not None or config.slice_index is not None:
         raise UsageError("--incremental runs as one process; slices are not supported with it")
     engines.engine(config)  # its own checks, before the listing
-    job = prepare(config, versions=True, list_items=True, started=started)  # every night lists the source
-    items = job.items
+    job = prepare(config, versions=True, started=started)  # every night lists the source
+    items = read_items(job.source, versions=True)
     try:
         with RunDirectory(config.out) as top:
             return _night(top, job, items, job.fingerprint(), progress)
@@ -124,9 +124,10 @@ class RowSource:
 def _night(top: RunDirectory, job: Job, items: pa.Table, fingerprint: dict,
            progress: bool | None) -> RunSummary:
     config, store = job.config, top.store
-    top.prepare(fingerprint, {"incremental": True, **job.record()}, config.overwrite, refusal=(
+    before = top.check(fingerprint, config.overwrite, refusal=(
         "labels from a different {}; an incremental table never mixes two models: rerun "
         "with --overwrite to relabel everything, or choose another --out"))
+    top.record(fingerprint, {"incremental": True, **job.record()}, before)
     previous = RowSource(store, TABLE) if store.exists(TABLE) else None
     try:
         return _label_and_assemble(top, job, items, previous, progress)
@@ -147,27 +148,29 @@ def _label_and_assemble(top: RunDirectory, job: Job, items: pa.Table,
         known = previous.columns(["key", "path", *VERSION_COLUMNS])
     todo_mask, changes = classify(items, known)
     todo = items.filter(todo_mask)
-    resolved = job.settings.to_dict()
     fmt = formats.of(config)
     # what tonight's table holds (the model and the source as listed now): a table format
     # finds its commit again by it, and the next night knows which night its state is
     night = top.commit().properties["label_images.fingerprint"] + _digest(items)
     night = hashlib.sha256(night.encode()).hexdigest()[:32]
     base = None if previous is None else (previous.schema.metadata or {}).get(NIGHT, b"").decode()
-    summary = RunSummary(output=top.output(fmt), run_dir=store.url(),
-                         device=resolved["device"], precision=resolved["precision"],
-                         settings=resolved)
+    summary = RunSummary(output=top.output(fmt), run_dir=store.url())
     summary.changes = dataclasses.asdict(changes)
     labelled = None
     if todo.num_rows:
         increment = increment_dir(_digest(todo))
         keep = tuple(config.keep_columns) + VERSION_COLUMNS
         sub_job = dataclasses.replace(
-            job, items=todo,
+            job, items=lambda: [todo],
             config=dataclasses.replace(config, out=store.url(increment), format="parquet",
                                        keep_columns=keep, overwrite=False))
         with RunDirectory(store.url(increment)) as sub:
             done = engines.run_in(sub, sub_job, progress=progress)
+        # what the night resolved is what labelled its increment
+        top.record(job.fingerprint(), {"incremental": True, **sub_job.record(),
+                                 "config": config.to_dict()}, top.read_run())
+        summary.device, summary.precision = done.device, done.precision
+        summary.settings = done.settings
         labelled = RowSource(store, f"{increment}/{TABLE}")
         summary.labelled_now, summary.loop_seconds = done.labelled_now, done.loop_seconds
         summary.load_seconds, summary.compute_seconds = done.load_seconds, done.compute_seconds

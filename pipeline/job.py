@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -21,9 +21,9 @@ from pipeline.classifier import Classifier
 from pipeline.config import DEFAULT_TOP_K, RunConfig
 from pipeline.errors import UsageError, notice
 from pipeline.launchers import Slice
-from pipeline.rundir import PLAN_FILE, RunDirectory, committed_shards
+from pipeline.rundir import RunDirectory, committed_shards
 from pipeline.settings import Settings
-from pipeline.sources import Source, SourceSpec, open_source, read_items
+from pipeline.sources import Source, SourceSpec, listing, open_source
 from pipeline.storage import Store
 from pipeline.tuning import DECODE_SAMPLE
 from pipeline.writer import check_kept_columns
@@ -31,18 +31,42 @@ from pipeline.writer import check_kept_columns
 
 @dataclass
 class Job:
-    """Everything a run needs, checked; `items` is None when a frozen plan is to be labelled."""
+    """Everything a run needs, checked. What it lists (`items`: the source, or an
+    incremental night's new and changed images) is planned under the run directory's lock;
+    the settings are decided on the plan (`decide`), before the first image."""
 
     config: RunConfig
     part: Slice
     source: Source
     spec: ModelSpec
     classifier: Classifier
-    settings: Settings
-    items: pa.Table | None
+    items: Callable[[], Iterable[pa.Table]]
+    crashed_in: str | None = None  # where the last run crashed (decode in a worker now)
+    runtime_kept: str | None = None  # auto's runtime, kept from the run's start
+    settings: Settings | None = None
     started: float = field(default_factory=time.perf_counter)  # when the command began
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(
         timespec="seconds"))
+
+    def decide(self, store: Store) -> Settings:
+        """The settings, measured and chosen on this plan's first images and this
+        process's pending share (once), and given to the classifier."""
+        if self.settings is None:
+            config = self.config
+            size = DECODE_SAMPLE
+            if config.precision == "int8":  # calibrated on the first, checked on the next
+                from pipeline.runtimes import int8
+
+                size = int8.sample_size()
+            sample, pending = _sample_and_pending(store, self.part, size)
+            chosen = machine.resolve(config, self.part, self.classifier, self.source, sample,
+                                     pending, ended_abruptly=self.crashed_in)
+            if self.runtime_kept:
+                chosen.measured["runtime_kept"] = (f"{self.runtime_kept}: the runtime this "
+                                                   "run began with")
+            machine.apply(self.classifier, chosen)
+            self.settings = chosen
+        return self.settings
 
     @property
     def backend(self) -> Backend:
@@ -61,7 +85,8 @@ class Job:
         """run.json beside the fingerprint: the configuration and what was decided from it."""
         return {
             "config": self.config.to_dict(),
-            "resolved": {**self.settings.to_dict(), "preprocess": self.spec.preprocess.to_dict(),
+            "resolved": {**(self.settings.to_dict() if self.settings else {}),
+                         "preprocess": self.spec.preprocess.to_dict(),
                          "slices": self.part.count},
             # The model's library, and the decoders: they decide the pixels the model sees
             # (torchvision resizes them, whatever the backend).
@@ -83,14 +108,12 @@ def source_spec(config: RunConfig) -> SourceSpec:
 
 
 def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
-            list_items: bool | None = None, started: float | None = None,
-            driven: bool = False) -> Job:
-    """Validate the whole configuration: source, model, weights, device. Writes nothing.
+            started: float | None = None, driven: bool = False) -> Job:
+    """Validate the whole configuration: source, model, weights, device. Writes nothing,
+    lists nothing: the listing streams into the plan under the run directory's lock.
 
-    The source is listed unless its items are frozen already in the run directory (and not
-    to be overwritten): a resumed run, or a slice starting after another froze the plan,
-    does not pay for a listing again. `driven`: an engine's worker, labelling shards of a
-    run directory its driver holds.
+    `versions`: list the images' sizes and change stamps too (incremental nights).
+    `driven`: an engine's worker, labelling shards of a run directory its driver holds.
     """
     if not driven:  # a driver checked its configuration (and may add columns of its own)
         check_kept_columns(config.keep_columns)
@@ -111,24 +134,14 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     config, kept = _runtime_of_the_run(config, store, device)
     if not driven and part.merges:  # the table's catalog answers, the table is ours: before
         formats.of(config).check(store)  # the listing and the labelling, not after
-    if list_items is None:
-        list_items = config.overwrite or not store.exists(PLAN_FILE)
-    items = read_items(source, versions=versions) if list_items else None
-    # INT8 calibrates on the job's first images and is checked on the next ones
-    size = DECODE_SAMPLE
     if config.precision == "int8":
         from pipeline.runtimes import int8
 
         int8.check()
-        size = int8.sample_size()
-    sample, pending = _sample_and_pending(items, store, part, size)
-    chosen = machine.resolve(config, part, classifier, source, sample, pending,
-                             ended_abruptly=None if driven else _ended_abruptly(config, store,
-                                                                                part))
-    if kept:
-        chosen.measured["runtime_kept"] = f"{kept}: the runtime this run began with"
-    machine.apply(classifier, chosen)
-    return Job(config, part, source, spec, classifier, chosen, items,
+    return Job(config, part, source, spec, classifier,
+               items=lambda: listing(source, versions),
+               crashed_in=None if driven else _ended_abruptly(config, store, part),
+               runtime_kept=kept,
                started=time.perf_counter() if started is None else started)
 
 
@@ -175,13 +188,10 @@ def _ended_abruptly(config: RunConfig, store: Store, part: Slice) -> str | None:
     return store.url()
 
 
-def _sample_and_pending(items: pa.Table | None, store: Store, part: Slice,
-                        size: int) -> tuple[list[str], int]:
-    """The job's first images, to measure decoding on, and how many this process labels."""
-    if items is not None:
-        return (items["path"].slice(0, size).to_pylist(),
-                math.ceil(items.num_rows / part.count))
-    plan = planning.load(store)  # a frozen plan: what is left of this process's share
+def _sample_and_pending(store: Store, part: Slice, size: int) -> tuple[list[str], int]:
+    """The plan's first images, to measure decoding on, and how many this process labels
+    (what is left of its share)."""
+    plan = planning.load(store)
     done = committed_shards(store)
     pending = plan.items_in([s for s in range(plan.num_shards)
                              if part.owns(s) and s not in done])

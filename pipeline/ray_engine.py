@@ -24,7 +24,7 @@ from pipeline.errors import RunError, UsageError, notice
 from pipeline.job import prepare
 from pipeline.launchers import Slice
 from pipeline.progress import progress_bar
-from pipeline.rundir import PLAN_FILE, RunDirectory, committed_shards
+from pipeline.rundir import RunDirectory, committed_shards
 from pipeline.storage import Store
 from pipeline.summary import RunSummary, count
 
@@ -85,7 +85,7 @@ def run_in(run_dir: RunDirectory, job, progress: bool | None = None) -> RunSumma
     _connect(ray, job.config.ray_address)
     config, store = job.config, run_dir.store
     _check_reachable(ray, store)
-    plan, resumed = runner.open_plan(run_dir, job)
+    plan, resumed, _ = runner.open_plan(run_dir, job)
     fmt = formats.of(config)
     summary = RunSummary(output=run_dir.output(fmt), run_dir=store.url(),
                          resumed=resumed, device=str(job.settings.device),
@@ -266,14 +266,15 @@ class ShardLabeller:
 
     def __init__(self, config: RunConfig):
         store = Store(config.out)
-        if not store.exists(PLAN_FILE):
+        if not planning.exists(store):
             raise RunError(f"the run directory {config.out} cannot be seen from node "
                            f"{socket.gethostname()}: on a cluster, use a shared file system "
                            "or object storage (s3://...) for --out")
         # Its own settings, measured on this machine (and cached as for any run); the plan
         # is frozen, so the source is not listed again.
         # Whether the last run died is the driver's to know: it holds the directory now.
-        self.job = prepare(config, list_items=False, driven=True)
+        self.job = prepare(config, driven=True)
+        self.job.decide(store)
         self.run_dir = RunDirectory(config.out)
         self.plan = planning.load(store)
 

@@ -2,7 +2,8 @@
 
 ```
 run.json          the resolved configuration, versions and the fingerprint of the job
-plan.parquet      the frozen items; shard i is row group i
+plan.json         the frozen plan's commit: how many items, the shard size, its folder
+plan/ID/          items-000000.parquet ...: the frozen items, 1,024 shards a file
 parts/            part-000000.parquet ... one committed file per finished shard
 increments/       an incremental night's labelling of new and changed images
 quarantine.json   files that crashed the decoder (error rows)
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -32,7 +34,12 @@ from pipeline.storage import TMP_MARK, Store, remove_temporaries
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
-PLAN_FILE = "plan.parquet"
+PLAN_RECORD = "plan.json"
+PLAN_DIR = "plan"
+LEGACY_PLAN_FILE = "plan.parquet"  # the one-file plan of earlier versions, still read
+# Local scratch of the out-of-core checks (keys spooled, DuckDB spilling): a killed run's is
+# removed by the next one to take the directory.
+SPILL_PREFIX = ".spill-"
 PARTS_DIR = "parts"
 INCREMENTS_DIR = "increments"
 QUARANTINE_FILE = "quarantine.json"
@@ -43,6 +50,10 @@ _PART_NAME = re.compile(r"^part-(\d{6})\.parquet$")
 def output_name(fmt: str) -> str:
     """The final table in `fmt`: labels.parquet, labels.csv, ... (its format names it)."""
     return formats.get(fmt).table_name()
+
+
+def plan_file(folder: str, index: int) -> str:
+    return f"{folder}/items-{index:06d}.parquet"
 
 
 def part_name(shard: int) -> str:
@@ -125,6 +136,7 @@ class RunDirectory:
         self._lock_fd: int | None = None
 
     def __enter__(self) -> RunDirectory:
+        self._created = not self.store.remote and not os.path.isdir(self.store.root)
         try:
             self.store.makedirs()
         except OSError as exc:
@@ -161,14 +173,37 @@ class RunDirectory:
         # top-level files when no other slice can be running.
         if self.part.whole:
             remove_temporaries(path)
+            for entry in os.scandir(path):
+                if entry.name.startswith(SPILL_PREFIX) and entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+            self._remove_unplanned(path)
         remove_temporaries(path / PARTS_DIR, owned=self._owns_temporary)
+
+    def _remove_unplanned(self, path: Path) -> None:
+        """Files of a listing killed before its plan.json: no plan names them."""
+        try:
+            planned = (read_json(self.store, PLAN_RECORD) or {}).get("folder")
+        except UsageError:  # a damaged plan.json is said where the plan is loaded
+            return
+        folders = path / PLAN_DIR
+        if folders.is_dir():
+            for entry in os.scandir(folders):
+                if f"{PLAN_DIR}/{entry.name}" != planned and entry.is_dir():
+                    shutil.rmtree(entry.path, ignore_errors=True)
 
     def _owns_temporary(self, name: str) -> bool:
         # atomic_path's naming: "." + the committed name + TMP_MARK + a unique tag
         shard = shard_of_part(name.removeprefix(".").partition(TMP_MARK)[0])
         return shard is not None and self.part.owns(shard)
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, kind, *exc_info) -> None:
+        self._unlock()
+        if kind is not None and issubclass(kind, UsageError) and self._created:
+            # refused (a source with no images, a key twice) in a directory made for this
+            # run: nothing of it is left, as when a refusal comes before the directory
+            shutil.rmtree(self.store.root, ignore_errors=True)
+
+    def _unlock(self) -> None:
         if self._lock_fd is not None:
             faulthandler.disable()
             if self._faults_were_shown:  # as before the run (pytest's, python -X faulthandler)
@@ -197,7 +232,7 @@ class RunDirectory:
         return self.store.exists(SUMMARY_FILE)
 
     def has_plan(self) -> bool:
-        return self.store.exists(PLAN_FILE)
+        return self.store.exists(PLAN_RECORD) or self.store.exists(LEGACY_PLAN_FILE)
 
     def is_finished(self, fmt: Format, whole: bool = True) -> bool:
         """The table is committed in `fmt`, or (for one process) in Parquet, to convert from."""
@@ -226,14 +261,15 @@ class RunDirectory:
         """Forget a previous run: only the files this tool writes are removed."""
         # a table format's table stays (its history is its own): only its note of the run goes
         owned = [name for f in formats.FORMATS.values() for name in f.run_files()]
-        for name in (RUN_FILE, SUMMARY_FILE, PLAN_FILE, *owned, PARTS_DIR, INCREMENTS_DIR,
-                     QUARANTINE_FILE):
+        for name in (RUN_FILE, SUMMARY_FILE, PLAN_RECORD, PLAN_DIR, LEGACY_PLAN_FILE, *owned,
+                     PARTS_DIR, INCREMENTS_DIR, QUARANTINE_FILE):
             self.store.remove(name)
 
-    def prepare(self, fingerprint: dict, record: dict, overwrite: bool,
-                refusal: str = "a run with a different {}; rerun with --overwrite to start "
-                               "afresh, or choose another --out") -> bool:
-        """Check a previous run here is the same job, then record this one; True if resuming."""
+    def check(self, fingerprint: dict, overwrite: bool,
+              refusal: str = "a run with a different {}; rerun with --overwrite to start "
+                             "afresh, or choose another --out") -> dict | None:
+        """A previous run here is the same job (or is forgotten, with overwrite); its
+        record, None if there is none. Writes nothing but what overwrite removes."""
         if overwrite:
             self.clear()
         previous = self.read_run()
@@ -246,11 +282,14 @@ class RunDirectory:
             if differences:
                 raise UsageError(
                     f"{self.store.url()} holds {refusal.format('; '.join(differences))}")
-        # the run's id, kept through resumes: a table format's commit is found again by it
+        return previous
+
+    def record(self, fingerprint: dict, record: dict, previous: dict | None) -> None:
+        """run.json: the fingerprint, the run's id (kept through resumes: a table format's
+        commit is found again by it) and what was resolved."""
         run_id = (previous or {}).get("run_id") or uuid.uuid4().hex
         write_json(self.store, RUN_FILE, {"fingerprint": fingerprint, "run_id": run_id,
                                           **record})
-        return previous is not None
 
 
 def describe_differences(before: dict, after: dict, prefix: str = "") -> list[str]:

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import pyarrow as pa
 import torch
 
-from pipeline import formats, launchers, plan as planning, recovery
+from pipeline import formats, keys, launchers, plan as planning, recovery
 from pipeline.classifier import Labelling
 from pipeline.commit import PartCommitter, ShardBuffers, write_failure
 from pipeline.config import RunConfig
@@ -21,7 +21,6 @@ from pipeline.memory import LoaderSize
 from pipeline.plan import Plan
 from pipeline.progress import progress_bar
 from pipeline.rundir import RunDirectory, committed_shards, part_name
-from pipeline.sources import read_items
 from pipeline.summary import RunSummary
 from pipeline.writer import count_rows, merge_parts, output_schema
 
@@ -56,7 +55,7 @@ def run_in(run_dir: RunDirectory, job: Job, group: ProcessGroup | None = None,
            progress: bool | None = None) -> RunSummary:
     """The run in an open run directory (an incremental night runs its increment here too)."""
     config, part = job.config, job.part
-    plan, resumed = open_plan(run_dir, job, group)
+    plan, resumed, listed = open_plan(run_dir, job, group)
     fmt = formats.of(config)
     summary = RunSummary(output=run_dir.output(fmt),
                          run_dir=run_dir.store.url(), resumed=resumed,
@@ -64,8 +63,8 @@ def run_in(run_dir: RunDirectory, job: Job, group: ProcessGroup | None = None,
                          precision=str(job.settings.dtype).removeprefix("torch."),
                          settings=job.settings.to_dict())
     if run_dir.is_finished(fmt, part.whole):
-        if job.items is None and part.whole:  # a finished run, its source not listed since
-            summary.stale = _stale(job, plan)
+        if not listed and part.whole:  # a finished run, its source not listed since
+            summary.stale = _stale(job, plan, run_dir.store)
         return already_complete(run_dir, fmt, plan, summary)
     label(run_dir, job, plan, summary, progress)
     if group is not None:
@@ -83,16 +82,21 @@ def run_in(run_dir: RunDirectory, job: Job, group: ProcessGroup | None = None,
     return summary
 
 
-def open_plan(run_dir: RunDirectory, job: Job, group=None) -> tuple[Plan, bool]:
-    """Check or record the job here and freeze the plan (rank 0 only); True if resuming."""
+def open_plan(run_dir: RunDirectory, job: Job, group=None) -> tuple[Plan, bool, bool]:
+    """Check the job against the run directory and freeze the plan as the items are listed
+    (rank 0 only); then decide the settings on it and record them. (plan, resuming, whether
+    this process listed the items)."""
     store = run_dir.store
+    listed = False
     if group is None or job.part.index == 0:
         try:
-            resumed = run_dir.prepare(job.fingerprint(), job.record(), job.config.overwrite)
+            previous = run_dir.check(job.fingerprint(), job.config.overwrite)
+            # the fingerprint first: a plan here is only ever this job's
+            run_dir.record(job.fingerprint(), job.record(), previous)
             if not run_dir.has_plan():
-                items = job.items if job.items is not None else read_items(job.source)
-                planning.freeze(items, store, job.config.shard_size)
-            verdict = None
+                freeze(job, store)
+                listed = True
+            verdict, resumed = None, previous is not None
         except UsageError as exc:
             verdict, resumed = str(exc), False
         if group is not None:
@@ -101,8 +105,19 @@ def open_plan(run_dir: RunDirectory, job: Job, group=None) -> tuple[Plan, bool]:
         verdict, resumed = group.share(None)
     if verdict is not None:
         raise UsageError(verdict)
-    job.items = None  # from here on, memory is bounded by shards, not by the dataset
-    return planning.load(store), resumed
+    job.decide(store)
+    if group is None or job.part.index == 0:
+        run_dir.record(job.fingerprint(), job.record(), run_dir.read_run())
+    return planning.load(store), resumed, listed
+
+
+def freeze(job: Job, store) -> Plan:
+    """The job's items, streamed into the plan as they are listed; empty or repeated keys
+    refused there, before anything is labelled."""
+    config = job.config
+    return planning.freeze(job.items(), store, config.shard_size,
+                           allow_duplicates=config.allow_duplicates, what=config.source,
+                           noun=job.source.spec.key_noun)
 
 
 def label(run_dir: RunDirectory, job: Job, plan: Plan, summary: RunSummary,
@@ -222,11 +237,12 @@ def _timed(batches, summary: RunSummary):
         yield batch
 
 
-def _stale(job: Job, plan: Plan) -> str:
+def _stale(job: Job, plan: Plan, store) -> str:
     """What a finished run's source gained and lost since its plan was frozen, and what to
-    rerun with: a nightly job must not report success on yesterday's images without a word."""
+    rerun with: a nightly job must not report success on yesterday's images without a word.
+    Compared out of core: the listing and the plan are streamed, never held."""
     try:
-        new, removed = planning.changes_since(plan, read_items(job.source))
+        new, removed = keys.changes(plan.batches(["key"]), job.items(), store)
     except UsageError as exc:  # e.g. no images there any more: the table stands as it is
         return f"but listing {job.config.source} again fails: {exc}"
     if not new and not removed:

@@ -81,7 +81,7 @@ def assert_same_as_reference(out, reference_table):
     for column in ("key", "status", "error", "top1_label"):
         assert table[column].tolist() == reference_table[column].tolist(), column
     visible = [name for name in os.listdir(out) if not name.startswith(".")]
-    assert sorted(visible) == ["labels.parquet", "plan.parquet", "run.json", "summary.json"]
+    assert sorted(visible) == ["labels.parquet", "plan", "plan.json", "run.json", "summary.json"]
     assert [n for n in os.listdir(out) if ".tmp-" in n] == []
 
 

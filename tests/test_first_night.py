@@ -74,7 +74,7 @@ def test_model_weights_and_device_are_checked_before_the_source_is_listed(
     import pipeline.job
 
     listed = []
-    monkeypatch.setattr(pipeline.job, "read_items",
+    monkeypatch.setattr(pipeline.job, "listing",
                         lambda *args, **kwargs: listed.append(args) or 1 / 0)
     write_colour_images(tmp_path / "imgs", 2)
     flags = {"--model": "resnet18", "--weights": str(colour_checkpoint), "--device": "cpu",

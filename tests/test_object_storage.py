@@ -101,7 +101,7 @@ def test_a_bucket_prefix_labelled_into_a_bucket(s3, uploaded, colour_checkpoint)
     assert_matches_local(table, reference)
     assert table["path"].iloc[1] == f"s3://bucket/images/{table['key'].iloc[1]}"
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("bucket/runs/one"))
-    assert names == ["labels.parquet", "plan.parquet", "run.json", "summary.json"]
+    assert names == ["labels.parquet", "plan", "plan.json", "run.json", "summary.json"]
 
 
 def test_a_manifest_in_the_bucket_with_relative_paths(s3, uploaded, colour_checkpoint,

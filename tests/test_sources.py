@@ -56,18 +56,14 @@ def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(tmp_path, monke
                                                                   capsys):
     touch(tmp_path / "a.jpg")
     touch(tmp_path / "locked" / "b.jpg")
-    real_walk = os.walk
+    real_scandir = os.scandir
 
-    def walk(top, onerror=None, **kwargs):  # as os.walk meets a folder it may not read
-        for dirpath, dirnames, filenames in real_walk(top, onerror=onerror, **kwargs):
-            if "locked" in dirnames:
-                dirnames.remove("locked")
-                if onerror is not None:
-                    onerror(PermissionError(errno.EACCES, "Permission denied",
-                                            os.path.join(dirpath, "locked")))
-            yield dirpath, dirnames, filenames
+    def scandir(path):  # as root may read any folder, a folder it may not read is made up
+        if isinstance(path, str) and os.path.basename(path) == "locked":
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_scandir(path)
 
-    monkeypatch.setattr(os, "walk", walk)
+    monkeypatch.setattr(os, "scandir", scandir)
     assert read_source(SourceSpec(str(tmp_path)))["key"].to_pylist() == ["a.jpg"]
     assert (f"label-images: cannot list {tmp_path / 'locked'} (Permission denied): the "
             "images in it, if any, are not in this run") in capsys.readouterr().err

@@ -120,7 +120,8 @@ def test_a_plan_is_frozen_once_whoever_lists_later(tmp_path):
     planning.freeze(first, Store(str(tmp_path)), shard_size=10)
     plan = planning.freeze(later, Store(str(tmp_path)), shard_size=10)
     assert plan.num_items == 2
-    assert [p.name for p in tmp_path.iterdir()] == ["plan.parquet"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan", "plan.json"]  # no temporary
+    assert [p.name for p in (tmp_path / "plan").iterdir()] == [plan.folder.split("/")[1]]
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])

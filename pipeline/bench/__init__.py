@@ -22,7 +22,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import UsageError
 from pipeline.job import prepare, source_spec
 from pipeline.memory import MIN_BATCH_SIZE, PREFETCH_BATCHES, LoaderSize
-from pipeline.sources import open_source, read_items
+from pipeline.sources import first_items, open_source
 from pipeline.storage import Store, is_remote
 
 STAGES = (decoding, crops, loading, plain_loop, model, runtimes, compiling, plan_timing)
@@ -39,11 +39,12 @@ def bench(config: RunConfig, images: int, reference_images: int,
     with tempfile.TemporaryDirectory(prefix="label-images-bench-") as tmp:
         workdir = Path(tmp)
         job = prepare(dataclasses.replace(config, out=str(workdir / "unused")))
-        items = job.items.slice(0, images)
+        items = first_items(job.source, images)
         paths = [p if is_remote(p) else os.path.abspath(p) for p in items["path"].to_pylist()]
         manifest = workdir / "sample.txt"
         manifest.write_text("".join(p + "\n" for p in paths))
         plan = planning.freeze(items, Store(str(workdir)), config.shard_size)
+        job.decide(plan.store)  # the job's settings, measured on the sample's first images
         sample = Sample(config, job, items, paths, manifest, plan, workdir,
                         reference_images=reference_images, plan_rows=plan_rows)
         for stage in STAGES:
@@ -61,7 +62,7 @@ def loader_only(config: RunConfig, images: int) -> dict:
     """
     preprocess = resolve_preprocess(config.model, config.weights, config.resize, config.crop)
     source = open_source(source_spec(config))
-    items = read_items(source).slice(0, images)
+    items = first_items(source, images)
     workers = tuning.usable_cores() if config.workers is None else config.workers
     size = LoaderSize(workers, config.batch_size or MIN_BATCH_SIZE, PREFETCH_BATCHES)
     with tempfile.TemporaryDirectory(prefix="label-images-bench-") as tmp:
@@ -76,7 +77,7 @@ def fidelity_only(config: RunConfig, images: int) -> dict:
     """Our crops against the reference on the first `images` of SOURCE; no model is loaded."""
     preprocess = resolve_preprocess(config.model, config.weights, config.resize, config.crop)
     source = open_source(source_spec(config))
-    items = read_items(source).slice(0, images)
+    items = first_items(source, images)
     found = fidelity.compare(fetched(source, items["path"].to_pylist(), config.max_pixels),
                              preprocess, config.max_pixels)
     return {"source": config.source, "images": len(items), "preprocess": preprocess.to_dict(),

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 
 from pipeline.errors import UsageError
-from pipeline.sources.base import (VERSION_COLUMNS, Source, SourceSpec, refuse_duplicate_keys,
-                                   with_versions)
+from pipeline.keys import KeySpool
+from pipeline.sources.base import VERSION_COLUMNS, Source, SourceSpec, with_versions
 from pipeline.sources.folder import FolderSource
 from pipeline.sources.manifest import ManifestSource
 from pipeline.sources.parquet_images import ParquetImagesSource
 from pipeline.sources.tar_shards import TarShardsSource
 from pipeline.storage import filesystem, is_remote, local_path
 
-__all__ = ["KINDS", "VERSION_COLUMNS", "Source", "SourceSpec", "open_source", "read_items",
-           "read_source"]
+__all__ = ["KINDS", "VERSION_COLUMNS", "Source", "SourceSpec", "first_items", "listing",
+           "open_source", "read_items", "read_source"]
 
 # Asked in order; the first that claims the location reads it.
 KINDS: list[type[Source]] = [TarShardsSource, ParquetImagesSource, FolderSource,
@@ -43,22 +44,47 @@ def open_source(spec: SourceSpec) -> Source:
                      ".parquet .jsonl .txt)")
 
 
-def read_items(source: Source, versions: bool = False) -> pa.Table:
-    """The source's items, checked: none at all or a key twice is refused before any work.
+def listing(source: Source, versions: bool = False) -> Iterator[pa.Table]:
+    """The source's items a batch at a time, as its kind lists them (a manifest a block, a
+    folder a page of its walk): key, path, kept columns. With versions, also `source_size`
+    and `source_version` (modification time in ns, or the object's ETag): what incremental
+    runs compare to find changed images. Empty and repeated keys are the plan's to refuse
+    (plan.freeze), which sees every batch."""
+    for table in source.batches():
+        has_versions = VERSION_COLUMNS[1] in table.column_names  # a listing that brings them
+        if versions and not has_versions:
+            table = with_versions(table, source.versions(table["path"].to_pylist()))
+        elif has_versions and not versions:
+            table = table.drop_columns(list(VERSION_COLUMNS))
+        yield table
 
-    With versions, also `source_size` and `source_version` (modification time in ns, or the
-    object's ETag): what incremental runs compare to find changed images.
-    """
-    table = source.list_items()
-    if table.num_rows == 0:
+
+def first_items(source: Source, count: int) -> pa.Table:
+    """The first `count` items, listing no further than needed (bench's sample)."""
+    found, rows = [], 0
+    for table in listing(source):
+        found.append(table.slice(0, count - rows))
+        rows += found[-1].num_rows
+        if rows >= count:
+            break
+    if not rows:
+        raise UsageError(f"no images in {source.spec.location}")
+    return pa.concat_tables(found)
+
+
+def read_items(source: Source, versions: bool = False) -> pa.Table:
+    """The whole listing in memory, checked as a plan is: for small sources (tests)."""
+    tables = list(listing(source, versions))
+    table = pa.concat_tables(tables) if tables else None
+    if table is None or table.num_rows == 0:
         raise UsageError(f"no images in {source.spec.location}")
     if not source.spec.allow_duplicates:
-        refuse_duplicate_keys(table["key"], source.spec)
-    has_versions = VERSION_COLUMNS[1] in table.column_names  # a listing that brings them
-    if versions and not has_versions:
-        table = with_versions(table, source.versions(table["path"].to_pylist()))
-    elif has_versions and not versions:
-        table = table.drop_columns(list(VERSION_COLUMNS))
+        spool = KeySpool()
+        try:
+            spool.add(table["key"])
+            spool.refuse_duplicates(source.spec.location, source.spec.key_noun)
+        finally:
+            spool.close()
     return table
 
 

@@ -10,11 +10,11 @@ fails only its own row.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.errors import UsageError
 from pipeline.storage import filesystem, image_path, is_remote, local_path, read_bytes
@@ -37,6 +37,11 @@ class SourceSpec:
     keep_columns: tuple[str, ...] = ()
     allow_duplicates: bool = False
     image_column: str | None = None  # sources that hold the images' bytes
+
+    @property
+    def key_noun(self) -> str:
+        """What a key is, for messages: the manifest's id, or the path."""
+        return "id" if self.id_column else "path"
 
     def describe(self) -> dict:
         """What decides which items a run labels: in the fingerprint, so a resume that
@@ -74,6 +79,11 @@ class Source:
     def list_items(self) -> pa.Table:
         """key, path, then kept columns (and, if the listing has them, the versions)."""
         raise NotImplementedError
+
+    def batches(self) -> Iterator[pa.Table]:
+        """The items a batch at a time, in order: a kind that can list without holding
+        everything (manifests, local folders) overrides this; the rest list at once."""
+        yield self.list_items()
 
     def fetch(self, paths: list[str], max_bytes: int) -> list[bytes | Exception]:
         """The bytes behind each path (files: local or object store), or why not.
@@ -131,16 +141,6 @@ def version_of(info: dict) -> tuple[int, str]:
     version = info.get("ETag") or info.get("etag") or info.get("md5Hash") or str(
         info.get("mtime") or info.get("LastModified") or "")
     return int(info.get("size") or 0), str(version).strip('"')
-
-
-def refuse_duplicate_keys(keys: pa.ChunkedArray, spec: SourceSpec) -> None:
-    counts = pc.value_counts(keys)
-    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    if len(repeated):
-        examples = ", ".join(repr(v) for v in repeated.field("values")[:5].to_pylist())
-        what = "id" if spec.id_column else "path"
-        raise UsageError(f"{len(repeated)} {what}(s) appear more than once in {spec.location} "
-                         f"(e.g. {examples}); fix the manifest or pass --allow-duplicates")
 
 
 def absolute(location: str) -> str:

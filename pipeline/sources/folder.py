@@ -12,6 +12,7 @@ from pipeline.errors import UsageError, notice
 from pipeline.sources.base import Source, version_of, with_versions
 from pipeline.storage import filesystem, is_remote, local_path, printable_path
 
+BATCH_ROWS = 65_536  # keys a batch of the listing
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
      ".avif", ".heic", ".heif", ".hif", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm", ".pnm"}
@@ -32,44 +33,82 @@ class FolderSource(Source):
     def claims(cls, location: str, is_dir: bool) -> bool:
         return is_dir
 
-    def list_items(self) -> pa.Table:
+    def batches(self) -> Iterator[pa.Table]:
+        """Local folders a batch at a time in key order (a walk in sorted order, never
+        the whole listing held); an object-store prefix in one listing, with versions."""
         spec = self.spec
         if spec.path_column or spec.id_column or spec.keep_columns or spec.image_column:
             raise UsageError("--path-column, --id-column and --keep-columns apply to manifests, "
                              f"but {spec.location} is a folder")
-        remote = is_remote(spec.location)
-        walk = _walk_prefix(spec.location) if remote else _walk_folder(local_path(spec.location))
-        found: dict[str, tuple[int, str] | None] = {}
         passed_over: Counter[str] = Counter()
-        for relative, version in walk:
+        if is_remote(spec.location):
+            yield self._prefix_items(passed_over)
+        else:
+            base = printable_path(os.path.abspath(local_path(spec.location)))
+            keys: list[str] = []
+            for relative in _walk_folder(local_path(spec.location)):
+                if _named_as_image(relative, passed_over):
+                    keys.append(relative)
+                if len(keys) == BATCH_ROWS:
+                    yield _local_items(keys, base)
+                    keys = []
+            if keys:
+                yield _local_items(keys, base)
+        _say_passed_over(passed_over)
+
+    def list_items(self) -> pa.Table:
+        return pa.concat_tables(self.batches())
+
+    def _prefix_items(self, passed_over: Counter[str]) -> pa.Table:
+        found: dict[str, tuple[int, str]] = {}
+        for relative, version in _walk_prefix(self.spec.location):
             if any(part.startswith(".") for part in relative.split("/")):
                 continue
             if _named_as_image(relative, passed_over):
                 found[relative] = version
-        _say_passed_over(passed_over)
         keys = sorted(found)
-        if remote:
-            base = spec.location.rstrip("/")
-            paths = [f"{base}/{key}" for key in keys]
-        else:  # resolves from anywhere (reports, users)
-            base = printable_path(os.path.abspath(local_path(spec.location)))
-            paths = [os.path.join(base, key) for key in keys]
-        table = pa.table({"key": pa.array(keys, pa.string()), "path": pa.array(paths, pa.string())})
-        return with_versions(table, [found[k] for k in keys]) if remote else table
+        base = self.spec.location.rstrip("/")
+        table = pa.table({"key": pa.array(keys, pa.string()),
+                          "path": pa.array([f"{base}/{key}" for key in keys], pa.string())})
+        return with_versions(table, [found[k] for k in keys])
 
 
-def _walk_folder(root: str) -> Iterator[tuple[str, None]]:
-    """Relative paths below a local folder; a subfolder that cannot be read is named."""
-    unlisted: list[OSError] = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        base = os.path.relpath(dirpath, root)
-        for name in filenames:
-            relative = name if base == "." else f"{base}/{name}".replace(os.sep, "/")
-            yield printable_path(relative), None
-    for exc in unlisted:  # say so rather than leave its images out without a word
-        notice(f"cannot list {printable_path(exc.filename)} ({exc.strerror}): the images "
-               "in it, if any, are not in this run")
+def _local_items(keys: list[str], base: str) -> pa.Table:
+    """Paths that resolve from anywhere (reports, users)."""
+    return pa.table({"key": pa.array(keys, pa.string()),
+                     "path": pa.array([os.path.join(base, key) for key in keys], pa.string())})
+
+
+def _walk_folder(root: str, relative: str = "") -> Iterator[str]:
+    """Relative paths below a local folder, in sorted order of the relative path (printable,
+    as keys are): entries sorted by name, a folder's as its name and "/", so that its files
+    come just where a sort of every key would put them. Hidden entries and symlinked folders
+    are passed over; a subfolder that cannot be read is named."""
+    try:
+        with os.scandir(os.path.join(root, relative) if relative else root) as found:
+            entries = []
+            for entry in found:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    if not is_dir and entry.is_symlink() and entry.is_dir():
+                        continue  # a symlinked folder: not followed (no cycles)
+                except OSError:
+                    is_dir = False
+                name = printable_path(entry.name)
+                entries.append((name + "/" if is_dir else name, entry.name, is_dir))
+    except OSError as exc:
+        # say so rather than leave its images out without a word
+        notice(f"cannot list {printable_path(exc.filename or relative)} ({exc.strerror}): "
+               "the images in it, if any, are not in this run")
+        return
+    for shown, name, is_dir in sorted(entries):
+        path = f"{relative}/{name}" if relative else name
+        if is_dir:
+            yield from _walk_folder(root, path)
+        else:
+            yield printable_path(path)
 
 
 def _walk_prefix(location: str) -> Iterator[tuple[str, tuple[int, str]]]:

@@ -1,0 +1,115 @@
+"""Checks over every key of a listing, out of core: keys spooled to local disk, then DuckDB
+groups or joins them within a memory limit, spilling the rest to that disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import UsageError
+from pipeline.rundir import SPILL_PREFIX
+from pipeline.storage import Store
+
+# DuckDB's share of memory for a check; past it, it spills to the spool's folder. Enough to
+# group 10^7 keys in memory; 10^8 spill part of their hash table (docs/benchmarks.md).
+MEMORY_LIMIT = "1GB"
+_KEY = pa.schema([pa.field("key", pa.string())])
+
+
+def spill_folder(store: Store | None = None) -> str:
+    """A folder of our own on local disk: in the run directory when it is local (its disk
+    has room for the run), else the system's temporary folder."""
+    parent = None if store is None or store.remote else store.root
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=parent)
+
+
+def connect(folder: str):
+    """DuckDB held to MEMORY_LIMIT, spilling into `folder`."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
+    con.execute("SET temp_directory = ?", [os.path.join(folder, "duckdb")])
+    con.execute("SET preserve_insertion_order = false")  # lets large groupings spill
+    return con
+
+
+class KeySpool:
+    """Keys as they are listed, written to a local Parquet file in the order they come."""
+
+    def __init__(self, store: Store | None = None):
+        self.folder = spill_folder(store)
+        self.path = os.path.join(self.folder, "keys.parquet")
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self.path, _KEY)
+
+    def add(self, keys: pa.ChunkedArray | pa.Array) -> None:
+        self._writer.write_table(pa.table([keys.cast(pa.string())], schema=_KEY))
+
+    def finish(self) -> str:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return self.path
+
+    def refuse_duplicates(self, what: str, noun: str = "key") -> None:
+        refuse_duplicates(self.finish(), self.folder, what, noun)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def refuse_duplicates(path: str, folder: str, what: str, noun: str = "key") -> None:
+    """A key listed twice in the Parquet file at `path` is refused, naming how many and the
+    first few, with the positions (1-based, in listing order) where each stands."""
+    con = connect(folder)
+    try:
+        repeated = con.execute(
+            "SELECT count(*) FROM (SELECT key FROM read_parquet(?) GROUP BY key "
+            "HAVING count(*) > 1)", [path]).fetchone()[0]
+        if not repeated:
+            return
+        examples = con.execute(
+            "SELECT key, list(file_row_number + 1 ORDER BY file_row_number)[1:3] "
+            "FROM read_parquet(?, file_row_number = true) GROUP BY key "
+            "HAVING count(*) > 1 ORDER BY min(file_row_number) LIMIT 5", [path]).fetchall()
+    finally:
+        con.close()
+    named = ", ".join(f"{key!r} (items {' and '.join(map(str, rows))})"
+                      for key, rows in examples)
+    raise UsageError(f"{repeated} {noun}(s) appear more than once in {what} (e.g. {named}); "
+                     "fix the manifest or pass --allow-duplicates")
+
+
+def changes(planned: Iterable[pa.Table], listed: Iterable[pa.Table],
+            store: Store | None = None) -> tuple[int, int]:
+    """How many keys the listing has that the plan lacks (new), and the plan has that the
+    listing lacks (removed): both streamed to disk, joined by DuckDB."""
+    plan_keys, listed_keys = KeySpool(store), KeySpool(store)
+    try:
+        for table in planned:
+            plan_keys.add(table["key"])
+        for table in listed:
+            listed_keys.add(table["key"])
+        con = connect(listed_keys.folder)
+        try:
+            count = ("SELECT count(*) FROM read_parquet(?) a ANTI JOIN read_parquet(?) b "
+                     "USING (key)")
+            ours, theirs = listed_keys.finish(), plan_keys.finish()
+            new = con.execute(count, [ours, theirs]).fetchone()[0]
+            removed = con.execute(count, [theirs, ours]).fetchone()[0]
+        finally:
+            con.close()
+    finally:
+        plan_keys.close()
+        listed_keys.close()
+    return new, removed
