@@ -329,8 +329,7 @@ def report(
     from pipeline import report as reporting
     from pipeline.storage import atomic_path
 
-    table = reporting.read_table(out)
-    found = reporting.analyse(table)
+    found = reporting.analyse(reporting.read_batches(out))  # one pass, bounded memory
     found.run = reporting.describe_run(out)
     typer.echo(reporting.render_text(found))
     if html_file is not None:
@@ -338,7 +337,8 @@ def report(
             tmp.write_text(reporting.render_html(found, f"label-images report: {out}"))
         typer.echo(f"report page: {html_file}")
     if export is not None:
-        count = reporting.export_review(table, review_below, str(export))
+        count = reporting.export_review(reporting.read_batches(out), review_below,
+                                        str(export))
         typer.echo(f"{count} rows below {review_below} -> {export}")
 
 

@@ -75,7 +75,7 @@ def refuse_duplicates(path: str, folder: str, what: str, noun: str = "key") -> N
     try:
         repeated = con.execute(
             "SELECT count(*) FROM (SELECT key FROM read_parquet(?) GROUP BY key "
-            "HAVING count(*) > 1)", [path]).fetchone()[0]
+            "HAVING count(*) > 1)", [path]).fetchall()[0][0]
         if not repeated:
             return
         examples = con.execute(
@@ -105,8 +105,8 @@ def changes(planned: Iterable[pa.Table], listed: Iterable[pa.Table],
             count = ("SELECT count(*) FROM read_parquet(?) a ANTI JOIN read_parquet(?) b "
                      "USING (key)")
             ours, theirs = listed_keys.finish(), plan_keys.finish()
-            new = con.execute(count, [ours, theirs]).fetchone()[0]
-            removed = con.execute(count, [theirs, ours]).fetchone()[0]
+            new = con.execute(count, [ours, theirs]).fetchall()[0][0]
+            removed = con.execute(count, [theirs, ours]).fetchall()[0][0]
         finally:
             con.close()
     finally:

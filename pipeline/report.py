@@ -8,21 +8,28 @@ of rows gives a page of a few megabytes at most.
 from __future__ import annotations
 
 import base64
+import heapq
 import html
 import io
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from pipeline import formats
+from pipeline import formats, keys
 from pipeline.decode import DECODE_ERRORS, ImageError, to_rgb
 from pipeline.errors import UsageError
 from pipeline.rundir import RUN_FILE, read_json
-from pipeline.storage import Store, read_bytes
+from pipeline.storage import Store, atomic_path, read_bytes
 from pipeline.summary import count
 
 COLUMNS = ["key", "path", "status", "error", "top1_label", "top1_score"]
@@ -65,8 +72,8 @@ def describe_run(out: str) -> dict[str, str]:
             "source": fingerprint.get("source", {}).get("location", "")}
 
 
-def read_table(out: str) -> pa.Table:
-    """The report's columns of the finished table, in whichever format the run wrote it."""
+def finished_table(out: str) -> tuple[Store, formats.Format]:
+    """Where the finished table is, in whichever format the run wrote it."""
     store = Store(out)
     config = (read_json(store, RUN_FILE) or {}).get("config", {})
     asked = []  # the run's own format first, where its options put the table
@@ -75,10 +82,16 @@ def read_table(out: str) -> pa.Table:
             {"table": config.get("table"), "catalog": config.get("catalog")}))
     for fmt in [*asked, *formats.FORMATS.values()]:
         if fmt.exists(store):
-            return fmt.read(store, COLUMNS)
+            return store, fmt
     names = ", ".join(f.table_name() for f in formats.FORMATS.values())
     raise UsageError(f"no finished table in {out} ({names}); "
                      "run `label-images run` to the end first")
+
+
+def read_batches(out: str) -> Iterator[pa.Table]:
+    """The report's columns of the finished table, a batch at a time: never the table."""
+    store, fmt = finished_table(out)
+    return fmt.batches(store, COLUMNS)
 
 
 def error_kind(text: str) -> str:
@@ -86,38 +99,80 @@ def error_kind(text: str) -> str:
     return text.split(":", 1)[0].strip()[:60] or "unknown"
 
 
-def analyse(table: pa.Table, seed: int = 0) -> Findings:
-    ok_mask = pc.equal(table["status"], "ok")
-    ok = table.filter(ok_mask)
-    bad = table.filter(pc.invert(ok_mask))
-    found = Findings(rows=table.num_rows, ok=ok.num_rows, errors=bad.num_rows)
-    kinds: dict[str, int] = {}
-    for text in bad["error"].to_pylist():
-        kind = error_kind(text or "")
-        kinds[kind] = kinds.get(kind, 0) + 1
-    found.error_kinds = sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))
-    counts = pc.value_counts(ok["top1_label"]).to_pylist()
-    found.labels = sorted(((c["values"], c["counts"]) for c in counts),
-                          key=lambda kv: (-kv[1], kv[0]))
-    scores = ok["top1_score"].to_numpy(zero_copy_only=False).astype(np.float32)
-    for edge in CONFIDENCE_EDGES:
-        found.confidence[f"< {edge}"] = int((scores < edge).sum())
-    found.histogram = np.histogram(scores, bins=10, range=(0.0, 1.0))[0].tolist()
+def analyse(batches: Iterable[pa.Table], seed: int = 0) -> Findings:
+    """Everything a report shows, in one pass over the table: memory holds the counts (a
+    label's count each, an error kind's), a sample of THUMBNAILS_PER_LABEL rows per label
+    (reservoir sampling), the REVIEW_ROWS lowest scores and the first ERROR_ROWS errors."""
+    found = Findings(histogram=[0] * 10)
+    found.confidence = {f"< {edge}": 0 for edge in CONFIDENCE_EDGES}
+    kinds: Counter[str] = Counter()
+    labels: Counter[str] = Counter()
+    samples: dict[str, list] = {}  # label -> reservoir of (key, path, score)
+    lowest: list = []  # the lowest scores seen (_keep_lowest)
     rng = np.random.default_rng(seed)
-    for label, _ in found.labels[:TOP_LABELS]:
-        rows = ok.filter(pc.equal(ok["top1_label"], label))
-        pick = np.sort(rng.choice(rows.num_rows, min(THUMBNAILS_PER_LABEL, rows.num_rows),
-                                  replace=False))
-        chosen = rows.take(pick)
-        found.samples[label] = list(zip(chosen["key"].to_pylist(), chosen["path"].to_pylist(),
-                                        chosen["top1_score"].to_pylist()))
-    lowest = ok.take(pc.sort_indices(ok["top1_score"])[:REVIEW_ROWS]) if ok.num_rows else ok
-    found.review = list(zip(lowest["key"].to_pylist(), lowest["path"].to_pylist(),
-                            lowest["top1_label"].to_pylist(), lowest["top1_score"].to_pylist()))
-    first = bad.slice(0, ERROR_ROWS)
-    found.error_rows = list(zip(first["key"].to_pylist(), first["path"].to_pylist(),
-                                first["error"].to_pylist()))
+    for table in batches:
+        ok_mask = pc.equal(table["status"], "ok")
+        ok, bad = table.filter(ok_mask), table.filter(pc.invert(ok_mask))
+        found.rows += table.num_rows
+        found.ok += ok.num_rows
+        found.errors += bad.num_rows
+        kinds.update(error_kind(text or "") for text in bad["error"].to_pylist())
+        if len(found.error_rows) < ERROR_ROWS:
+            first = bad.slice(0, ERROR_ROWS - len(found.error_rows))
+            found.error_rows += zip(first["key"].to_pylist(), first["path"].to_pylist(),
+                                    first["error"].to_pylist())
+        if not ok.num_rows:
+            continue
+        scores = ok["top1_score"].to_numpy(zero_copy_only=False).astype(np.float32)
+        for edge in CONFIDENCE_EDGES:
+            found.confidence[f"< {edge}"] += int((scores < edge).sum())
+        found.histogram = (np.asarray(found.histogram) + np.histogram(
+            scores, bins=10, range=(0.0, 1.0))[0]).tolist()
+        _sample(samples, labels, ok, rng)  # (it counts the labels too)
+        _keep_lowest(lowest, ok, scores, found.ok - ok.num_rows)
+    found.error_kinds = sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))
+    found.labels = sorted(labels.items(), key=lambda kv: (-kv[1], kv[0]))
+    found.samples = {label: samples[label] for label, _ in found.labels[:TOP_LABELS]}
+    found.review = [row for _, _, row in sorted(lowest, key=lambda e: (-e[0], -e[1]))]
     return found
+
+
+def _sample(samples: dict, seen: Counter, ok: pa.Table, rng) -> None:
+    """Reservoir sampling per label (Algorithm R), a batch at a time: each row of a label
+    is kept with the same chance whatever the table's size. `seen`: each label's rows before
+    this batch (updated here)."""
+    codes = pc.dictionary_encode(ok["top1_label"]).combine_chunks()
+    index, names = codes.indices.to_numpy(), codes.dictionary.to_pylist()
+    order = np.argsort(index, kind="stable")  # each row's place among its label's rows
+    starts = np.r_[0, np.flatnonzero(np.diff(index[order])) + 1]
+    place = np.empty(len(index), np.int64)
+    place[order] = np.arange(len(index)) - np.repeat(starts, np.diff(np.r_[starts, len(index)]))
+    number = np.array([seen[name] for name in names], np.int64)[index] + place + 1
+    slot = np.floor(rng.random(len(index)) * number).astype(np.int64)
+    for i in np.flatnonzero((number <= THUMBNAILS_PER_LABEL) | (slot < THUMBNAILS_PER_LABEL)):
+        row = (ok["key"][int(i)].as_py(), ok["path"][int(i)].as_py(),
+               ok["top1_score"][int(i)].as_py())
+        reservoir = samples.setdefault(names[index[i]], [])
+        if number[i] <= THUMBNAILS_PER_LABEL:
+            reservoir.append(row)
+        else:
+            reservoir[slot[i]] = row
+    seen.update(dict(zip(names, np.bincount(index, minlength=len(names)).tolist())))
+
+
+def _keep_lowest(lowest: list, ok: pa.Table, scores: np.ndarray, before: int) -> None:
+    """The REVIEW_ROWS lowest top-1 scores so far, ties to the earlier row: a heap whose
+    root is the highest kept (entries (-score, -row, fields)). `before`: ok rows before."""
+    for i in np.argsort(scores, kind="stable")[:REVIEW_ROWS].tolist():
+        entry = (-float(scores[i]), -(before + i))
+        if len(lowest) == REVIEW_ROWS and entry <= lowest[0][:2]:
+            break  # sorted: no later row of this batch is lower
+        row = (ok["key"][i].as_py(), ok["path"][i].as_py(), ok["top1_label"][i].as_py(),
+               float(scores[i]))
+        if len(lowest) < REVIEW_ROWS:
+            heapq.heappush(lowest, (*entry, row))
+        else:
+            heapq.heapreplace(lowest, (*entry, row))
 
 
 def render_text(found: Findings) -> str:
@@ -223,10 +278,35 @@ Top-1 confidence: {confidence}.</p>
 """
 
 
-def export_review(table: pa.Table, below: float, export: str) -> int:
-    """Write the ok rows whose top-1 score is below `below` to a CSV for a labelling tool."""
-    rows = table.filter(pc.and_(pc.equal(table["status"], "ok"),
-                                pc.less(table["top1_score"], below)))
-    rows = rows.take(pc.sort_indices(rows["top1_score"]))
-    pacsv.write_csv(rows.select(["key", "path", "top1_label", "top1_score"]), export)
-    return rows.num_rows
+def export_review(batches: Iterable[pa.Table], below: float, export: str) -> int:
+    """Write the ok rows whose top-1 score is below `below` to a CSV for a labelling tool,
+    lowest first: the rows are gathered on local disk and sorted there by DuckDB."""
+    folder = keys.spill_folder()
+    try:
+        spool = os.path.join(folder, "review.parquet")
+        count, writer = 0, None
+        for table in batches:
+            rows = table.filter(pc.and_(pc.equal(table["status"], "ok"),
+                                        pc.less(table["top1_score"], below)))
+            rows = rows.select(["key", "path", "top1_label", "top1_score"])
+            writer = writer or pq.ParquetWriter(spool, rows.schema)
+            writer.write_table(rows)
+            count += rows.num_rows
+        if writer is None:
+            return 0
+        writer.close()
+        con = keys.connect(folder)
+        try:  # ties keep the table's order
+            reader = con.sql(
+                "SELECT key, path, top1_label, top1_score FROM read_parquet($spool, "
+                "file_row_number = true) ORDER BY top1_score, file_row_number",
+                params={"spool": spool}).to_arrow_reader(65_536)
+            with atomic_path(Path(export)) as tmp, pacsv.CSVWriter(
+                    str(tmp), reader.schema) as out:
+                for batch in reader:
+                    out.write_batch(batch)
+        finally:
+            con.close()
+        return count
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -96,45 +96,6 @@ def test_killed_mid_night_then_resumed(cli, tmp_path, colour_checkpoint):
     assert_equals_scratch(cli, tmp_path, folder, out, colour_checkpoint, "resumed")
 
 
-def test_assembly_streams_across_row_groups_and_chunks(tmp_path, monkeypatch):
-    """Unit check of the bounded assembly: rows fetched by index from several row groups,
-    written in chunks smaller than a row group, land in source order with the right labels."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline import incremental
-    from pipeline.storage import Store
-
-    def table(keys, label):
-        return pa.table({"key": keys, "path": [f"/p/{k}" for k in keys],
-                         "status": ["ok"] * len(keys), "top1_label": [f"{label}-{k}" for k in keys],
-                         "source_size": pa.array([1] * len(keys), pa.int64()),
-                         "source_version": ["v"] * len(keys)})
-
-    pq.write_table(table([f"old{i}" for i in range(10)], "before"), tmp_path / "prev.parquet",
-                   row_group_size=4)
-    pq.write_table(table([f"new{i}" for i in range(5)], "tonight"), tmp_path / "new.parquet",
-                   row_group_size=2)
-    order = ["new3", "old7", "old0", "new0", "old9", "old4", "new4", "old1", "new1", "new2"]
-    items = table(order, "ignored").select(["key", "path", "source_size", "source_version"])
-    todo = pa.array([k.startswith("new") for k in order])
-    monkeypatch.setattr(incremental, "CHUNK_ROWS", 3)
-    store = Store(str(tmp_path))
-    previous, labelled = (incremental.RowSource(store, "prev.parquet"),
-                          incremental.RowSource(store, "new.parquet"))
-    with store.writing("out.parquet") as sink:
-        ok, upserts = incremental.assemble(sink, items, todo, previous, labelled, (), "night")
-    previous.close(), labelled.close()
-    result = pq.read_table(tmp_path / "out.parquet")
-    assert ok == 10 and result["key"].to_pylist() == order
-    # tonight's rows, what a table format's night commits: the new ones, every chunk's
-    assert [k for t in upserts for k in t["key"].to_pylist()] == [
-        k for k in order if k.startswith("new")]
-    assert result.schema.metadata[incremental.NIGHT] == b"night"
-    assert result["top1_label"].to_pylist() == [
-        f"{'tonight' if k.startswith('new') else 'before'}-{k}" for k in order]
-
-
 def test_a_name_that_is_not_utf8_is_seen_unchanged_the_next_night(cli, tmp_path,
                                                                     colour_checkpoint):
     folder, out = tmp_path / "photos", tmp_path / "nightly"

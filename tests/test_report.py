@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,10 +71,10 @@ def test_html_page_references_nothing_outside_itself(cli, finished_run, tmp_path
 
 
 def test_contact_sheet_captions_break_between_folders_never_inside_a_name():
-    findings = reporting.analyse(pa.table({
+    findings = reporting.analyse([pa.table({
         "key": ["2026/12/06/cam07/IMG_0000001234_a_rather_long_name.jpg"], "path": ["x.jpg"],
         "status": ["ok"], "error": pa.array([None], pa.string()), "top1_label": ["red"],
-        "top1_score": pa.array([0.9], pa.float32())}))
+        "top1_score": pa.array([0.9], pa.float32())})])
     page = reporting.render_html(findings, "t")
     caption = re.search(r"<figcaption[^>]*>(.*?)<br>", page).group(1)
     assert re.sub(r"<[^>]+>", "", caption) == "2026/12/06/cam07/IMG_0000001234_a_rather_long_name.jpg"
@@ -118,6 +119,56 @@ def test_review_export_lists_low_confidence_rows_lowest_first(cli, finished_run,
     assert sorted(rows["key"]) == sorted(expected["key"])
     assert rows["top1_score"].is_monotonic_increasing
     assert list(rows.columns) == ["key", "path", "top1_label", "top1_score"]
+
+
+def _table(n: int, labels: int = 3) -> pa.Table:
+    rng = np.random.default_rng(5)
+    errors = rng.random(n) < 0.1
+    return pa.table({
+        "key": [f"k{i}" for i in range(n)], "path": [f"/p/{i}.jpg" for i in range(n)],
+        "status": np.where(errors, "error", "ok").tolist(),
+        "error": [f"Kind{i % 3}: broken" if e else None for i, e in enumerate(errors)],
+        "top1_label": [f"class_{i % labels}" for i in range(n)],
+        # ties on purpose: the lowest are kept in table order
+        "top1_score": pa.array(np.round(rng.random(n), 2), pa.float32())})
+
+
+def test_the_report_in_one_pass_of_batches_is_the_whole_tables(tmp_path):
+    """Counts, histogram, the lowest scores and the first errors, as pandas finds them on
+    the whole table; the samples drawn from each label's own rows."""
+    table = _table(5_000)
+    found = reporting.analyse(table.slice(i, 7).combine_chunks()
+                              for i in range(0, table.num_rows, 7))
+    frame = table.to_pandas()
+    ok, bad = frame[frame["status"] == "ok"], frame[frame["status"] == "error"]
+    assert (found.rows, found.ok, found.errors) == (5_000, len(ok), len(bad))
+    assert found.labels == sorted(ok["top1_label"].value_counts().items(),
+                                  key=lambda kv: (-kv[1], kv[0]))
+    assert found.error_kinds == sorted(bad["error"].str.split(":").str[0].value_counts()
+                                       .items(), key=lambda kv: (-kv[1], kv[0]))
+    assert found.histogram == np.histogram(ok["top1_score"], bins=10, range=(0, 1))[0].tolist()
+    assert found.confidence["< 0.5"] == int((ok["top1_score"] < 0.5).sum())
+    lowest = ok.sort_values("top1_score", kind="stable").head(50)
+    assert [r[0] for r in found.review] == lowest["key"].tolist()
+    assert [r[0] for r in found.error_rows] == bad["key"].head(100).tolist()
+    for label, picks in found.samples.items():
+        keys = [key for key, _, _ in picks]
+        assert len(keys) == len(set(keys)) == 8
+        assert set(keys) <= set(ok[ok["top1_label"] == label]["key"])
+
+
+def test_the_samples_are_drawn_evenly_from_the_whole_table():
+    """Reservoir sampling: a row late in the table is as likely to be shown as an early one
+    (a sample of the first rows only would average around the 8th)."""
+    table = _table(1_000, labels=1).drop_columns(["error"]).append_column(
+        "error", pa.nulls(1_000, pa.string()))
+    table = table.set_column(2, "status", pa.array(["ok"] * 1_000))
+    positions = [int(key[1:]) for seed in range(100)
+                 for key, _, _ in reporting.analyse(
+                     (table.slice(i, 10) for i in range(0, 1_000, 10)), seed=seed
+                 ).samples["class_0"]]
+    assert len(positions) == 800 and 450 < np.mean(positions) < 550
+    assert np.histogram(positions, bins=4, range=(0, 1_000))[0].min() > 150
 
 
 def test_a_huge_table_gives_a_small_page(cli, tmp_path):

@@ -93,9 +93,16 @@ class Format:
         return store.exists(self.table_name())
 
     def read(self, store: Store, columns: list[str]) -> pa.Table:
-        """`columns` of the committed table, with the Parquet layout's types."""
+        """`columns` of the committed table, with the Parquet layout's types (a small
+        table's way; a format that can stream overrides `batches`)."""
         raise NotImplementedError
+
+    def batches(self, store: Store, columns: list[str]) -> Iterator[pa.Table]:
+        """`columns` of the committed table a batch at a time: what reads a table of any
+        size (the report, the counts) without holding it."""
+        yield from (pa.Table.from_batches([b]) for b in self.read(store, columns).to_batches())
 
     def statuses(self, store: Store) -> Iterator[pa.Array]:
         """The `status` column of the committed table, a batch at a time."""
-        raise NotImplementedError
+        for table in self.batches(store, ["status"]):
+            yield table["status"].combine_chunks()

@@ -58,19 +58,17 @@ class CsvFormat(Format):
         return _Writer(sink, schema)
 
     def read(self, store: Store, columns: list[str]) -> pa.Table:
+        return pa.concat_tables(self.batches(store, columns))
+
+    def batches(self, store: Store, columns: list[str]) -> Iterator[pa.Table]:
         # The types the Parquet layout has, where CSV's inference could guess otherwise
         # (a key of digits is not a number, a score is float32).
         types = {"key": pa.string(), "path": pa.string(), "status": pa.string(),
                  "error": pa.string(), "top1_label": pa.string(), "top1_score": pa.float32(),
                  "width": pa.int32(), "height": pa.int32()}
         with store.open(self.table_name()) as fh:
-            return pacsv.read_csv(fh, convert_options=pacsv.ConvertOptions(
+            reader = pacsv.open_csv(fh, convert_options=pacsv.ConvertOptions(
                 include_columns=columns,
                 column_types={name: types[name] for name in columns if name in types}))
-
-    def statuses(self, store: Store) -> Iterator[pa.Array]:
-        with store.open(self.table_name()) as fh:
-            reader = pacsv.open_csv(fh, convert_options=pacsv.ConvertOptions(
-                include_columns=["status"]))
             for batch in reader:
-                yield batch.column(0)
+                yield pa.Table.from_batches([batch])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pyarrow as pa
 
 from pipeline.errors import UsageError
@@ -113,3 +115,8 @@ class DeltaFormat(TableFormat):
 
     def read(self, store: Store, columns: list[str]) -> pa.Table:
         return as_ours(pa.table(_open(self.location(store)).to_pyarrow_table(columns=columns)))
+
+    def batches(self, store: Store, columns: list[str]) -> Iterator[pa.Table]:
+        dataset = _open(self.location(store)).to_pyarrow_dataset()
+        for batch in dataset.to_batches(columns=columns):
+            yield as_ours(pa.Table.from_batches([batch]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -167,3 +168,10 @@ class IcebergFormat(TableFormat):
         if table is None:
             raise UsageError(f"no Iceberg table {self.location(store)}: was it dropped?")
         return as_ours(table.scan(selected_fields=tuple(columns)).to_arrow())
+
+    def batches(self, store: Store, columns: list[str]) -> Iterator[pa.Table]:
+        table = self._open(self.location(store))
+        if table is None:
+            raise UsageError(f"no Iceberg table {self.location(store)}: was it dropped?")
+        for batch in table.scan(selected_fields=tuple(columns)).to_arrow_batch_reader():
+            yield as_ours(pa.Table.from_batches([batch]))

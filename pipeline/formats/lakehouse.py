@@ -115,9 +115,6 @@ class TableFormat(Format):
         with store.writing(MARKER) as sink:
             sink.write(json.dumps(record, indent=2).encode())
 
-    def statuses(self, store: Store) -> Iterator[pa.Array]:
-        yield self.read(store, ["status"])["status"].combine_chunks()
-
     # what each table format does in its own library
     def load(self, where: str):
         """The table at `where` as it is now, or None if there is none yet."""

@@ -33,7 +33,7 @@ class ParquetFormat(Format):
         with store.open(self.table_name()) as fh:
             return pq.read_table(fh, columns=columns)
 
-    def statuses(self, store: Store) -> Iterator[pa.Array]:
+    def batches(self, store: Store, columns: list[str]) -> Iterator[pa.Table]:
         with store.open(self.table_name()) as fh:
-            for batch in pq.ParquetFile(fh).iter_batches(columns=["status"]):
-                yield batch.column(0)
+            for batch in pq.ParquetFile(fh).iter_batches(columns=columns):
+                yield pa.Table.from_batches([batch])

@@ -1,0 +1,218 @@
+"""Tonight's listing against the last night's table, out of core: what is new, changed,
+unchanged and removed, tonight's images to label, and the new table's rows in source order.
+
+The listing streams to a local spool (with each item's position); DuckDB joins it with the
+previous table within keys.MEMORY_LIMIT, spilling to local disk. Memory is a batch and that
+limit, whatever the size of the table: a night over 10^8 rows with 0.1% changed costs the
+changed images and streamed passes, never the table held.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import keys
+from pipeline.errors import UsageError
+from pipeline.sources import VERSION_COLUMNS
+from pipeline.storage import Store
+
+POSITION = "_label_images_position"  # an item's place in tonight's listing
+TONIGHT = "_label_images_tonight"  # a row labelled tonight (a table format's upsert)
+BATCH_ROWS = 65_536
+_SAME = ("coalesce(l.path = p.path AND l.source_size = p.source_size "
+         "AND l.source_version = p.source_version, false)")
+
+
+@dataclass
+class Changes:
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    removed: int = 0
+
+
+class NightDiff:
+    """Tonight's listing (spooled), the previous table (a local file), DuckDB between."""
+
+    def __init__(self, store: Store, listing: Iterable[pa.Table], previous: str | None,
+                 what: str):
+        self.folder = keys.spill_folder(store)
+        try:
+            self.listing, self.items, self.digest = _spool(listing, self.folder)
+            if not self.items:
+                raise UsageError(f"no images in {what}")
+            self.previous = local_file(store, previous, self.folder) if previous else None
+            self.con = keys.connect(self.folder)
+            self._refuse_duplicates(what)
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+
+    def __enter__(self) -> NightDiff:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.con.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _refuse_duplicates(self, what: str) -> None:
+        keys.refuse_duplicates(self.listing, self.folder, what)  # the spool holds the keys
+
+    def _previous(self) -> str:
+        return f"read_parquet('{_quoted(self.previous)}')"
+
+    def _tonight(self) -> str:
+        return f"read_parquet('{_quoted(self.listing)}')"
+
+    def previous_columns(self) -> list[str]:
+        return pq.read_schema(self.previous).names if self.previous else []
+
+    def changes(self) -> Changes:
+        if self.previous is None:
+            return Changes(new=self.items)
+        new, unchanged = self.con.execute(
+            f"SELECT count(*) FILTER (WHERE p.key IS NULL), count(*) FILTER (WHERE {_SAME}) "
+            f"FROM {self._tonight()} l LEFT JOIN (SELECT key, path, source_size, "
+            f"source_version FROM {self._previous()}) p ON l.key = p.key").fetchall()[0]
+        removed = self.con.execute(
+            f"SELECT count(*) FROM (SELECT key FROM {self._previous()}) p "
+            f"ANTI JOIN (SELECT key FROM {self._tonight()}) l ON p.key = l.key").fetchall()[0][0]
+        return Changes(new=new, changed=self.items - new - unchanged, unchanged=unchanged,
+                       removed=removed)
+
+    def to_label(self) -> tuple[str, str]:
+        """Tonight's new and changed images, in listing order, written to a local file
+        (its path), and the digest that names tonight's increment."""
+        path = os.path.join(self.folder, "to-label.parquet")
+        if self.previous is None:
+            query = f"SELECT * FROM {self._tonight()}"
+        else:
+            query = (f"SELECT l.* FROM {self._tonight()} l LEFT JOIN (SELECT key, path, "
+                     f"source_size, source_version FROM {self._previous()}) p ON l.key = p.key "
+                     f"WHERE NOT {_SAME}")
+        self.con.execute(f"COPY ({query} ORDER BY {POSITION}) TO '{_quoted(path)}' "
+                         "(FORMAT parquet)")
+        digest = ColumnsDigest()
+        for table in _read(path):
+            digest.update(table)
+        return path, digest.hexdigest()[:16]
+
+    def removed(self) -> pa.Array:
+        """Keys of the previous table's images that are gone (as many as were removed)."""
+        if self.previous is None:
+            return pa.array([], pa.string())
+        return self.con.sql(
+            f"SELECT p.key FROM (SELECT key FROM {self._previous()}) p ANTI JOIN "
+            f"(SELECT key FROM {self._tonight()}) l ON p.key = l.key").to_arrow_table()[
+            "key"].combine_chunks().cast(pa.string())
+
+    def rows(self, template: pa.Schema, labelled: str | None,
+             item_columns: list[str]) -> Iterator[pa.Table]:
+        """The new table in listing order, a batch at a time: keys, paths, kept columns and
+        versions from tonight's listing; the labels from tonight's labelling where there is
+        one, else from the previous table. `TONIGHT` marks the rows labelled tonight."""
+        labels = [f.name for f in template if f.name not in item_columns]
+        joins, pick = [], []
+        if labelled is not None:
+            joins.append(f"LEFT JOIN read_parquet('{_quoted(labelled)}') n ON l.key = n.key")
+        if self.previous is not None:
+            joins.append(f"LEFT JOIN {self._previous()} p ON l.key = p.key" + (
+                " AND n.key IS NULL" if labelled is not None else ""))
+        for name in labels:
+            sources = [f"n.{_name(name)}"] * (labelled is not None) + [
+                f"p.{_name(name)}"] * (self.previous is not None)
+            pick.append(sources[0] if len(sources) == 1 else
+                        f"CASE WHEN n.key IS NOT NULL THEN {sources[0]} ELSE {sources[1]} END")
+        tonight = "n.key IS NOT NULL" if labelled is not None else "false"
+        query = (f"SELECT {', '.join(f'l.{_name(c)}' for c in item_columns)}, "
+                 f"{', '.join(f'{expr} AS {_name(n)}' for expr, n in zip(pick, labels))}, "
+                 f"{tonight} AS {TONIGHT} FROM {self._tonight()} l {' '.join(joins)} "
+                 f"ORDER BY l.{POSITION}")
+        reader = self.con.sql(query).to_arrow_reader(BATCH_ROWS)
+        for batch in reader:
+            table = pa.Table.from_batches([batch])
+            yield table
+
+
+def _spool(listing: Iterable[pa.Table], folder: str) -> tuple[str, int, str]:
+    """Tonight's listing to a local Parquet file with each item's position; how many items,
+    and a digest of their keys, paths and versions (what names tonight's table)."""
+    path = os.path.join(folder, "tonight.parquet")
+    writer, count, digest = None, 0, ColumnsDigest()
+    try:
+        for table in listing:
+            if not table.num_rows:
+                continue
+            table = table.append_column(POSITION, pa.array(range(count, count + table.num_rows),
+                                                           pa.int64()))
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table.cast(writer.schema))
+            digest.update(table)
+            count += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return path, count, digest.hexdigest()
+
+
+class ColumnsDigest:
+    """A hash of the keys, paths and versions in order, whatever the batches they come in:
+    each column's value lengths and bytes are hashed apart, from Arrow's buffers."""
+
+    NAMES = ("key", "path", VERSION_COLUMNS[1])
+
+    def __init__(self):
+        self._parts = {name: (hashlib.sha256(), hashlib.sha256()) for name in self.NAMES}
+
+    def update(self, table: pa.Table) -> None:
+        for name, (lengths, data) in self._parts.items():
+            column = table[name].cast(pa.string()).fill_null("").combine_chunks()
+            offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[
+                column.offset:column.offset + len(column) + 1]
+            lengths.update(np.diff(offsets).astype(np.int64).tobytes())
+            if len(column) and offsets[-1] > offsets[0]:
+                data.update(memoryview(column.buffers()[2])[offsets[0]:offsets[-1]])
+
+    def hexdigest(self) -> str:
+        whole = hashlib.sha256()
+        for lengths, data in self._parts.values():
+            whole.update(lengths.digest() + data.digest())
+        return whole.hexdigest()
+
+
+def local_file(store: Store, name: str, folder: str) -> str:
+    """A file of the run directory as a local file for DuckDB: itself, or a copy of a
+    remote one in `folder`."""
+    if not store.remote:
+        return os.path.join(store.root, name)
+    local = os.path.join(folder, name.replace("/", "_"))
+    with store.open(name) as source, open(local, "wb") as target:
+        shutil.copyfileobj(source, target, 16 << 20)
+    return local
+
+
+def _read(path: str) -> Iterator[pa.Table]:
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+        yield pa.Table.from_batches([batch]).drop_columns([POSITION])
+
+
+def items_to_label(path: str) -> Iterator[pa.Table]:
+    """The spooled images to label, a batch at a time, without their positions."""
+    return _read(path)
+
+
+def _quoted(path: str) -> str:
+    return path.replace("'", "''")
+
+
+def _name(column: str) -> str:
+    return '"' + column.replace('"', '""') + '"'
