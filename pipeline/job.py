@@ -79,7 +79,7 @@ class Job:
         (a resume, a slice that starts later); what arrived since waits for the next run.
         """
         return {**self.spec.describe(), "top_k": self.config.top_k,
-                "embeddings": self.config.embeddings, "source": self.source.spec.describe()}
+                "embeddings": self.config.embeddings, "source": self.source.describe()}
 
     def record(self) -> dict:
         """run.json beside the fingerprint: the configuration and what was decided from it."""

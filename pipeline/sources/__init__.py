@@ -11,6 +11,7 @@ from pipeline.errors import UsageError
 from pipeline.keys import KeySpool
 from pipeline.sources.base import VERSION_COLUMNS, Source, SourceSpec, with_versions
 from pipeline.sources.folder import FolderSource
+from pipeline.sources.inventory import InventorySource
 from pipeline.sources.manifest import ManifestSource
 from pipeline.sources.parquet_images import ParquetImagesSource
 from pipeline.sources.tar_shards import TarShardsSource
@@ -20,8 +21,8 @@ __all__ = ["KINDS", "VERSION_COLUMNS", "Source", "SourceSpec", "first_items", "l
            "open_source", "read_items", "read_source"]
 
 # Asked in order; the first that claims the location reads it.
-KINDS: list[type[Source]] = [TarShardsSource, ParquetImagesSource, FolderSource,
-                             ManifestSource]
+KINDS: list[type[Source]] = [TarShardsSource, ParquetImagesSource, InventorySource,
+                             FolderSource, ManifestSource]
 
 
 def open_source(spec: SourceSpec) -> Source:

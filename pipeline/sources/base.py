@@ -66,6 +66,10 @@ class Source:
     def __init__(self, spec: SourceSpec):
         self.spec = spec
 
+    def describe(self) -> dict:
+        """What decides which items a run labels (the fingerprint's source)."""
+        return self.spec.describe()
+
     @classmethod
     def claims_pattern(cls, location: str) -> bool:
         """Whether `location` is a pattern of this kind's (it names no one file to check)."""

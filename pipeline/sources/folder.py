@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.errors import UsageError, notice
 from pipeline.sources.base import Source, version_of, with_versions
@@ -54,7 +55,7 @@ class FolderSource(Source):
                     keys = []
             if keys:
                 yield _local_items(keys, base)
-        _say_passed_over(passed_over)
+        say_passed_over(passed_over)
 
     def list_items(self) -> pa.Table:
         return pa.concat_tables(self.batches())
@@ -128,7 +129,16 @@ def _named_as_image(name: str, passed_over: Counter[str]) -> bool:
     return False
 
 
-def _say_passed_over(extensions: Counter[str]) -> None:
+def images_among(keys: pa.ChunkedArray | pa.Array, passed_over: Counter[str]) -> pa.Array:
+    """A mask of the keys named as images, all at once; the others counted by extension."""
+    pattern = "(" + "|".join(e.replace(".", "\\.") for e in sorted(IMAGE_EXTENSIONS)) + ")$"
+    mask = pc.match_substring_regex(pc.utf8_lower(keys), pattern)
+    others = pc.filter(keys, pc.invert(mask)).to_pylist()
+    passed_over.update(os.path.splitext(name)[1].lower() for name in others)
+    return mask
+
+
+def say_passed_over(extensions: Counter[str]) -> None:
     """One line on the files a folder holds besides images: none is left out unseen."""
     if not extensions:
         return
