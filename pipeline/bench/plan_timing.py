@@ -21,7 +21,7 @@ def measure_rows(rows: int, workdir: Path) -> dict:
     with open(manifest, "w") as fh:
         for i in range(rows):
             fh.write(f"shard-{i // 10000:05d}/image-{i:09d}.jpg\n")
-    done = subprocess.run([sys.executable, "-m", "pipeline.bench.plan_probe", str(manifest),
+    done = subprocess.run([sys.executable, "-m", "pipeline.plan_probe", str(manifest),
                            str(workdir / "plan-probe")], capture_output=True, text=True,
                           check=True)
     return json.loads(done.stdout.splitlines()[-1])

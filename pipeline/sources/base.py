@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.errors import UsageError
 from pipeline.storage import filesystem, image_path, is_remote, local_path, read_bytes
 
 # What incremental runs compare to find changed images (they are kept in their tables).

@@ -1,5 +1,6 @@
-"""`python -m pipeline.bench.plan_probe MANIFEST RUN_DIR [SHARD_SIZE]`: planning timed in a
-fresh process, so that its peak memory is its own. Prints rows, seconds and peak RSS as JSON."""
+"""`python -m pipeline.plan_probe MANIFEST RUN_DIR [SHARD_SIZE [ID_COLUMN]]`: planning timed
+in a fresh process, so that its peak memory is its own. Prints rows, seconds and peak RSS as
+JSON."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ def peak_rss_mb() -> float:
         return int(next(line for line in fh if line.startswith("VmHWM")).split()[1]) / 1024
 
 
-def main(manifest: str, run_dir: str, shard_size: int = 1000) -> dict:
+def main(manifest: str, run_dir: str, shard_size: int = 1000,
+         id_column: str | None = None) -> dict:
     started = time.perf_counter()
-    source = sources.open_source(sources.SourceSpec(manifest))
+    source = sources.open_source(sources.SourceSpec(manifest, id_column=id_column))
     store = Store(run_dir)
     frozen = plan.freeze(sources.listing(source), store, shard_size, what=manifest)
     planned = time.perf_counter()
@@ -32,4 +34,5 @@ def main(manifest: str, run_dir: str, shard_size: int = 1000) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:4]))))
+    shard_size = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
+    print(json.dumps(main(sys.argv[1], sys.argv[2], shard_size, *sys.argv[4:5])))
