@@ -25,6 +25,11 @@ class RunError(Exception):
     exit_code = 1
 
 
+class ProcessFailure(RunError):
+    """A process of the run died of something of its own (a signal from outside, the OOM
+    killer), not of the data and not of the job: doing the same work again may succeed."""
+
+
 class Interrupted(Exception):
     """Stopped by a signal (exit 128 + signal number); every shard committed so far is intact."""
 

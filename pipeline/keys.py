@@ -15,10 +15,11 @@ from pipeline.errors import UsageError
 from pipeline.rundir import SPILL_PREFIX
 from pipeline.storage import Store
 
-# DuckDB's share of memory for a check or a night's join; past it, it spills to the spool's
-# folder. Duplicates among 10^8 keys took 13 s within it here, against 23 s and 1 GB as
-# strings (docs/benchmarks.md).
+# DuckDB's share of memory for a check; past it, it spills to the spool's folder. Duplicates
+# among 10^8 keys took 13 s within it here, against 23 s and 1 GB as strings. Joining two
+# listings of 10^8 (a night, a staleness check) needs more to spill at all: JOIN_MEMORY.
 MEMORY_LIMIT = "256MB"
+JOIN_MEMORY = "1GB"
 _KEY = pa.schema([pa.field("key", pa.string())])
 
 
@@ -31,12 +32,12 @@ def spill_folder(store: Store | None = None) -> str:
     return tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=parent)
 
 
-def connect(folder: str):
-    """DuckDB held to MEMORY_LIMIT, spilling into `folder`."""
+def connect(folder: str, memory: str = MEMORY_LIMIT):
+    """DuckDB held to `memory`, spilling into `folder`."""
     import duckdb
 
     con = duckdb.connect()
-    con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
+    con.execute(f"SET memory_limit = '{memory}'")
     con.execute("SET temp_directory = ?", [os.path.join(folder, "duckdb")])
     con.execute("SET preserve_insertion_order = false")  # lets large groupings spill
     return con
@@ -109,7 +110,7 @@ def changes(planned: Iterable[pa.Table], listed: Iterable[pa.Table],
             plan_keys.add(table["key"])
         for table in listed:
             listed_keys.add(table["key"])
-        con = connect(listed_keys.folder)
+        con = connect(listed_keys.folder, JOIN_MEMORY)
         try:
             count = ("SELECT count(*) FROM read_parquet(?) a ANTI JOIN read_parquet(?) b "
                      "USING (key)")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import keys
@@ -50,7 +51,7 @@ class NightDiff:
             if not self.items:
                 raise UsageError(f"no images in {what}")
             self.previous = local_file(store, previous, self.folder) if previous else None
-            self.con = keys.connect(self.folder)
+            self.con = keys.connect(self.folder, keys.JOIN_MEMORY)
             self._refuse_duplicates(what)
         except BaseException:
             shutil.rmtree(self.folder, ignore_errors=True)
@@ -118,28 +119,106 @@ class NightDiff:
              item_columns: list[str]) -> Iterator[pa.Table]:
         """The new table in listing order, a batch at a time: keys, paths, kept columns and
         versions from tonight's listing; the labels from tonight's labelling where there is
-        one, else from the previous table. `TONIGHT` marks the rows labelled tonight."""
+        one, else from the previous table. `TONIGHT` marks the rows labelled tonight.
+
+        DuckDB joins only the keys, into where each row's labels are (a row of tonight's
+        labels or of last night's table), in listing order; the labels are then read from
+        those files in passes that are sequential when tonight lists in last night's order
+        (a source listed as before, with images added and removed). Joining the whole rows
+        needs more than JOIN_MEMORY at 10^8 (measured)."""
         labels = [f.name for f in template if f.name not in item_columns]
-        joins, pick = [], []
-        if labelled is not None:
-            joins.append(f"LEFT JOIN read_parquet('{_quoted(labelled)}') n ON l.key = n.key")
-        if self.previous is not None:
-            joins.append(f"LEFT JOIN {self._previous()} p ON l.key = p.key" + (
-                " AND n.key IS NULL" if labelled is not None else ""))
-        for name in labels:
-            sources = [f"n.{_name(name)}"] * (labelled is not None) + [
-                f"p.{_name(name)}"] * (self.previous is not None)
-            pick.append(sources[0] if len(sources) == 1 else
-                        f"CASE WHEN n.key IS NOT NULL THEN {sources[0]} ELSE {sources[1]} END")
-        tonight = "n.key IS NOT NULL" if labelled is not None else "false"
-        query = (f"SELECT {', '.join(f'l.{_name(c)}' for c in item_columns)}, "
-                 f"{', '.join(f'{expr} AS {_name(n)}' for expr, n in zip(pick, labels))}, "
-                 f"{tonight} AS {TONIGHT} FROM {self._tonight()} l {' '.join(joins)} "
-                 f"ORDER BY l.{POSITION}")
-        reader = self.con.sql(query).to_arrow_reader(BATCH_ROWS)
-        for batch in reader:
-            table = pa.Table.from_batches([batch])
-            yield table
+        where = os.path.join(self.folder, "where.parquet")
+        tonight_rows = (f"(SELECT key, file_row_number AS row FROM read_parquet("
+                        f"'{_quoted(labelled)}', file_row_number = true))" if labelled
+                        else "(SELECT NULL::VARCHAR AS key, NULL::BIGINT AS row)")
+        previous_rows = (f"(SELECT key, file_row_number AS row FROM read_parquet("
+                         f"'{_quoted(self.previous)}', file_row_number = true))"
+                         if self.previous else
+                         "(SELECT NULL::VARCHAR AS key, NULL::BIGINT AS row)")
+        self.con.execute(
+            f"COPY (SELECT l.{POSITION}, n.row AS tonight_row, p.row AS previous_row "
+            f"FROM (SELECT key, {POSITION} FROM {self._tonight()}) l "
+            f"LEFT JOIN {tonight_rows} n ON l.key = n.key "
+            f"LEFT JOIN {previous_rows} p ON l.key = p.key AND n.row IS NULL "
+            f"ORDER BY l.{POSITION}) TO '{_quoted(where)}' (FORMAT parquet)")
+        tonight_labels = _Rows(labelled, labels) if labelled else None
+        previous_labels = _Rows(self.previous, labels) if self.previous else None
+        try:
+            found = pq.ParquetFile(where).iter_batches(batch_size=BATCH_ROWS)
+            listed = _Rebatch(pq.ParquetFile(self.listing).iter_batches(
+                batch_size=BATCH_ROWS, columns=item_columns))
+            label_schema = pa.schema([template.field(name) for name in labels])
+            for places in found:
+                items = listed.take(places.num_rows)
+                from_tonight = places.column("tonight_row")
+                mask = pc.is_valid(from_tonight)
+                pieces, order = [], []
+                for rows, chosen in ((tonight_labels, mask), (previous_labels, pc.invert(mask))):
+                    chosen_at = np.flatnonzero(chosen.to_numpy(zero_copy_only=False))
+                    if rows is None or not len(chosen_at):
+                        continue
+                    column = places.column("tonight_row" if rows is tonight_labels
+                                           else "previous_row").take(pa.array(chosen_at))
+                    pieces.append(rows.take(column.to_numpy(zero_copy_only=False))
+                                  .cast(label_schema))
+                    order.append(chosen_at)
+                chosen = pa.concat_tables(pieces).take(np.argsort(np.concatenate(order)))
+                table = items
+                for name in labels:
+                    table = table.append_column(template.field(name), chosen[name])
+                yield table.append_column(TONIGHT, mask)
+        finally:
+            for rows in (tonight_labels, previous_labels):
+                if rows is not None:
+                    rows.close()
+
+
+class _Rows:
+    """Rows of a Parquet file fetched by number, a row group at a time (one kept)."""
+
+    def __init__(self, path: str, columns: list[str]):
+        self._file = pq.ParquetFile(path)
+        self._columns = columns
+        meta = self._file.metadata
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)])
+        self._cached: tuple[int, pa.Table] | None = None
+
+    def _group(self, group: int) -> pa.Table:
+        if self._cached is None or self._cached[0] != group:
+            self._cached = (group, self._file.read_row_group(group, columns=self._columns))
+        return self._cached[1]
+
+    def take(self, numbers: np.ndarray) -> pa.Table:
+        """The rows numbered `numbers`, in that order."""
+        groups = np.searchsorted(self._starts, numbers, side="right") - 1
+        order = np.argsort(groups, kind="stable")
+        numbers, groups = numbers[order], groups[order]
+        pieces = [self._group(g).take(numbers[groups == g] - self._starts[g])
+                  for g in np.unique(groups)]
+        return pa.concat_tables(pieces).take(np.argsort(order, kind="stable"))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _Rebatch:
+    """Rows of a stream of batches, taken so many at a time."""
+
+    def __init__(self, batches):
+        self._batches = iter(batches)
+        self._pending = pa.table({})
+
+    def take(self, count: int) -> pa.Table:
+        pieces, rows = [], 0
+        while rows < count:
+            if not self._pending.num_rows:
+                self._pending = pa.Table.from_batches([next(self._batches)])
+            piece = self._pending.slice(0, count - rows)
+            self._pending = self._pending.slice(piece.num_rows)
+            pieces.append(piece)
+            rows += piece.num_rows
+        return pa.concat_tables(pieces)
 
 
 def _spool(listing: Iterable[pa.Table], folder: str) -> tuple[str, int, str]:

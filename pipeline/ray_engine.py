@@ -11,8 +11,10 @@ if it dies, the same command resumes from the committed parts.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import replace
@@ -20,7 +22,7 @@ from dataclasses import replace
 from pipeline import formats, plan as planning, runner
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
-from pipeline.errors import RunError, UsageError, notice
+from pipeline.errors import ProcessFailure, RunError, UsageError, notice
 from pipeline.job import prepare
 from pipeline.launchers import Slice
 from pipeline.progress import progress_bar
@@ -30,6 +32,11 @@ from pipeline.summary import RunSummary, count
 
 MAX_DEATHS = 3  # actors a shard may take down before it is called a poison shard
 _CONNECT_TIMEOUT_S = 5
+# Between waits of CHECK_SECONDS for a shard, the cluster is asked whether it is there; an
+# answer that does not come within the bound (LABEL_IMAGES_RAY_TIMEOUT, seconds) ends the
+# run in one line, resumable: a nightly job never hangs on a cluster that died under it.
+CHECK_SECONDS = 5
+RAY_TIMEOUT_SECONDS = 60
 
 
 def check(config: RunConfig) -> None:
@@ -96,10 +103,16 @@ def run_in(run_dir: RunDirectory, job, progress: bool | None = None) -> RunSumma
     committed = committed_shards(store)
     pending = [s for s in range(plan.num_shards) if s not in committed]
     show = (not config.quiet) if progress is None else progress
-    summary.actors, poison = _label_on_actors(ray, config, plan, pending, summary, lambda: (
-        progress_bar(plan.num_items, plan.num_items - plan.items_in(pending), show, Slice())))
+    try:
+        summary.actors, poison = _label_on_actors(ray, config, plan, pending, summary, lambda: (
+            progress_bar(plan.num_items, plan.num_items - plan.items_in(pending), show,
+                         Slice())))
+    except ClusterLost:
+        # Ray's own shutdown at exit would wait for the cluster that is gone
+        atexit.unregister(ray.shutdown)
+        raise
     run_dir.record_engine({"engine": "ray", "actors": summary.actors,
-                           "redone": summary.redone})
+                           "redone": summary.redone, "lost_nodes": summary.lost_nodes})
     if poison:
         first = {s: plan.read_shard(s, ["key"])["key"][:3].to_pylist() for s in poison}
         named = "; ".join(f"shard {s} (first keys: {', '.join(map(str, keys))})"
@@ -133,10 +146,19 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], summary: 
     def start(count: int = 1) -> list[tuple[object, dict]]:
         actors = [labeller.options(**resources).remote(replace(config, quiet=True))
                   for _ in range(count)]
-        try:
-            described = ray.get([actor.describe.remote() for actor in actors])
+        try:  # bounded: an actor the cluster has no room for never starts
+            described = ray.get([actor.describe.remote() for actor in actors],
+                                timeout=max(ray_timeout(), 300))
         except ray.exceptions.RayActorError as exc:
-            raise RunError(f"a labelling actor could not start: {_cause(exc)}") from None
+            _check_cluster(ray)  # this node gone: said as such
+            raise RunError(f"a labelling actor could not start ({_cause(exc)}); the "
+                           "committed shards are intact: run the same command again to "
+                           "resume") from None
+        except ray.exceptions.GetTimeoutError:
+            _check_cluster(ray)
+            raise RunError(f"no room in the Ray cluster for {count(len(actors), 'actor')} "
+                           f"({resources}) within {max(ray_timeout(), 300):.0f} s; the "
+                           "committed shards are intact: run the same command again") from None
         for figures in described:
             figures.update(shards=0, images=0, seconds=0.0)
         stats.extend(described)
@@ -159,11 +181,22 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], summary: 
         for actor, described in first:
             feed(actor, described)
         while in_flight:
-            (done,), _ = ray.wait(list(in_flight), num_returns=1)
+            done = _next_done(ray, in_flight)
             actor, described, shard = in_flight.pop(done)
             try:
                 found = ray.get(done)
-            except ray.exceptions.RayActorError:  # SIGKILL, OOM, its node lost: redo elsewhere
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                if (isinstance(exc, ray.exceptions.RayTaskError)
+                        and not isinstance(getattr(exc, "cause", None), ProcessFailure)):
+                    raise RunError(_cause(exc)) from None  # about the job: the store, a table
+                # the actor's process (SIGKILL, OOM, a decode worker killed, its node lost):
+                # the shard goes to a fresh actor elsewhere
+                ray.kill(actor, no_restart=True)
+                node_lost = not any(n.startswith(described["node"]) for n in _alive_nodes(ray))
+                if node_lost:  # its whole node went: say which
+                    described["node_lost"] = True
+                    if described["node"] not in summary.lost_nodes:
+                        summary.lost_nodes.append(described["node"])
                 deaths[shard] += 1
                 described["died"] = True
                 died_at.setdefault(shard, time.perf_counter())
@@ -171,11 +204,11 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], summary: 
                     poison.append(shard)
                 else:
                     queue.append(shard)
-                if queue:
+                # a fresh actor in its place (its resources come back), or where there is
+                # room if its node is gone; else the living actors take the shard
+                if queue and (not in_flight or not node_lost or _room_for(ray, resources)):
                     feed(*start()[0])
                 continue
-            except ray.exceptions.RayTaskError as exc:  # a failure of ours (a store down, ...)
-                raise RunError(_cause(exc)) from None
             if shard in died_at:  # redone: how long after the death it was committed again
                 summary.redone.append({"shard": shard, "deaths": deaths[shard], "seconds": round(
                     time.perf_counter() - died_at.pop(shard), 2)})
@@ -197,6 +230,61 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], summary: 
         described["seconds"] = round(described["seconds"], 3)
     summary.loop_seconds = time.perf_counter() - started
     return stats, sorted(poison)
+
+
+def _next_done(ray, in_flight: dict):
+    """The next shard's result to be ready; between waits the cluster must answer."""
+    while True:
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=CHECK_SECONDS)
+        if ready:
+            return ready[0]
+        _check_cluster(ray)
+
+
+def ray_timeout() -> float:
+    return float(os.environ.get("LABEL_IMAGES_RAY_TIMEOUT", RAY_TIMEOUT_SECONDS))
+
+
+def _check_cluster(ray) -> None:
+    """The cluster answers within ray_timeout() and still has this node: else one line."""
+    here = ray.get_runtime_context().get_node_id()
+    if here not in _alive_nodes(ray):
+        raise ClusterLost(f"this machine's Ray node ({here[:12]}) is gone (its raylet "
+                          "died); the committed shards are intact: run the same command "
+                          "again to resume")
+
+
+def _alive_nodes(ray) -> set[str]:
+    """The ids of the nodes alive, as the cluster says within ray_timeout(); ClusterLost if
+    it says nothing by then."""
+    answer: dict = {}
+
+    def ask() -> None:
+        try:
+            answer["nodes"] = ray.nodes()
+        except Exception as exc:  # noqa: BLE001 - whatever Ray raises, the cluster is gone
+            answer["error"] = exc
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(ray_timeout())
+    if "nodes" not in answer:
+        raise ClusterLost(f"the Ray cluster did not answer within {ray_timeout():.0f} s (its "
+                          "head node or GCS is gone); the committed shards are intact: run "
+                          "the same command again to resume")
+    return {n["NodeID"] for n in answer["nodes"] if n.get("Alive")}
+
+
+class ClusterLost(RunError):
+    """The cluster under the driver is gone: the run ends; Ray is not asked to shut down
+    (it would wait for what is gone)."""
+
+
+def _room_for(ray, resources: dict) -> bool:
+    """Whether the cluster has what one more actor asks for, free now."""
+    free = ray.available_resources()
+    names = {"num_cpus": "CPU", "num_gpus": "GPU"}
+    return all(free.get(names[name], 0) >= amount for name, amount in resources.items())
 
 
 def _actor_count(ray, config: RunConfig) -> int:

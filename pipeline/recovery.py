@@ -9,7 +9,7 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from pipeline.errors import Interrupted, RunError, notice
+from pipeline.errors import Interrupted, ProcessFailure, RunError, notice
 from pipeline.loader import PendingItems, PlanItems, init_worker
 from pipeline.memory import SHARED_MEMORY, LoaderSize, more_shared_memory
 from pipeline.plan import Plan
@@ -82,8 +82,8 @@ def quarantine_crashers(died: WorkerDied, items: PlanItems, store: Store) -> Non
     """Find the files a dead worker was on that kill a decoder; record them, or give up."""
     found = find_crashers(items, died.in_flight)
     if not found:  # killed from outside (the OOM killer, an operator): not a file's doing
-        raise RunError(f"{died}; committed shards are intact: run the same command to "
-                       "resume") from None
+        raise ProcessFailure(f"{died}; committed shards are intact: run the same command to "
+                             "resume") from None
     plan = items.plan
     entries = []
     for index, error in sorted(found.items()):

@@ -12,7 +12,7 @@ from pipeline import formats, keys, launchers, plan as planning, recovery
 from pipeline.classifier import Labelling
 from pipeline.commit import PartCommitter, ShardBuffers, write_failure
 from pipeline.config import RunConfig
-from pipeline.errors import RunError, UsageError
+from pipeline.errors import ProcessFailure, RunError, UsageError, notice
 from pipeline.formats.base import Format
 from pipeline.job import Job, prepare
 from pipeline.launchers import ProcessGroup
@@ -23,6 +23,11 @@ from pipeline.progress import progress_bar
 from pipeline.rundir import RunDirectory, committed_shards, part_name
 from pipeline.summary import RunSummary
 from pipeline.writer import count_rows, merge_parts, output_schema
+
+
+# A decode worker killed from outside (the OOM killer's first pick is often the worker that
+# holds a batch) restarts the loader this many times in one run before the run gives up.
+LOADER_RESTARTS = 3
 
 
 def run(config: RunConfig, *, progress: bool | None = None,
@@ -135,6 +140,7 @@ def label(run_dir: RunDirectory, job: Job, plan: Plan, summary: RunSummary,
                       recovery.quarantined(store))
     show = (not config.quiet) if progress is None else progress
     started = time.perf_counter()
+    restarts = 0
     with recovery.stopped_by_signals(store, plan), _torch_threads(job.settings.threads):
         while True:
             owned = shards if shards is not None else [
@@ -147,7 +153,14 @@ def label(run_dir: RunDirectory, job: Job, plan: Plan, summary: RunSummary,
                 _label_pending(items, pending, job, schema, store, summary, bar)
                 break
             except recovery.WorkerDied as died:
-                recovery.quarantine_crashers(died, items, store)  # then the rest, again
+                try:
+                    recovery.quarantine_crashers(died, items, store)  # then the rest, again
+                except ProcessFailure as killed:  # from outside: not a file's doing
+                    restarts += 1
+                    if restarts > LOADER_RESTARTS:
+                        raise
+                    notice(f"{str(killed).split(';')[0]}: restarting the loader ({restarts} "
+                           f"of {LOADER_RESTARTS}); the shards in flight are redone")
     summary.loop_seconds = time.perf_counter() - started
 
 

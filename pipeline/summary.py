@@ -35,6 +35,7 @@ class RunSummary:
     stale: str = ""  # a finished run whose source has changed since: what to do about it
     actors: list[dict] = field(default_factory=list)  # --engine ray: each actor's figures
     redone: list[dict] = field(default_factory=list)  # shards redone after an actor died
+    lost_nodes: list[str] = field(default_factory=list)  # --engine ray: nodes that went
     device: str = ""
     precision: str = ""
     settings: dict = field(default_factory=dict)  # what was chosen, and measured for it
@@ -61,7 +62,9 @@ class RunSummary:
                     f"{self.images_per_second:.1f} images/s; {waiting}")
         actors = "" if not self.actors else (
             f" by {count(len(self.actors), 'actor')} ("
-            + ", ".join(f"{a['images']} on {a['host']}" for a in self.actors) + ")")
+            + ", ".join(f"{a['images']} on {a['host']}" for a in self.actors) + ")"
+            + (f", {count(len(self.lost_nodes), 'node')} lost and "
+               f"{count(len(self.redone), 'shard')} redone" if self.lost_nodes else ""))
         return (f"{self.items} images: {changes}{self.ok} ok, {errors}; labelled "
                 f"{self.labelled_now}{actors} in {self.loop_seconds:.1f} s at "
                 f"{self.images_per_second:.1f} images/s, {self.seconds:.1f} s in all (start-up, "
@@ -91,4 +94,5 @@ class RunSummary:
             **({"stale": self.stale} if self.stale else {}),
             **({"actors": self.actors} if self.actors else {}),
             **({"redone": self.redone} if self.redone else {}),
+            **({"lost_nodes": self.lost_nodes} if self.lost_nodes else {}),
         }

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from pipeline import loader, recovery, storage
 from pipeline.classifier import Classifier
@@ -292,23 +293,48 @@ def test_disk_full_while_merging_keeps_every_part(cli, tmp_path, colour_checkpoi
     resumes_to_reference(cli, args, out, reference_table)
 
 
-def test_a_worker_that_dies_ends_the_run_with_a_message_and_rerun_resumes(
-        cli, tmp_path, colour_checkpoint, reference, monkeypatch):
-    folder, reference_table = reference
-    out = tmp_path / "run"
-    marker = tmp_path / "worker-died"
+def killing_decode(out, marker, times: int):
+    """decode, except that once two parts are committed the decoding worker is SIGKILLed
+    (as the OOM killer does), `times` times in all (counted in a file: workers are forked)."""
     real_decode = loader.decode
 
     def decode_then_die(data, *args, **kwargs):
-        if not marker.exists() and count_parts(out) >= 2:
-            marker.write_text("once")
+        kills = int(marker.read_text()) if marker.exists() else 0
+        in_a_worker = torch.utils.data.get_worker_info() is not None  # not the crash probe
+        if kills < times and in_a_worker and count_parts(out) >= 2:
+            marker.write_text(str(kills + 1))
             os.kill(os.getpid(), signal.SIGKILL)  # the worker process, not the test
         return real_decode(data, *args, **kwargs)
 
-    monkeypatch.setattr(loader, "decode", decode_then_die)
+    return decode_then_die
+
+
+def test_a_worker_killed_from_outside_restarts_the_loader_and_the_run_finishes(
+        cli, tmp_path, colour_checkpoint, reference, monkeypatch):
+    folder, reference_table = reference
+    out, marker = tmp_path / "run", tmp_path / "kills"
+    monkeypatch.setattr(loader, "decode", killing_decode(out, marker, times=1))
+    done = cli(*job(folder, out, colour_checkpoint))
+    assert done.exit_code == 0, done.output
+    assert marker.read_text() == "1"
+    assert "a loader worker died" in done.output and "restarting the loader (1 of 3)" in done.output
+    assert_same_as_reference(out, reference_table)
+    assert not (out / "quarantine.json").exists()  # no file was blamed
+
+
+def test_a_worker_killed_again_and_again_ends_the_run_with_a_message_and_rerun_resumes(
+        cli, tmp_path, colour_checkpoint, reference, monkeypatch):
+    folder, reference_table = reference
+    out, marker = tmp_path / "run", tmp_path / "kills"
+    monkeypatch.setattr(loader, "decode", killing_decode(out, marker, times=4))
     args = job(folder, out, colour_checkpoint)
-    fails_with(cli, args, 1, "a loader worker died")
-    assert marker.exists()
+    failed = cli(*args)
+    assert failed.exit_code == 1, failed.output
+    *restarts, last = failed.output.strip().splitlines()
+    assert [line.split("restarting the loader ")[1][:6] for line in restarts] == [
+        "(1 of ", "(2 of ", "(3 of "]
+    assert last.startswith("label-images: error: a loader worker died")
+    assert marker.read_text() == "4"  # the first kill and three restarts
     monkeypatch.undo()
     resumes_to_reference(cli, args, out, reference_table)
 

@@ -132,6 +132,24 @@ def test_an_actor_killed_mid_shard_has_its_shard_redone_once(cli, tmp_path, colo
     assert redone["shard"] == 1 and redone["deaths"] == 1 and redone["seconds"] > 0
 
 
+def test_a_decode_worker_killed_inside_an_actor_is_restarted_and_the_run_finishes(
+        cli, tmp_path, colour_checkpoint, control):
+    """The OOM killer's first pick is often a worker holding a batch: the actor restarts its
+    loader and redoes the shard; nothing else stops."""
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 12)
+    control(sorted(folder.iterdir())[5], "once")
+    with_a_worker = [a if a != "0" else "1" for a in args(
+        folder, tmp_path / "run", colour_checkpoint, "--engine", "ray", "--actors", "2")]
+    done = cli(*with_a_worker)
+    assert done.exit_code == 0, done.output
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    assert sorted(table["key"]) == sorted(p.name for p in folder.iterdir())
+    assert table["key"].is_unique and (table["status"] == "ok").all()
+    actors = json.loads((tmp_path / "run" / "run.json").read_text())["actors"]
+    assert len(actors) == 2 and not any(a.get("died") for a in actors)  # no actor lost
+
+
 def test_a_shard_that_kills_every_actor_is_named_and_the_rest_commit(
         cli, tmp_path, colour_checkpoint, control):
     folder = tmp_path / "imgs"
