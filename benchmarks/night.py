@@ -4,8 +4,9 @@ WORK ROWS`. Prints each stage's seconds and this process's peak RSS as JSON.
 The previous table has ROWS rows of the output schema (top-5 lists, versions); tonight's
 listing, streamed as a source would, has 0.1% of them changed: half rewritten (a new
 version), a quarter removed, a quarter new keys. Stages: the listing spooled with its
-duplicate check, the counts, tonight's images to label, the removed keys, and the new
-table written in listing order from a fabricated labelling of tonight's images.
+duplicate check and the one join with last night's keys, the counts, tonight's images to
+label, the removed keys, and the new table written in listing order from a fabricated
+labelling of tonight's images; each with the peak RSS so far.
 """
 
 from __future__ import annotations
@@ -97,10 +98,11 @@ def main(work: str, rows: int) -> dict:
         nonlocal stage
         now = time.perf_counter()
         figures[f"{name}_seconds"] = round(now - stage, 1)
+        figures[f"{name}_peak_rss_mb"] = round(peak_rss_mb())  # the peak so far
         stage = now
 
     with NightDiff(store, tonight(rows), previous.name, "the listing") as diff:
-        lap("spool_and_duplicates")
+        lap("spool_duplicates_and_join")
         changes = diff.changes()
         lap("counts")
         path, _ = diff.to_label()
@@ -121,7 +123,8 @@ def main(work: str, rows: int) -> dict:
         lap("new_table")
     figures.update(changes=changes.__dict__, removed_keys=len(removed), written=written,
                    diff_seconds=round(sum(figures[f"{n}_seconds"] for n in (
-                       "spool_and_duplicates", "counts", "to_label", "removed_keys")), 1),
+                       "spool_duplicates_and_join", "counts", "to_label", "removed_keys")),
+                                      1),
                    peak_rss_mb=round(peak_rss_mb()))
     (work_dir / "new.parquet").unlink()
     return figures

@@ -41,69 +41,86 @@ class Changes:
 
 
 class NightDiff:
-    """Tonight's listing (spooled), the previous table (a local file), DuckDB between."""
+    """Tonight's listing (spooled), the previous table (a local file), and one DuckDB join
+    between them, kept on disk in listing order: for each item, last night's row of its key
+    (if any) and whether it is the same image (path, size, version). Everything else (the
+    counts, what to label, the new table) is a streamed pass over files in listing order."""
 
     def __init__(self, store: Store, listing: Iterable[pa.Table], previous: str | None,
                  what: str):
         self.folder = keys.spill_folder(store)
+        self.con = None
         try:
             self.listing, self.items, self.digest = _spool(listing, self.folder)
             if not self.items:
                 raise UsageError(f"no images in {what}")
+            keys.refuse_duplicates(self.listing, self.folder, what)  # the spool holds them
             self.previous = local_file(store, previous, self.folder) if previous else None
             self.con = keys.connect(self.folder, keys.JOIN_MEMORY)
-            self._refuse_duplicates(what)
+            self.joined = self._join()
         except BaseException:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            self.__exit__()
             raise
 
     def __enter__(self) -> NightDiff:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.con.close()
+        if self.con is not None:
+            self.con.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _refuse_duplicates(self, what: str) -> None:
-        keys.refuse_duplicates(self.listing, self.folder, what)  # the spool holds the keys
+    def _join(self) -> str:
+        """joined.parquet: POSITION, previous_row (null: a new key), same (an unchanged
+        image), in listing order: the night's one join of tonight's keys with last night's."""
+        path = os.path.join(self.folder, "joined.parquet")
+        tonight = f"read_parquet('{_quoted(self.listing)}')"
+        if self.previous is None:
+            query = (f"SELECT {POSITION}, NULL::BIGINT AS previous_row, false AS same "
+                     f"FROM {tonight}")
+        else:
+            query = (f"SELECT l.{POSITION}, p.row AS previous_row, {_SAME} AS same FROM "
+                     f"(SELECT key, path, source_size, source_version, {POSITION} FROM "
+                     f"{tonight}) l LEFT JOIN (SELECT key, path, source_size, source_version, "
+                     f"file_row_number AS row FROM read_parquet('{_quoted(self.previous)}', "
+                     "file_row_number = true)) p ON l.key = p.key")
+        self.con.execute(f"COPY ({query} ORDER BY {POSITION}) TO '{_quoted(path)}' "
+                         "(FORMAT parquet)")
+        return path
 
-    def _previous(self) -> str:
-        return f"read_parquet('{_quoted(self.previous)}')"
-
-    def _tonight(self) -> str:
-        return f"read_parquet('{_quoted(self.listing)}')"
-
-    def previous_columns(self) -> list[str]:
-        return pq.read_schema(self.previous).names if self.previous else []
+    def _previous_rows(self) -> int:
+        return pq.ParquetFile(self.previous).metadata.num_rows if self.previous else 0
 
     def changes(self) -> Changes:
-        if self.previous is None:
-            return Changes(new=self.items)
         new, unchanged = self.con.execute(
-            f"SELECT count(*) FILTER (WHERE p.key IS NULL), count(*) FILTER (WHERE {_SAME}) "
-            f"FROM {self._tonight()} l LEFT JOIN (SELECT key, path, source_size, "
-            f"source_version FROM {self._previous()}) p ON l.key = p.key").fetchall()[0]
-        removed = self.con.execute(
-            f"SELECT count(*) FROM (SELECT key FROM {self._previous()}) p "
-            f"ANTI JOIN (SELECT key FROM {self._tonight()}) l ON p.key = l.key").fetchall()[0][0]
+            "SELECT count(*) FILTER (WHERE previous_row IS NULL), count(*) FILTER (WHERE same) "
+            f"FROM read_parquet('{_quoted(self.joined)}')").fetchall()[0]
+        # keys are unique on both sides: what last night had and tonight matched is the rest
+        removed = self._previous_rows() - (self.items - new)
         return Changes(new=new, changed=self.items - new - unchanged, unchanged=unchanged,
                        removed=removed)
+
+    def _in_order(self, columns: list[str] | None = None) -> Iterator[tuple[pa.Table, pa.Table]]:
+        """(listing rows, their join rows), a batch at a time, in listing order."""
+        listed = _Rebatch(pq.ParquetFile(self.listing).iter_batches(
+            batch_size=BATCH_ROWS, columns=columns))
+        for places in pq.ParquetFile(self.joined).iter_batches(batch_size=BATCH_ROWS):
+            yield listed.take(places.num_rows), pa.Table.from_batches([places])
 
     def to_label(self) -> tuple[str, str]:
         """Tonight's new and changed images, in listing order, written to a local file
         (its path), and the digest that names tonight's increment."""
         path = os.path.join(self.folder, "to-label.parquet")
-        if self.previous is None:
-            query = f"SELECT * FROM {self._tonight()}"
-        else:
-            query = (f"SELECT l.* FROM {self._tonight()} l LEFT JOIN (SELECT key, path, "
-                     f"source_size, source_version FROM {self._previous()}) p ON l.key = p.key "
-                     f"WHERE NOT {_SAME}")
-        self.con.execute(f"COPY ({query} ORDER BY {POSITION}) TO '{_quoted(path)}' "
-                         "(FORMAT parquet)")
-        digest = ColumnsDigest()
-        for table in _read(path):
-            digest.update(table)
+        digest, writer = ColumnsDigest(), None
+        try:
+            for items, places in self._in_order():
+                todo = items.filter(pc.invert(places["same"]))
+                writer = writer or pq.ParquetWriter(path, todo.schema)
+                writer.write_table(todo)
+                digest.update(todo)
+        finally:
+            if writer is not None:
+                writer.close()
         return path, digest.hexdigest()[:16]
 
     def removed(self) -> pa.Array:
@@ -111,62 +128,50 @@ class NightDiff:
         if self.previous is None:
             return pa.array([], pa.string())
         return self.con.sql(
-            f"SELECT p.key FROM (SELECT key FROM {self._previous()}) p ANTI JOIN "
-            f"(SELECT key FROM {self._tonight()}) l ON p.key = l.key").to_arrow_table()[
-            "key"].combine_chunks().cast(pa.string())
+            f"SELECT p.key FROM read_parquet('{_quoted(self.previous)}', file_row_number = "
+            f"true) p ANTI JOIN (SELECT previous_row FROM read_parquet('{_quoted(self.joined)}')"
+            " WHERE previous_row IS NOT NULL) j ON p.file_row_number = j.previous_row"
+        ).to_arrow_table()["key"].combine_chunks().cast(pa.string())
 
     def rows(self, template: pa.Schema, labelled: str | None,
              item_columns: list[str]) -> Iterator[pa.Table]:
         """The new table in listing order, a batch at a time: keys, paths, kept columns and
-        versions from tonight's listing; the labels from tonight's labelling where there is
-        one, else from the previous table. `TONIGHT` marks the rows labelled tonight.
+        versions from tonight's listing; the labels from tonight's labelling where the image
+        is new or changed, else from the previous table. `TONIGHT` marks the rows labelled
+        tonight.
 
-        DuckDB joins only the keys, into where each row's labels are (a row of tonight's
-        labels or of last night's table), in listing order; the labels are then read from
-        those files in passes that are sequential when tonight lists in last night's order
-        (a source listed as before, with images added and removed). Joining the whole rows
-        needs more than JOIN_MEMORY at 10^8 (measured)."""
+        No join: tonight's labels (`labelled`) are in the order of to_label's images, so the
+        k-th image to label is their k-th row; last night's row of each unchanged image is
+        in the join. Both are read by row number, in passes that are sequential when tonight
+        lists in last night's order (a source listed as before, with images added and
+        removed)."""
         labels = [f.name for f in template if f.name not in item_columns]
-        where = os.path.join(self.folder, "where.parquet")
-        tonight_rows = (f"(SELECT key, file_row_number AS row FROM read_parquet("
-                        f"'{_quoted(labelled)}', file_row_number = true))" if labelled
-                        else "(SELECT NULL::VARCHAR AS key, NULL::BIGINT AS row)")
-        previous_rows = (f"(SELECT key, file_row_number AS row FROM read_parquet("
-                         f"'{_quoted(self.previous)}', file_row_number = true))"
-                         if self.previous else
-                         "(SELECT NULL::VARCHAR AS key, NULL::BIGINT AS row)")
-        self.con.execute(
-            f"COPY (SELECT l.{POSITION}, n.row AS tonight_row, p.row AS previous_row "
-            f"FROM (SELECT key, {POSITION} FROM {self._tonight()}) l "
-            f"LEFT JOIN {tonight_rows} n ON l.key = n.key "
-            f"LEFT JOIN {previous_rows} p ON l.key = p.key AND n.row IS NULL "
-            f"ORDER BY l.{POSITION}) TO '{_quoted(where)}' (FORMAT parquet)")
+        label_schema = pa.schema([template.field(name) for name in labels])
         tonight_labels = _Rows(labelled, labels) if labelled else None
         previous_labels = _Rows(self.previous, labels) if self.previous else None
+        labelled_before = 0
         try:
-            found = pq.ParquetFile(where).iter_batches(batch_size=BATCH_ROWS)
-            listed = _Rebatch(pq.ParquetFile(self.listing).iter_batches(
-                batch_size=BATCH_ROWS, columns=item_columns))
-            label_schema = pa.schema([template.field(name) for name in labels])
-            for places in found:
-                items = listed.take(places.num_rows)
-                from_tonight = places.column("tonight_row")
-                mask = pc.is_valid(from_tonight)
+            for items, places in self._in_order(item_columns):
+                tonight = pc.invert(places["same"]).combine_chunks()
+                mask = tonight.to_numpy(zero_copy_only=False)
                 pieces, order = [], []
-                for rows, chosen in ((tonight_labels, mask), (previous_labels, pc.invert(mask))):
-                    chosen_at = np.flatnonzero(chosen.to_numpy(zero_copy_only=False))
-                    if rows is None or not len(chosen_at):
-                        continue
-                    column = places.column("tonight_row" if rows is tonight_labels
-                                           else "previous_row").take(pa.array(chosen_at))
-                    pieces.append(rows.take(column.to_numpy(zero_copy_only=False))
-                                  .cast(label_schema))
-                    order.append(chosen_at)
+                at_tonight = np.flatnonzero(mask)
+                if len(at_tonight):
+                    numbers = labelled_before + np.arange(len(at_tonight))
+                    pieces.append(tonight_labels.take(numbers).cast(label_schema))
+                    order.append(at_tonight)
+                    labelled_before += len(at_tonight)
+                at_previous = np.flatnonzero(~mask)
+                if len(at_previous):
+                    numbers = places["previous_row"].take(pa.array(at_previous)).to_numpy(
+                        zero_copy_only=False)
+                    pieces.append(previous_labels.take(numbers).cast(label_schema))
+                    order.append(at_previous)
                 chosen = pa.concat_tables(pieces).take(np.argsort(np.concatenate(order)))
                 table = items
                 for name in labels:
                     table = table.append_column(template.field(name), chosen[name])
-                yield table.append_column(TONIGHT, mask)
+                yield table.append_column(TONIGHT, tonight)
         finally:
             for rows in (tonight_labels, previous_labels):
                 if rows is not None:
