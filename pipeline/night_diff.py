@@ -124,14 +124,23 @@ class NightDiff:
         return path, digest.hexdigest()[:16]
 
     def removed(self) -> pa.Array:
-        """Keys of the previous table's images that are gone (as many as were removed)."""
+        """Keys of the previous table's images that are gone (as many as were removed):
+        last night's rows no item of tonight's matched, marked in a byte a row (100 MB at
+        10^8; DuckDB's anti-join took 22 s and 1 GB more here), then read in one pass."""
         if self.previous is None:
             return pa.array([], pa.string())
-        return self.con.sql(
-            f"SELECT p.key FROM read_parquet('{_quoted(self.previous)}', file_row_number = "
-            f"true) p ANTI JOIN (SELECT previous_row FROM read_parquet('{_quoted(self.joined)}')"
-            " WHERE previous_row IS NOT NULL) j ON p.file_row_number = j.previous_row"
-        ).to_arrow_table()["key"].combine_chunks().cast(pa.string())
+        matched = np.zeros(self._previous_rows(), dtype=bool)
+        for batch in pq.ParquetFile(self.joined).iter_batches(columns=["previous_row"]):
+            rows = batch.column(0).drop_null().to_numpy()
+            matched[rows] = True
+        gone, start = [], 0
+        for batch in pq.ParquetFile(self.previous).iter_batches(columns=["key"]):
+            keep = ~matched[start:start + batch.num_rows]
+            if keep.any():
+                gone.append(batch.column(0).filter(pa.array(keep)))
+            start += batch.num_rows
+        return (pa.concat_arrays(gone).cast(pa.string()) if gone
+                else pa.array([], pa.string()))
 
     def rows(self, template: pa.Schema, labelled: str | None,
              item_columns: list[str]) -> Iterator[pa.Table]:
