@@ -57,9 +57,6 @@ class CsvFormat(Format):
     def open(self, sink: IO[bytes], schema: pa.Schema) -> _Writer:
         return _Writer(sink, schema)
 
-    def read(self, store: Store, columns: list[str]) -> pa.Table:
-        return pa.concat_tables(self.batches(store, columns))
-
     def batches(self, store: Store, columns: list[str]) -> Iterator[pa.Table]:
         # The types the Parquet layout has, where CSV's inference could guess otherwise
         # (a key of digits is not a number, a score is float32).

@@ -113,9 +113,6 @@ class DeltaFormat(TableFormat):
             raise moved_on(table.table_uri) from None
         return table.version()
 
-    def read(self, store: Store, columns: list[str]) -> pa.Table:
-        return as_ours(pa.table(_open(self.location(store)).to_pyarrow_table(columns=columns)))
-
     def batches(self, store: Store, columns: list[str]) -> Iterator[pa.Table]:
         dataset = _open(self.location(store)).to_pyarrow_dataset()
         for batch in dataset.to_batches(columns=columns):

@@ -163,12 +163,6 @@ class IcebergFormat(TableFormat):
             with table.transaction() as tx:
                 tx.set_properties(properties)
 
-    def read(self, store: Store, columns: list[str]) -> pa.Table:
-        table = self._open(self.location(store))
-        if table is None:
-            raise UsageError(f"no Iceberg table {self.location(store)}: was it dropped?")
-        return as_ours(table.scan(selected_fields=tuple(columns)).to_arrow())
-
     def batches(self, store: Store, columns: list[str]) -> Iterator[pa.Table]:
         table = self._open(self.location(store))
         if table is None:

@@ -29,10 +29,6 @@ class ParquetFormat(Format):
     def open(self, sink: IO[bytes], schema: pa.Schema) -> _Writer:
         return _Writer(sink, schema)
 
-    def read(self, store: Store, columns: list[str]) -> pa.Table:
-        with store.open(self.table_name()) as fh:
-            return pq.read_table(fh, columns=columns)
-
     def batches(self, store: Store, columns: list[str]) -> Iterator[pa.Table]:
         with store.open(self.table_name()) as fh:
             for batch in pq.ParquetFile(fh).iter_batches(columns=columns):
