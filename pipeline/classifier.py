@@ -6,13 +6,12 @@ knobs behind one check.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from pipeline.backends.base import ModelSpec, head_name
 from pipeline.errors import RunError, UsageError, notice
+from pipeline.writer import Prediction
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,23 +43,6 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     # reference it is checked against, is fp32
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
             "int8": torch.float32}[name]
-
-
-@dataclass(frozen=True)
-class Prediction:
-    class_ids: np.ndarray  # int32 (n, k), best first
-    scores: np.ndarray  # float32 (n, k), softmax probabilities
-    embeddings: np.ndarray | None = None  # float32 (n, d): the head's input, when asked
-
-    @staticmethod
-    def join(parts: list[Prediction]) -> Prediction:
-        """The predictions of consecutive parts of a batch, as one."""
-        embeddings = None
-        if parts[0].embeddings is not None:
-            embeddings = np.concatenate([p.embeddings for p in parts])
-        return Prediction(class_ids=np.concatenate([p.class_ids for p in parts]),
-                          scores=np.concatenate([p.scores for p in parts]),
-                          embeddings=embeddings)
 
 
 class Labelling:
@@ -115,7 +97,8 @@ class Classifier:
             self.embedding_size = head.in_features
         self.net = net  # what runs: the eager network, compiled, or another runtime's
         self.eager_net = net
-        self.runtime = "torch"
+        self.runtime = "torch"  # the registered runtime that runs it (runtimes/)
+        self.own_kernels = False
         self._input_dtype = dtype  # what the network is given
         self.fixed_batch: int | None = None  # every batch padded to this size (pad_batches_to)
         # CUDA: a batch is copied to the device on a stream of its own while the one before
@@ -130,7 +113,6 @@ class Classifier:
         self._scale = (1.0 / (255.0 * std)).to(self._norm_dtype)
         self._shift = (-mean / std).to(self._norm_dtype)
         self.fits: int | None = None  # the largest batch known to fit, once one did not
-        self._compiled_shapes: set[torch.Size] | None = None  # once compiled: shapes seen
 
     def pad_batches_to(self, size: int) -> None:
         """Every batch given the same shape: shorter ones (the last, those with error rows)
@@ -138,32 +120,11 @@ class Classifier:
         compiles once, and cuDNN's benchmark picks its kernels once, not for each new shape."""
         self.fixed_batch = size
 
-    def compile(self, fixed_batch: int) -> None:
-        """torch.compile the network for one batch shape (pad_batches_to), so one compile
-        serves the whole run. Compiled already (to be measured): the batch shape only."""
-        if self._compiled_shapes is not None:
-            self.pad_batches_to(fixed_batch)
-            return
-        import torch._inductor.config as inductor
-
-        # Freezing treats the weights as constants: batch norm folded into the convolutions
-        # and, on CPU, oneDNN's prepacked weights. ResNet-50 bf16 on 2 EPYC cores: 1.45x
-        # the best eager batch with it, 1.2x without (docs/benchmarks.md). Inference only,
-        # which is all this process does.
-        inductor.freezing = True
-        # dynamic=False: each batch size tried (tuning.measure_batch_size, compiled) gets a
-        # graph of its own; by default a second size would make the batch dimension
-        # symbolic, and the run's one shape would get slower, general kernels.
-        self.use_network(torch.compile(self.eager_net, dynamic=False), "compile")
-        self._compiled_shapes = set()
-        self.pad_batches_to(fixed_batch)
-
-    def use_network(self, net, runtime: str) -> None:
-        """Run `net` (a runtime's form of the eager network) from now on. Another runtime
-        than torch's is given fp32 (its own precision is its own)."""
-        self.net, self.runtime = net, runtime
-        self._input_dtype = self.dtype if runtime in ("torch", "compile") else torch.float32
-        self._compiled_shapes = None
+    def use_network(self, net, runtime: str, own_kernels: bool = False) -> None:
+        """Run `net` (a runtime's form of the eager network) from now on. A runtime with
+        kernels of its own is given fp32 (its own precision is its own)."""
+        self.net, self.runtime, self.own_kernels = net, runtime, own_kernels
+        self._input_dtype = torch.float32 if own_kernels else self.dtype
 
     def predict(self, images: torch.Tensor) -> Prediction:
         """Top-k of a uint8 batch, waited for."""
@@ -208,7 +169,7 @@ class Classifier:
             x = torch.cat([x, x.new_zeros((self.fixed_batch - count, *x.shape[1:]))])
         x = self.network_input(x)
         self._features.clear()
-        probs = self._network(x)[:count].float().softmax(dim=1)
+        probs = self.net(x)[:count].float().softmax(dim=1)
         scores, ids = probs.topk(self.top_k, dim=1)
         # One copy back from the device, not two or three: class ids are exact in float32.
         found = [scores, ids.float()]
@@ -229,25 +190,6 @@ class Classifier:
         if preprocess.layout == "NHWC":
             x = x.permute(0, 2, 3, 1)  # channels_last in memory: a view, nothing copied
         return x
-
-    def _network(self, x: torch.Tensor) -> torch.Tensor:
-        if self._compiled_shapes is None or x.shape in self._compiled_shapes:
-            return self.net(x)
-        # A new shape of a compiled network: dynamo traces it, unless it has given up on
-        # the model's forward (after 8 graphs of one code object in a process, from any
-        # instance, freed ones too), when it runs it eagerly without a word. A "compiled"
-        # run would then measure eager, and record that compiling does not pay here.
-        from torch._dynamo.utils import counters
-
-        traced = counters["stats"]["unique_graphs"]
-        out = self.net(x)
-        if counters["stats"]["unique_graphs"] == traced:
-            raise RunError(
-                f"torch.compile ran {self.spec.model} uncompiled at batch {len(x)}: this "
-                "process has compiled its forward too often (torch._dynamo.config."
-                "recompile_limit); run it in a new process or call torch._dynamo.reset()")
-        self._compiled_shapes.add(x.shape)
-        return out
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         if not self.on_cuda:

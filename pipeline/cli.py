@@ -197,7 +197,8 @@ ShardIndex = Annotated[Optional[int], typer.Option(hidden=True)]
 def _flags(arguments: dict) -> dict:
     """A command's arguments that are RunConfig fields, enums as their values."""
     return {name: value.value if isinstance(value, Enum) else value
-            for name, value in arguments.items() if name in configuration.FIELDS}
+            for name, value in arguments.items()
+            if name in configuration.FIELDS or name == configuration.COMPILE_ALIAS}
 
 
 @app.command(cls=_Command)

@@ -5,20 +5,30 @@ from __future__ import annotations
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.classifier import Prediction
 from pipeline.errors import RunError
-from pipeline.loader import Batch
 from pipeline.plan import Plan
 from pipeline.rundir import part_name
 from pipeline.storage import Store
-from pipeline.writer import ShardResult, part_table, write_part
+from pipeline.writer import Prediction, ShardResult, part_table, write_part
 
 # Part files waiting for the writer thread at most; beyond that the loop waits (bounded memory).
 MAX_PENDING_PARTS = 2
+
+
+class BatchRows(Protocol):
+    """What the commit side reads of a batch (the loader's Batch has it): where its rows
+    go in the plan and what became of each, never its pixels (no torch on this side)."""
+
+    indices: list[int]  # plan positions
+    decoded: list[int]  # positions in this batch whose image decoded (rows of the prediction)
+    widths: list[int]
+    heights: list[int]
+    errors: list[str | None]
 
 
 class ShardBuffers:
@@ -28,7 +38,7 @@ class ShardBuffers:
         self.plan, self.top_k, self.embedding_size = plan, top_k, embedding_size
         self._open: dict[int, tuple[int, ShardResult, list[int]]] = {}  # start, result, left
 
-    def fill(self, batch: Batch, prediction: Prediction | None):
+    def fill(self, batch: BatchRows, prediction: Prediction | None):
         """Put a batch's rows into their shards; yield (shard, result) for each completed.
 
         A batch spans one shard, sometimes two: the rows are copied per shard, not per image.

@@ -16,7 +16,7 @@ from pipeline.errors import UsageError
 from pipeline.preprocess import INPUT_MODES
 
 FORMATS = formats.NAMES
-PRECISIONS = ("auto", "fp16", "bf16", "fp32", "int8")
+PRECISIONS = ("auto", *runtimes.precisions())
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -50,7 +50,6 @@ class RunConfig:
     allow_duplicates: bool = False
     overwrite: bool = False
     quiet: bool = False
-    compile: bool | None = None  # None: compile when it pays, measured (--runtime's alias)
     runtime: str = "auto"  # runtimes.NAMES: what runs the network; auto measures
     int8_agreement: float = 0.99  # --precision int8: least top-1 agreement with fp32
     num_slices: int | None = None  # slices of an array job; each labels every n-th shard
@@ -73,6 +72,9 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 _TYPES = typing.get_type_hints(RunConfig)
 # Earlier names, still read from config files and flags: "shards" there meant slices.
 ALIASES = {"num_shards": "num_slices", "shard_index": "slice_index"}
+# --compile / --no-compile (and `compile = true|false` in a file) say --runtime compile or
+# torch: resolved here, so only the runtime travels.
+COMPILE_ALIAS = "compile"
 
 
 def default_out(source: str) -> str:
@@ -94,7 +96,7 @@ def read_toml(path: str) -> dict[str, Any]:
     for key, value in raw.items():
         name = key.replace("-", "_")
         name = ALIASES.get(name, name)
-        if name not in FIELDS:
+        if name not in FIELDS and name != COMPILE_ALIAS:
             known = ", ".join(sorted(FIELDS))
             raise UsageError(f"unknown key '{key}' in {path} (known keys: {known})")
         values[name] = value
@@ -105,6 +107,7 @@ def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConf
     """Merge defaults < config file < flags (flags that are None were not given) and validate."""
     values = dict(file_values)
     values.update({k: v for k, v in flag_values.items() if v is not None})
+    _runtime_from_compile(values, flag_values)
     if not values.get("source"):
         raise UsageError("no SOURCE given: pass a folder or manifest, or set 'source' in --config")
     if isinstance(values.get("keep_columns"), str):
@@ -120,14 +123,23 @@ def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConf
             values[name] = os.fspath(values[name])
     config = RunConfig(**values)
     _check_values(config)
-    # --compile/--no-compile are --runtime compile/torch; settings reads either
-    if config.compile is not None:
-        config = dataclasses.replace(config, runtime="compile" if config.compile else "torch")
-    elif config.runtime != "auto":
-        config = dataclasses.replace(config, compile=config.runtime == "compile")
-    if config.precision == "int8":  # only OpenVINO runs it (auto never picks it unasked)
-        config = dataclasses.replace(config, runtime="openvino", compile=False)
+    only = runtimes.offering(config.precision)
+    if config.runtime == "auto" and len(only) == 1:  # a precision one runtime offers (int8):
+        config = dataclasses.replace(config, runtime=only[0])  # auto never picks it unasked
     return config
+
+
+def _runtime_from_compile(values: dict[str, Any], flags: dict[str, Any]) -> None:
+    """--compile / --no-compile as the runtime they name (torch.compile, or torch eager)."""
+    compile = values.pop(COMPILE_ALIAS, None)
+    if compile is None:
+        return
+    if not isinstance(compile, bool):
+        raise UsageError(f"--compile must be true or false, got {compile!r}")
+    if flags.get("runtime") is not None and flags.get(COMPILE_ALIAS) is not None:
+        raise UsageError("--compile/--no-compile and --runtime say the same thing: give one")
+    if flags.get("runtime") is None or flags.get(COMPILE_ALIAS) is not None:
+        values["runtime"] = runtimes.COMPILED if compile else runtimes.EAGER
 
 
 def _check_type(name: str, value: Any) -> None:
@@ -158,13 +170,14 @@ def _check_values(config: RunConfig) -> None:
     if config.input_mode is not None and config.input_mode not in INPUT_MODES:
         raise UsageError(f"--input-mode must be one of {', '.join(INPUT_MODES)}, got "
                          f"{config.input_mode!r}")
-    if config.runtime not in runtimes.NAMES:
-        raise UsageError(f"--runtime must be one of {', '.join(runtimes.NAMES)}, got "
+    if config.runtime not in runtimes.names():
+        raise UsageError(f"--runtime must be one of {', '.join(runtimes.names())}, got "
                          f"{config.runtime!r}")
-    if config.precision == "int8" and config.runtime not in ("auto", "openvino"):
-        raise UsageError(f"--precision int8 runs on --runtime openvino, not {config.runtime}")
-    if config.compile is not None and config.runtime != "auto":
-        raise UsageError("--compile/--no-compile and --runtime say the same thing: give one")
+    if config.precision in PRECISIONS and config.runtime != "auto" and (
+            config.precision not in ("auto", *runtimes.get(config.runtime).precisions)):
+        raise UsageError(f"--precision {config.precision} runs on --runtime "
+                         f"{' or '.join(runtimes.offering(config.precision))}, not "
+                         f"{config.runtime}")
     if config.engine != "ray" and (config.ray_address is not None or config.actors is not None):
         raise UsageError("--ray-address and --actors are for --engine ray")
     if config.precision not in PRECISIONS:

@@ -54,10 +54,8 @@ class Job:
         if self.settings is None:
             config = self.config
             size = DECODE_SAMPLE
-            if config.precision == "int8":  # calibrated on the first, checked on the next
-                from pipeline.runtimes import int8
-
-                size = int8.sample_size()
+            if config.runtime in runtimes.RUNTIMES:  # e.g. INT8: calibrated on the first
+                size = max(size, runtimes.get(config.runtime).sample_size(config.precision))
             sample, pending = _sample_and_pending(store, self.part, size)
             chosen = machine.resolve(config, self.part, self.classifier, self.source, sample,
                                      pending, ended_abruptly=self.crashed_in)
@@ -134,10 +132,8 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     config, kept = _runtime_of_the_run(config, store, device)
     if not driven and part.merges:  # the table's catalog answers, the table is ours: before
         formats.of(config).check(store)  # the listing and the labelling, not after
-    if config.precision == "int8":
-        from pipeline.runtimes import int8
-
-        int8.check()
+    if config.runtime in runtimes.RUNTIMES:  # its extra, its device: before the listing
+        runtimes.get(config.runtime).check(device, config.precision)
     return Job(config, part, source, spec, classifier,
                items=lambda: listing(source, versions),
                crashed_in=None if driven else _ended_abruptly(config, store, part),
@@ -151,8 +147,7 @@ def _runtime_of_the_run(config: RunConfig, store: Store,
     an engine's actor): that runtime, so that one table is labelled by one runtime (they
     agree within a tolerance, not bit for bit), where it chose for the same kind of device.
     A night, or --overwrite, chooses afresh."""
-    if (config.runtime != "auto" or config.compile is not None or config.overwrite
-            or config.incremental):
+    if config.runtime != "auto" or config.overwrite or config.incremental:
         return config, None
     try:
         record = rundir.read_json(store, rundir.RUN_FILE) or {}
@@ -166,7 +161,7 @@ def _runtime_of_the_run(config: RunConfig, store: Store,
         runtimes.get(chosen).check(device)
     except UsageError:  # not installed on this machine: auto among what is
         return config, None
-    return dataclasses.replace(config, runtime=chosen, compile=chosen == "compile"), chosen
+    return dataclasses.replace(config, runtime=chosen), chosen
 
 
 def _ended_abruptly(config: RunConfig, store: Store, part: Slice) -> str | None:

@@ -30,6 +30,7 @@ MIN_IMAGES_TO_COMPILE = 1000
 # labelling such a job at any of the candidates. LABEL_IMAGES_MEASURE_FROM sets another.
 MIN_IMAGES_TO_MEASURE = 1000
 CUDA_PREFETCH_BATCHES = 2
+COMPILED = runtimes.COMPILED  # torch's own: chosen by what compiling costs and gives here
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,16 @@ class Settings:
     batch_size: int
     workers: int
     prefetch: int  # batches each worker is asked for ahead
-    compile: bool
     threads: int | None = None  # torch threads while labelling; None: torch's default
     # Every batch padded to batch_size (a compiled network: one graph; CUDA: one cuDNN choice)
     pad_batches: bool = False
-    runtime: str = "torch"  # runtimes.RUNTIMES: what runs the network
+    runtime: str = runtimes.EAGER  # runtimes.RUNTIMES: what runs the network
     measured: dict = field(default_factory=dict, compare=False)  # the figures behind them
+
+    @property
+    def compile(self) -> bool:
+        """torch.compile runs the network (run.json's `compile`, as before runtimes)."""
+        return self.runtime == COMPILED
 
     def to_dict(self) -> dict:
         return {"device": str(self.device), "precision": str(self.dtype).removeprefix("torch."),
@@ -54,14 +59,16 @@ class Settings:
 
 
 def apply(classifier: Classifier, settings: Settings) -> None:
-    """The one place the run's classifier takes its settings: compiled (a compile that was
-    measured is kept, not redone) and padded to one batch shape. The runtime seam plugs in
-    here."""
+    """The one place the run's classifier takes its settings: the chosen runtime's network
+    (prepared while measuring: a compile that was measured is kept, not redone) and one
+    batch shape."""
     # a runtime with threads of its own gets those the workers leave it (torch's: runner)
     if settings.threads and hasattr(classifier.net, "with_threads"):
-        classifier.use_network(classifier.net.with_threads(settings.threads), settings.runtime)
-    if settings.compile:
-        classifier.compile(fixed_batch=settings.batch_size)
+        classifier.use_network(classifier.net.with_threads(settings.threads), settings.runtime,
+                               classifier.own_kernels)
+    if settings.runtime != classifier.runtime or settings.compile:
+        runtimes.get(settings.runtime).prepare(classifier, runtimes.Preparing(
+            batch_size=settings.batch_size, cache=tuning.cache_dir()))
     if settings.pad_batches:
         classifier.pad_batches_to(settings.batch_size)
 
@@ -99,8 +106,8 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
     # where a compiled model's best batch is looked for: around the eager best, if measured
     compiled_sizes = (tuning.around(model.batch_size, tuning.candidate_batches(device))
                       if config.batch_size is None else None)
-    compile, compiled, eager = config.compile, None, None
-    if runtime != "torch":
+    compile, compiled, eager = _compile_asked(config), None, None
+    if runtime != runtimes.EAGER:
         compile = False
     elif compile is None:
         compile = _compile_pays(classifier, model, compiled_sizes, pending, measured)
@@ -124,38 +131,47 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
         size = _after_abrupt_end(size, config, classifier.spec.preprocess.crop_bytes,
                                  ended_abruptly)
     return Settings(device=device, dtype=classifier.dtype, batch_size=size.batch_size,
-                    workers=size.workers, prefetch=size.prefetch, compile=compile,
+                    workers=size.workers, prefetch=size.prefetch,
                     threads=_model_threads(device, size.workers),
                     pad_batches=compile or classifier.on_cuda,
-                    runtime="compile" if compile else runtime, measured=measured)
+                    runtime=COMPILED if compile else runtime, measured=measured)
+
+
+def _compile_asked(config: RunConfig) -> bool | None:
+    """torch's two runtimes: compiled or eager as asked; None (auto): as it pays."""
+    if config.runtime == "auto":
+        return None
+    return config.runtime == COMPILED
 
 
 def _runtime_asked(config: RunConfig, classifier: Classifier, source: Source,
                    sample: list[str], measured: dict) -> str | None:
-    """The runtime asked for, made the classifier's (OpenVINO converted or read from its
-    cache; INT8 calibrated and checked on the job's `sample`); None for auto, where
-    torch's is measured first. torch's own (eager, compile) are decided with compiling."""
-    module = runtimes.get(config.runtime) if config.runtime != "auto" else None
-    if module is not None and module.own_kernels:
-        module.check(classifier.device)
+    """The runtime asked for, made the classifier's (converted or read from its cache; a
+    precision of its own, such as INT8, calibrated and checked on the job's `sample`); None
+    for auto, where torch's is measured first. torch's own (eager, compile) are decided
+    with compiling."""
+    runtime = runtimes.get(config.runtime) if config.runtime != "auto" else None
+    if runtime is not None and runtime.own_kernels:
+        runtime.check(classifier.device, config.precision)
         if config.embeddings:
             raise UsageError("--embeddings come from torch's forward pass: use --runtime "
-                             "torch or compile with them")
-        if config.precision == "int8":
-            from pipeline.runtimes import int8
-
-            with step(f"quantizing {classifier.spec.model} to INT8 on this job's first images "
-                      "and checking it against fp32", not config.quiet):
-                measured["int8"] = int8.quantize(classifier, source, sample, config.max_pixels,
-                                                  config.int8_agreement)
-        else:
-            with step(f"preparing {classifier.spec.model} for {config.runtime}",
-                      not config.quiet):
-                module.use(classifier, classifier.dtype)
+                             f"{' or '.join(n for n, r in runtimes.RUNTIMES.items() if not r.own_kernels)} "
+                             "with them")
+        preprocess = classifier.spec.preprocess
+        preparing = runtimes.Preparing(
+            precision=config.precision, agreement=config.int8_agreement,
+            cache=tuning.cache_dir(), images=lambda n: (tuning.first_crops(
+                source, sample[:n], preprocess, config.max_pixels), len(sample[:n])))
+        what = (f"quantizing {classifier.spec.model} to {config.precision.upper()} on this "
+                "job's first images and checking it against fp32"
+                if runtime.sample_size(config.precision) else
+                f"preparing {classifier.spec.model} for {config.runtime}")
+        with step(what, not config.quiet):
+            measured.update(runtime.prepare(classifier, preparing))
         return config.runtime
-    if config.runtime == "auto" and config.compile is None and not config.embeddings:
+    if config.runtime == "auto" and not config.embeddings:
         return None
-    return "torch"
+    return runtimes.EAGER
 
 
 def _fastest_runtime(config: RunConfig, classifier: Classifier, model: _Model, pending: int,
@@ -166,15 +182,16 @@ def _fastest_runtime(config: RunConfig, classifier: Classifier, model: _Model, p
     machine last time (else our prior), since compiling only to compare costs a minute. Torch
     is then compiled or not as ever (_compile_pays, the same figures). A job too small to
     repay converting and measuring another runtime runs on torch."""
+    eager = runtimes.EAGER
     others = [name for name in runtimes.installed(classifier.device)
               if runtimes.get(name).own_kernels]
     if not others:
-        return "torch", model
+        return eager, model
     if pending < min_images_to_measure():
-        measured["runtimes"] = {"chosen": "torch", "not_measured": _too_few(pending)}
-        return "torch", model
-    rates = {"torch": model.images_per_second()}
-    torch_rate, record = rates["torch"] or 0, {}
+        measured["runtimes"] = {"chosen": eager, "not_measured": _too_few(pending)}
+        return eager, model
+    rates = {eager: model.images_per_second()}
+    torch_rate, record = rates[eager] or 0, {}
     if pending >= MIN_IMAGES_TO_COMPILE:
         expected = tuning.compile_figures(classifier, model.batch_size)
         if tuning.compile_pays(pending, torch_rate, expected["speedup"],
@@ -182,17 +199,17 @@ def _fastest_runtime(config: RunConfig, classifier: Classifier, model: _Model, p
             torch_rate *= expected["speedup"]
             record = {"compiled_expected": round(torch_rate, 1),
                       "compiled_expected_from": expected["from"]}
-    best, best_rate, best_model = "torch", torch_rate, model
+    best, best_rate, best_model = eager, torch_rate, model
     for name in others:
         with step(f"measuring {classifier.spec.model} on {name} against torch (converted "
                   "once, then cached)", not config.quiet):
-            runtimes.get(name).use(classifier, classifier.dtype)
+            runtimes.get(name).prepare(classifier, runtimes.Preparing(cache=tuning.cache_dir()))
             other = _batch_size(config, classifier, {}, pending, announce=False)
             rates[name] = other.images_per_second()
         if (rates[name] or 0) > best_rate:
             best, best_rate, best_model = name, rates[name], other
-    if best == "torch":
-        runtimes.get("torch").use(classifier)
+    if best == eager:
+        runtimes.get(eager).prepare(classifier)
     measured["runtimes"] = {"images_per_second": {k: round(v or 0, 1) for k, v in
                                                   rates.items()}, **record, "chosen": best}
     return best, best_model
@@ -262,7 +279,7 @@ def _compile(classifier: Classifier, model: _Model, compiled_sizes: tuple[int, .
     """Compiles the classifier; `model` becomes the compiled one at its own best batch
     (measured around the eager best), unless the batch size was given."""
     tuning.use_inductor_cache(cores)
-    classifier.compile(fixed_batch=model.batch_size)
+    runtimes.get(COMPILED).prepare(classifier, runtimes.Preparing(batch_size=model.batch_size))
     if not compiled_sizes:
         # The batch was given: the workers go by the eager rate, and the compiled one is
         # measured last, at the size the run ends up with (its first call the compile).

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import heap
+from pipeline import heap, runtimes
 from pipeline.classifier import Classifier
 from pipeline.decode import DECODE_ERRORS, ImageError, decode
 from pipeline.preprocess import Preprocess
@@ -143,8 +143,12 @@ def _measurement_key(classifier: Classifier, *what: str) -> str:
                      classifier.spec.weights_id, str(classifier.dtype),
                      _input_size(classifier.spec.preprocess), torch.__version__, heap.state(),
                      # another runtime's speed is its own (torch eager's keys stay as they were)
-                     *([classifier.runtime] if classifier.runtime not in ("torch", "compile")
-                       else []), *what])
+                     *filter(None, [_runtime_key(classifier)]), *what])
+
+
+def _runtime_key(classifier: Classifier) -> str | None:
+    runtime = runtimes.RUNTIMES.get(classifier.runtime)
+    return runtime.cache_key if runtime else classifier.runtime
 
 
 def model_rate(classifier: Classifier, batch_size: int, seconds: float) -> float | None:
@@ -204,6 +208,23 @@ def decode_rate(source, paths: list[str], preprocess: Preprocess, max_pixels: in
     finally:
         torch.set_num_threads(threads)
     return decoded / elapsed if decoded and elapsed > 0 else None
+
+
+def first_crops(source, paths: list[str], preprocess: Preprocess,
+                max_pixels: int) -> list[torch.Tensor]:
+    """The decodable images among `paths`, as the loader makes them (uint8 crops): what a
+    runtime calibrates on (INT8)."""
+    found = []
+    for start in range(0, len(paths), 16):
+        part = paths[start:start + 16]
+        for data in source.fetch(part, MAX_BYTES_PER_PIXEL * max_pixels):
+            if isinstance(data, BaseException):
+                continue
+            try:
+                found.append(decode(data, preprocess, max_pixels).image)
+            except (ImageError, *DECODE_ERRORS):
+                continue
+    return found
 
 
 def workers_for(model_rate: float, decode_rate: float, cores: int, on_cuda: bool) -> int:

@@ -46,7 +46,7 @@ def arrow(monkeypatch):
 def config(tmp_path, checkpoint, **kwargs) -> RunConfig:
     return RunConfig(source=str(tmp_path / "imgs"), out=str(tmp_path / "run"), model="resnet18",
                      weights=str(checkpoint), resize=72, crop=64, workers=0, batch_size=4,
-                     shard_size=3, top_k=2, quiet=True, compile=False, **kwargs)
+                     shard_size=3, top_k=2, quiet=True, runtime="torch", **kwargs)
 
 
 def test_a_registered_format_is_assembled_in_one_commit_and_read_back(tmp_path, arrow,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import runtimes
 from pipeline.backends import resolve_model
 from pipeline.classifier import Classifier
 from pipeline.tuning import measure_batch_size
@@ -99,7 +100,7 @@ def test_compiled_and_eager_agree_on_the_gpu_at_the_compiled_batch_measured_ther
     images = batch(5)
     eager = Classifier(spec, CUDA, torch.float16, top_k=2).predict(images)
     compiled = Classifier(spec, CUDA, torch.float16, top_k=2)
-    compiled.compile(fixed_batch=32)
+    runtimes.get(runtimes.COMPILED).prepare(compiled, runtimes.Preparing(batch_size=32))
     choice = measure_batch_size(compiled, (32, 64), seconds=0.2, compiled=True)
     assert set(choice.rates) == {32, 64} and all(r > 0 for r in choice.rates.values())
     assert compiled.fixed_batch == choice.batch_size and choice.first_call_seconds > 0

@@ -104,7 +104,7 @@ def test_the_converted_model_is_reused_and_a_changed_checkpoint_is_converted_ane
     def converted(weights):
         spec = resolve_model("resnet18", str(weights), resize=72, crop=64)
         classifier = Classifier(spec, torch.device("cpu"), torch.float32, top_k=2)
-        return openvino.use(classifier, torch.float32).cached
+        return openvino.use(classifier, cache).cached
 
     assert converted(colour_checkpoint) is False  # converted now
     assert converted(colour_checkpoint) is True  # read back
@@ -230,7 +230,7 @@ def test_int8_that_its_calibration_breaks_is_refused_with_the_figures(cli, tmp_p
 
 _WEIGHED = """
 import json, sys, torch
-from pipeline import settings, tuning
+from pipeline import runtimes, settings, tuning
 from pipeline.backends import resolve_model
 from pipeline.classifier import Classifier
 from pipeline.config import RunConfig
@@ -248,7 +248,7 @@ for pending in (10**6, 10):  # ten images do not repay a compile
     measured = {}
     chosen, _ = settings._fastest_runtime(config, classifier, model, pending, measured)
     found[str(pending)] = {**measured["runtimes"], "runtime": classifier.runtime,
-                           "compiled": classifier._compiled_shapes is not None}
+                           "compiled": classifier.runtime == runtimes.COMPILED}
 print(json.dumps(found))
 """
 

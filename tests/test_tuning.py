@@ -20,6 +20,10 @@ from pipeline.errors import RunError
 from tests.conftest import FAST, read_output, write_colour_images
 
 
+def compile_for(classifier: Classifier, batch_size: int) -> None:
+    runtimes.get(runtimes.COMPILED).prepare(classifier, runtimes.Preparing(batch_size=batch_size))
+
+
 @pytest.fixture
 def classifier(colour_checkpoint):
     spec = resolve_model("resnet18", str(colour_checkpoint), resize=72, crop=64)
@@ -112,7 +116,7 @@ def test_compiled_and_eager_agree_and_a_short_batch_is_padded_to_one_shape(colou
                            generator=torch.Generator().manual_seed(1))
     eager = classifier.predict(images)
     shapes = []
-    classifier.compile(fixed_batch=8)
+    compile_for(classifier, 8)
     compiled_net = classifier.net
     classifier.net = lambda x: shapes.append(tuple(x.shape)) or compiled_net(x)
     found = classifier.predict(images)
@@ -194,14 +198,18 @@ def test_a_compiled_job_measures_its_own_batch_size_once(cli, tmp_path, colour_c
     folder = tmp_path / "imgs"
     truth = write_colour_images(folder, 10)
     compiled_shapes = []
-    real_compile = Classifier.compile
+    compiling = runtimes.get(runtimes.COMPILED)
+    real_compile = type(compiling).prepare
 
-    def compile_and_watch(classifier, fixed_batch):
-        real_compile(classifier, fixed_batch)
-        compiled_net = classifier.net
-        classifier.net = lambda x: compiled_shapes.append(len(x)) or compiled_net(x)
+    def compile_and_watch(runtime, classifier, preparing=runtimes.Preparing()):
+        compiled = classifier.runtime == runtime.name
+        real_compile(runtime, classifier, preparing)
+        if not compiled:
+            compiled_net = classifier.net
+            classifier.net = lambda x: compiled_shapes.append(len(x)) or compiled_net(x)
+        return {}
 
-    monkeypatch.setattr(Classifier, "compile", compile_and_watch)
+    monkeypatch.setattr(type(compiling), "prepare", compile_and_watch)
     runs = []
     for name in ("first", "second"):
         compiled_shapes.clear()
@@ -250,11 +258,11 @@ def test_a_compile_that_dynamo_gave_up_on_is_an_error_not_an_eager_run(colour_ch
     spec = resolve_model("resnet18", str(colour_checkpoint), resize=72, crop=64)
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     first = Classifier(spec, torch.device("cpu"), torch.float32, top_k=2)
-    first.compile(fixed_batch=2)
+    compile_for(first, 2)
     first.predict(images)  # compiled: the one graph the limit allows
     first.predict(images)  # the same shape again: no new graph, and none expected
     second = Classifier(spec, torch.device("cpu"), torch.float32, top_k=2)
-    second.compile(fixed_batch=2)
+    compile_for(second, 2)
     with pytest.raises(RunError, match="uncompiled at batch 2.*recompile_limit"):
         second.predict(images)
 

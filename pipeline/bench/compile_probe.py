@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from pipeline import runtimes
 from pipeline.backends import resolve_model
 from pipeline.classifier import Classifier
 
@@ -21,7 +22,8 @@ def main(args: dict) -> dict:
     spec = resolve_model(args["model"], args["weights"], args["labels"], args["resize"],
                          args["crop"])
     classifier = Classifier(spec, torch.device(args["device"]), getattr(torch, args["dtype"]), 1)
-    classifier.compile(fixed_batch=args["batch_size"])
+    runtimes.get(runtimes.COMPILED).prepare(
+        classifier, runtimes.Preparing(batch_size=args["batch_size"]))
     height, width = spec.preprocess.size
     images = torch.randint(0, 256, (args["batch_size"], 3, height, width), dtype=torch.uint8)
     started = time.perf_counter()

@@ -26,7 +26,7 @@ def measure(sample: Sample) -> None:
     e2e_config = dataclasses.replace(  # the job's own choices, not measured again
         config, source=str(sample.manifest), out=str(sample.workdir / "run"), quiet=True,
         overwrite=True, path_column=None, id_column=None, root=None, keep_columns=(),
-        batch_size=chosen.batch_size, workers=chosen.workers, compile=chosen.compile)
+        batch_size=chosen.batch_size, workers=chosen.workers, runtime=chosen.runtime)
     # Model alone and end to end in turn, twice, each keeping its better run: a shared
     # machine's slow moments then land on both alike instead of skewing their ratio.
     model, best_model, end_to_end = 0.0, 0.0, None

@@ -9,7 +9,7 @@ import dataclasses
 from pipeline import runner, runtimes, tuning
 from pipeline.bench.model import alone
 from pipeline.bench.sample import Figure, Sample
-from pipeline.classifier import Classifier
+from pipeline.classifier import Classifier, resolve_precision
 from pipeline.errors import UsageError
 from pipeline.summary import count
 
@@ -17,10 +17,13 @@ from pipeline.summary import count
 def measure(sample: Sample) -> None:
     job, config = sample.job, sample.config
     device = job.classifier.device
-    names = [n for n in runtimes.installed(device) if n != "compile" or job.settings.compile]
+    names = [n for n in runtimes.installed(device)
+             if n != runtimes.COMPILED or job.settings.compile]
     candidates = [(name, None) for name in names]
-    if "openvino" in names and _has_nncf():
-        candidates.append(("openvino", "int8"))
+    # a precision only a runtime of its own offers (INT8), where its extra is installed
+    candidates += [(name, precision) for name in names for precision in
+                   runtimes.get(name).precisions
+                   if runtimes.offering(precision) == [name] and _runs(name, device, precision)]
     found = {}
     for name, precision in candidates:
         label = name if precision is None else f"{name} {precision}"
@@ -32,7 +35,7 @@ def measure(sample: Sample) -> None:
         run = runner.run(dataclasses.replace(
             config, source=str(sample.manifest), out=str(sample.workdir / f"rt-{label}"),
             quiet=True, overwrite=True, path_column=None, id_column=None, root=None,
-            keep_columns=(), runtime=name, compile=name == "compile",
+            keep_columns=(), runtime=name,
             precision=precision or config.precision, batch_size=batch,
             # torch's are the job's own; another runtime's measured by its run, as a job on
             # it would (its model's rate decides how many decode workers keep up)
@@ -52,34 +55,27 @@ def measure(sample: Sample) -> None:
     sample.found["runtimes"] = found
 
 
-def _has_nncf() -> bool:
-    from pipeline.runtimes import int8
-
+def _runs(name: str, device, precision: str) -> bool:
     try:
-        int8.check()
+        runtimes.get(name).check(device, precision)
     except UsageError:
         return False
     return True
 
 
 def _model_alone(sample: Sample, name: str, precision: str | None) -> tuple[float, int]:
-    job = sample.job
-    dtype = job.classifier.dtype
-    if precision == "int8":
-        import torch
-
-        dtype = torch.float32
-    classifier = Classifier(job.spec, job.classifier.device, dtype, job.config.top_k)
-    if precision == "int8":
-        from pipeline.runtimes import int8
-
-        int8.quantize(classifier, job.source, sample.paths[:int8.sample_size()],
-                      sample.config.max_pixels, sample.config.int8_agreement)
-    elif name == "compile":
-        classifier.compile(fixed_batch=job.settings.batch_size)
-    elif name != "torch":
-        runtimes.get(name).use(classifier, dtype)
-    if name == "compile":
+    job, runtime = sample.job, runtimes.get(name)
+    device = job.classifier.device
+    dtype = resolve_precision(precision, device) if precision else job.classifier.dtype
+    classifier = Classifier(job.spec, device, dtype, job.config.top_k)
+    # prepared as a job on it would be (settings.apply): the job's batch shape, its cache,
+    # the job's own first images where it calibrates on them
+    runtime.prepare(classifier, runtimes.Preparing(
+        precision=precision or "auto", batch_size=job.settings.batch_size,
+        agreement=sample.config.int8_agreement, cache=tuning.cache_dir(),
+        images=lambda n: (tuning.first_crops(job.source, sample.paths[:n], job.spec.preprocess,
+                                             sample.config.max_pixels), len(sample.paths[:n]))))
+    if name == runtimes.COMPILED:
         batch = job.settings.batch_size
     else:
         batch = tuning.measure_batch_size(classifier).batch_size  # cached: the job's key

@@ -1,40 +1,53 @@
 """The runtime seam: what runs the network once it is built; one module each, one line here.
 
-A runtime module has `name`, `own_kernels` (True where the network runs outside torch: no
-torch features, so no embeddings; auto measures it against torch), `check(device)` (a
-one-line refusal where it cannot run: its extra missing, a device it does not run on), and
-`use(classifier, precision, ...)`, which makes the classifier run its network that way; a
-network with threads of its own has `with_threads(n)` (those the decode workers leave).
-torch eager is the network as built; compile is torch.compile of it (settings measures
-whether it pays); OpenVINO converts it and runs it with its own CPU kernels. `auto`
-measures the installed ones (settings.resolve).
-Imported when used: a module's library is an optional extra.
+Each module defines a `Runtime` (runtimes/base.py): how it prepares the backend's torch
+network (torch eager as built, torch.compile, OpenVINO converting it to its own kernels,
+INT8 included), the precisions it offers, its measurements' cache key. `settings` measures
+and chooses among them (`auto`); `settings.apply` is the one place a choice is applied.
+The modules load their libraries when used: an extra's runtime is listed without it.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from pipeline.errors import UsageError
+from pipeline.runtimes import compiled, eager, openvino
+from pipeline.runtimes.base import Preparing, Runtime
 
-RUNTIMES = {"torch": "pipeline.runtimes.eager", "compile": "pipeline.runtimes.compiled",
-            "openvino": "pipeline.runtimes.openvino"}
-NAMES = ("auto", *RUNTIMES)
+RUNTIMES: dict[str, Runtime] = {r.name: r for r in (eager.RUNTIME, compiled.RUNTIME,
+                                                    openvino.RUNTIME)}
+EAGER = eager.RUNTIME.name  # the network as built: what every other is measured against
+COMPILED = compiled.RUNTIME.name  # torch.compile of it: settings weighs what compiling costs
+__all__ = ["COMPILED", "EAGER", "RUNTIMES", "Preparing", "Runtime", "get", "installed", "names",
+           "offering", "precisions"]
 
 
-def get(name: str):
+def names() -> tuple[str, ...]:
+    return ("auto", *RUNTIMES)
+
+
+def get(name: str) -> Runtime:
     if name not in RUNTIMES:
-        raise UsageError(f"--runtime must be one of {', '.join(NAMES)}, got {name!r}")
-    return importlib.import_module(RUNTIMES[name])
+        raise UsageError(f"--runtime must be one of {', '.join(names())}, got {name!r}")
+    return RUNTIMES[name]
 
 
 def installed(device) -> list[str]:
     """The runtimes that can run here, for `auto` to measure."""
     found = []
-    for name in RUNTIMES:
+    for name, runtime in RUNTIMES.items():
         try:
-            get(name).check(device)
+            runtime.check(device)
         except UsageError:
             continue
         found.append(name)
     return found
+
+
+def precisions() -> tuple[str, ...]:
+    """Every --precision some runtime runs, in the order they are offered."""
+    return tuple(dict.fromkeys(p for r in RUNTIMES.values() for p in r.precisions))
+
+
+def offering(precision: str) -> list[str]:
+    """The runtimes that run `precision`."""
+    return [name for name, r in RUNTIMES.items() if precision in r.precisions]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-name = "torch"
-own_kernels = False  # torch runs the network: its features (embeddings) are there
+from pipeline.runtimes.base import Preparing, Runtime
 
 
-def check(device) -> None:
-    """Runs wherever torch does."""
+class Eager(Runtime):
+    name = "torch"
+
+    def prepare(self, classifier, preparing: Preparing = Preparing()) -> dict:
+        classifier.use_network(classifier.eager_net, self.name)
+        return {}
 
 
-def use(classifier, precision=None) -> None:
-    classifier.use_network(classifier.eager_net, name)
+RUNTIME = Eager()
