@@ -231,7 +231,7 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
     if resolved.incremental:
         from pipeline.incremental import run as label
     else:
-        from pipeline.engines import run as label
+        from pipeline.runner import run as label
     typer.echo(label(resolved, started=started).line(), err=True)
 
 

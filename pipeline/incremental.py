@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import engines, formats
+from pipeline import engines, formats, rundir, runner
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError
-from pipeline.job import Job, prepare
+from pipeline.job import Job, prepare_run
 from pipeline.night_diff import TONIGHT, NightDiff, items_to_label, local_file
 from pipeline.rundir import RunDirectory, increment_dir, output_name
 from pipeline.sources import VERSION_COLUMNS
@@ -41,8 +41,8 @@ def run(config: RunConfig, *, progress: bool | None = None,
                          "--allow-duplicates")
     if config.num_slices is not None or config.slice_index is not None:
         raise UsageError("--incremental runs as one process; slices are not supported with it")
-    engines.engine(config)  # its own checks, before the listing
-    job = prepare(config, versions=True, started=started)  # every night lists the source
+    engines.get(config.engine).check(config)  # its own refusals, before the listing
+    job = prepare_run(config, versions=True, started=started)  # every night lists the source
     try:
         with RunDirectory(config.out) as top:
             return _night(top, job, progress)
@@ -93,13 +93,13 @@ def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
             config=dataclasses.replace(config, out=store.url(increment), format="parquet",
                                        keep_columns=keep, overwrite=False))
         with RunDirectory(store.url(increment)) as sub:
-            done = engines.run_in(sub, sub_job, progress=progress)
+            done = runner.run_in(sub, sub_job, progress=progress)
         # what the night resolved is what labelled its increment
         top.record(job.fingerprint(), {"incremental": True, **sub_job.record(),
                                        "config": config.to_dict()}, top.read_run())
         summary.device, summary.precision = done.device, done.precision
         summary.settings = done.settings
-        labelled = f"{increment}/{TABLE}"
+        labelled = rundir.within(increment, TABLE)
         summary.labelled_now, summary.loop_seconds = done.labelled_now, done.loop_seconds
         summary.load_seconds, summary.compute_seconds = done.load_seconds, done.compute_seconds
         summary.write_seconds = done.write_seconds

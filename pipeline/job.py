@@ -105,16 +105,27 @@ def source_spec(config: RunConfig) -> SourceSpec:
                       image_column=config.image_column)
 
 
+def prepare_run(config: RunConfig, part: Slice = Slice(), versions: bool = False,
+                started: float | None = None) -> Job:
+    """The job of the process that holds the run directory (not an engine's worker, whose
+    driver checked all this): its kept columns, the table it will write (its catalog
+    answers, it is ours), and whether the last run there crashed."""
+    check_kept_columns(config.keep_columns)
+    job = prepare(config, part, versions, started)
+    store = Store(job.config.out)
+    if part.merges:  # before the listing and the labelling, not after
+        formats.of(job.config).check(store)
+    job.crashed_in = _ended_abruptly(job.config, store, part)
+    return job
+
+
 def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
-            started: float | None = None, driven: bool = False) -> Job:
+            started: float | None = None) -> Job:
     """Validate the whole configuration: source, model, weights, device. Writes nothing,
     lists nothing: the listing streams into the plan under the run directory's lock.
 
     `versions`: list the images' sizes and change stamps too (incremental nights).
-    `driven`: an engine's worker, labelling shards of a run directory its driver holds.
     """
-    if not driven:  # a driver checked its configuration (and may add columns of its own)
-        check_kept_columns(config.keep_columns)
     if config.embeddings and not formats.get(config.format).embeddings:
         carriers = [name for name, f in formats.FORMATS.items() if f.embeddings]
         raise UsageError(f"--embeddings cannot be written to {config.format}: use --format "
@@ -130,13 +141,10 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     classifier = Classifier(spec, device, dtype, config.top_k, embeddings=config.embeddings)
     store = Store(config.out)
     config, kept = _runtime_of_the_run(config, store, device)
-    if not driven and part.merges:  # the table's catalog answers, the table is ours: before
-        formats.of(config).check(store)  # the listing and the labelling, not after
     if config.runtime in runtimes.RUNTIMES:  # its extra, its device: before the listing
         runtimes.get(config.runtime).check(device, config.precision)
     return Job(config, part, source, spec, classifier,
                items=lambda: listing(source, versions),
-               crashed_in=None if driven else _ended_abruptly(config, store, part),
                runtime_kept=kept,
                started=time.perf_counter() if started is None else started)
 

@@ -72,7 +72,12 @@ def committed_shards(store: Store) -> set[int]:
 
 
 def increment_dir(digest: str) -> str:
-    return f"{INCREMENTS_DIR}/{digest}"
+    return within(INCREMENTS_DIR, digest)
+
+
+def within(folder: str, name: str) -> str:
+    """A name inside a folder of the run directory (an increment's table, say)."""
+    return f"{folder}/{name}"
 
 
 def write_json(store: Store, name: str, data: dict) -> None:

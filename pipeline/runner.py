@@ -1,38 +1,28 @@
-"""The run: open the run directory -> plan -> label the pending shards -> commit -> merge."""
+"""The run, the same for every engine: open the run directory -> plan -> the engine labels
+the pending shards -> merge -> summary; and `label-images merge`."""
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
-import pyarrow as pa
-import torch
-
-from pipeline import formats, keys, launchers, plan as planning, recovery
-from pipeline.classifier import Labelling
-from pipeline.commit import PartCommitter, ShardBuffers, write_failure
+from pipeline import engines, formats, keys, launchers, plan as planning
+from pipeline.commit import write_failure
 from pipeline.config import RunConfig
-from pipeline.errors import ProcessFailure, RunError, UsageError, notice
+from pipeline.errors import RunError, UsageError
 from pipeline.formats.base import Format
-from pipeline.job import Job, prepare
-from pipeline.launchers import ProcessGroup
-from pipeline.loader import Batch, PlanItems, make_loader
-from pipeline.memory import LoaderSize
+from pipeline.job import Job, prepare_run
 from pipeline.plan import Plan
-from pipeline.progress import progress_bar
 from pipeline.rundir import RunDirectory, committed_shards, part_name
 from pipeline.summary import RunSummary
-from pipeline.writer import count_rows, merge_parts, output_schema
+from pipeline.writer import count_rows, merge_parts
 
 
-# A decode worker killed from outside (the OOM killer's first pick is often the worker that
-# holds a batch) restarts the loader this many times in one run before the run gives up.
-LOADER_RESTARTS = 3
 
 
 def run(config: RunConfig, *, progress: bool | None = None,
         started: float | None = None) -> RunSummary:
-    """Label every item of config.source into config.out, resuming what a previous run began.
+    """Label every item of config.source into config.out with the configured engine,
+    resuming what a previous run began.
 
     Under torchrun every rank labels its share and rank 0 assembles the table; as one slice
     of an array job it labels its slice and leaves the assembly to `label-images merge`.
@@ -40,40 +30,39 @@ def run(config: RunConfig, *, progress: bool | None = None,
     """
     if config.incremental:
         raise ValueError("an incremental run goes through incremental.run")
-    part = launchers.from_environment(config.num_slices, config.slice_index)
-    if config.overwrite and not part.whole and not part.distributed:
-        raise UsageError("--overwrite would let each slice wipe the others' work: clear the "
-                         "run directory once before starting the array job instead")
-    job = prepare(config, part, started=started)
-    group = ProcessGroup(part, backend="gloo") if part.distributed else None
+    engine = engines.get(config.engine)
+    engine.check(config)  # its own refusals, before anything is listed or loaded
+    part = engine.part(config)
+    job = prepare_run(config, part, started=started)
     try:
         with RunDirectory(config.out, part) as run_dir:
-            return run_in(run_dir, job, group, progress)
+            return run_in(run_dir, job, progress)
     except OSError as exc:  # disk full, permissions, a vanished mount: not a bug of ours
         raise write_failure(exc) from None
-    finally:
-        if group is not None:
-            group.close()
 
 
-def run_in(run_dir: RunDirectory, job: Job, group: ProcessGroup | None = None,
-           progress: bool | None = None) -> RunSummary:
-    """The run in an open run directory (an incremental night runs its increment here too)."""
+def run_in(run_dir: RunDirectory, job: Job, progress: bool | None = None) -> RunSummary:
+    """The run in an open run directory: plan, hand the pending shards to the job's engine,
+    merge, summarise (an incremental night runs its increment here too). Every engine goes
+    through this sequence; an engine only decides where each shard is labelled."""
     config, part = job.config, job.part
-    plan, resumed, listed = open_plan(run_dir, job, group)
-    fmt = formats.of(config)
-    summary = RunSummary(output=run_dir.output(fmt),
-                         run_dir=run_dir.store.url(), resumed=resumed,
-                         device=str(job.settings.device),
-                         precision=str(job.settings.dtype).removeprefix("torch."),
-                         settings=job.settings.to_dict())
-    if run_dir.is_finished(fmt, part.whole):
-        if not listed and part.whole:  # a finished run, its source not listed since
-            summary.stale = _stale(job, plan, run_dir.store)
-        return already_complete(run_dir, fmt, plan, summary)
-    label(run_dir, job, plan, summary, progress)
-    if group is not None:
-        group.barrier()  # every rank's shards are committed
+    engine = engines.get(config.engine)
+    with engine.session(job, run_dir.store) as group:
+        plan, resumed, listed = open_plan(run_dir, job, group)
+        fmt = formats.of(config)
+        summary = RunSummary(output=run_dir.output(fmt),
+                             run_dir=run_dir.store.url(), resumed=resumed,
+                             device=str(job.settings.device),
+                             precision=str(job.settings.dtype).removeprefix("torch."),
+                             settings=job.settings.to_dict())
+        if run_dir.is_finished(fmt, part.whole):
+            if not listed and part.whole:  # a finished run, its source not listed since
+                summary.stale = _stale(job, plan, run_dir.store)
+            return already_complete(run_dir, fmt, plan, summary)
+        owned = [s for s in range(plan.num_shards) if part.owns(s)]
+        engine.label(run_dir, job, plan, owned, summary, progress)
+        if group is not None:
+            group.barrier()  # every rank's shards are committed
     if not part.merges:
         summary.slice_done = part.describe()
         summary.missing = [] if group is not None else missing_shards(run_dir, plan)
@@ -123,131 +112,6 @@ def freeze(job: Job, store) -> Plan:
     return planning.freeze(job.items(), store, config.shard_size,
                            allow_duplicates=config.allow_duplicates, what=config.source,
                            noun=job.source.spec.key_noun)
-
-
-def label(run_dir: RunDirectory, job: Job, plan: Plan, summary: RunSummary,
-          progress: bool | None, shards: list[int] | None = None) -> None:
-    """Label this process's pending shards of the plan, committing each as it completes.
-
-    `shards`: these, not the launcher's share (an engine hands them out one at a time).
-    """
-    config, store = job.config, run_dir.store
-    kept = pa.schema([plan.schema().field(name) for name in config.keep_columns])
-    schema = output_schema(config.top_k, kept, {
-        "label_images.model": job.spec.model, "label_images.weights": job.spec.weights_id},
-        embedding_size=job.classifier.embedding_size)
-    items = PlanItems(plan, job.source, job.spec.preprocess, config.max_pixels,
-                      recovery.quarantined(store))
-    show = (not config.quiet) if progress is None else progress
-    started = time.perf_counter()
-    restarts = 0
-    with recovery.stopped_by_signals(store, plan), _torch_threads(job.settings.threads):
-        while True:
-            owned = shards if shards is not None else [
-                s for s in range(plan.num_shards) if job.part.owns(s)]
-            committed = committed_shards(store)  # one listing of parts/, not one a shard
-            pending = [s for s in owned if s not in committed]
-            bar = progress_bar(plan.items_in(owned), plan.items_in(owned) - plan.items_in(
-                pending), show, job.part)
-            try:
-                _label_pending(items, pending, job, schema, store, summary, bar)
-                break
-            except recovery.WorkerDied as died:
-                try:
-                    recovery.quarantine_crashers(died, items, store)  # then the rest, again
-                except ProcessFailure as killed:  # from outside: not a file's doing
-                    restarts += 1
-                    if restarts > LOADER_RESTARTS:
-                        raise
-                    notice(f"{str(killed).split(';')[0]}: restarting the loader ({restarts} "
-                           f"of {LOADER_RESTARTS}); the shards in flight are redone")
-    summary.loop_seconds = time.perf_counter() - started
-
-
-@contextmanager
-def _torch_threads(threads: int | None):
-    """The model's threads while labelling (settings decides them), given back after: a
-    bench goes on measuring in this process."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _label_pending(items: PlanItems, pending: list[int], job: Job, schema, store, summary,
-                   bar) -> None:
-    """The loop: batches in plan order -> the model -> shard buffers -> committed parts."""
-    classifier, chosen, plan = job.classifier, job.settings, items.plan
-    if not pending:
-        bar.close()
-        return
-    loader = make_loader(plan, pending, job.source, job.spec.preprocess,
-                         batch_size=chosen.batch_size, workers=chosen.workers,
-                         max_pixels=job.config.max_pixels, pin_memory=classifier.on_cuda,
-                         quarantined=items.quarantined, prefetch=chosen.prefetch)
-    batches = iter(loader)  # starts the workers before any thread of ours exists (fork-safe)
-    committer = PartCommitter(store, plan, schema, list(job.spec.categories))
-    shards = ShardBuffers(plan, job.config.top_k, classifier.embedding_size)
-    received = labelled = 0  # items out of the loader (where a dead worker was), done
-
-    def finish(batch: Batch, labelling: Labelling | None) -> None:
-        nonlocal labelled
-        computing = time.perf_counter()
-        prediction = labelling.result() if labelling else None
-        summary.compute_seconds += time.perf_counter() - computing
-        for shard, result in shards.fill(batch, prediction):
-            committer.submit(shard, result)
-        labelled += len(batch.indices)
-        errors = len(batch.indices) - len(batch.decoded)
-        summary.errors_now += errors
-        bar.advance(len(batch.indices), errors)
-
-    try:
-        try:
-            # One batch in flight: on CUDA the next is read and sent while it computes.
-            in_flight = None
-            for batch in _timed(batches, summary):
-                received += len(batch.indices)
-                computing = time.perf_counter()
-                labelling = classifier.submit(batch.images) if batch.decoded else None
-                summary.compute_seconds += time.perf_counter() - computing
-                if in_flight:
-                    finish(*in_flight)
-                in_flight = (batch, labelling)
-            if in_flight:
-                finish(*in_flight)
-        finally:
-            recovery.release_leaked_logging_lock()  # before the writer thread may log
-            bar.close()
-            try:
-                recovery.stop_workers(batches)  # (and may report a dead one)
-                del batches, loader
-            finally:
-                committer.drain()  # whatever happened, finished shards get committed
-                summary.write_seconds += committer.seconds
-                summary.labelled_now += labelled
-    except (RuntimeError, ConnectionError, EOFError) as exc:
-        size = LoaderSize(chosen.workers, chosen.batch_size, chosen.prefetch)
-        failure = recovery.loader_failure(exc, plan, pending, received, size,
-                                          job.spec.preprocess.crop_bytes)
-        if failure is None:
-            raise
-        raise failure from None
-    shards.check_all_complete()
-
-
-def _timed(batches, summary: RunSummary):
-    """The loader's batches, counting the time spent waiting for each."""
-    while True:
-        waited = time.perf_counter()
-        batch = next(batches, None)
-        summary.load_seconds += time.perf_counter() - waited
-        if batch is None:
-            return
-        yield batch
 
 
 def _stale(job: Job, plan: Plan, store) -> str:

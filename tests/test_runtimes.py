@@ -63,11 +63,11 @@ def test_openvino_gives_torchs_labels(cli, tmp_path, colour_checkpoint, cache, p
 
 _LONG_LIVED = """
 import os, signal, subprocess, sys
-from pipeline import engines
+from pipeline import runner
 from pipeline.config import RunConfig
 
 for night in ("a", "b"):
-    engines.run(RunConfig(source=sys.argv[1], out=os.path.join(sys.argv[2], night),
+    runner.run(RunConfig(source=sys.argv[1], out=os.path.join(sys.argv[2], night),
                           model="resnet18", weights=sys.argv[3], runtime="openvino",
                           precision="fp32", workers=1, batch_size=4, top_k=2, quiet=True,
                           resize=72, crop=64))

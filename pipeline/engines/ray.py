@@ -19,11 +19,12 @@ import time
 from collections import Counter, deque
 from dataclasses import replace
 
-from pipeline import formats, plan as planning, runner
-from pipeline.commit import write_failure
+from contextlib import contextmanager
+
+from pipeline import plan as planning
 from pipeline.config import RunConfig
+from pipeline.engines.base import Engine
 from pipeline.errors import ProcessFailure, RunError, UsageError, notice
-from pipeline.job import prepare
 from pipeline.launchers import Slice
 from pipeline.progress import progress_bar
 from pipeline.rundir import RunDirectory, committed_shards
@@ -39,22 +40,53 @@ CHECK_SECONDS = 5
 RAY_TIMEOUT_SECONDS = 60
 
 
-def check(config: RunConfig) -> None:
-    """What --engine ray refuses before any work."""
-    _import_ray()
-    if config.num_slices is not None or config.slice_index is not None:
-        raise UsageError("--engine ray hands the shards out itself: it cannot be combined "
-                         "with --num-slices or --slice-index")
+class RayEngine(Engine):
+    """Actors take the pending shards from a queue as they free up."""
+
+    name = "ray"
+
+    def check(self, config: RunConfig) -> None:
+        """What --engine ray refuses before any work."""
+        _import_ray()
+        if config.num_slices is not None or config.slice_index is not None:
+            raise UsageError("--engine ray hands the shards out itself: it cannot be "
+                             "combined with --num-slices or --slice-index")
+
+    @contextmanager
+    def session(self, job, store):
+        """Connected to the cluster, which must reach the run directory, before the plan."""
+        ray = _import_ray()
+        _connect(ray, job.config.ray_address)
+        _check_reachable(ray, store)
+        yield None
+
+    def label(self, run_dir, job, plan, shards, summary, progress) -> None:
+        """The pending shards labelled by actors; a poison shard ends the run once the
+        others are committed."""
+        ray, config, store = _import_ray(), job.config, run_dir.store
+        committed = committed_shards(store)
+        pending = [s for s in shards if s not in committed]
+        show = (not config.quiet) if progress is None else progress
+        try:
+            summary.actors, poison = _label_on_actors(
+                ray, config, plan, pending, summary, lambda: progress_bar(
+                    plan.num_items, plan.num_items - plan.items_in(pending), show, Slice()))
+        except ClusterLost:
+            # Ray's own shutdown at exit would wait for the cluster that is gone
+            atexit.unregister(ray.shutdown)
+            raise
+        run_dir.record_engine({"engine": self.name, "actors": summary.actors,
+                               "redone": summary.redone, "lost_nodes": summary.lost_nodes})
+        if poison:
+            first = {s: plan.read_shard(s, ["key"])["key"][:3].to_pylist() for s in poison}
+            named = "; ".join(f"shard {s} (first keys: {', '.join(map(str, keys))})"
+                              for s, keys in first.items())
+            raise RunError(f"{count(len(poison), 'poison shard')}: {named} took down its "
+                           f"actor {MAX_DEATHS} times; the other shards are committed: "
+                           "remove or fix those images and run the same command again")
 
 
-def run(config: RunConfig, *, progress: bool | None = None,
-        started: float | None = None) -> RunSummary:
-    job = prepare(config, started=started)  # the whole job checked before Ray is started
-    try:
-        with RunDirectory(config.out) as run_dir:
-            return run_in(run_dir, job, progress)
-    except OSError as exc:
-        raise write_failure(exc) from None
+ENGINE = RayEngine()
 
 
 def _import_ray():
@@ -83,50 +115,6 @@ def _connect(ray, address: str | None) -> None:
                  configure_logging=False)
     except ConnectionError as exc:
         raise UsageError(f"--ray-address {address}: {' '.join(str(exc).split())}") from None
-
-
-def run_in(run_dir: RunDirectory, job, progress: bool | None = None) -> RunSummary:
-    """The plan of an open run directory labelled by actors (an incremental night's
-    increment too), then assembled."""
-    ray = _import_ray()
-    _connect(ray, job.config.ray_address)
-    config, store = job.config, run_dir.store
-    _check_reachable(ray, store)
-    plan, resumed, _ = runner.open_plan(run_dir, job)
-    fmt = formats.of(config)
-    summary = RunSummary(output=run_dir.output(fmt), run_dir=store.url(),
-                         resumed=resumed, device=str(job.settings.device),
-                         precision=str(job.settings.dtype).removeprefix("torch."),
-                         settings=job.settings.to_dict())
-    if run_dir.is_finished(fmt):
-        return runner.already_complete(run_dir, fmt, plan, summary)
-    committed = committed_shards(store)
-    pending = [s for s in range(plan.num_shards) if s not in committed]
-    show = (not config.quiet) if progress is None else progress
-    try:
-        summary.actors, poison = _label_on_actors(ray, config, plan, pending, summary, lambda: (
-            progress_bar(plan.num_items, plan.num_items - plan.items_in(pending), show,
-                         Slice())))
-    except ClusterLost:
-        # Ray's own shutdown at exit would wait for the cluster that is gone
-        atexit.unregister(ray.shutdown)
-        raise
-    run_dir.record_engine({"engine": "ray", "actors": summary.actors,
-                           "redone": summary.redone, "lost_nodes": summary.lost_nodes})
-    if poison:
-        first = {s: plan.read_shard(s, ["key"])["key"][:3].to_pylist() for s in poison}
-        named = "; ".join(f"shard {s} (first keys: {', '.join(map(str, keys))})"
-                          for s, keys in first.items())
-        raise RunError(f"{count(len(poison), 'poison shard')}: {named} took down its actor "
-                       f"{MAX_DEATHS} times; the other shards are committed: remove or fix "
-                       "those images and run the same command again")
-    missing = runner.missing_shards(run_dir, plan)
-    if missing:
-        raise RunError(f"shards {missing[:10]} are not committed; run the same command again")
-    runner.assemble(run_dir, plan, fmt, summary)
-    summary.seconds = time.perf_counter() - job.started
-    run_dir.write_summary(summary.to_dict())
-    return summary
 
 
 def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], summary: RunSummary,
@@ -361,7 +349,9 @@ class ShardLabeller:
         # Its own settings, measured on this machine (and cached as for any run); the plan
         # is frozen, so the source is not listed again.
         # Whether the last run died is the driver's to know: it holds the directory now.
-        self.job = prepare(config, driven=True)
+        from pipeline.job import prepare
+
+        self.job = prepare(config)
         self.job.decide(store)
         self.run_dir = RunDirectory(config.out)
         self.plan = planning.load(store)
@@ -376,9 +366,11 @@ class ShardLabeller:
                 "workers": self.job.settings.workers}
 
     def label(self, shard: int) -> dict:
+        from pipeline import labeller
+
         summary = RunSummary(output="")
-        runner.label(self.run_dir, self.job, self.plan, summary, progress=False,
-                     shards=[shard])
+        labeller.label(self.run_dir, self.job, self.plan, summary, progress=False,
+                       shards=[shard])
         return {"images": summary.labelled_now, "errors": summary.errors_now,
                 "seconds": summary.loop_seconds,
                 "load_seconds": summary.load_seconds,
