@@ -39,10 +39,9 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    # int8: a runtime's own (OpenVINO); torch's side of it, normalisation and the
-    # reference it is checked against, is fp32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-            "int8": torch.float32}[name]
+    # a precision of a runtime's own (OpenVINO's INT8; the config checked that one offers
+    # it): torch's side of it, normalisation and the reference it is checked against, fp32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name, torch.float32)
 
 
 class Labelling:

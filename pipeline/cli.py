@@ -15,6 +15,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from pipeline import config as configuration, engines, runtimes
 from pipeline.errors import Interrupted, RunError, UsageError
+from pipeline.options import parse_flags
 
 def _as_flag(option):
     """--help/-h shown as the flag it is, with no value type beside it."""
@@ -44,8 +45,6 @@ app = typer.Typer(
 
 
 # The choices Typer shows and checks, from the one list each that config.py validates with.
-Format = Enum("Format", {name: name for name in configuration.FORMATS}, type=str)
-Precision = Enum("Precision", {name: name for name in configuration.PRECISIONS}, type=str)
 # The defaults the help states, from the config's own. "(default: ...)", not Typer's
 # "[default: ...]": its Rich help takes square brackets for markup and drops them.
 _DEFAULT = configuration.RunConfig
@@ -112,7 +111,7 @@ Crop = Annotated[Optional[int], typer.Option(
     help="Centre crop size (default: from the weights, else 224).")]
 Device = Annotated[Optional[str], typer.Option(
     help=f"auto, cpu, cuda or cuda:N (default: {_DEFAULT.device}).")]
-PrecisionOption = Annotated[Optional[Precision], typer.Option(
+PrecisionOption = Annotated[Optional[str], typer.Option(
     "--precision", metavar="PRECISION",
     help="auto, fp16, bf16, fp32 or int8 (OpenVINO); auto: fp16 on CUDA, bf16 on CPUs with "
          f"native bf16, else fp32 (default: {_DEFAULT.precision}).")]
@@ -124,7 +123,9 @@ BatchSize = Annotated[Optional[int], typer.Option(
 Workers = Annotated[Optional[int], typer.Option(
     help="Decoding worker processes; 0 decodes between batches (default: from the measured "
          "model and decode rates).")]
-FormatOption = Annotated[Optional[Format], typer.Option(
+# free text, checked by the config against the registries: a kind registered after this
+# module was imported (a plugin, a test's) is taken as the built-in ones are
+FormatOption = Annotated[Optional[str], typer.Option(
     "--format", metavar="FORMAT",
     help=f"Output format: {', '.join(configuration.FORMATS[:-1])} or "
          f"{configuration.FORMATS[-1]} (default: {_DEFAULT.format}).")]
@@ -189,6 +190,10 @@ RayAddress = Annotated[Optional[str], typer.Option(
 Actors = Annotated[Optional[int], typer.Option(
     help="--engine ray: labelling actors (default: one per GPU in the cluster; on CPU nodes "
          "one per node, each with the node's cores).")]
+KindOption = Annotated[Optional[list[str]], typer.Option(
+    "--option", "-o", metavar="NAME=VALUE",
+    help="An option the chosen format, engine or runtime declares for itself; repeat for "
+         "more (a config file's [options] table holds them too).")]
 # The earlier names of those two, still taken, not shown.
 NumShards = Annotated[Optional[int], typer.Option(hidden=True)]
 ShardIndex = Annotated[Optional[int], typer.Option(hidden=True)]
@@ -196,6 +201,7 @@ ShardIndex = Annotated[Optional[int], typer.Option(hidden=True)]
 
 def _flags(arguments: dict) -> dict:
     """A command's arguments that are RunConfig fields, enums as their values."""
+    arguments = {**arguments, "options": parse_flags(arguments.get("option")) or None}
     return {name: value.value if isinstance(value, Enum) else value
             for name, value in arguments.items()
             if name in configuration.FIELDS or name == configuration.COMPILE_ALIAS}
@@ -216,7 +222,7 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
         no_compile: NoCompile = None, runtime: RuntimeOption = None,
         embeddings: Embeddings = None,
         incremental: Incremental = None, engine: Engine = None, ray_address: RayAddress = None,
-        actors: Actors = None,
+        actors: Actors = None, option: KindOption = None,
         num_slices: NumSlices = None, slice_index: SliceIndex = None,
         num_shards: NumShards = None, shard_index: ShardIndex = None) -> None:
     """Label every image of SOURCE into OUT/labels.parquet (or CSV, Delta, Iceberg); rerun to resume."""
@@ -249,13 +255,13 @@ def _check_source_exists(source: str) -> None:
 def merge(
     out: Annotated[str, typer.Argument(help="The run directory the slices wrote to.",
                                        metavar="OUT", show_default=False)],
-    format: Annotated[Optional[Format], typer.Option(
+    format: Annotated[Optional[str], typer.Option(
         "--format", metavar="FORMAT", help="Output format (default: the run's).")] = None,
 ) -> None:
     """Assemble OUT/labels.* once every slice of an array job has committed its shards."""
     from pipeline import runner
 
-    typer.echo(runner.merge(out, format.value if format else None).line(), err=True)
+    typer.echo(runner.merge(out, format).line(), err=True)
 
 
 @app.command(cls=_Command)

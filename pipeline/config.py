@@ -15,7 +15,7 @@ from pipeline import formats, runtimes
 from pipeline.errors import UsageError
 from pipeline.preprocess import INPUT_MODES
 
-FORMATS = formats.NAMES
+FORMATS = formats.NAMES  # the built-in ones, for help texts; checks ask the registries
 PRECISIONS = ("auto", *runtimes.precisions())
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -59,6 +59,8 @@ class RunConfig:
     engine: str = "local"  # who hands out the shards: engines.ENGINES
     ray_address: str | None = None  # --engine ray: None: a running cluster, else a local Ray
     actors: int | None = None  # --engine ray: None: one per GPU, or one per CPU node
+    # what a kind declares for itself (options.py): its format, engine or runtime checks it
+    options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -107,6 +109,8 @@ def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConf
     """Merge defaults < config file < flags (flags that are None were not given) and validate."""
     values = dict(file_values)
     values.update({k: v for k, v in flag_values.items() if v is not None})
+    if isinstance(file_values.get("options"), dict):  # a flag adds to the file's, or overrides one
+        values["options"] = {**file_values["options"], **(flag_values.get("options") or {})}
     _runtime_from_compile(values, flag_values)
     if not values.get("source"):
         raise UsageError("no SOURCE given: pass a folder or manifest, or set 'source' in --config")
@@ -118,6 +122,7 @@ def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConf
     for name, value in values.items():
         _check_type(name, value)
     values["keep_columns"] = tuple(values.get("keep_columns", ()))
+    values["options"] = {k.replace("-", "_"): v for k, v in (values.get("options") or {}).items()}
     for name in ("source", "out", "labels", "root"):
         if values.get(name) is not None:
             values[name] = os.fspath(values[name])
@@ -155,6 +160,9 @@ def _check_type(name: str, value: Any) -> None:
     elif kind in (float, float | None):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         expected = "a number"
+    elif kind == dict[str, Any]:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        expected = "a table of NAME = VALUE"
     elif kind == tuple[str, ...]:
         ok = isinstance(value, (list, tuple)) and all(isinstance(c, str) for c in value)
         expected = "a list of column names"
@@ -173,17 +181,18 @@ def _check_values(config: RunConfig) -> None:
     if config.runtime not in runtimes.names():
         raise UsageError(f"--runtime must be one of {', '.join(runtimes.names())}, got "
                          f"{config.runtime!r}")
-    if config.precision in PRECISIONS and config.runtime != "auto" and (
+    precisions = ("auto", *runtimes.precisions())
+    if config.precision not in precisions:
+        raise UsageError(
+            f"--precision must be one of {', '.join(precisions)}, got {config.precision!r}"
+        )
+    if config.runtime != "auto" and (
             config.precision not in ("auto", *runtimes.get(config.runtime).precisions)):
         raise UsageError(f"--precision {config.precision} runs on --runtime "
                          f"{' or '.join(runtimes.offering(config.precision))}, not "
                          f"{config.runtime}")
     if config.engine != "ray" and (config.ray_address is not None or config.actors is not None):
         raise UsageError("--ray-address and --actors are for --engine ray")
-    if config.precision not in PRECISIONS:
-        raise UsageError(
-            f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}"
-        )
     if not _DEVICE_PATTERN.match(config.device):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     for name in ("top_k", "shard_size", "max_pixels", "batch_size", "resize", "crop",

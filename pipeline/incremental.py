@@ -41,8 +41,9 @@ def run(config: RunConfig, *, progress: bool | None = None,
                          "--allow-duplicates")
     if config.num_slices is not None or config.slice_index is not None:
         raise UsageError("--incremental runs as one process; slices are not supported with it")
-    engines.get(config.engine).check(config)  # its own refusals, before the listing
-    job = prepare_run(config, versions=True, started=started)  # every night lists the source
+    engine = engines.get(config.engine)
+    engine.check(config)  # its own refusals, before the listing
+    job = prepare_run(config, engine, versions=True, started=started)  # every night lists
     try:
         with RunDirectory(config.out) as top:
             return _night(top, job, progress)

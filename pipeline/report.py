@@ -78,8 +78,7 @@ def finished_table(out: str) -> tuple[Store, formats.Format]:
     config = (read_json(store, RUN_FILE) or {}).get("config", {})
     asked = []  # the run's own format first, where its options put the table
     if config.get("format") in formats.FORMATS:
-        asked.append(formats.get(config["format"]).configured(
-            {"table": config.get("table"), "catalog": config.get("catalog")}))
+        asked.append(formats.recorded(config))
     for fmt in [*asked, *formats.FORMATS.values()]:
         if fmt.exists(store):
             return store, fmt

@@ -33,7 +33,7 @@ def run(config: RunConfig, *, progress: bool | None = None,
     engine = engines.get(config.engine)
     engine.check(config)  # its own refusals, before anything is listed or loaded
     part = engine.part(config)
-    job = prepare_run(config, part, started=started)
+    job = prepare_run(config, engine, part, started=started)
     try:
         with RunDirectory(config.out, part) as run_dir:
             return run_in(run_dir, job, progress)
@@ -172,10 +172,7 @@ def merge(out: str, fmt: str | None = None) -> RunSummary:
             record = run_dir.read_run()
             if record is None or not run_dir.has_plan():
                 raise UsageError(f"{out} holds no label-images run (no run.json or plan)")
-            options = record["config"]
-            fmt = formats.get(fmt or options["format"]).configured(
-                {"table": options.get("table"), "catalog": options.get("catalog")}
-                if (fmt or options["format"]) == options["format"] else {})
+            fmt = formats.recorded(record["config"], fmt)
             fmt.check(run_dir.store)
             plan = planning.load(run_dir.store)
             summary = RunSummary(output=run_dir.output(fmt),

@@ -17,6 +17,7 @@ from pipeline.classifier import Classifier, resolve_device, resolve_precision
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError, notice
 from pipeline.launchers import Slice
+from pipeline.options import declared
 from pipeline.memory import (PREFETCH_BATCHES, LoaderSize, available_memory, fit_pinned_memory,
                              fit_shared_memory, free_shared_memory, size_for_shared_memory)
 from pipeline.progress import step
@@ -151,16 +152,16 @@ def _runtime_asked(config: RunConfig, classifier: Classifier, source: Source,
     for auto, where torch's is measured first. torch's own (eager, compile) are decided
     with compiling."""
     runtime = runtimes.get(config.runtime) if config.runtime != "auto" else None
-    if runtime is not None and runtime.own_kernels:
+    if runtime is not None and runtime.name not in (runtimes.EAGER, COMPILED):
         runtime.check(classifier.device, config.precision)
-        if config.embeddings:
+        if config.embeddings and runtime.own_kernels:
             raise UsageError("--embeddings come from torch's forward pass: use --runtime "
                              f"{' or '.join(n for n, r in runtimes.RUNTIMES.items() if not r.own_kernels)} "
                              "with them")
         preprocess = classifier.spec.preprocess
         preparing = runtimes.Preparing(
             precision=config.precision, agreement=config.int8_agreement,
-            cache=tuning.cache_dir(), images=lambda n: (tuning.first_crops(
+            cache=tuning.cache_dir(), options=declared(runtime, config.options), images=lambda n: (tuning.first_crops(
                 source, sample[:n], preprocess, config.max_pixels), len(sample[:n])))
         what = (f"quantizing {classifier.spec.model} to {config.precision.upper()} on this "
                 "job's first images and checking it against fp32"

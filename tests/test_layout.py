@@ -77,3 +77,67 @@ def test_every_package_of_the_pipeline_is_installed():
     assert "pipeline.sources" in packages and "pipeline.backends" in packages
     for package in packages:
         assert any(fnmatch.fnmatchcase(package, pattern) for pattern in include), package
+
+
+def _string_constants(path) -> set[str]:
+    return {node.value for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+
+
+def _modules_outside(folder: str | None = None):
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if folder is None or path.parent.name != folder:
+            yield path
+
+
+def test_the_writer_side_and_the_registries_load_no_torch():
+    """What writes and commits the table, the run directory's owner, the plan, and the
+    seams' registries (read by the CLI before any work) import no torch."""
+    modules = ("commit", "writer", "formats", "rundir", "plan", "keys", "night_diff",
+               "options", "config", "runtimes", "engines", "sources", "launchers")
+    code = (f"import sys; import {', '.join('pipeline.' + m for m in modules)}; "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_nothing_outside_runtimes_names_a_runtime():
+    """Only the registry (pipeline.runtimes) is imported outside runtimes/, and no module
+    there spells the name of a runtime with kernels of its own, or a precision only such a
+    runtime offers: settings chooses among whatever is registered."""
+    from pipeline import runtimes
+
+    own = {name for name, r in runtimes.RUNTIMES.items() if r.own_kernels}
+    only_theirs = {p for p in runtimes.precisions()
+                   if set(runtimes.offering(p)) <= own}
+    assert own and only_theirs  # OpenVINO, INT8: what the rule is about is registered
+    graph = module_imports()
+    for path in _modules_outside("runtimes"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        particular = {i for i in graph[name]
+                      if i.startswith("pipeline.runtimes.") and i.count(".") == 2
+                      and i not in ("pipeline.runtimes.base",)
+                      and i.rpartition(".")[2] not in runtimes.__all__}
+        assert not particular, (name, particular)
+        assert not (_string_constants(path) & (own | only_theirs)), name
+
+
+def test_registries_are_followed_by_reading_not_by_strings():
+    """No module is imported by a string a reader (or a tool) cannot follow."""
+    for path in PACKAGE.rglob("*.py"):
+        assert "import_module(" not in path.read_text(), path
+
+
+def test_run_directory_file_names_are_spelled_in_rundir_only():
+    """The run directory's names are rundir's; a table's own name is its format's."""
+    from pipeline import rundir
+
+    names = {value for key, value in vars(rundir).items()
+             if key.isupper() and isinstance(value, str) and key != "TMP_MARK"}
+    assert {"run.json", "plan.json", "parts", "quarantine.json"} <= names
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "rundir.py":
+            continue
+        assert not (_string_constants(path) & names), (path, _string_constants(path) & names)

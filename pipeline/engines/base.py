@@ -18,6 +18,7 @@ class Engine:
     """
 
     name: str = ""
+    options: tuple = ()  # options.Option: what this engine declares (--option NAME=VALUE)
 
     def check(self, config: RunConfig) -> None:
         """Its refusals of the configuration, before anything is listed or loaded."""

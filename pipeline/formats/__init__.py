@@ -11,6 +11,7 @@ from pipeline.formats.csv import CsvFormat
 from pipeline.formats.delta import DeltaFormat
 from pipeline.formats.iceberg import IcebergFormat
 from pipeline.formats.parquet import ParquetFormat
+from pipeline.options import declared
 
 FORMATS: dict[str, Format] = {"parquet": ParquetFormat(), "csv": CsvFormat(),
                               "delta": DeltaFormat(), "iceberg": IcebergFormat()}
@@ -25,5 +26,17 @@ def get(name: str) -> Format:
 
 
 def of(config) -> Format:
-    """The run's format, told where its table lives (a table format's --table, --catalog)."""
-    return get(config.format).configured({"table": config.table, "catalog": config.catalog})
+    """The run's format, told where its table lives (a table format's --table, --catalog)
+    and the options it declares."""
+    return recorded(vars(config) if not isinstance(config, dict) else config)
+
+
+def recorded(config: dict, name: str | None = None) -> Format:
+    """The format `name` (default: the run's) as a run's configuration (run.json's
+    `config`) set it up; another format than the run's takes none of its options."""
+    name = name or config["format"]
+    fmt = get(name)
+    if name != config.get("format"):
+        return fmt.configured({})
+    return fmt.configured({"table": config.get("table"), "catalog": config.get("catalog"),
+                           **declared(fmt, config.get("options") or {})})

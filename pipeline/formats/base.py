@@ -40,6 +40,8 @@ class Format:
     list_columns: bool = True  # labels/scores/class_ids as lists; else flat label_1..K
     embeddings: bool = True  # can carry the fixed-size `embedding` column
 
+    options: tuple = ()  # options.Option: what this format declares (--option NAME=VALUE)
+
     def configured(self, options: dict) -> Format:
         """This format for one run: a table format takes where its table lives from the
         run's options (`table`, `catalog`); a file format is always in the run directory."""

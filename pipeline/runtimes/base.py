@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -23,6 +23,7 @@ class Preparing:
     images: Callable[[int], tuple[list, int]] | None = None
     agreement: float = 0.99  # a lossy precision's least top-1 agreement with fp32
     cache: Path = Path(".")
+    options: dict = field(default_factory=dict)  # those it declares, typed (options.py)
 
 
 class Runtime:
@@ -39,6 +40,7 @@ class Runtime:
     own_kernels: bool = False
     precisions: tuple[str, ...] = ("fp16", "bf16", "fp32")
     cache_key: str | None = None
+    options: tuple = ()  # options.Option: what it declares (--option NAME=VALUE)
 
     def check(self, device, precision: str = "auto") -> None:
         """A one-line UsageError where it cannot run (its extra missing, another device)."""
