@@ -5,8 +5,11 @@ VENV   := .venv
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 SOURCE ?=
 ARGS   ?=
+# The review tools the tests start or read with (tests/test_review.py): a real Label Studio
+# server and FiftyOne, each in a venv of its own (their pins are not ours).
+REVIEW_TOOLS := .venv-labelstudio/.installed .venv-fiftyone/.installed
 
-.PHONY: setup extras run test test-slow test-gpu clean
+.PHONY: setup extras review-tools run test test-slow test-gpu clean
 
 # What running needs, and nothing more: an optional runtime installed here would be weighed
 # by --runtime auto, so the test extras (OpenVINO, Ray, Keras, ...) come only with `make test`.
@@ -19,8 +22,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(VENV)/bin/pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed $(REVIEW_TOOLS)
 	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+review-tools: $(REVIEW_TOOLS)
+
+.venv-labelstudio/.installed:
+	$(PYTHON) -m venv .venv-labelstudio
+	.venv-labelstudio/bin/pip install --quiet 'label-studio==1.23.2'
+	touch $@
+
+.venv-fiftyone/.installed:
+	$(PYTHON) -m venv .venv-fiftyone
+	.venv-fiftyone/bin/pip install --quiet 'fiftyone==1.22.1'
 	touch $@
 
 # Optional parts, kept as an editable install of this checkout: make extras EXTRAS=openvino,s3
@@ -45,4 +60,4 @@ test-gpu: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest -m gpu
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-labelstudio .venv-fiftyone .pytest_cache

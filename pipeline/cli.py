@@ -16,6 +16,7 @@ from typer.core import TyperCommand, TyperGroup
 from pipeline import config as configuration, engines, runtimes
 from pipeline.errors import Interrupted, RunError, UsageError
 from pipeline.options import parse_flags
+from pipeline.review.base import REVIEW_BELOW, REVIEW_MARGIN
 
 def _as_flag(option):
     """--help/-h shown as the flag it is, with no value type beside it."""
@@ -193,7 +194,7 @@ Actors = Annotated[Optional[int], typer.Option(
 KindOption = Annotated[Optional[list[str]], typer.Option(
     "--option", "-o", metavar="NAME=VALUE",
     help="An option the chosen format, engine or runtime declares for itself; repeat for "
-         "more (a config file's [options] table holds them too).")]
+         "more (a config file's options table holds them too).")]
 # The earlier names of those two, still taken, not shown.
 NumShards = Annotated[Optional[int], typer.Option(hidden=True)]
 ShardIndex = Annotated[Optional[int], typer.Option(hidden=True)]
@@ -336,8 +337,11 @@ def report(
     from pipeline import report as reporting
     from pipeline.storage import atomic_path
 
+    from pipeline.review.reviews import agreement
+
     found = reporting.analyse(reporting.read_batches(out))  # one pass, bounded memory
     found.run = reporting.describe_run(out)
+    found.agreement = agreement(out)
     typer.echo(reporting.render_text(found))
     if html_file is not None:
         with atomic_path(html_file) as tmp:
@@ -347,6 +351,96 @@ def report(
         count = reporting.export_review(reporting.read_batches(out), review_below,
                                         str(export))
         typer.echo(f"{count} rows below {review_below} -> {export}")
+
+
+@app.command(cls=_Command)
+@one_line_errors
+def export(
+    out: Annotated[str, typer.Argument(help="A finished run directory (path or URL).",
+                                       metavar="OUT", show_default=False)],
+    to: Annotated[str, typer.Option(
+        "--to", help="The review tool: label-studio or fiftyone.", show_default=False)],
+    rows: Annotated[str, typer.Option(
+        help="review: the rows whose top-1 score is below --below or within --margin of the "
+             "second, lowest first; all: every ok row, in the table's order (default: "
+             "review).", show_default=False)] = "review",
+    where: Annotated[Optional[str], typer.Option(
+        help="Only rows where this DuckDB condition holds, e.g. \"top1_score < 0.6\" or "
+             "\"top1_label = 'tabby'\".")] = None,
+    below: Annotated[float, typer.Option(
+        help=f"--rows review: top-1 scores below this (default: {REVIEW_BELOW}).",
+        show_default=False)] = REVIEW_BELOW,
+    margin: Annotated[float, typer.Option(
+        help="--rows review: and those whose first two scores are closer than this "
+             f"(default: {REVIEW_MARGIN}).", show_default=False)] = REVIEW_MARGIN,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many rows.")] = None,
+    file: Annotated[Optional[Path], typer.Option(
+        help="label-studio: write the tasks here (JSON) and the labelling config beside it "
+             "(.xml), to import by hand.")] = None,
+    url: Annotated[Optional[str], typer.Option(
+        help="label-studio: import into the server at this URL through its API.")] = None,
+    token: Annotated[Optional[str], typer.Option(
+        help="label-studio: its API token (default: LABEL_STUDIO_API_KEY).")] = None,
+    project: Annotated[Optional[int], typer.Option(
+        help="label-studio: add to this project (tasks already there are skipped); default: "
+             "a new project.")] = None,
+    title: Annotated[Optional[str], typer.Option(help="label-studio: the new project's title.")] = None,
+    local_files_root: Annotated[Optional[Path], typer.Option(
+        help="label-studio: the folder it serves local files from (its "
+             "LOCAL_FILES_DOCUMENT_ROOT); images must be below it.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="fiftyone: the dataset to create (default: label-images-<run name>).")] = None,
+) -> None:
+    """Send a finished run's rows to people: Label Studio tasks or a FiftyOne dataset."""
+    from pipeline import review
+    from pipeline.review.selection import Selection, chosen, run_of
+
+    target = review.get(to)
+    run = run_of(out)
+    picked = Selection(rows=rows, where=where, below=below, margin=margin, limit=limit)
+    options = {"file": file and str(file), "url": url, "token": token, "project": project,
+               "title": title, "dataset": dataset,
+               "local_files_root": local_files_root and str(local_files_root)}
+    for name, value in options.items():
+        if value is not None and name not in target.takes:
+            raise UsageError(f"--{name.replace('_', '-')} is not for --to {to}")
+    with chosen(out, picked, embeddings=target.takes_embeddings and run.embeddings) as (
+            tables, count, labels):
+        if not count:
+            typer.echo(f"no rows of {out} match: nothing exported")
+            return
+        figures = target.export(run, tables, labels, options)
+    where_to = figures.get("url") or figures.get("file") or figures.get("dataset")
+    typer.echo(f"{figures.get('tasks', figures.get('samples'))} of {count} rows -> {to}: "
+               f"{where_to}" + (f" ({figures['skipped']} already there)"
+                                if figures.get("skipped") else ""))
+
+
+@app.command(cls=_Command)
+@one_line_errors
+def reviews(
+    out: Annotated[str, typer.Argument(help="The run directory the reviewed rows came from.",
+                                       metavar="OUT", show_default=False)],
+    answers: Annotated[str, typer.Argument(
+        help="Label Studio's JSON export of the project, or fiftyone://DATASET/FIELD.",
+        metavar="ANSWERS", show_default=False)],
+) -> None:
+    """Read people's answers into OUT/reviews.parquet; say how often the model agreed."""
+    from pipeline import review
+    from pipeline.report import agreement_line
+    from pipeline.review.reviews import agreement, record
+    from pipeline.rundir import REVIEWS_FILE, SUMMARY_FILE, RunDirectory, read_json, write_json
+
+    target = review.reading(answers)
+    with RunDirectory(out) as run_dir:
+        kept = record(out, target.reviews(answers))
+        figures = agreement(out)
+        summary = read_json(run_dir.store, SUMMARY_FILE) or {}
+        summary["reviews"] = figures
+        write_json(run_dir.store, SUMMARY_FILE, summary)
+    typer.echo(f"{kept} reviewed keys in {run_dir.store.url(REVIEWS_FILE)}")
+    if figures:
+        typer.echo(agreement_line(figures))
 
 
 weights_app = typer.Typer(no_args_is_help=True, cls=_Group, context_settings=HELP_OPTIONS,

@@ -56,6 +56,7 @@ class Findings:
     review: list[tuple[str, str, str, float]] = field(default_factory=list)
     error_rows: list[tuple[str, str, str]] = field(default_factory=list)
     run: dict[str, str] = field(default_factory=dict)  # model, weights, date, source
+    agreement: dict | None = None  # with people's reviews (review/reviews.py), if any
 
 
 def describe_run(out: str) -> dict[str, str]:
@@ -186,7 +187,30 @@ def render_text(found: Findings) -> str:
     if found.ok:
         lines.append("top-1 confidence: " + ", ".join(
             f"{n} ({100 * n / found.ok:.1f}%) {edge}" for edge, n in found.confidence.items()))
+    if found.agreement:
+        lines.append(agreement_line(found.agreement))
+        classes = found.agreement["per_class"][:10]
+        if classes:
+            width = max(len(c["label"]) for c in classes)
+            lines.append("agreement by the reviewers' label (reviewed, top-1, top-k):")
+            lines += [f"  {c['label']:<{width}}  {c['reviewed']}  {_share(c['top1_agreement'])}"
+                      f"  {_share(c['top_k_agreement'])}" for c in classes]
     return "\n".join(lines)
+
+
+def agreement_line(figures: dict) -> str:
+    """The model's agreement with people on one line, as the report and `reviews` say it."""
+    text = (f"people reviewed {figures['reviewed']} images: the model's top-1 agrees on "
+            f"{_share(figures['top1_agreement'])}, its top-k on "
+            f"{_share(figures['top_k_agreement'])}")
+    if figures["unknown_keys"]:
+        text += (f"; {count(figures['unknown_keys'], 'review')} name keys this run does not "
+                 f"have (e.g. {', '.join(map(repr, figures['unknown_examples']))})")
+    return text
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def thumbnail(path: str) -> str | None:
@@ -249,6 +273,15 @@ def render_html(found: Findings, title: str) -> str:
                      for k, p, e in found.error_rows)
     confidence = ", ".join(f"{n} {esc(edge)}" for edge, n in found.confidence.items())
     facts = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in found.run.items())
+    agreed = ""
+    if found.agreement:
+        rows = "".join(f"<tr><td>{esc(c['label'])}</td><td>{c['reviewed']}</td>"
+                       f"<td>{_share(c['top1_agreement'])}</td>"
+                       f"<td>{_share(c['top_k_agreement'])}</td></tr>"
+                       for c in found.agreement["per_class"])
+        agreed = (f"<h2>Agreement with people</h2><p>{esc(agreement_line(found.agreement))}."
+                  f"</p><table id=\"agreement\"><tr><th>reviewers' label</th><th>reviewed</th>"
+                  f"<th>top-1 agrees</th><th>top-k agrees</th></tr>{rows}</table>")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
@@ -265,6 +298,7 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 <table id="run">{facts}</table>
 <p id="summary">{found.rows} images: {found.ok} ok, {count(found.errors, "error")}.
 Top-1 confidence: {confidence}.</p>
+{agreed}
 <h2>Labels</h2>{_bars(found.labels[:TOP_LABELS], "label-histogram")}
 <h2>Top-1 confidence</h2>{_bars(histogram, "confidence-histogram")}
 <h2>Contact sheet</h2><p>Up to {THUMBNAILS_PER_LABEL} random images for each of the

@@ -43,6 +43,7 @@ SPILL_PREFIX = ".spill-"
 PARTS_DIR = "parts"
 INCREMENTS_DIR = "increments"
 QUARANTINE_FILE = "quarantine.json"
+REVIEWS_FILE = "reviews.parquet"  # people's answers (label-images reviews): key, label, who, when
 LOCK_FILE = ".lock"
 _PART_NAME = re.compile(r"^part-(\d{6})\.parquet$")
 

@@ -1,0 +1,114 @@
+"""Which rows of a finished run go to people: all of them, the review list (a low top-1 score,
+or a small margin between the first two), or a DuckDB filter (`top1_score < 0.6`). Streamed:
+the ok rows are spooled to local disk and DuckDB filters and sorts them there."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import keys
+from pipeline.errors import UsageError
+from pipeline.report import finished_table
+from pipeline.review.base import REVIEW_BELOW, REVIEW_MARGIN, Run
+from pipeline.rundir import RUN_FILE, read_json
+from pipeline.sources import open_source
+from pipeline.storage import Store
+
+COLUMNS = ["key", "path", "top1_label", "top1_score", "labels", "scores"]
+BATCH_ROWS = 65_536
+
+
+@dataclass(frozen=True)
+class Selection:
+    rows: str = "review"  # "review" (lowest first) or "all" (the table's order)
+    where: str | None = None  # a DuckDB condition on the table's columns, ANDed
+    below: float = REVIEW_BELOW
+    margin: float = REVIEW_MARGIN
+    limit: int | None = None
+
+    def condition(self) -> str:
+        parts = ["status = 'ok'"]
+        if self.rows == "review":
+            parts.append(f"(top1_score < {float(self.below)!r} OR (len(scores) > 1 AND "
+                         f"scores[1] - scores[2] < {float(self.margin)!r}))")
+        elif self.rows != "all":
+            raise UsageError(f"--rows must be review or all, got {self.rows!r}")
+        if self.where:
+            parts.append(f"({self.where})")
+        return " AND ".join(parts)
+
+
+def run_of(out: str) -> Run:
+    """The run a finished table came from: its model, weights, whether its images are files."""
+    record = read_json(Store(out), RUN_FILE) or {}
+    config = record.get("config") or {}
+    if not config:
+        raise UsageError(f"{out} holds no label-images run (no run.json)")
+    from pipeline.job import source_spec  # the run's source, opened (not listed) to ask
+    from pipeline.config import RunConfig
+
+    fields = {k: v for k, v in config.items() if k in RunConfig.__dataclass_fields__}
+    fields["keep_columns"] = tuple(fields.get("keep_columns") or ())
+    try:
+        holds_files = open_source(source_spec(RunConfig(**fields))).holds_files
+    except UsageError:  # the source has gone since: its paths are still what the table says
+        holds_files = True
+    fingerprint = record.get("fingerprint") or {}
+    return Run(out=out, model=fingerprint.get("model") or config.get("model", ""),
+               weights=fingerprint.get("weights") or config.get("weights", ""),
+               holds_files=holds_files, embeddings=bool(config.get("embeddings")))
+
+
+@contextmanager
+def chosen(out: str, selection: Selection, embeddings: bool = False):
+    """(the chosen rows as a stream of tables, how many, every label among their top-k)."""
+    store, fmt = finished_table(out)
+    columns = COLUMNS + ["status"] + (["embedding"] if embeddings else [])
+    folder = keys.spill_folder()
+    con = None
+    try:
+        spool = os.path.join(folder, "rows.parquet")
+        writer = None
+        for table in fmt.batches(store, columns):
+            table = table.filter(pc.equal(table["status"], "ok"))
+            writer = writer or pq.ParquetWriter(spool, table.schema)
+            writer.write_table(table)
+        if writer is None:
+            yield iter(()), 0, []
+            return
+        writer.close()
+        con = keys.connect(folder)
+        con.execute(f"CREATE VIEW rows AS SELECT * FROM read_parquet('{_quoted(spool)}', "
+                    "file_row_number = true)")
+        order = ("top1_score, file_row_number" if selection.rows == "review"
+                 else "file_row_number")
+        limit = f" LIMIT {int(selection.limit)}" if selection.limit else ""
+        query = (f"SELECT * FROM rows WHERE {selection.condition()} ORDER BY {order}{limit}")
+        try:
+            con.execute(f"CREATE TABLE picked AS SELECT file_row_number FROM ({query})")
+        except Exception as exc:  # noqa: BLE001 - DuckDB's parser and binder errors alike
+            raise UsageError(f"--where {selection.where!r}: "
+                             f"{str(exc).splitlines()[0]}") from None
+        count = con.sql("SELECT count(*) FROM picked").fetchall()[0][0]
+        labels = [row[0] for row in con.sql(
+            "SELECT DISTINCT unnest(labels) AS label FROM rows JOIN picked "
+            "USING (file_row_number) ORDER BY label").fetchall()]
+        names = ", ".join(c for c in columns if c != "status")
+        reader = con.sql(f"SELECT {names} FROM rows JOIN picked USING (file_row_number) "
+                         f"ORDER BY {order}").to_arrow_reader(BATCH_ROWS)
+        yield (pa.Table.from_batches([b]) for b in reader), count, labels
+    finally:
+        if con is not None:
+            con.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _quoted(path: str) -> str:
+    return path.replace("'", "''")
