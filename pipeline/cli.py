@@ -16,6 +16,7 @@ from typer.core import TyperCommand, TyperGroup
 from pipeline import config as configuration, engines, runtimes
 from pipeline.errors import Interrupted, RunError, UsageError
 from pipeline.options import parse_flags
+from pipeline import review
 from pipeline.review.base import REVIEW_BELOW, REVIEW_MARGIN
 
 def _as_flag(option):
@@ -359,7 +360,7 @@ def export(
     out: Annotated[str, typer.Argument(help="A finished run directory (path or URL).",
                                        metavar="OUT", show_default=False)],
     to: Annotated[str, typer.Option(
-        "--to", help="The review tool: label-studio or fiftyone.", show_default=False)],
+        "--to", help=f"The review tool: {' or '.join(review.TARGETS)}.", show_default=False)],
     rows: Annotated[str, typer.Option(
         help="review: the rows whose top-1 score is below --below or within --margin of the "
              "second, lowest first; all: every ok row, in the table's order (default: "
@@ -392,7 +393,6 @@ def export(
         help="fiftyone: the dataset to create (default: label-images-<run name>).")] = None,
 ) -> None:
     """Send a finished run's rows to people: Label Studio tasks or a FiftyOne dataset."""
-    from pipeline import review
     from pipeline.review.selection import Selection, chosen, run_of
 
     target = review.get(to)
@@ -426,7 +426,6 @@ def reviews(
         metavar="ANSWERS", show_default=False)],
 ) -> None:
     """Read people's answers into OUT/reviews.parquet; say how often the model agreed."""
-    from pipeline import review
     from pipeline.report import agreement_line
     from pipeline.review.reviews import agreement, record
     from pipeline.rundir import REVIEWS_FILE, SUMMARY_FILE, RunDirectory, read_json, write_json
