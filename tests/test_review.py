@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -282,8 +283,8 @@ def test_fiftyone_format_is_read_by_fiftyone_and_its_labels_come_back(reviewed_r
         assert [c["label"] for c in found] == list(row["labels"])
         assert [c["confidence"] for c in found] == pytest.approx(list(row["scores"]), abs=1e-6)
         assert {c["key"] for c in found} == {row["key"]}
-    embeddings = __import__("numpy").load(folder / "embeddings.npy")
-    assert embeddings.shape == (len(ok), len(ok["embedding"].iloc[0]))
+    embeddings = np.load(folder / "embeddings.npy")  # the table's, in the samples' order
+    assert np.array_equal(embeddings, np.stack(ok["embedding"].map(np.asarray)))
     # the people's export: each image's true colour, by path (no key in it)
     out = tmp_path / "copy"
     shutil.copytree(root / "run", out, ignore=shutil.ignore_patterns("reviews.parquet"))

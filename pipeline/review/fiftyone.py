@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,27 +66,42 @@ class FiftyOne(ReviewTarget):
 
 def _write(folder: Path, run, rows, labels: list[str]) -> dict:
     """FiftyOne's FiftyOneImageClassificationDataset on disk, the images left where they
-    are (a data.json manifest of uuid -> path); embeddings.npy in the same order."""
+    are (a data.json manifest of uuid -> path); embeddings.npy in the same order. Written
+    as the rows stream in: a batch in memory, whatever the count."""
     folder.mkdir(parents=True, exist_ok=True)
-    found, paths, vectors = {}, {}, []
-    for table in rows:
-        for row in table.to_pylist():
-            uuid = f"{len(paths):09d}"
-            paths[uuid] = row["path"]
-            found[uuid] = _classifications(row)
-            if row.get("embedding") is not None:
-                vectors.append(np.asarray(row["embedding"], np.float32))
-    with atomic_path(folder / DATA_FILE) as tmp:
-        tmp.write_text(json.dumps(paths, ensure_ascii=False), encoding="utf-8")
-    with atomic_path(folder / LABELS_FILE) as tmp:
-        tmp.write_text(json.dumps({"classes": None, "labels": found,
-                                   "model_version": run.model_version}, ensure_ascii=False),
-                       encoding="utf-8")
-    if vectors:
-        with atomic_path(folder / EMBEDDINGS_FILE) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.stack(vectors))
-    return {"samples": len(paths), "file": str(folder)}
+    count, width = 0, None
+    with atomic_path(folder / DATA_FILE) as data_tmp, atomic_path(folder / LABELS_FILE) as \
+            labels_tmp, open(data_tmp, "w", encoding="utf-8") as data, \
+            open(labels_tmp, "w", encoding="utf-8") as found, \
+            open(folder / f".{EMBEDDINGS_FILE}.raw", "wb") as vectors:
+        data.write("{")
+        found.write('{"model_version": ' + json.dumps(run.model_version) +
+                    ', "classes": null, "labels": {')
+        for table in rows:
+            for row in table.to_pylist():
+                uuid, comma = f"{count:09d}", ", " if count else ""
+                data.write(f"{comma}{json.dumps(uuid)}: {json.dumps(row['path'], ensure_ascii=False)}")
+                found.write(f"{comma}{json.dumps(uuid)}: "
+                            f"{json.dumps(_classifications(row), ensure_ascii=False)}")
+                if row.get("embedding") is not None:
+                    vector = np.asarray(row["embedding"], np.float32)
+                    width = len(vector)
+                    vectors.write(vector.tobytes())
+                count += 1
+        data.write("}\n")
+        found.write("}}\n")
+    raw = folder / f".{EMBEDDINGS_FILE}.raw"
+    try:
+        if width:  # the .npy header once the count is known, then the rows as written
+            with atomic_path(folder / EMBEDDINGS_FILE) as tmp, open(tmp, "wb") as fh, \
+                    open(raw, "rb") as source:
+                np.lib.format.write_array_header_1_0(fh, {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                    "fortran_order": False, "shape": (count, width)})
+                shutil.copyfileobj(source, fh, 16 << 20)
+    finally:
+        raw.unlink(missing_ok=True)
+    return {"samples": count, "file": str(folder)}
 
 
 def _into_dataset(name: str, run, rows, labels: list[str]) -> dict:
