@@ -13,7 +13,7 @@ REVIEW_TOOLS := .venv-labelstudio/.installed .venv-fiftyone/.installed
 # clone red. A user's own `pip install label-images` still resolves freely.
 TEST_LOCK := constraints/test.txt
 
-.PHONY: setup extras review-tools run test test-quick test-gpu gpu-smoke bench lock clean
+.PHONY: setup extras review-tools run test test-quick test-gpu lock clean
 
 # What running needs, and nothing more: an optional runtime installed here would be weighed
 # by --runtime auto, so the test extras (OpenVINO, Ray, Keras, ...) come only with `make test`.

@@ -1,9 +1,12 @@
 """The output table as our users open it: pandas, DuckDB and Spark, every optional column on.
 
 The manifest stores its timestamps as Spark does (INT96), with the "open end" date Spark
-tables often use; the run keeps them and writes embeddings. Spark needs Java and pyspark,
-which `make test-slow` installs: it is behind the `slow` marker, and also reads a CSV
-output with the options the README gives.
+tables often use; the run keeps them and writes embeddings. Spark (pyspark 3.5, a test
+extra; Java 17 runs it) also reads a CSV output with the options the README gives. Spark's
+Iceberg and Delta readers are jars fetched from Maven, which this machine cannot reach (the
+one Iceberg runtime on PyPI, in snowpark-connect-deps-iceberg, lacks its shaded Jackson), so
+Iceberg and Delta are read by their own Python readers, DuckDB and Polars (test_tables.py).
+Starting the JVM makes these slow.
 """
 
 from __future__ import annotations
