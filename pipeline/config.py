@@ -62,6 +62,16 @@ class RunConfig:
     # what a kind declares for itself (options.py): its format, engine or runtime checks it
     options: dict[str, Any] = field(default_factory=dict)
 
+    def source_spec(self):
+        """What the source seam is asked to open (sources.open_source)."""
+        from pipeline.sources.base import SourceSpec
+
+        return SourceSpec(location=self.source, path_column=self.path_column,
+                          id_column=self.id_column, root=self.root,
+                          keep_columns=self.keep_columns,
+                          allow_duplicates=self.allow_duplicates,
+                          image_column=self.image_column)
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["keep_columns"] = list(self.keep_columns)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +16,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.errors import ImageError
+from pipeline.pixels import DECODE_ERRORS, to_rgb  # noqa: F401 (the decoders' own)
 from pipeline.preprocess import Preprocess
 
 # We refuse oversized images ourselves (--max-pixels, from the header, before decoding), so
@@ -28,11 +28,6 @@ Image.MAX_IMAGE_PIXELS = None
 # of four would oversubscribe a small CPU.
 pi_heif.register_heif_opener()
 pi_heif.options.DECODE_THREADS = 1
-
-# What a broken, truncated or hostile file can raise while being identified or decoded.
-# Anything else is a bug in this code and should surface.
-DECODE_ERRORS = (OSError, ValueError, RuntimeError, SyntaxError, EOFError, struct.error,
-                 Image.DecompressionBombError)
 
 _JPEG_START = b"\xff\xd8\xff"  # SOI and the first marker's 0xFF
 _DCT_FACTORS = (8, 4, 2, 1)  # the downscales libjpeg-turbo does with vectorised IDCTs
@@ -200,20 +195,6 @@ def _decode_with_pil(image: Image.Image) -> torch.Tensor:
     # In place: otherwise an image with nothing to turn is copied whole, to no purpose.
     ImageOps.exif_transpose(image, in_place=True)
     return F.pil_to_tensor(to_rgb(image))
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB the way a viewer would show it (alpha is dropped)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit greyscale: PIL's own conversion clips at 255, which turns most of it white.
-        scaled = (np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8)
-        return Image.fromarray(scaled).convert("RGB")  # 2-D uint8: mode L
-    if image.mode == "F":
-        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode == "P":
-        # Via RGBA so that palette transparency does not trigger PIL's warning; same colours.
-        image = image.convert("RGBA")
-    return image if image.mode == "RGB" else image.convert("RGB")  # convert() always copies
 
 
 def resize_and_crop(pixels: torch.Tensor, preprocess: Preprocess,

@@ -23,7 +23,7 @@ from pipeline.errors import UsageError, notice
 from pipeline.launchers import Slice
 from pipeline.rundir import RunDirectory, committed_shards
 from pipeline.settings import Settings
-from pipeline.sources import Source, SourceSpec, listing, open_source
+from pipeline.sources import Source, listing, open_source
 from pipeline.storage import Store
 from pipeline.tuning import DECODE_SAMPLE
 from pipeline.writer import check_kept_columns
@@ -98,13 +98,6 @@ class Job:
         }
 
 
-def source_spec(config: RunConfig) -> SourceSpec:
-    return SourceSpec(location=config.source, path_column=config.path_column,
-                      id_column=config.id_column, root=config.root,
-                      keep_columns=config.keep_columns, allow_duplicates=config.allow_duplicates,
-                      image_column=config.image_column)
-
-
 def prepare_run(config: RunConfig, engine, part: Slice = Slice(), versions: bool = False,
                 started: float | None = None) -> Job:
     """The job of the process that holds the run directory (not an engine's worker, whose
@@ -140,7 +133,7 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
         carriers = [name for name, f in formats.FORMATS.items() if f.embeddings]
         raise UsageError(f"--embeddings cannot be written to {config.format}: use --format "
                          f"{' or '.join(carriers)}")
-    source = open_source(source_spec(config))  # what kind it is: no listing yet
+    source = open_source(config.source_spec())  # what kind it is: no listing yet
     # The model, its weights and the device before the listing: a typo in --model on a
     # bucket of millions is said at once, not after the whole listing.
     spec = resolve_model(config.model, config.weights, config.labels, config.resize, config.crop,

@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from pipeline import formats, keys
-from pipeline.decode import DECODE_ERRORS, ImageError, to_rgb
-from pipeline.errors import UsageError
+from pipeline.errors import ImageError, UsageError
+from pipeline.pixels import DECODE_ERRORS, to_rgb
 from pipeline.rundir import RUN_FILE, read_json
 from pipeline.storage import Store, atomic_path, read_bytes
 from pipeline.summary import count

@@ -20,7 +20,7 @@ from pipeline.bench import plan_timing
 from pipeline.bench.sample import Sample, fetched
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError
-from pipeline.job import prepare, source_spec
+from pipeline.job import prepare
 from pipeline.memory import MIN_BATCH_SIZE, PREFETCH_BATCHES, LoaderSize
 from pipeline.sources import first_items, open_source
 from pipeline.storage import Store, is_remote
@@ -31,7 +31,7 @@ STAGES = (decoding, crops, loading, plain_loop, model, runtimes, compiling, plan
 def bench(config: RunConfig, images: int, reference_images: int,
           plan_rows: int | None) -> dict:
     """Measure every stage with the job's own settings, in one process; the figures."""
-    if not open_source(source_spec(config)).holds_files:
+    if not open_source(config.source_spec()).holds_files:
         # Its stages open each image's file, and the end-to-end run reads a manifest of them
         raise UsageError(f"bench measures a sample of image files (a folder or a manifest); "
                          f"{config.source} holds its images inside other files: "
@@ -61,7 +61,7 @@ def loader_only(config: RunConfig, images: int) -> dict:
     batch the run would lower its own to (no model here to measure one with).
     """
     preprocess = resolve_preprocess(config.model, config.weights, config.resize, config.crop)
-    source = open_source(source_spec(config))
+    source = open_source(config.source_spec())
     items = first_items(source, images)
     workers = tuning.usable_cores() if config.workers is None else config.workers
     size = LoaderSize(workers, config.batch_size or MIN_BATCH_SIZE, PREFETCH_BATCHES)
@@ -76,7 +76,7 @@ def loader_only(config: RunConfig, images: int) -> dict:
 def fidelity_only(config: RunConfig, images: int) -> dict:
     """Our crops against the reference on the first `images` of SOURCE; no model is loaded."""
     preprocess = resolve_preprocess(config.model, config.weights, config.resize, config.crop)
-    source = open_source(source_spec(config))
+    source = open_source(config.source_spec())
     items = first_items(source, images)
     found = fidelity.compare(fetched(source, items["path"].to_pylist(), config.max_pixels),
                              preprocess, config.max_pixels)

@@ -51,13 +51,12 @@ def run_of(out: str) -> Run:
     config = record.get("config") or {}
     if not config:
         raise UsageError(f"{out} holds no label-images run (no run.json)")
-    from pipeline.job import source_spec  # the run's source, opened (not listed) to ask
-    from pipeline.config import RunConfig
+    from pipeline.config import RunConfig  # the run's source, opened (not listed) to ask
 
     fields = {k: v for k, v in config.items() if k in RunConfig.__dataclass_fields__}
     fields["keep_columns"] = tuple(fields.get("keep_columns") or ())
     try:
-        holds_files = open_source(source_spec(RunConfig(**fields))).holds_files
+        holds_files = open_source(RunConfig(**fields).source_spec()).holds_files
     except UsageError:  # the source has gone since: its paths are still what the table says
         holds_files = True
     fingerprint = record.get("fingerprint") or {}
