@@ -61,6 +61,21 @@ def test_a_key_repeated_across_batches_is_refused_with_where_it_stands(tmp_path)
     assert allowed.num_items == 7
 
 
+def test_distinct_keys_that_share_a_hash_pass_and_only_equal_keys_are_refused(
+        tmp_path, monkeypatch):
+    """Keys are grouped by a 64-bit hash first; with the hash narrowed to four values every
+    key shares it with others, and only keys equal as strings are refused."""
+    monkeypatch.setattr(keys, "KEY_HASH", "hash(key) % 4")
+    distinct = [batch(0, 40)]
+    assert planning.freeze(iter(distinct), Store(str(tmp_path / "a")), 8).num_items == 40
+    repeated = [batch(0, 40), pa.table({"key": ["photos/IMG_00000007.jpg"], "path": ["/x"]})]
+    with pytest.raises(UsageError) as refused:
+        planning.freeze(iter(repeated), Store(str(tmp_path / "b")), 8, what="m.csv")
+    assert str(refused.value).startswith(
+        "1 key(s) appear more than once in m.csv (e.g. 'photos/IMG_00000007.jpg' (items 8 "
+        "and 41))")
+
+
 def test_an_empty_listing_and_a_failing_one_leave_nothing(tmp_path):
     with pytest.raises(UsageError, match="no images in the folder"):
         planning.freeze(iter([]), Store(str(tmp_path)), 4, what="the folder")
