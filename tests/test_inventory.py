@@ -22,12 +22,14 @@ CSV_SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifi
 
 @pytest.fixture(scope="module")
 def bucket(s3, tmp_path_factory):  # noqa: F811
-    """Photos in s3://photos-src (names with a space and a plus), and the same folder here."""
+    """Photos in s3://photos-src (names with spaces, a plus and a per cent sign), and the
+    same folder here."""
     env, fs = s3
     folder = tmp_path_factory.mktemp("inventory") / "photos"
     write_colour_images(folder, 6, seed=61)
     names = sorted(p.name for p in folder.iterdir())
     (folder / names[0]).rename(folder / f"a b+{names[0]}")
+    (folder / names[1]).rename(folder / f"50% off+more {names[1]}")
     (folder / "notes.txt").write_text("not an image")
     fs.mkdir("photos-src")
     fs.mkdir("inventory")
@@ -53,8 +55,9 @@ def write_report(fs, report_rows, form: str, date: str, config: str = "daily") -
     if form == "CSV":
         text = io.StringIO()
         writer = csv.writer(text, quoting=csv.QUOTE_ALL, lineterminator="\n")
-        for row in report_rows:  # CSV reports URL-encode the keys
-            writer.writerow(["photos-src", urllib.parse.quote(row["key"]), row["version_id"],
+        for row in report_rows:  # CSV reports URL-encode the keys, a space as "+"
+            writer.writerow(["photos-src", urllib.parse.quote_plus(row["key"], safe="/"),
+                             row["version_id"],
                              str(row["is_latest"]).lower(), str(row["is_delete_marker"]).lower(),
                              row["size"], "2026-12-05T10:00:00.000Z", row["e_tag"]])
         data, name, schema = gzip.compress(text.getvalue().encode()), "data/r1.csv.gz", \
