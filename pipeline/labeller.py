@@ -59,6 +59,7 @@ def label(run_dir: RunDirectory, job: Job, plan: Plan, summary: RunSummary,
                     restarts += 1
                     if restarts > LOADER_RESTARTS:
                         raise
+                    summary.loader_restarts = restarts
                     notice(f"{str(killed).split(';')[0]}: restarting the loader ({restarts} "
                            f"of {LOADER_RESTARTS}); the shards in flight are redone")
     summary.loop_seconds = time.perf_counter() - started

@@ -17,6 +17,9 @@ class Slice:
     count: int = 1
     distributed: bool = False  # a torch.distributed process group (torchrun) joins the slices
     local_rank: int = 0
+    # this job's processes on this machine (torchrun's ranks, Ray's actors): each sizes its
+    # cores, decode workers, shared and pinned memory as that share of the machine
+    per_node: int = 1
 
     @property
     def whole(self) -> bool:
@@ -51,7 +54,9 @@ def _torchrun(env: dict, count: int | None, index: int | None) -> Slice | None:
         raise UsageError("--num-slices/--slice-index cannot be combined with torchrun; "
                          "torchrun's ranks already split the work")
     return Slice(index=_int(env, "RANK"), count=_int(env, "WORLD_SIZE"), distributed=True,
-                 local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0)
+                 local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+                 per_node=max(1, _int(env, "LOCAL_WORLD_SIZE")) if "LOCAL_WORLD_SIZE" in env
+                 else 1)
 
 
 def _slurm_array(env: dict, count: int | None, index: int | None) -> Slice | None:

@@ -357,7 +357,7 @@ def _model_threads(device: torch.device, workers: int) -> int | None:
 
 
 def _ranks_per_node(part: Slice) -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if part.distributed else 1
+    return part.per_node
 
 
 def _after_abrupt_end(size: LoaderSize, config: RunConfig, crop_bytes: int,

@@ -36,6 +36,7 @@ class RunSummary:
     actors: list[dict] = field(default_factory=list)  # --engine ray: each actor's figures
     redone: list[dict] = field(default_factory=list)  # shards redone after an actor died
     lost_nodes: list[str] = field(default_factory=list)  # --engine ray: nodes that went
+    loader_restarts: int = 0  # decode workers killed from outside, the loader restarted
     device: str = ""
     precision: str = ""
     settings: dict = field(default_factory=dict)  # what was chosen, and measured for it

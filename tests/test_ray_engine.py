@@ -34,9 +34,15 @@ def cluster(tmp_path_factory):
 def control(cluster):
     for stale in (cluster, cluster.with_name(cluster.name + ".killed")):
         stale.unlink(missing_ok=True)
-    yield lambda image, mode: cluster.write_text(json.dumps({"image": str(image),
-                                                             "mode": mode}))
+    yield lambda image, mode, times=0: cluster.write_text(json.dumps(
+        {"image": str(image), "mode": mode, "times": times}))
     cluster.unlink(missing_ok=True)
+
+
+def kills(cluster) -> int:
+    """How many processes the hook killed (tests/ray_hooks.py)."""
+    flag = cluster.with_name(cluster.name + ".killed")
+    return flag.read_text().count("\n") if flag.exists() else 0
 
 
 def args(folder, out, checkpoint, *extra):
@@ -78,6 +84,8 @@ def test_two_actors_give_the_one_process_rows(cli, tmp_path, colour_checkpoint, 
     assert sum(a["shards"] for a in actors) == 5 and sum(a["images"] for a in actors) == 19
     assert all(a["device"] == "cpu" and a["node"] and a["images_per_second"] > 0
                for a in actors)
+    # a core each of the node's two: each sized its share of the node as torchrun's ranks do
+    assert [a["per_node"] for a in actors] == [2, 2]
     assert "by 2 actors" in done.output
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert summary["actors"] == actors and summary["items"] == 19
@@ -133,7 +141,7 @@ def test_an_actor_killed_mid_shard_has_its_shard_redone_once(cli, tmp_path, colo
 
 
 def test_a_decode_worker_killed_inside_an_actor_is_restarted_and_the_run_finishes(
-        cli, tmp_path, colour_checkpoint, control):
+        cli, tmp_path, colour_checkpoint, control, cluster):
     """The OOM killer's first pick is often a worker holding a batch: the actor restarts its
     loader and redoes the shard; nothing else stops."""
     folder = tmp_path / "imgs"
@@ -148,6 +156,29 @@ def test_a_decode_worker_killed_inside_an_actor_is_restarted_and_the_run_finishe
     assert table["key"].is_unique and (table["status"] == "ok").all()
     actors = json.loads((tmp_path / "run" / "run.json").read_text())["actors"]
     assert len(actors) == 2 and not any(a.get("died") for a in actors)  # no actor lost
+    assert kills(cluster) == 1  # the worker was killed, and its actor restarted the loader
+    assert sum(a["loader_restarts"] for a in actors) == 1
+
+
+def test_a_fourth_decode_worker_killed_in_one_actor_replaces_the_actor(
+        cli, tmp_path, colour_checkpoint, control, cluster):
+    """An actor restarts its loader three times; the fourth kill is about the actor (its
+    memory, its node), so the shard goes to a fresh actor, which finishes it."""
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 12)
+    control(sorted(folder.iterdir())[5], "outside", times=4)
+    with_a_worker = [a if a != "0" else "1" for a in args(
+        folder, tmp_path / "run", colour_checkpoint, "--engine", "ray", "--actors", "1")]
+    done = cli(*with_a_worker)
+    assert done.exit_code == 0, done.output
+    assert kills(cluster) == 4
+    table = read_output(tmp_path / "run" / "labels.parquet")
+    assert sorted(table["key"]) == sorted(p.name for p in folder.iterdir())
+    assert table["key"].is_unique and (table["status"] == "ok").all()
+    actors = json.loads((tmp_path / "run" / "run.json").read_text())["actors"]
+    assert [a.get("died", False) for a in actors] == [True, False]  # replaced once
+    redone, = json.loads((tmp_path / "run" / "summary.json").read_text())["redone"]
+    assert redone["shard"] == 1 and redone["deaths"] == 1
 
 
 def test_a_shard_that_kills_every_actor_is_named_and_the_rest_commit(
@@ -188,6 +219,15 @@ def test_the_driver_killed_then_rerun_labels_every_image_once(tmp_path, colour_c
     table = pd.read_parquet(out / "labels.parquet")
     assert sorted(table["key"]) == sorted(p.name for p in folder.iterdir())
     assert table["key"].is_unique
+
+
+@pytest.mark.parametrize("assigned, node, share", [
+    ({"GPU": 1.0}, {"GPU": 8.0, "CPU": 96.0}, 8), ({"GPU": 1.0, "CPU": 1.0}, {"GPU": 2.0}, 2),
+    ({"CPU": 2.0}, {"CPU": 8.0}, 4), ({"CPU": 3.0}, {"CPU": 8.0}, 2), ({}, {"CPU": 8.0}, 1),
+    ({"GPU": 1.0}, {}, 1)])
+def test_an_actor_counts_the_actors_its_node_holds(assigned, node, share):
+    from pipeline.engines.ray import actors_per_node
+    assert actors_per_node(assigned, node) == share
 
 
 def test_engine_flags_refused_in_one_line(cli, tmp_path, colour_checkpoint):

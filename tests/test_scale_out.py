@@ -55,6 +55,9 @@ def test_slices_from_flags_and_schedulers():
     assert from_environment(3, None, env={"JOB_COMPLETION_INDEX": "2"}) == Slice(2, 3)
     torchrun = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
     assert from_environment(None, None, env=torchrun) == Slice(1, 2, True, 1)
+    # its share of the machine: torchrun's processes on this node
+    assert from_environment(None, None, env={**torchrun, "LOCAL_WORLD_SIZE": "2"}) == Slice(
+        1, 2, True, 1, per_node=2)
     with pytest.raises(UsageError, match="pass --num-slices"):
         from_environment(None, None, env={"JOB_COMPLETION_INDEX": "0"})
     with pytest.raises(UsageError, match="must be in 0..1"):

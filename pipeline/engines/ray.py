@@ -38,6 +38,8 @@ _CONNECT_TIMEOUT_S = 5
 # run in one line, resumable: a nightly job never hangs on a cluster that died under it.
 CHECK_SECONDS = 5
 RAY_TIMEOUT_SECONDS = 60
+ROOM_SECONDS = 300  # waiting for room for an actor (LABEL_IMAGES_RAY_ROOM_TIMEOUT)
+SAY_AFTER_SECONDS = 10  # a wait for room longer than this is said
 
 
 class RayEngine(Engine):
@@ -134,21 +136,15 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], summary: 
     def start(count: int = 1) -> list[tuple[object, dict]]:
         actors = [labeller.options(**resources).remote(replace(config, quiet=True))
                   for _ in range(count)]
-        try:  # bounded: an actor the cluster has no room for never starts
-            described = ray.get([actor.describe.remote() for actor in actors],
-                                timeout=max(ray_timeout(), 300))
+        try:  # bounded, the cluster checked as it waits: an actor may never start
+            described = _when_started(ray, actors, resources)
         except ray.exceptions.RayActorError as exc:
             _check_cluster(ray)  # this node gone: said as such
             raise RunError(f"a labelling actor could not start ({_cause(exc)}); the "
                            "committed shards are intact: run the same command again to "
                            "resume") from None
-        except ray.exceptions.GetTimeoutError:
-            _check_cluster(ray)
-            raise RunError(f"no room in the Ray cluster for {count(len(actors), 'actor')} "
-                           f"({resources}) within {max(ray_timeout(), 300):.0f} s; the "
-                           "committed shards are intact: run the same command again") from None
         for figures in described:
-            figures.update(shards=0, images=0, seconds=0.0)
+            figures.update(shards=0, images=0, seconds=0.0, loader_restarts=0)
         stats.extend(described)
         return list(zip(actors, described))
 
@@ -203,6 +199,7 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], summary: 
             described["shards"] += 1
             described["images"] += found["images"]
             described["seconds"] += found["seconds"]
+            described["loader_restarts"] += found["loader_restarts"]
             summary.labelled_now += found["images"]
             summary.errors_now += found["errors"]
             summary.load_seconds += found["load_seconds"]
@@ -218,6 +215,37 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], summary: 
         described["seconds"] = round(described["seconds"], 3)
     summary.loop_seconds = time.perf_counter() - started
     return stats, sorted(poison)
+
+
+def _when_started(ray, actors: list, resources: dict) -> list[dict]:
+    """The actors' descriptions once all are up. Between waits of CHECK_SECONDS the cluster
+    is asked whether this node is still there (gone: ClusterLost, within seconds, not after
+    the bound); a longer wait (room that an autoscaler may add in minutes) says what it
+    waits for, and ends the run after room_timeout()."""
+    asked = [actor.describe.remote() for actor in actors]
+    started, said = time.monotonic(), False
+    while True:
+        ready, _ = ray.wait(asked, num_returns=len(asked), timeout=CHECK_SECONDS)
+        if len(ready) == len(asked):
+            return ray.get(asked)  # an actor that died on the way raises RayActorError
+        _check_cluster(ray)
+        waited = time.monotonic() - started
+        if waited > room_timeout():
+            raise RunError(f"no room in the Ray cluster for {count(len(actors), 'actor')} "
+                           f"({resources}) within {room_timeout():.0f} s; the committed "
+                           "shards are intact: run the same command again") from None
+        if not said and waited >= SAY_AFTER_SECONDS:
+            notice(f"waiting for {count(len(asked) - len(ready), 'labelling actor')} "
+                   f"({resources} each) to start: building the model, or waiting for room "
+                   f"in the Ray cluster; it is checked every {CHECK_SECONDS} s, and the run "
+                   f"ends after {room_timeout():.0f} s")
+            said = True
+
+
+def room_timeout() -> float:
+    """How long to wait for room for an actor: an autoscaler adding a node takes minutes."""
+    return max(ray_timeout(), float(os.environ.get("LABEL_IMAGES_RAY_ROOM_TIMEOUT",
+                                                   ROOM_SECONDS)))
 
 
 def _next_done(ray, in_flight: dict):
@@ -337,6 +365,16 @@ def _cause(exc: BaseException) -> str:
     return lines[-1].strip() if lines else type(cause).__name__
 
 
+def actors_per_node(assigned: dict, node: dict) -> int:
+    """How many actors like this one its node holds: the node's GPUs (or cores) over this
+    actor's. Each sizes its cores, decode workers, shared and pinned memory as that share,
+    as torchrun's ranks on one node do."""
+    for name in ("GPU", "CPU"):
+        if assigned.get(name):
+            return max(1, int(node.get(name, 0) // assigned[name]))
+    return 1
+
+
 class ShardLabeller:
     """An actor (wrapped by ray.remote): the job built once, then one shard per call."""
 
@@ -349,9 +387,15 @@ class ShardLabeller:
         # Its own settings, measured on this machine (and cached as for any run); the plan
         # is frozen, so the source is not listed again.
         # Whether the last run died is the driver's to know: it holds the directory now.
+        import ray
+
         from pipeline.job import prepare
 
-        self.job = prepare(config)
+        context = ray.get_runtime_context()
+        node = next((n["Resources"] for n in ray.nodes()
+                     if n["NodeID"] == context.get_node_id()), {})
+        share = actors_per_node(context.get_assigned_resources(), node)
+        self.job = prepare(config, Slice(per_node=share))
         self.job.decide(store)
         self.run_dir = RunDirectory(config.out)
         self.plan = planning.load(store)
@@ -363,7 +407,7 @@ class ShardLabeller:
                 "host": socket.gethostname(), "pid": os.getpid(),
                 "device": str(self.job.settings.device),
                 "batch_size": self.job.settings.batch_size,
-                "workers": self.job.settings.workers}
+                "workers": self.job.settings.workers, "per_node": self.job.part.per_node}
 
     def label(self, shard: int) -> dict:
         from pipeline import labeller
@@ -375,4 +419,5 @@ class ShardLabeller:
                 "seconds": summary.loop_seconds,
                 "load_seconds": summary.load_seconds,
                 "compute_seconds": summary.compute_seconds,
-                "write_seconds": summary.write_seconds}
+                "write_seconds": summary.write_seconds,
+                "loader_restarts": summary.loader_restarts}
