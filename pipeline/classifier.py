@@ -14,16 +14,30 @@ from pipeline.errors import RunError, UsageError, notice
 from pipeline.writer import Prediction
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The run's device, resolved once; on CUDA always with its index (`cuda:N`).
+
+    torch.cuda.set_device, streams and pinned copies take an indexed device only
+    (`torch.device("cuda")` is refused by set_device), so `auto` and `cuda` become this
+    process's GPU: the local rank's under torchrun, else the current one (device 0 of
+    those CUDA_VISIBLE_DEVICES shows, which is the one Ray assigns an actor).
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return device
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    count = torch.cuda.device_count()
+    index = device.index
+    if index is None:
+        index = torch.cuda.current_device() if local_rank is None else local_rank
+    if index >= count:
+        whose = f" (for local rank {local_rank})" if device.index is None else ""
+        raise UsageError(f"--device {name}{whose}: this machine has {count} GPU(s), "
+                         f"cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -66,8 +80,24 @@ class Labelling:
                           scores=np.ascontiguousarray(found[:, :k]), embeddings=embeddings)
 
 
+# Out of memory as cuDNN, cuBLAS and the CUDA runtime word it in a plain RuntimeError
+# (torch raises torch.OutOfMemoryError only for its own caching allocator's failures).
 _LIBRARY_OUT_OF_MEMORY = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
-                          "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
+                          "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "CUDA error: out of memory")
+
+
+def use_cuda(device: torch.device, dtype: torch.dtype) -> None:
+    """The process's CUDA knobs, for an indexed device: the current device (a pin thread,
+    torch.compile and the side stream use it); cuDNN's kernel search for a fixed shape;
+    TF32 only where the run is not in fp32 (fp32 asked means fp32, as on the CPU: TF32
+    rounds the inputs of every convolution to 10 bits)."""
+    if device.index is None:
+        raise ValueError(f"use_cuda needs an indexed device, got {device}")
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+    tf32 = dtype != torch.float32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 class Classifier:
@@ -83,8 +113,7 @@ class Classifier:
         self.top_k = top_k
         self.on_cuda = device.type == "cuda"
         if self.on_cuda:  # the only CUDA-specific knobs; everything else is the same code
-            torch.backends.cudnn.benchmark = True
-            torch.cuda.set_device(device)  # a torchrun rank's pin thread and compile use it
+            use_cuda(device, dtype)
         net = spec.build().to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self._features: list[torch.Tensor] = []
         self.embedding_size = None

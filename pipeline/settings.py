@@ -77,9 +77,8 @@ def apply(classifier: Classifier, settings: Settings) -> None:
 def device_and_precision(config: RunConfig, part: Slice,
                          only: str | None = None) -> tuple[torch.device, torch.dtype]:
     """`only`: the one precision the model's backend runs it in (Keras: fp32), if any."""
-    device = resolve_device(config.device)
-    if part.distributed and device.type == "cuda" and config.device in ("auto", "cuda"):
-        device = resolve_device(f"cuda:{part.local_rank}")  # one GPU per torchrun process
+    # one GPU per torchrun process: its local rank's, unless --device cuda:N says which
+    device = resolve_device(config.device, part.local_rank if part.distributed else None)
     if only is not None and config.precision not in ("auto", only):
         raise UsageError(f"--precision {config.precision}: {config.model} runs in {only} only")
     return device, resolve_precision(only or config.precision, device)
