@@ -162,3 +162,26 @@ def test_a_model_with_a_non_square_input_is_fed_the_whole_image_at_its_height_an
     assert refused.exit_code == 2
     assert "--resize 60 centre-crops a square, and this model takes 80x48 images" in \
         refused.output
+
+
+def test_the_model_runs_where_the_job_says_not_where_keras_would_put_it(recipe, monkeypatch):
+    """On a GPU host Keras puts variables and inputs on CUDA whatever the job's device; here
+    Keras' default is made the meta device (a stand-in for "elsewhere"), and the job's CPU
+    must still hold every variable and get the recipe's numbers."""
+    import torch
+
+    from keras.src.backend.torch import core
+    from pipeline.backends.keras import KerasBackend
+
+    folder, model = recipe
+    image = np.random.default_rng(3).uniform(0, 255, (2, SIDE, SIDE, 3)).astype("float32")
+    expected = model.predict(image, verbose=0)
+    monkeypatch.setattr(core, "DEFAULT_DEVICE", "meta")
+    spec = KerasBackend().resolve(str(folder / "flowers.keras"), "DEFAULT")
+    net = spec.build().to(device=torch.device("cpu"), dtype=torch.float32,
+                          memory_format=torch.channels_last)
+    assert {v._value.device.type for v in net._keras.variables} == {"cpu"}
+    with torch.inference_mode():
+        found = net(torch.from_numpy(image))
+    assert found.device.type == "cpu"
+    np.testing.assert_allclose(found.exp().numpy(), expected, atol=1e-5)

@@ -125,19 +125,34 @@ class KerasNet(nn.Module):
     """The Keras model as the network the classifier runs: NHWC float in, logits out.
 
     Kept off the module tree, so that the classifier's move to a dtype or memory format
-    leaves Keras' own variables as Keras made them (fp32). A softmax output is given back
-    as its log: the classifier's softmax of it is the model's probabilities again.
+    leaves Keras' own variables as Keras made them (fp32). Keras on torch puts its variables,
+    and every tensor a layer is handed, on its own default device (CUDA wherever CUDA
+    exists), not where the job runs: so the model is loaded, and called, inside
+    keras.device(...) of the job's device, and a move to another device loads it there
+    again. A softmax output is given back as its log: the classifier's softmax of it is the
+    model's probabilities again.
     """
 
-    def __init__(self, model, softmax: bool):
+    def __init__(self, path: Path, softmax: bool, device: torch.device):
         super().__init__()
-        object.__setattr__(self, "_keras", model)
+        self.path = path
+        self.device = device
         self._softmax = softmax
+        with _keras().device(str(device)):
+            object.__setattr__(self, "_keras", _load(path))
+
+    def to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None and device != self.device:
+            return KerasNet(self.path, self._softmax, device).train(self.training)
+        return self  # a dtype or memory format: Keras' variables stay as Keras made them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._keras(x.float(), training=False)
+        with _keras().device(str(self.device)):
+            out = self._keras(x.float(), training=False)
         return out.clamp_min(1e-30).log() if self._softmax else out
 
 
 def _build(path: Path, softmax: bool) -> nn.Module:
-    return KerasNet(_load(path), softmax).eval()
+    # on the CPU first, which every machine has; the classifier's .to(device) moves it
+    return KerasNet(path, softmax, torch.device("cpu")).eval()
