@@ -142,6 +142,14 @@ class Classifier:
         self._shift = (-mean / std).to(self._norm_dtype)
         self.fits: int | None = None  # the largest batch known to fit, once one did not
 
+    def release(self) -> None:
+        """Let go of the network and the device memory it holds: a driver that hands the
+        labelling to others (Ray's) keeps none of a GPU its actors may be placed on."""
+        self.net = self.eager_net = None
+        self._copies = self._scale = self._shift = None
+        if self.on_cuda:
+            torch.cuda.empty_cache()  # what torch's caching allocator held, back to the GPU
+
     def pad_batches_to(self, size: int) -> None:
         """Every batch given the same shape: shorter ones (the last, those with error rows)
         are padded on the device and the padding's rows dropped. A compiled network then

@@ -49,6 +49,8 @@ def run_in(run_dir: RunDirectory, job: Job, progress: bool | None = None) -> Run
     engine = engines.get(config.engine)
     with engine.session(job, run_dir.store) as group:
         plan, resumed, listed = open_plan(run_dir, job, group)
+        if not engine.labels_here:
+            job.classifier.release()
         fmt = formats.of(config)
         summary = RunSummary(output=run_dir.output(fmt),
                              run_dir=run_dir.store.url(), resumed=resumed,

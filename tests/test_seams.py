@@ -16,6 +16,7 @@ from torch import nn
 from pipeline import engines, formats, labeller, runtimes, sources
 from pipeline.backends import BACKENDS, Backend, ModelSpec
 from pipeline.engines.base import Engine
+from pipeline.job import prepare
 from pipeline.formats.base import Format
 from pipeline.options import Option
 from pipeline.preprocess import Preprocess
@@ -111,6 +112,34 @@ def test_an_engine_registered_here_runs_a_job(cli, tmp_path, colour_checkpoint, 
     assert wrong.exit_code == 2
     assert "--option sideways: none of this run's kinds" in wrong.output
     assert "engine backwards: order" in wrong.output
+
+
+class Handing(Engine):
+    """Labels none of the shards itself: hands them to a labeller of its own, prepared as a
+    worker prepares one (as Ray's actors are)."""
+
+    name = "handing"
+    labels_here = False
+    driver_net: object = "not looked at"
+
+    def label(self, run_dir, job, plan, shards, summary, progress):
+        Handing.driver_net = job.classifier.net
+        worker = prepare(job.config, job.part)
+        worker.decide(run_dir.store)
+        labeller.label(run_dir, worker, plan, summary, progress, shards)
+
+
+def test_an_engine_that_labels_elsewhere_finds_the_drivers_model_released(
+        cli, tmp_path, colour_checkpoint, monkeypatch):
+    """A driver that hands the labelling out keeps no model (on a GPU, no memory its workers
+    may need) once the settings are recorded."""
+    monkeypatch.setitem(engines.ENGINES, "handing", Handing())
+    truth = write_colour_images(tmp_path / "imgs", 5)
+    result = cli("run", tmp_path / "imgs", "--out", tmp_path / "run", "--weights",
+                 colour_checkpoint, "--engine", "handing", *RUN)
+    assert result.exit_code == 0, result.output
+    assert Handing.driver_net is None
+    assert_labelled(tmp_path / "run", truth)
 
 
 class Centroids(Backend):

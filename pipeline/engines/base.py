@@ -19,6 +19,10 @@ class Engine:
 
     name: str = ""
     options: tuple = ()  # options.Option: what this engine declares (--option NAME=VALUE)
+    # Whether this process labels its shards itself. One that hands them to others (Ray's
+    # driver) still measures the settings it records, then releases its model and device
+    # memory before the labelling starts elsewhere.
+    labels_here: bool = True
 
     def check(self, config: RunConfig) -> None:
         """Its refusals of the configuration, before anything is listed or loaded."""

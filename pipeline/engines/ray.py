@@ -46,6 +46,7 @@ class RayEngine(Engine):
     """Actors take the pending shards from a queue as they free up."""
 
     name = "ray"
+    labels_here = False  # the actors label; the driver keeps no model on its GPU
 
     def check(self, config: RunConfig) -> None:
         """What --engine ray refuses before any work."""
