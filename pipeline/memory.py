@@ -101,14 +101,64 @@ def size_for_shared_memory(wanted: LoaderSize, image_bytes: int, *, fixed_worker
     return size
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations now (Linux); None where unknown."""
+def available_memory(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes of memory available to new allocations now (Linux); None where unknown.
+
+    The host's MemAvailable, or less where the process's memory cgroup (a container's,
+    a Kubernetes pod's, a Slurm job's) is limited: the kernel kills the job at its limit,
+    however much the host has free.
+    """
     try:
-        with open("/proc/meminfo") as fh:
+        with open(os.path.join(proc, "meminfo")) as fh:
             kib = next(line.split()[1] for line in fh if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
         return None
-    return int(kib) * 1024
+    host = int(kib) * 1024
+    room = cgroup_room(proc, cgroups)
+    return host if room is None else min(host, room)
+
+
+# Each cgroup version's limit and usage files; v1's "no limit" is a page-rounded 2^63 - 1
+_CGROUP_FILES = {"v2": ("memory.max", "memory.current"),
+                 "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes")}
+
+
+def cgroup_room(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> int | None:
+    """What the process's memory cgroup still allows (its limit less its usage), or None
+    where it sets no limit. Its folder is the one /proc/self/cgroup names, else the mount's
+    root (a container sees its own cgroup there)."""
+    try:
+        with open(os.path.join(proc, "self", "cgroup")) as fh:
+            lines = [line.rstrip("\n").split(":", 2) for line in fh]
+    except OSError:
+        return None
+    for parts in lines:
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            version, mount = "v2", cgroups
+        elif "memory" in controllers.split(","):
+            version, mount = "v1", os.path.join(cgroups, "memory")
+        else:
+            continue
+        limit_file, usage_file = _CGROUP_FILES[version]
+        for folder in (os.path.join(mount, path.lstrip("/")), mount):
+            limit, usage = _read_number(folder, limit_file), _read_number(folder, usage_file)
+            if limit is not None and usage is not None:
+                return max(0, limit - usage) if limit < 2**62 else None
+    return None
+
+
+def _read_number(folder: str, name: str) -> int | None:
+    try:
+        with open(os.path.join(folder, name)) as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    if text == "max":  # v2: no limit
+        return 2**63
+    return int(text) if text.isdigit() else None
 
 
 def fit_pinned_memory(wanted: LoaderSize, image_bytes: int, available: int | None,

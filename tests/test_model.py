@@ -16,7 +16,7 @@ from pipeline import settings
 from pipeline.backends import resolve_model
 from pipeline.classifier import Classifier, resolve_device, resolve_precision
 from pipeline.errors import RunError, UsageError
-from pipeline.memory import (PREFETCH_BATCHES, LoaderSize, fit_pinned_memory,
+from pipeline.memory import (PREFETCH_BATCHES, LoaderSize, available_memory, fit_pinned_memory,
                              fit_shared_memory)
 from tests.conftest import COLOURS, read_output, write_colour_images
 
@@ -244,6 +244,33 @@ def test_pinned_batches_are_counted_and_kept_within_a_quarter_of_the_memory(caps
     assert fit_pinned_memory(wanted, CROP_224, None) == wanted  # unknown: as wanted
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_memory_available_is_the_containers_where_its_cgroup_is_limited(tmp_path, version):
+    """A container's limit, not the host's free memory, is what the job may use: the files
+    as the kernel lays them out for each cgroup version, read by the job's own code."""
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal: 263000000 kB\nMemAvailable: 200000000 kB\n")
+    host = 200_000_000 * 1024
+    if version == "v1":
+        (proc / "self" / "cgroup").write_text("5:cpu,cpuacct:/pod\n4:memory:/kubepods/pod1\n")
+        folder, limit_file, usage_file = (cgroups / "memory" / "kubepods" / "pod1",
+                                          "memory.limit_in_bytes", "memory.usage_in_bytes")
+        unlimited = str(9223372036854771712)
+    else:
+        (proc / "self" / "cgroup").write_text("0::/\n")
+        folder, limit_file, usage_file = cgroups, "memory.max", "memory.current"
+        unlimited = "max"
+    folder.mkdir(parents=True)
+    (folder / limit_file).write_text(f"{16 * 2**30}\n")
+    (folder / usage_file).write_text(f"{6 * 2**30}\n")
+    assert available_memory(str(proc), str(cgroups)) == 10 * 2**30
+    (folder / limit_file).write_text(unlimited + "\n")
+    assert available_memory(str(proc), str(cgroups)) == host
+    (folder / limit_file).unlink()  # no cgroup files where they are looked for: the host's
+    assert available_memory(str(proc), str(cgroups)) == host
+
+
 def test_predict_returns_sorted_probabilities_for_uint8_batches(tmp_path, small_state_dict):
     spec = resolve_model("resnet18", save(tmp_path / "w.pth", small_state_dict),
                          resize=40, crop=32)
@@ -281,6 +308,9 @@ OUT_OF_MEMORY = {
     # cuDNN's and cuBLAS's own allocations fail as plain RuntimeErrors
     "cudnn": RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
     "cublas": RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"),
+    # the CUDA runtime's own, e.g. a workspace or context allocation outside torch's allocator
+    "cuda runtime": RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be "
+                                 "asynchronously reported at some other API call"),
 }
 
 
