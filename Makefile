@@ -13,7 +13,7 @@ REVIEW_TOOLS := .venv-labelstudio/.installed .venv-fiftyone/.installed
 # clone red. A user's own `pip install label-images` still resolves freely.
 TEST_LOCK := constraints/test.txt
 
-.PHONY: setup extras review-tools run test test-quick test-gpu lock clean
+.PHONY: setup extras review-tools run test test-quick test-gpu gpu-smoke lock clean
 
 # What running needs, and nothing more: an optional runtime installed here would be weighed
 # by --runtime auto, so the test extras (OpenVINO, Ray, Keras, ...) come only with `make test`.
@@ -73,6 +73,11 @@ test-quick: $(VENV)/.installed-test $(REVIEW_TOOLS)
 # On a machine with CUDA: the tests that need a GPU (they skip elsewhere); no review tools.
 test-gpu: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest -m gpu -p no:cacheprovider
+
+# A first GPU session: the environment, the GPU tests, then ResNet-50 fp16 throughput with
+# JPEG decode (end to end, load vs compute) into outputs/gpu-smoke/figures.json. Offline.
+gpu-smoke: $(VENV)/.installed-test
+	$(VENV)/bin/python -m benchmarks.gpu_smoke
 
 clean:
 	rm -rf $(VENV) .venv-labelstudio .venv-fiftyone .pytest_cache
