@@ -1,6 +1,6 @@
 """Kill anywhere, stop on signals, fail while writing: every key exactly once afterwards.
 
-The long series is behind the `slow` marker: `make test-slow` (or `pytest -m slow`).
+The long series is marked `slow`: `make test` runs it, `make test-quick` leaves it out.
 Each trial prints its seed; replay one with
 KILL_SEED=<seed> pytest -m slow "tests/test_crash.py::test_kill_series[0]".
 """

@@ -2,7 +2,7 @@
 (`ray.cluster_utils.Cluster`: a head and worker nodes with resources of their own): a worker
 node removed mid-run, the head's raylet killed under the driver. The run directory is on a
 loopback S3 server (moto), which every node reaches, as on a real cluster. Slow: each test
-starts a cluster of its own (`make test-slow`)."""
+starts a cluster of its own: `make test` runs them, `make test-quick` leaves them out."""
 
 from __future__ import annotations
 
