@@ -13,7 +13,7 @@ REVIEW_TOOLS := .venv-labelstudio/.installed .venv-fiftyone/.installed
 # clone red. A user's own `pip install label-images` still resolves freely.
 TEST_LOCK := constraints/test.txt
 
-.PHONY: setup extras review-tools run test test-quick test-gpu gpu-smoke lock clean
+.PHONY: setup extras review-tools run test test-quick test-gpu gpu-smoke bench-scale lock clean
 
 # What running needs, and nothing more: an optional runtime installed here would be weighed
 # by --runtime auto, so the test extras (OpenVINO, Ray, Keras, ...) come only with `make test`.
@@ -78,6 +78,14 @@ test-gpu: $(VENV)/.installed-test
 # JPEG decode (end to end, load vs compute) into outputs/gpu-smoke/figures.json. Offline.
 gpu-smoke: $(VENV)/.installed-test
 	$(VENV)/bin/python -m benchmarks.gpu_smoke
+
+# Memory and time at scale: planning alone and a run's first slice at each size, then an
+# incremental night (docs/benchmarks.md#scale); make bench-scale SIZES=1e6,1e7 NIGHT=1e7
+# for a quick look.
+SIZES ?= 1e6,1e7,1e8
+NIGHT ?= 1e8
+bench-scale: $(VENV)/.installed
+	$(VENV)/bin/python -m benchmarks.scale --sizes $(SIZES) --night $(NIGHT)
 
 clean:
 	rm -rf $(VENV) .venv-labelstudio .venv-fiftyone .pytest_cache
