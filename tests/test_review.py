@@ -172,6 +172,13 @@ def test_the_label_studio_round_trip(reviewed_run, label_studio, tmp_path):
     root, truth = reviewed_run
     rows = table(root)
     ok = rows[rows["status"] == "ok"]
+    # a token it does not know, legacy-shaped or a personal access token: which one it wants
+    for wrong in ("0123456789abcdef", "e30.e30.not-signed"):
+        refused = invoke("export", root / "run", "--to", "label-studio", "--rows", "all",
+                         "--url", label_studio, "--token", wrong)
+        assert refused.exit_code == 1, refused.output
+        assert "refused the token" in refused.output and "personal access token" in \
+            refused.output and len(refused.output.strip().splitlines()) == 1, refused.output
     result = invoke("export", root / "run", "--to", "label-studio", "--rows", "all",
                     "--url", label_studio, "--token", TOKEN, "--title", "colours",
                     "--local-files-root", root)

@@ -208,9 +208,11 @@ class Api:
             with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
                 text = response.read().decode() or "null"
         except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")[:300]
+            detail = " ".join(exc.read().decode(errors="replace")[:300].split())
+            if exc.code == 401:
+                raise self._refused(detail) from None
             raise RunError(f"Label Studio at {self.url} refused {method} {path}: "
-                           f"{exc.code} {' '.join(detail.split())}") from None
+                           f"{exc.code} {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise RunError(f"Label Studio at {self.url} does not answer ({reason}); what "
@@ -225,10 +227,27 @@ class Api:
                     self.url + "/api/token/refresh", method="POST",
                     data=json.dumps({"refresh": self.token}).encode(),
                     headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-                    self._access = json.loads(response.read())["access"]
+                try:
+                    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+                        self._access = json.loads(response.read())["access"]
+                except urllib.error.HTTPError as exc:
+                    raise self._refused(" ".join(exc.read().decode(errors="replace")[:300]
+                                                 .split())) from None
             return f"Bearer {self._access}"
         return f"Token {self.token}"
+
+    def _refused(self, detail: str) -> RunError:
+        """The token refused: which one Label Studio wants, and where it is."""
+        try:  # Label Studio's JSON error: its "detail" is the reason
+            detail = str(json.loads(detail).get("detail") or detail)
+        except (ValueError, AttributeError):
+            pass
+        legacy = ("; legacy tokens are off in this organization (an admin turns them on "
+                  "under Organization > Settings > Access Token Settings)"
+                  if "legacy" in detail.lower() else "")
+        return RunError(f"Label Studio at {self.url} refused the token ({detail}){legacy}: "
+                        "pass a personal access token (your user icon > Account & Settings "
+                        "> Personal Access Token) with --token or LABEL_STUDIO_API_KEY")
 
     def keys(self, project: int) -> set[str]:
         """The keys of the tasks already in the project (an interrupted import, resumed)."""
