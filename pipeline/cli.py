@@ -141,7 +141,8 @@ TopK = Annotated[Optional[int], typer.Option(
     help=f"Labels per image (default: {configuration.DEFAULT_TOP_K}, or the model's classes if "
          "it has fewer).")]
 ShardSize = Annotated[Optional[int], typer.Option(
-    help=f"Images per shard, the unit of commit and resume (default: {_DEFAULT.shard_size}).")]
+    help="Images per shard, the unit of commit and resume (default: 1000, or a 16th of a job "
+         "under 16,000 images, at least 16: a kill loses at most a shard).")]
 PathColumn = Annotated[Optional[str], typer.Option(
     help="Manifest column with the image paths (default: detected).")]
 ImageColumn = Annotated[Optional[str], typer.Option(

@@ -40,7 +40,7 @@ class RunConfig:
     table: str | None = None  # delta: a path or URL; iceberg: NAMESPACE.NAME
     catalog: str | None = None  # iceberg: the catalog's URI (default: SQLite in --out)
     top_k: int | None = None  # None: 5, or the model's classes if it has fewer
-    shard_size: int = 1000
+    shard_size: int | None = None  # None: sized for the job (plan.shard_size_for)
     path_column: str | None = None
     id_column: str | None = None
     image_column: str | None = None  # Parquet with the images' bytes in a column

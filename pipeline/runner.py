@@ -8,7 +8,7 @@ import time
 from pipeline import engines, formats, keys, launchers, plan as planning
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
-from pipeline.errors import RunError, UsageError
+from pipeline.errors import RunError, UsageError, notice
 from pipeline.formats.base import Format
 from pipeline.job import Job, prepare_run
 from pipeline.plan import Plan
@@ -62,6 +62,8 @@ def run_in(run_dir: RunDirectory, job: Job, progress: bool | None = None) -> Run
                 summary.stale = _stale(job, plan, run_dir.store)
             return already_complete(run_dir, fmt, plan, summary)
         owned = [s for s in range(plan.num_shards) if part.owns(s)]
+        if resumed:
+            _say_what_is_kept(run_dir, plan, owned)
         engine.label(run_dir, job, plan, owned, summary, progress)
         if group is not None:
             group.barrier()  # every rank's shards are committed
@@ -76,6 +78,14 @@ def run_in(run_dir: RunDirectory, job: Job, progress: bool | None = None) -> Run
     summary.seconds = time.perf_counter() - job.started
     run_dir.write_summary(summary.to_dict())
     return summary
+
+
+def _say_what_is_kept(run_dir: RunDirectory, plan: Plan, owned: list[int]) -> None:
+    """A resume's first words: how much of the work before it was kept, and what is left."""
+    done = committed_shards(run_dir.store)
+    kept = plan.items_in([s for s in owned if s in done])
+    notice(f"resuming: {kept:,} of {plan.items_in(owned):,} images were labelled and kept "
+           f"before; {plan.items_in(owned) - kept:,} to label")
 
 
 def open_plan(run_dir: RunDirectory, job: Job, group=None) -> tuple[Plan, bool, bool]:

@@ -40,7 +40,7 @@ def test_precedence_and_defaults(tmp_path):
     assert config.top_k == 7  # flag beats file
     assert config.workers == 2  # a flag not given leaves the file's value
     assert config.keep_columns == ("x", "y")
-    assert config.model == "resnet50" and config.shard_size == 1000  # defaults
+    assert config.model == "resnet50" and config.shard_size is None  # defaults (sized later)
     assert config.out == "outputs/a"
 
 

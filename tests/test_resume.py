@@ -94,3 +94,65 @@ def test_interrupt_commits_finished_shards_and_says_how_to_resume(
     table = read_output(out / "labels.parquet")
     assert table["key"].tolist() == reference["key"].tolist()
     assert table["top1_label"].tolist() == reference["top1_label"].tolist()
+
+
+@pytest.mark.parametrize("items, expected", [(1, 16), (100, 16), (600, 38), (16_000, 1000),
+                                             (15_985, 1000), (8_000, 500)])
+def test_a_small_job_gets_shards_of_a_sixteenth_of_it(items, expected):
+    from pipeline.plan import shard_size_for
+
+    assert shard_size_for(items) == expected
+
+
+@pytest.mark.parametrize("rows, batch, expected", [(600, 100, 38), (20_000, 3_000, 1000),
+                                                   (40, 40, 16)])
+def test_the_plan_sizes_its_shards_by_looking_ahead_a_bounded_way(tmp_path, rows, batch,
+                                                                   expected):
+    """Frozen with no shard size: the listing's count decides for a small job; a long one
+    is not held past SMALL_JOB items to find out (the batches after it are never read
+    early)."""
+    import pyarrow as pa
+
+    from pipeline import plan as planning
+    from pipeline.storage import Store
+
+    read = []
+
+    def listing():
+        for start in range(0, rows, batch):
+            read.append(start)
+            names = [f"{i:06d}.jpg" for i in range(start, min(rows, start + batch))]
+            yield pa.table({"key": names, "path": names})
+
+    batches = listing()
+    if rows > planning.SMALL_JOB:  # what the look-ahead takes, and no more
+        ahead, size = planning._sized_for_the_job(batches)
+        assert size == 1000 and len(read) == -(-(planning.SMALL_JOB + 1) // batch)
+        batches = ahead
+    frozen = planning.freeze(batches, Store(str(tmp_path)), None)
+    assert frozen.shard_size == expected and frozen.num_items == rows
+    assert planning.load(Store(str(tmp_path))).shard_size == expected
+
+
+def test_a_600_image_job_killed_mid_run_keeps_its_committed_shards_and_says_so(
+        tmp_path, colour_checkpoint):
+    """With the default shard size a kill used to lose the whole of a job under 1,000
+    images; now its shards are a 16th of it, and the resume says what was kept."""
+    folder, out = tmp_path / "imgs", tmp_path / "run"
+    write_colour_images(folder, 600, seed=8)
+    args = ["run", str(folder), "--out", str(out), "--model", "resnet18", "--weights",
+            str(colour_checkpoint), "--top-k", "2", "--batch-size", "8", "--workers", "0",
+            "--resize", "72", "--crop", "64", "--runtime", "torch", "--quiet"]
+    killed = subprocess.run([sys.executable, str(REPO / "tests" / "killpoints.py"),
+                             "part-before-rename", "10", *args], cwd=REPO,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(committed_parts(out)) == 9  # 9 shards of 38 kept
+    resumed = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming: 342 of 600 images were labelled and kept before; 258 to label" in \
+        resumed.stderr
+    table = read_output(out / "labels.parquet")
+    assert table["key"].is_unique and sorted(table["key"]) == sorted(
+        p.name for p in folder.iterdir())
