@@ -122,7 +122,7 @@ def resolve(config: RunConfig, part: Slice, classifier: Classifier, source: Sour
     workers = config.workers
     if workers is None:
         workers = _workers(config, source, sample[:tuning.DECODE_SAMPLE], model, cores,
-                           measured)
+                           measured, pending)
     size = _fit_memory(config, part, classifier, LoaderSize(workers, model.batch_size,
                                                             _prefetch(device)), measured)
     if compile:
@@ -292,13 +292,19 @@ def _compile(classifier: Classifier, model: _Model, compiled_sizes: tuple[int, .
 
 
 def _workers(config: RunConfig, source: Source, sample: list[str], model: _Model, cores: int,
-             measured: dict) -> int:
-    """Decode workers from the model's rate and the decode rate per core, both measured."""
+             measured: dict, pending: int) -> int:
+    """Decode workers from the model's rate and the decode rate per core. The model's rate
+    is the batch measurement's, or measured now for a job that repays it; a smaller job
+    measures nothing it does not know (seconds of a model run before its first image)."""
     preprocess = model.classifier.spec.preprocess
     decode_rate = tuning.decode_rate(source, sample, preprocess, config.max_pixels)
-    rate = model.images_per_second()
-    measured.update(model_images_per_second=round(rate or 0, 1),
-                    decode_images_per_second_per_core=round(decode_rate or 0, 1), cores=cores)
+    if model.rate is None and pending < min_images_to_measure():
+        rate = None
+        measured["model_images_per_second"] = {"not_measured": _too_few(pending)}
+    else:
+        rate = model.images_per_second()
+        measured["model_images_per_second"] = round(rate or 0, 1)
+    measured.update(decode_images_per_second_per_core=round(decode_rate or 0, 1), cores=cores)
     return default_workers(model.classifier.device, rate, decode_rate, cores)
 
 

@@ -188,6 +188,31 @@ def test_a_small_job_measures_nothing_and_a_first_measure_is_said_as_it_runs(
     assert quiet.exit_code == 0 and "label-images: measuring" not in quiet.output
 
 
+def test_a_small_job_times_no_model_run_to_choose_its_workers(cli, tmp_path,
+                                                              colour_checkpoint, own_cache,
+                                                              monkeypatch):
+    """The worker count used to time the model on every run, whatever its size (9.6 s of
+    a 30-image run's silence in the issue); a job too small to repay measuring uses what is
+    known, and times nothing."""
+    write_colour_images(tmp_path / "imgs", 12)
+    monkeypatch.delitem(runtimes.RUNTIMES, "openvino")
+    monkeypatch.delenv("LABEL_IMAGES_MEASURE_FROM")
+
+    def timed(*args, **kwargs):
+        raise AssertionError("a model run was timed")
+
+    monkeypatch.setattr(tuning, "timed_rate", timed)
+    for extra in ([], ["--batch-size", "4"]):
+        out = tmp_path / f"run{len(extra)}"
+        done = cli("run", tmp_path / "imgs", "--out", out, "--model", "resnet18", "--weights",
+                   colour_checkpoint, "--top-k", "2", "--runtime", "auto", "-q", *FAST, *extra)
+        assert done.exit_code == 0, done.output
+        measured = json.loads((out / "run.json").read_text())["resolved"]["measured"]
+        assert measured["model_images_per_second"] == {
+            "not_measured": "12 images to label, fewer than the 1000 that repay measuring"}
+        assert len(read_output(out / "labels.parquet")) == 12
+
+
 def test_a_compiled_job_measures_its_own_batch_size_once(cli, tmp_path, colour_checkpoint,
                                                          own_cache, monkeypatch):
     """Compiled, the best batch is the compiled model's: the sizes around the eager best are
