@@ -136,6 +136,11 @@ def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConf
     for name in ("source", "out", "labels", "root"):
         if values.get(name) is not None:
             values[name] = os.fspath(values[name])
+    weights = values.get("weights")
+    if weights is not None and os.path.isfile(weights):
+        # a file of the user's: recorded (run.json, the report) as the path that finds it
+        # from anywhere later, not as typed in the folder the command ran in
+        values["weights"] = os.path.abspath(weights)
     config = RunConfig(**values)
     _check_values(config)
     only = runtimes.offering(config.precision)

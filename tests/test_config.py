@@ -68,3 +68,16 @@ def test_unreadable_config_files(tmp_path):
     broken.write_text("top_k = [\n")
     with pytest.raises(UsageError, match="not valid TOML"):
         read_toml(str(broken))
+
+
+def test_a_weights_file_is_recorded_as_its_absolute_path(tmp_path, monkeypatch):
+    """run.json and the report show the weights as a path that finds them later, not as
+    typed in the folder the command ran in; names stay names."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "w.pth").write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    config = resolve({}, {"source": "photos", "weights": "models/w.pth"})
+    assert config.weights == str(tmp_path / "models" / "w.pth")
+    assert resolve({}, {"source": "photos", "weights": "IMAGENET1K_V2"}).weights == \
+        "IMAGENET1K_V2"
+    assert resolve({}, {"source": "photos"}).weights == "DEFAULT"
