@@ -140,6 +140,17 @@ def test_numeric_ids_from_jsonl_become_text_keys(tmp_path):
     assert table["key"].to_pylist() == ["1", "2"]
 
 
+def test_an_id_column_not_asked_for_is_said_and_the_paths_stay_the_keys(tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"path": "a.jpg", "id": 1},
+                                                     {"path": "b.jpg", "id": 2}])
+    table = read_source(SourceSpec(str(manifest)))
+    assert table["key"].to_pylist() == ["a.jpg", "b.jpg"]
+    said = capsys.readouterr().err
+    assert "has a column 'id': the keys are the paths of 'path'; pass --id-column id" in said
+    read_source(SourceSpec(str(manifest), id_column="id"))
+    assert "has a column" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("columns, spec, message", [
     ({"a": ["x.jpg"], "b": ["y"]}, {}, "cannot tell which column"),
     ({"path": ["x.jpg"], "url": ["y"]}, {}, "several columns that could hold the paths"),

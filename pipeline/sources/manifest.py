@@ -13,7 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, notice
 from pipeline.sources.base import Source
 from pipeline.storage import is_remote, local_path, open_input
 
@@ -24,6 +24,9 @@ PATH_COLUMN_NAMES = frozenset(
     {"path", "filepath", "file_path", "filename", "file_name", "file", "image", "image_path",
      "img", "img_path", "url", "uri", "location"}
 )
+# Columns that look like ids: not taken as the key by themselves (the key must not change
+# when a column is added to a manifest), but said, with the option that takes one.
+ID_COLUMN_NAMES = frozenset({"id", "key", "image_id", "uid"})
 BLOCK_BYTES = 16 << 20  # text read a block at a time (CSV, TSV, JSON lines)
 BATCH_ROWS = 65_536  # rows a batch (Parquet, .txt)
 
@@ -130,6 +133,11 @@ def _check_columns(spec, columns: list[str], manifest_path: str) -> str:
         if name is not None and name not in columns:
             raise UsageError(f"{option} {name!r} is not a column of {manifest_path} "
                              f"(columns: {', '.join(columns)})")
+    if spec.id_column is None:
+        named = [c for c in columns if c.lower() in ID_COLUMN_NAMES and c != path_column]
+        if named:
+            notice(f"{manifest_path} has a column {named[0]!r}: the keys are the paths of "
+                   f"{path_column!r}; pass --id-column {named[0]} to key the rows by it")
     unknown = [c for c in spec.keep_columns if c not in columns]
     if unknown:
         raise UsageError(f"--keep-columns names {', '.join(unknown)}, not in {manifest_path} "
