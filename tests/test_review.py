@@ -238,6 +238,11 @@ def test_the_label_studio_round_trip(reviewed_run, label_studio, tmp_path):
     assert dict(zip(reviews["key"], reviews["label"])) == {**people,
                                                           "not-in-this-run.jpg": "red"}
     assert reviews["reviewer"].notna().all() and reviews["reviewed_at"].notna().all()
+    # each answer's image path, as its task carried it; the unknown one had none
+    paths = dict(zip(reviews["key"], reviews["path"]))
+    assert pd.isna(paths.pop("not-in-this-run.jpg"))
+    assert paths == {k: by_key.loc[k, "path"] for k in people}
+    assert "1 task in " in done.output and "skipped by people (no answer)" in done.output
     top1 = sum(by_key.loc[k, "top1_label"] == v for k, v in people.items())
     top_k = sum(v in list(by_key.loc[k, "labels"]) for k, v in people.items())
     figures = json.loads((root / "run" / "summary.json").read_text())["reviews"]

@@ -17,9 +17,10 @@ from xml.sax.saxutils import quoteattr
 
 import pyarrow as pa
 
-from pipeline.errors import RunError, UsageError
+from pipeline.errors import RunError, UsageError, notice
 from pipeline.review.base import REVIEW_SCHEMA, ReviewTarget, Run
 from pipeline.storage import atomic_path, is_remote
+from pipeline.summary import count
 
 CHOICES = "label"  # the control people answer in; predictions fill it in
 OTHER = "other"  # free text: the right label when it is none of the choices
@@ -127,7 +128,17 @@ class LabelStudio(ReviewTarget):
         if not isinstance(exported, list):
             raise UsageError(f"{where} is not a Label Studio JSON export (a list of tasks)")
         rows = [found for item in exported for found in [_answer(item)] if found]
+        skipped = sum(1 for item in exported if _only_skipped(item))
+        if skipped:
+            notice(f"{count(skipped, 'task')} in {where} skipped by people (no answer): not "
+                   "counted as reviews")
         yield pa.Table.from_pylist(rows, REVIEW_SCHEMA)
+
+
+def _only_skipped(item: dict) -> bool:
+    """A task whose every annotation is a skip (Label Studio's "was_cancelled")."""
+    answers = item.get("annotations") if isinstance(item, dict) else None
+    return bool(answers) and all(a.get("was_cancelled") for a in answers)
 
 
 def _answer(item: dict) -> dict | None:
@@ -138,7 +149,7 @@ def _answer(item: dict) -> dict | None:
         if label is None or "key" not in item:
             return None
         return _row(item["key"], label, item.get("annotator"),
-                    item.get("updated_at") or item.get("created_at"))
+                    item.get("updated_at") or item.get("created_at"), item.get("path"))
     answers = [a for a in item.get("annotations") or [] if not a.get("was_cancelled")]
     if not answers:
         return None
@@ -153,8 +164,9 @@ def _answer(item: dict) -> dict | None:
     label = other or choice
     if label is None:
         return None
-    return _row((item.get("data") or {}).get("key"), label, latest.get("completed_by"),
-                latest.get("updated_at") or latest.get("created_at"))
+    data = item.get("data") or {}
+    return _row(data.get("key"), label, latest.get("completed_by"),
+                latest.get("updated_at") or latest.get("created_at"), data.get("path"))
 
 
 def _choice(value) -> str | None:
@@ -171,12 +183,13 @@ def _text(value) -> str | None:
     return value.strip() or None if isinstance(value, str) else None
 
 
-def _row(key, label: str, who, when) -> dict:
+def _row(key, label: str, who, when, path=None) -> dict:
+    """One answer; `path`: the image's, as the task carried it (label-images' tasks do)."""
     if isinstance(who, dict):
         who = who.get("email") or who.get("id")
     return {"key": str(key) if key is not None else None, "label": label,
             "reviewer": None if who is None else str(who), "reviewed_at": _time(when),
-            "tool": "label-studio", "path": None}
+            "tool": "label-studio", "path": None if path is None else str(path)}
 
 
 def _time(text) -> datetime | None:
