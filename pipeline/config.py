@@ -190,6 +190,9 @@ def _check_type(name: str, value: Any) -> None:
 
 def _check_values(config: RunConfig) -> None:
     formats.of(config)  # one of the registered formats, its --table and --catalog, or one line
+    if "://" not in config.out and os.path.exists(config.out) and not os.path.isdir(config.out):
+        raise UsageError(f"--out {config.out} is a file: the output is a directory (the run "
+                         "directory, with the table in it); name another")
     if config.input_mode is not None and config.input_mode not in INPUT_MODES:
         raise UsageError(f"--input-mode must be one of {', '.join(INPUT_MODES)}, got "
                          f"{config.input_mode!r}")

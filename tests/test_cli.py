@@ -254,8 +254,11 @@ def test_exit_codes_and_one_line_errors_from_the_real_command(tmp_path, colour_c
     write_colour_images(folder, 2)
     (tmp_path / "run").write_text("a file where the run directory should be")
     blocked = run_subprocess(*base_args(folder, tmp_path / "run", colour_checkpoint))
-    assert blocked.returncode == 1
-    assert blocked.stderr.strip().startswith("label-images: error: cannot create output")
+    assert blocked.returncode == 2  # bad input, as the README's table says, said at once
+    assert blocked.stderr.strip() == (f"label-images: error: --out {tmp_path / 'run'} is a "
+                                      "file: the output is a directory (the run directory, "
+                                      "with the table in it); name another")
+    assert (tmp_path / "run").read_text() == "a file where the run directory should be"
 
 
 def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(
@@ -310,3 +313,4 @@ def test_help_is_one_style_flags_take_no_value_and_h_and_version_work(cli):
     assert "torchvision's weights" not in cli("weights", "-h").output
     version = cli("--version")
     assert version.exit_code == 0 and version.output.strip() == f"label-images {__version__}"
+
