@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import time
 
-from pipeline import engines, formats, keys, launchers, plan as planning
+from pipeline import engines, formats, launchers, plan as planning
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
 from pipeline.errors import RunError, UsageError, notice
+from pipeline.finished import stale
 from pipeline.formats.base import Format
 from pipeline.job import Job, prepare_run
 from pipeline.plan import Plan
@@ -59,10 +60,10 @@ def run_in(run_dir: RunDirectory, job: Job, progress: bool | None = None) -> Run
                              settings=job.settings.to_dict())
         if run_dir.is_finished(fmt, part.whole):
             if not listed and part.whole:  # a finished run, its source not listed since
-                summary.stale = _stale(job, plan, run_dir.store)
+                summary.stale = stale(config, plan, run_dir.store, job.items())
             return already_complete(run_dir, fmt, plan, summary)
         owned = [s for s in range(plan.num_shards) if part.owns(s)]
-        if resumed:
+        if resumed and not config.quiet:
             _say_what_is_kept(run_dir, plan, owned)
         engine.label(run_dir, job, plan, owned, summary, progress)
         if group is not None:
@@ -124,22 +125,6 @@ def freeze(job: Job, store) -> Plan:
     return planning.freeze(job.items(), store, config.shard_size,
                            allow_duplicates=config.allow_duplicates, what=config.source,
                            noun=job.source.spec.key_noun)
-
-
-def _stale(job: Job, plan: Plan, store) -> str:
-    """What a finished run's source gained and lost since its plan was frozen, and what to
-    rerun with: a nightly job must not report success on yesterday's images without a word.
-    Compared out of core: the listing and the plan are streamed, never held."""
-    try:
-        new, removed = keys.changes(plan.batches(["key"]), job.items(), store)
-    except UsageError as exc:  # e.g. no images there any more: the table stands as it is
-        return f"but listing {job.config.source} again fails: {exc}"
-    if not new and not removed:
-        return ""
-    return (f"but {job.config.source} has changed since this run was planned ({new} new, "
-            f"{removed} removed): rerun with --incremental --overwrite once to relabel it as "
-            "an incremental table that --incremental then updates each night, or with "
-            "--overwrite to relabel everything")
 
 
 def already_complete(run_dir: RunDirectory, fmt: Format, plan: Plan,

@@ -142,7 +142,7 @@ def test_a_600_image_job_killed_mid_run_keeps_its_committed_shards_and_says_so(
     write_colour_images(folder, 600, seed=8)
     args = ["run", str(folder), "--out", str(out), "--model", "resnet18", "--weights",
             str(colour_checkpoint), "--top-k", "2", "--batch-size", "8", "--workers", "0",
-            "--resize", "72", "--crop", "64", "--runtime", "torch", "--quiet"]
+            "--resize", "72", "--crop", "64", "--runtime", "torch"]
     killed = subprocess.run([sys.executable, str(REPO / "tests" / "killpoints.py"),
                              "part-before-rename", "10", *args], cwd=REPO,
                             capture_output=True, text=True)
