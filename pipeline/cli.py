@@ -235,6 +235,13 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
     compile = False if no_compile else compile
     resolved = _resolve(config, _flags(locals()))
     _check_source_exists(resolved.source)
+    # A finished run asked for again is answered from its run directory, without torch
+    from pipeline.finished import answer
+
+    done = answer(resolved)
+    if done is not None:
+        typer.echo(done.line(), err=True)
+        return
     # Imported here, so that --help and config errors need no torch.
     # An incremental night lists and compares, then labels its increment with the engine.
     if resolved.incremental:

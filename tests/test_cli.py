@@ -188,6 +188,65 @@ def test_a_rerun_labels_the_frozen_plan_and_overwrite_lists_the_source_again(
     assert len(read_output(out / "labels.parquet")) == 5
 
 
+_AS_A_USER = """
+import sys
+from pipeline.cli import main
+try:
+    main()
+finally:
+    print("torch imported" if "torch" in sys.modules else "no torch", flush=True)
+"""
+
+
+def test_a_finished_run_is_answered_without_loading_torch(tmp_path, colour_checkpoint):
+    """`nothing to do` (and what changed in the source since) from the run directory alone:
+    it took the model's load and the machine's measuring before (17.8 s in issue 44)."""
+    folder, out = tmp_path / "imgs", tmp_path / "run"
+    write_colour_images(folder, 4)
+    args = [str(a) for a in base_args(folder, out, colour_checkpoint)]
+    assert run_subprocess(*args).returncode == 0
+    write_colour_images(folder / "more", 1)
+    again = subprocess.run([sys.executable, "-c", _AS_A_USER, *args], cwd=REPO,
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "no torch"
+    assert again.stderr.strip().startswith(f"nothing to do: {out / 'labels.parquet'} is "
+                                           "complete (4 rows); but ")
+    assert "(1 new, 0 removed)" in again.stderr
+
+
+def test_what_the_quick_answer_is_unsure_of_goes_the_whole_way(tmp_path, colour_checkpoint):
+    """Other weights at the same path, another option, a labels file: not answered from
+    the record (the whole way then refuses or finishes as before)."""
+    import torch
+    import torchvision
+
+    from pipeline.config import resolve
+    from pipeline.finished import answer
+
+    folder, out = tmp_path / "imgs", tmp_path / "run"
+    write_colour_images(folder, 4)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(colour_checkpoint.read_bytes())
+    args = [str(a) for a in base_args(folder, out, weights)]
+    assert run_subprocess(*args).returncode == 0
+
+    def asked(**changed):
+        flags = {"source": str(folder), "out": str(out), "model": "resnet18",
+                 "weights": str(weights), "top_k": 3, "resize": 72, "crop": 64, **changed}
+        return answer(resolve({}, flags))
+
+    assert asked() is not None and asked().already_complete
+    assert asked(top_k=2) is None and asked(embeddings=True) is None
+    assert asked(format="csv") is None  # a conversion: the whole way does it
+    assert asked(overwrite=True) is None
+    torch.manual_seed(1)  # the same path, other weights
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), weights)
+    assert asked() is None
+    refused = run_subprocess(*args)
+    assert refused.returncode == 2 and "different" in refused.stderr
+
+
 def test_rerun_of_a_finished_run_does_nothing_and_can_convert_format(
         cli, tmp_path, colour_folder, colour_checkpoint):
     folder, truth = colour_folder
