@@ -215,6 +215,24 @@ def test_a_finished_run_is_answered_without_loading_torch(tmp_path, colour_check
     assert "(1 new, 0 removed)" in again.stderr
 
 
+@pytest.mark.parametrize("columns, extra, said", [
+    ("file,caption", ["--path-column", "path"], "--path-column 'path' is not a column of"),
+    ("a,b", [], "cannot tell which column of"),
+    ("path,caption", ["--id-column", "id"], "--id-column 'id' is not a column of")])
+def test_a_manifests_columns_are_refused_without_loading_torch(tmp_path, columns, extra,
+                                                                said):
+    """A manifest's missing column took the model's load first (11-15 s in issue 44)."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"{columns}\nx.jpg,y\n")
+    done = subprocess.run([sys.executable, "-c", _AS_A_USER, "run", str(manifest), "--out",
+                           str(tmp_path / "run"), *extra], cwd=REPO, capture_output=True,
+                          text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout.strip() == "no torch"
+    assert done.stderr.strip().startswith(f"label-images: error: {said}")
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_what_the_quick_answer_is_unsure_of_goes_the_whole_way(tmp_path, colour_checkpoint):
     """Other weights at the same path, another option, a labels file: not answered from
     the record (the whole way then refuses or finishes as before)."""

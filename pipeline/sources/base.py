@@ -69,6 +69,10 @@ class Source:
         """What decides which items a run labels (the fingerprint's source)."""
         return self.spec.describe()
 
+    def check(self) -> None:
+        """Its cheap refusals (a column that is not there), said before the model is loaded:
+        a glance, never a listing. Kinds with nothing cheap to check keep this."""
+
     @classmethod
     def claims_pattern(cls, location: str) -> bool:
         """Whether `location` is a pattern of this kind's (it names no one file to check)."""

@@ -41,6 +41,16 @@ class ManifestSource(Source):
     def batches(self) -> Iterator[pa.Table]:
         return _items_from_manifest(self.spec)
 
+    def check(self) -> None:
+        """The columns the options name, from the manifest's first block."""
+        blocks = read_manifest(self.spec.location)
+        try:
+            first = next(blocks, None)
+        finally:
+            blocks.close()
+        if first is not None:
+            _check_columns(self.spec, first.column_names, self.spec.location, say=False)
+
     def list_items(self) -> pa.Table:
         return pa.concat_tables(self.batches())
 
@@ -127,13 +137,13 @@ def _items_from_manifest(spec) -> Iterator[pa.Table]:
         raise UsageError(f"manifest {manifest_path} is empty")
 
 
-def _check_columns(spec, columns: list[str], manifest_path: str) -> str:
+def _check_columns(spec, columns: list[str], manifest_path: str, say: bool = True) -> str:
     path_column = spec.path_column or _detect_path_column(columns, manifest_path)
     for option, name in (("--path-column", path_column), ("--id-column", spec.id_column)):
         if name is not None and name not in columns:
             raise UsageError(f"{option} {name!r} is not a column of {manifest_path} "
                              f"(columns: {', '.join(columns)})")
-    if spec.id_column is None:
+    if spec.id_column is None and say:
         named = [c for c in columns if c.lower() in ID_COLUMN_NAMES and c != path_column]
         if named:
             notice(f"{manifest_path} has a column {named[0]!r}: the keys are the paths of "
