@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import json
 import sys
 import time
@@ -75,6 +76,10 @@ def one_line_errors(command):
             return command(*args, **kwargs)
         except (UsageError, RunError, Interrupted) as exc:
             typer.echo(f"label-images: error: {exc}", err=True)
+            if getattr(exc, "exit_at_once", False):  # nothing left to tidy that we own
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(exc.exit_code)
             raise typer.Exit(exc.exit_code) from None
     return wrapper
 
