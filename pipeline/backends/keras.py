@@ -138,7 +138,9 @@ class KerasNet(nn.Module):
         self.path = path
         self.device = device
         self._softmax = softmax
-        with _keras().device(str(device)):
+        # the scope every call runs in: made once, not looked up on each batch
+        self._on_device = partial(_keras().device, str(device))
+        with self._on_device():
             object.__setattr__(self, "_keras", _load(path))
 
     def to(self, *args, **kwargs):
@@ -148,7 +150,7 @@ class KerasNet(nn.Module):
         return self  # a dtype or memory format: Keras' variables stay as Keras made them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with _keras().device(str(self.device)):
+        with self._on_device():
             out = self._keras(x.float(), training=False)
         return out.clamp_min(1e-30).log() if self._softmax else out
 
