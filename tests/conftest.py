@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -158,6 +159,13 @@ def run_subprocess(*args: str | os.PathLike, env: dict | None = None, **kwargs):
     return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)],
                           capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **(env or {})}, **kwargs)
+
+
+def own_mount_namespace() -> bool:
+    """Whether a test may mount what it needs (a small /dev/shm, a read-only home) in a
+    mount namespace of its own: root and unshare(1)."""
+    return (shutil.which("unshare") is not None and os.geteuid() == 0 and subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "true"]).returncode == 0)
 
 
 def read_output(path: Path) -> pd.DataFrame:

@@ -27,7 +27,7 @@ import torch
 
 from pipeline import loader, recovery, storage
 from pipeline.classifier import Classifier
-from tests.conftest import REPO, read_output, write_colour_images
+from tests.conftest import REPO, own_mount_namespace, read_output, write_colour_images
 
 IMAGES = 200
 SHARD = 10
@@ -476,11 +476,6 @@ def test_shared_memory_running_out_mid_run_is_one_line_and_keeps_what_was_commit
     assert count_parts(out) > 0
     monkeypatch.undo()
     resumes_to_reference(cli, args, out, reference_table)
-
-
-def own_mount_namespace() -> bool:
-    return (shutil.which("unshare") is not None and os.geteuid() == 0 and subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "true"]).returncode == 0)
 
 
 @pytest.mark.skipif(not own_mount_namespace(), reason="needs root and unshare(1)")

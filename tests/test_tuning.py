@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -17,7 +19,7 @@ from pipeline import heap, runtimes, tuning
 from pipeline.backends import resolve_model
 from pipeline.classifier import Classifier
 from pipeline.errors import RunError
-from tests.conftest import FAST, read_output, write_colour_images
+from tests.conftest import FAST, REPO, own_mount_namespace, read_output, write_colour_images
 
 
 def compile_for(classifier: Classifier, batch_size: int) -> None:
@@ -314,3 +316,59 @@ def test_the_model_runs_on_the_cores_its_decode_workers_leave(cli, tmp_path, col
         assert seen and set(seen) == {expected or threads_before}  # while labelling
         seen.clear()
         assert torch.get_num_threads() == threads_before  # given back after the run
+
+
+def _measuring_run(tmp_path, colour_checkpoint, name: str, env: dict, under=()):
+    """A run that measures its batch size, in a process whose home and cache are `env`'s."""
+    folder = tmp_path / "imgs"
+    if not folder.exists():
+        write_colour_images(folder, 12)
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("LABEL_IMAGES_CACHE", "XDG_CACHE_HOME", "HOME")}
+    args = [*under, sys.executable, "-m", "pipeline", "run", folder, "--out", tmp_path / name,
+            "--model", "resnet18", "--weights", colour_checkpoint, "--top-k", "2",
+            "--runtime", "torch", "--workers", "0", *FAST]
+    done = subprocess.run(list(map(str, args)), capture_output=True, text=True, cwd=REPO,
+                          env={**clean, "LABEL_IMAGES_MEASURE_FROM": "0", **env})
+    assert done.returncode == 0, done.stderr
+    assert len(read_output(tmp_path / name / "labels.parquet")) == 12
+    resolved = json.loads((tmp_path / name / "run.json").read_text())["resolved"]
+    return resolved["measured"]["batch_sizes"], done.stderr
+
+
+def test_what_is_measured_is_kept_in_the_users_cache_under_home_or_xdg(tmp_path,
+                                                                      colour_checkpoint):
+    """Measured once per machine and kept where the user's caches are: ~/.cache, or
+    $XDG_CACHE_HOME when set; the next run there measures nothing."""
+    home, xdg = tmp_path / "home", tmp_path / "xdg"
+    home.mkdir()
+    first, _ = _measuring_run(tmp_path, colour_checkpoint, "first", {"HOME": str(home)})
+    kept = home / ".cache" / "label-images" / "batch-sizes.json"
+    assert not first["from_cache"] and kept.is_file()
+    again, said = _measuring_run(tmp_path, colour_checkpoint, "again", {"HOME": str(home)})
+    assert again["from_cache"] and again["batch_size"] == first["batch_size"]
+    assert "fastest batch size" not in said
+    elsewhere, _ = _measuring_run(tmp_path, colour_checkpoint, "xdg",
+                                  {"HOME": str(home), "XDG_CACHE_HOME": str(xdg)})
+    assert not elsewhere["from_cache"]  # ~/.cache is not where XDG_CACHE_HOME says
+    assert json.loads((xdg / "label-images" / "batch-sizes.json").read_text()).keys() == \
+        json.loads(kept.read_text()).keys()  # the same machine and model, the same key
+
+
+@pytest.mark.skipif(not own_mount_namespace(), reason="needs root and unshare(1)")
+def test_a_read_only_home_costs_a_measurement_not_the_run(tmp_path, colour_checkpoint):
+    """A container whose home is mounted read-only: the run labels everything, says once
+    that its measurement cannot be kept, and writes nothing there."""
+    home = tmp_path / "home"
+    home.mkdir()
+    read_only = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                 'mount --bind "$HOME" "$HOME" && mount -o remount,ro,bind "$HOME" "$HOME" '
+                 '&& exec "$@"', "sh"]
+    for name in ("first", "second"):
+        measured, said = _measuring_run(tmp_path, colour_checkpoint, name,
+                                        {"HOME": str(home)}, under=read_only)
+        assert not measured["from_cache"]
+        kept = [line for line in said.splitlines() if "cannot keep a measurement" in line]
+        assert len(kept) == 1 and str(home / ".cache" / "label-images") in kept[0], said
+        assert "Read-only file system" in kept[0] and "Traceback" not in said
+    assert list(home.iterdir()) == []
