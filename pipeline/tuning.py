@@ -9,21 +9,19 @@ nothing; every choice is recorded with its figures.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from pipeline import heap, runtimes
+from pipeline import cache, heap, runtimes
+from pipeline.cache import directory as cache_dir
 from pipeline.classifier import Classifier
 from pipeline.decode import DECODE_ERRORS, ImageError, decode
 from pipeline.preprocess import Preprocess
-from pipeline.errors import notice
 from pipeline.loader import MAX_BYTES_PER_PIXEL
 
 CPU_BATCHES = (8, 16, 32, 64)
@@ -38,13 +36,7 @@ DECODE_SAMPLE = 16  # of the job's first images, decoded to measure the rate per
 # issue's figure), 1.2-1.45x with frozen weights on an AMD EPYC (docs/benchmarks.md).
 COMPILE_SECONDS_COLD = 30.0
 COMPILE_SPEEDUP = 1.4
-
-
-def cache_dir() -> Path:
-    """Where measurements and inductor's compiled kernels are kept between runs."""
-    base = os.environ.get("LABEL_IMAGES_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "label-images")
-    return Path(base)
+BATCHES = "batch-sizes.json"  # the cache file of batch measurements
 
 
 def machine_name(device: torch.device) -> str:
@@ -88,7 +80,7 @@ def measure_batch_size(classifier: Classifier, candidates: tuple[int, ...] | Non
     """
     candidates = candidates or candidate_batches(classifier.device)
     key = _batch_key(classifier, candidates, compiled)
-    cached = _read_cache().get(key)
+    cached = cache.read(BATCHES).get(key)
     rates: dict[int, float] = {int(b): r for b, r in (cached or {}).items()}
     first_call = None
     for size in ([] if cached else candidates):
@@ -100,7 +92,7 @@ def measure_batch_size(classifier: Classifier, candidates: tuple[int, ...] | Non
         rates[size] = rate
         first_call = first_call or first
     if rates and not cached:
-        _write_cache(key, {str(b): r for b, r in rates.items()})
+        cache.keep(BATCHES, key, {str(b): r for b, r in rates.items()})
     best = max(rates, key=rates.get) if rates else candidates[0]
     if compiled:
         classifier.pad_batches_to(best)
@@ -122,12 +114,12 @@ def around(batch_size: int, candidates: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def compiled_batch_known(classifier: Classifier, candidates: tuple[int, ...]) -> bool:
-    return _batch_key(classifier, candidates, compiled=True) in _read_cache()
+    return _batch_key(classifier, candidates, compiled=True) in cache.read(BATCHES)
 
 
 def batch_known(classifier: Classifier) -> bool:
     """Whether this machine measured the eager model's batch sizes before (cached)."""
-    return _batch_key(classifier, candidate_batches(classifier.device)) in _read_cache()
+    return _batch_key(classifier, candidate_batches(classifier.device)) in cache.read(BATCHES)
 
 
 def _batch_key(classifier: Classifier, candidates: tuple[int, ...], compiled: bool = False) -> str:
@@ -273,28 +265,6 @@ def use_inductor_cache(cores: int) -> None:
         inductor.compile_threads = cores  # read from the environment at import: too late
 
 
-def _read_cache(name: str = "batch-sizes.json") -> dict:
-    try:
-        return json.loads((cache_dir() / name).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_cache(key: str, value, name: str = "batch-sizes.json") -> None:
-    """Best effort: a cache that cannot be written costs a measurement next time, no more."""
-    entries = _read_cache(name)
-    entries[key] = value
-    path = cache_dir() / name
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(entries, indent=1))
-        os.replace(tmp, path)
-    except OSError as exc:
-        notice(f"cannot keep a measurement in {path} ({exc.strerror}); the next run "
-               "measures again")
-
-
 def _compile_key(classifier: Classifier, batch_size: int) -> str:
     # "frozen" names how it is compiled: figures from compiles without frozen weights (which
     # gave no speedup on some machines) must not decide for these.
@@ -305,7 +275,7 @@ def compile_figures(classifier: Classifier, batch_size: int) -> dict:
     """What compiling cost and gave the last time on this machine, for a model whose eager
     best batch is `batch_size` (its kernels were then kept, so the next compile is the warm
     one), else the figures we measured elsewhere."""
-    known = _read_cache("compiles.json").get(_compile_key(classifier, batch_size))
+    known = cache.read("compiles.json").get(_compile_key(classifier, batch_size))
     if known:
         return {**known, "from": "this machine"}
     return {"compile_seconds": COMPILE_SECONDS_COLD, "speedup": COMPILE_SPEEDUP,
@@ -329,5 +299,5 @@ def keep_compile_figures(classifier: Classifier, eager_batch: int, compile_secon
     figures = {"compile_seconds": round(compile_seconds, 1)}
     if compiled_rate and eager_rate:
         figures["speedup"] = round(compiled_rate / eager_rate, 2)
-        _write_cache(_compile_key(classifier, eager_batch), figures, "compiles.json")
+        cache.keep("compiles.json", _compile_key(classifier, eager_batch), figures)
     return figures

@@ -7,10 +7,17 @@ import hashlib
 import io
 import urllib.error
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+import torchvision
+from torchvision.models import get_model_weights, list_models
 
 from pipeline import weights
+from tests.conftest import REPO
 
 
 def test_list_shows_names_classes_accuracy_size_and_cache(cli, tmp_path, monkeypatch):
@@ -27,6 +34,51 @@ def test_list_shows_names_classes_accuracy_size_and_cache(cli, tmp_path, monkeyp
     assert not next(line for line in lines if "IMAGENET1K_V1" in line).rstrip().endswith("yes")
     everything = weights.catalogue()
     assert len({row["model"] for row in everything}) > 50
+
+
+_LIST_AS_A_USER = """
+import sys
+from pipeline.cli import main
+try:
+    main()
+finally:
+    print("torch imported" if "torch" in sys.modules else "no torch", file=sys.stderr)
+"""
+
+
+def test_the_catalogue_is_torchvisions_own_and_read_back_without_torch(tmp_path):
+    """`weights list` imported torchvision on every call (8-10 s in issue 44): listed once
+    per torchvision version, it is read back from the cache without torch, equal to what
+    torchvision enumerates, with `cached` looked up afresh."""
+    env = {**os.environ, "LABEL_IMAGES_CACHE": str(tmp_path / "cache"),
+           "TORCH_HOME": str(tmp_path / "torch")}
+    listed = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _LIST_AS_A_USER, "weights", "list"],
+                              cwd=REPO, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        listed.append((done.stdout, done.stderr.strip().splitlines()))
+    (first, first_said), (second, second_said) = listed
+    assert first_said == ["label-images: listing torchvision's weights (once per torchvision "
+                          "version) ...", "torch imported"]
+    assert second_said == ["no torch"] and second == first
+    # the reference: torchvision's own enumeration, every weights of every model once
+    expected = {str(w) for name in list_models(module=torchvision.models)
+                for w in get_model_weights(name)}
+    names = {line.split()[0] for line in first.splitlines()[1:]}
+    assert names == expected
+    staged = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"staged")
+    done = subprocess.run([sys.executable, "-c", _LIST_AS_A_USER, "weights", "list", "--model",
+                           "resnet18"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.stderr.strip() == "no torch"
+    row = next(line for line in done.stdout.splitlines() if "IMAGENET1K_V1" in line)
+    assert row.rstrip().endswith("yes")
+    elsewhere = subprocess.run([sys.executable, "-c", _LIST_AS_A_USER, "weights", "list"],
+                               cwd=REPO, env={**env, "TORCH_HOME": str(tmp_path / "other")},
+                               capture_output=True, text=True)
+    assert elsewhere.stderr.strip().endswith("torch imported")  # another hub: listed again
 
 
 def test_fetch_without_network_is_one_line_and_exit_1(cli, tmp_path, monkeypatch):

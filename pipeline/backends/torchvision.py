@@ -65,7 +65,8 @@ class TorchvisionBackend(Backend):
                     "model": name, "weights": str(weights), "default": weights == enum.DEFAULT,
                     "classes": len(weights.meta.get("categories") or []),
                     "top1": metrics.get("acc@1"), "size_mb": weights.meta.get("_file_size"),
-                    "cached": cache_path(weights).is_file(), "url": weights.url,
+                    "cached": cache_path(weights).is_file(), "path": str(cache_path(weights)),
+                    "url": weights.url,
                 })
         return rows
 
