@@ -17,8 +17,9 @@ from pipeline import formats, keys, launchers, plan as planning
 from pipeline.config import DEFAULT_TOP_K, RunConfig
 from pipeline.errors import UsageError
 from pipeline.plan import Plan
+from pipeline.progress import if_long
 from pipeline.rundir import PARTS_DIR, RUN_FILE, RunDirectory, ended_abruptly, read_json
-from pipeline.sources import listing, open_source
+from pipeline.sources import VERSION_COLUMNS, listing, open_source
 from pipeline.storage import Store
 from pipeline.summary import RunSummary
 
@@ -89,15 +90,22 @@ def stale(config: RunConfig, plan: Plan, store: Store, items=None) -> str:
     rerun with: a nightly job must not report success on yesterday's images without a word.
     Compared out of core: the listing and the plan are streamed, never held. `items`: the
     listing, if the caller has it (else the source is listed here)."""
+    # what identifies an image besides its key, where the plan recorded it: its path and,
+    # where the listing brings them, its size and version (a changed photo, same name)
+    stamp = ["key", "path", *(c for c in VERSION_COLUMNS if c in plan.schema().names)]
     try:
+        source = open_source(config.source_spec())
         if items is None:
-            items = listing(open_source(config.source_spec()), False)
-        new, removed = keys.changes(plan.batches(["key"]), items, store)
+            items = listing(source, source.lists_versions)
+        items = (table.select([c for c in stamp if c in table.column_names]) for table in items)
+        with if_long(f"listing {config.source} again to see what changed since this run",
+                     not config.quiet):
+            new, changed, removed = keys.changes(plan.batches(stamp), items, store)
     except UsageError as exc:  # e.g. no images there any more: the table stands as it is
         return f"but listing {config.source} again fails: {exc}"
-    if not new and not removed:
+    if not new and not changed and not removed:
         return ""
     return (f"but {config.source} has changed since this run was planned ({new} new, "
-            f"{removed} removed): rerun with --incremental --overwrite once to relabel it as "
-            "an incremental table that --incremental then updates each night, or with "
-            "--overwrite to relabel everything")
+            f"{changed} changed, {removed} removed): rerun with --incremental to label only "
+            "what is new or changed (this table is taken over, and --incremental keeps it up "
+            "to date each night), or with --overwrite to relabel everything")

@@ -18,16 +18,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import engines, formats, rundir, runner
+from pipeline import engines, formats, plan as planning, rundir, runner
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, notice
 from pipeline.job import Job, prepare_run
 from pipeline.night_diff import TONIGHT, NightDiff, items_to_label, local_file
+from pipeline.progress import if_long
 from pipeline.rundir import RunDirectory, increment_dir, output_name
 from pipeline.sources import VERSION_COLUMNS
 from pipeline.summary import RunSummary
-from pipeline.writer import merge_parts
+from pipeline.writer import merge_parts, output_schema
 
 TABLE = output_name("parquet")  # the night's state, whatever format is asked for
 NIGHT = b"label_images.night"  # the state's metadata: which night's commit it is
@@ -58,16 +59,37 @@ def _night(top: RunDirectory, job: Job, progress: bool | None) -> RunSummary:
         "labels from a different {}; an incremental table never mixes two models: rerun "
         "with --overwrite to relabel everything, or choose another --out"))
     top.record(fingerprint, {"incremental": True, **job.record()}, before)
-    previous = TABLE if store.exists(TABLE) else None
+    previous = _previous_state(top, job)
     if previous is not None:
         with store.open(TABLE) as fh:
             schema = pq.read_schema(fh)
-        missing = [c for c in VERSION_COLUMNS if c not in schema.names]
-        if missing:
-            raise UsageError(f"{store.url(TABLE)} was not written by an incremental run (no "
-                             f"{', '.join(missing)}); rerun with --overwrite")
-    with NightDiff(store, job.items(), previous, config.source) as diff:
+        if VERSION_COLUMNS[1] not in schema.names:
+            notice(f"{store.url(TABLE)} records no image versions (its source lists none: "
+                   "a manifest); tonight labels every image once and records them, for the "
+                   "nights after to compare")
+    with if_long(f"comparing tonight's listing of {config.source} with the table",
+                 not config.quiet):
+        diff = NightDiff(store, job.items(), previous, config.source)
+    with diff:
         return _label_and_assemble(top, job, diff, progress)
+
+
+def _previous_state(top: RunDirectory, job: Job) -> str | None:
+    """The night's state (TABLE): last night's, or a plain run's table taken over. A
+    Parquet table is its own state; a plain run's CSV, Delta or Iceberg table is read back
+    into one, so a finished run becomes nightly without labelling anything again."""
+    store, config = top.store, job.config
+    fmt = formats.of(config)
+    if store.exists(TABLE) or config.format == "parquet" or not fmt.exists(store):
+        return TABLE if store.exists(TABLE) else None
+    planned = planning.load(store).schema() if planning.exists(store) else pa.schema([])
+    kept = pa.schema([planned.field(name) for name in (*config.keep_columns, *VERSION_COLUMNS)
+                      if name in planned.names])
+    schema = output_schema(config.top_k, kept, {}, embedding_size=job.classifier.embedding_size)
+    with store.writing(TABLE) as sink, pq.ParquetWriter(sink, schema) as writer:
+        for table in fmt.batches(store, schema.names):
+            writer.write_table(table.select(schema.names).cast(schema))
+    return TABLE
 
 
 def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
@@ -112,10 +134,11 @@ def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
     started = time.perf_counter()
     # the removed keys before the new table replaces the previous one that names them
     removed = diff.removed() if diff.previous is not None else None
-    summary.ok, upserts = assemble(top, diff, labelled, config.keep_columns, night)
-    if config.format != "parquet":
-        merge_parts(store, [TABLE], fmt, commit=top.commit(
-            night, base=base or None, upserts=upserts, removed=removed))
+    with if_long(f"writing {top.output(fmt)}", not config.quiet):
+        summary.ok, upserts = assemble(top, diff, labelled, config.keep_columns, night)
+        if config.format != "parquet":
+            merge_parts(store, [TABLE], fmt, commit=top.commit(
+                night, base=base or None, upserts=upserts, removed=removed))
     top.remove_increments()  # only once the new table is committed
     summary.write_seconds += time.perf_counter() - started
     summary.items = diff.items

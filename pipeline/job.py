@@ -127,7 +127,8 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     """Validate the whole configuration: source, model, weights, device. Writes nothing,
     lists nothing: the listing streams into the plan under the run directory's lock.
 
-    `versions`: list the images' sizes and change stamps too (incremental nights).
+    `versions`: list the images' sizes and change stamps too (incremental nights); a
+    source whose listing brings them records them in every run (Source.lists_versions).
     """
     if config.embeddings and not formats.get(config.format).embeddings:
         carriers = [name for name, f in formats.FORMATS.items() if f.embeddings]
@@ -147,7 +148,7 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     if config.runtime in runtimes.RUNTIMES:  # its extra, its device: before the listing
         runtimes.get(config.runtime).check(device, config.precision)
     return Job(config, part, source, spec, classifier,
-               items=lambda: listing(source, versions),
+               items=lambda: listing(source, versions or source.lists_versions),
                runtime_kept=kept,
                started=time.perf_counter() if started is None else started)
 

@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
@@ -106,15 +107,17 @@ def refuse_duplicates(path: str, folder: str, what: str, noun: str = "key") -> N
 
 
 def changes(planned: Iterable[pa.Table], listed: Iterable[pa.Table],
-            store: Store | None = None) -> tuple[int, int]:
-    """How many keys the listing has that the plan lacks (new), and the plan has that the
-    listing lacks (removed): both streamed to disk, joined by DuckDB."""
-    plan_keys, listed_keys = KeySpool(store), KeySpool(store)
+            store: Store | None = None) -> tuple[int, int, int]:
+    """How many keys the listing has that the plan lacks (new), both have with different
+    stamps (changed), and the plan has that the listing lacks (removed): both streamed to
+    disk, joined by DuckDB. A table's columns besides `key` are its stamp (path, size,
+    version); a key whose stamp is unknown on either side is not counted as changed."""
+    plan_keys, listed_keys = _StampSpool(store), _StampSpool(store)
     try:
         for table in planned:
-            plan_keys.add(table["key"])
+            plan_keys.add(table)
         for table in listed:
-            listed_keys.add(table["key"])
+            listed_keys.add(table)
         con = connect(listed_keys.folder, JOIN_MEMORY)
         try:
             count = ("SELECT count(*) FROM read_parquet(?) a ANTI JOIN read_parquet(?) b "
@@ -122,9 +125,30 @@ def changes(planned: Iterable[pa.Table], listed: Iterable[pa.Table],
             ours, theirs = listed_keys.finish(), plan_keys.finish()
             new = con.execute(count, [ours, theirs]).fetchall()[0][0]
             removed = con.execute(count, [theirs, ours]).fetchall()[0][0]
+            changed = con.execute("SELECT count(*) FROM read_parquet(?) a JOIN read_parquet(?) "
+                                  "b USING (key) WHERE a.stamp <> b.stamp",
+                                  [ours, theirs]).fetchall()[0][0]
         finally:
             con.close()
     finally:
         plan_keys.close()
         listed_keys.close()
-    return new, removed
+    return new, changed, removed
+
+
+class _StampSpool(KeySpool):
+    """Keys with a stamp of the rest of their row's columns (null when there are none)."""
+
+    _SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("stamp", pa.string())])
+
+    def __init__(self, store: Store | None = None):
+        self.folder = spill_folder(store)
+        self.path = os.path.join(self.folder, "keys.parquet")
+        self._writer = pq.ParquetWriter(self.path, self._SCHEMA)
+
+    def add(self, table: pa.Table) -> None:
+        rest = [table[name].cast(pa.string()) for name in table.column_names if name != "key"]
+        stamp = (pc.binary_join_element_wise(*rest, "\x1f") if rest
+                 else pa.nulls(table.num_rows, pa.string()))
+        self._writer.write_table(pa.table([table["key"].cast(pa.string()), stamp],
+                                          schema=self._SCHEMA))

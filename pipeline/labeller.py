@@ -20,6 +20,7 @@ from pipeline.memory import LoaderSize
 from pipeline.plan import Plan
 from pipeline.progress import progress_bar
 from pipeline.rundir import RunDirectory, committed_shards
+from pipeline.sources import VERSION_COLUMNS
 from pipeline.summary import RunSummary
 from pipeline.writer import output_schema
 
@@ -33,7 +34,11 @@ def label(run_dir: RunDirectory, job: Job, plan: Plan, summary: RunSummary,
     """Label those of `shards` not committed yet, committing each as it completes; a
     decode worker killed from outside restarts the loader (LOADER_RESTARTS times)."""
     config, store = job.config, run_dir.store
-    kept = pa.schema([plan.schema().field(name) for name in config.keep_columns])
+    planned = plan.schema()
+    # the versions a listing brought are kept in every run's table: what a night compares
+    kept = pa.schema([planned.field(name) for name in config.keep_columns] + [
+        planned.field(name) for name in VERSION_COLUMNS
+        if name in planned.names and name not in config.keep_columns])
     schema = output_schema(config.top_k, kept, {
         "label_images.model": job.spec.model, "label_images.weights": job.spec.weights_id},
         embedding_size=job.classifier.embedding_size)

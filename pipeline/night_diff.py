@@ -79,9 +79,14 @@ class NightDiff:
             query = (f"SELECT {POSITION}, NULL::BIGINT AS previous_row, false AS same "
                      f"FROM {tonight}")
         else:
+            # a table that records no versions (a plain run over a manifest): nothing in it
+            # compares as the same image, so every image is labelled once and recorded
+            recorded = pq.read_schema(self.previous).names
+            versions = ", ".join(name if name in recorded else f"NULL::{kind} AS {name}"
+                                 for name, kind in zip(VERSION_COLUMNS, ("BIGINT", "VARCHAR")))
             query = (f"SELECT l.{POSITION}, p.row AS previous_row, {_SAME} AS same FROM "
                      f"(SELECT key, path, source_size, source_version, {POSITION} FROM "
-                     f"{tonight}) l LEFT JOIN (SELECT key, path, source_size, source_version, "
+                     f"{tonight}) l LEFT JOIN (SELECT key, path, {versions}, "
                      f"file_row_number AS row FROM read_parquet('{_quoted(self.previous)}', "
                      "file_row_number = true)) p ON l.key = p.key")
         self.con.execute(f"COPY ({query} ORDER BY {POSITION}) TO '{_quoted(path)}' "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -58,6 +59,37 @@ class _LogLines:
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+# A step whose length is not known ahead (listing a source, comparing it with a table,
+# writing the table) is said once it has taken this long, and then when it ends.
+SAY_AFTER_SECONDS = 2.0
+
+
+@contextmanager
+def if_long(what: str, shown: bool = True):
+    """A step that is quick on a small job and minutes on a large one: said only once it
+    has taken SAY_AFTER_SECONDS, and then with its time when it ends."""
+    said = threading.Event()
+    began = time.perf_counter()
+
+    def say() -> None:
+        said.set()
+        notice(f"{what} ...")
+
+    if not shown:
+        yield
+        return
+    timer = threading.Timer(SAY_AFTER_SECONDS, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()  # a timer already saying its line finishes it first
+        if said.is_set():
+            notice(f"{what}: done in {time.perf_counter() - began:.1f} s")
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from pipeline import engines, formats, launchers, plan as planning
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
 from pipeline.errors import RunError, UsageError, notice
+from pipeline.progress import if_long
 from pipeline.finished import stale
 from pipeline.formats.base import Format
 from pipeline.job import Job, prepare_run
@@ -75,7 +76,7 @@ def run_in(run_dir: RunDirectory, job: Job, progress: bool | None = None) -> Run
     missing = missing_shards(run_dir, plan)
     if missing:  # a bug of ours or a part removed under the run: never assemble without it
         raise RunError(f"shards {missing[:10]} are not committed; run the same command again")
-    assemble(run_dir, plan, fmt, summary)
+    assemble(run_dir, plan, fmt, summary, not config.quiet)
     summary.seconds = time.perf_counter() - job.started
     run_dir.write_summary(summary.to_dict())
     return summary
@@ -122,9 +123,10 @@ def freeze(job: Job, store) -> Plan:
     """The job's items, streamed into the plan as they are listed; empty or repeated keys
     refused there, before anything is labelled."""
     config = job.config
-    return planning.freeze(job.items(), store, config.shard_size,
-                           allow_duplicates=config.allow_duplicates, what=config.source,
-                           noun=job.source.spec.key_noun)
+    with if_long(f"listing {config.source} into the run's plan", not config.quiet):
+        return planning.freeze(job.items(), store, config.shard_size,
+                               allow_duplicates=config.allow_duplicates, what=config.source,
+                               noun=job.source.spec.key_noun)
 
 
 def already_complete(run_dir: RunDirectory, fmt: Format, plan: Plan,
@@ -146,12 +148,14 @@ def already_complete(run_dir: RunDirectory, fmt: Format, plan: Plan,
     return summary
 
 
-def assemble(run_dir: RunDirectory, plan: Plan, fmt: Format, summary: RunSummary) -> None:
+def assemble(run_dir: RunDirectory, plan: Plan, fmt: Format, summary: RunSummary,
+             shown: bool = True) -> None:
     started = time.perf_counter()
     shards = range(plan.num_shards)
-    counts = merge_parts(run_dir.store, [part_name(s) for s in shards], fmt,
-                         expected_rows=[e - s for s, e in map(plan.shard_bounds, shards)],
-                         commit=run_dir.commit())
+    with if_long(f"writing {run_dir.output(fmt)} from {plan.num_shards:,} shards", shown):
+        counts = merge_parts(run_dir.store, [part_name(s) for s in shards], fmt,
+                             expected_rows=[e - s for s, e in map(plan.shard_bounds, shards)],
+                             commit=run_dir.commit())
     run_dir.remove_parts()  # only once the whole table is committed
     summary.write_seconds += time.perf_counter() - started
     summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors

@@ -8,6 +8,7 @@ import math
 import re
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -212,7 +213,7 @@ def test_a_finished_run_is_answered_without_loading_torch(tmp_path, colour_check
     assert again.stdout.strip() == "no torch"
     assert again.stderr.strip().startswith(f"nothing to do: {out / 'labels.parquet'} is "
                                            "complete (4 rows); but ")
-    assert "(1 new, 0 removed)" in again.stderr
+    assert "(1 new, 0 changed, 0 removed)" in again.stderr
 
 
 @pytest.mark.parametrize("columns, extra, said", [
@@ -391,3 +392,34 @@ def test_help_is_one_style_flags_take_no_value_and_h_and_version_work(cli):
     version = cli("--version")
     assert version.exit_code == 0 and version.output.strip() == f"label-images {__version__}"
 
+
+
+def test_a_listing_that_takes_long_is_said_as_it_goes_and_a_quick_one_is_not(
+        cli, tmp_path, colour_checkpoint, monkeypatch):
+    """Planning lists the whole source before the first image: seconds at 10^7, minutes on
+    a bucket, and it used to be silent. Past SAY_AFTER_SECONDS it is said, then its time."""
+    import pipeline.job
+    from pipeline import progress
+
+    folder = tmp_path / "imgs"
+    write_colour_images(folder, 3)
+    args = [a for a in base_args(folder, tmp_path / "quick", colour_checkpoint) if a != "--quiet"]
+    quick = cli(*args)
+    assert quick.exit_code == 0 and "into the run's plan" not in quick.output
+    real_listing = pipeline.job.listing
+
+    def slow(*a, **k):
+        time.sleep(1.5)  # a bucket's first page
+        yield from real_listing(*a, **k)
+
+    monkeypatch.setattr(pipeline.job, "listing", slow)
+    monkeypatch.setattr(progress, "SAY_AFTER_SECONDS", 0.1)
+    args = [a for a in base_args(folder, tmp_path / "slow", colour_checkpoint) if a != "--quiet"]
+    slow_run = cli(*args)
+    assert slow_run.exit_code == 0, slow_run.output
+    said = [line for line in slow_run.output.splitlines() if "into the run's plan" in line]
+    assert said[0] == f"label-images: listing {folder} into the run's plan ..."
+    assert re.fullmatch(r"label-images: listing .* into the run's plan: done in (\d+\.\d) s",
+                        said[1]) and float(said[1].split()[-2]) >= 1.5
+    quiet = cli(*base_args(folder, tmp_path / "quiet", colour_checkpoint))
+    assert quiet.exit_code == 0 and "into the run's plan" not in quiet.output

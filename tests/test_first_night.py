@@ -4,12 +4,14 @@ small model, the summary's figures and words, the report naming the run, integer
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
+from PIL import Image
 
 from pipeline.config import read_toml, resolve
-from tests.conftest import FAST, REPO, write_colour_images
+from tests.conftest import FAST, REPO, colour_array, write_colour_images
 
 
 def job(folder, out, checkpoint, *extra):
@@ -31,16 +33,23 @@ def test_a_finished_run_rerun_over_a_changed_source_says_so_and_what_to_use(
     same = cli(*job(folder, out, colour_checkpoint, "--top-k", "2"))
     assert "nothing to do" in same.output and "changed" not in same.output
     write_colour_images(folder / "more", 2, seed=7)  # 2 new images
-    sorted(folder.glob("*.png"))[0].unlink()  # and 1 gone
+    photos = sorted(folder.glob("*.png"))
+    photos[0].unlink()  # 1 gone
+    changed = photos[1]  # and 1 changed under its name (issue 44: it went uncounted)
+    stat = changed.stat()
+    Image.fromarray(colour_array("blue", 70, 50, seed=9)).save(changed)
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     again = cli(*job(folder, out, colour_checkpoint, "--top-k", "2"))
     assert again.exit_code == 0, again.output
     line, = [text for text in again.output.splitlines() if "nothing to do" in text]
-    assert "has changed since this run was planned (2 new, 1 removed)" in line
-    assert "--incremental --overwrite" in line and "--overwrite" in line
-    # what it says to do works: the table then holds the source as it is now
-    switched = cli(*job(folder, out, colour_checkpoint, "--top-k", "2", "--incremental",
-                        "--overwrite"))
+    assert "has changed since this run was planned (2 new, 1 changed, 1 removed)" in line
+    assert "rerun with --incremental to label only what is new or changed" in line
+    # what it says to do works: the plain run's table is taken over, only 3 images labelled
+    switched = cli(*job(folder, out, colour_checkpoint, "--top-k", "2", "--incremental"))
     assert switched.exit_code == 0, switched.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["changes"] == {"new": 2, "changed": 1, "unchanged": 3, "removed": 1}
+    assert summary["labelled_now"] == 3
     import pandas as pd
 
     assert len(pd.read_parquet(out / "labels.parquet")) == 6

@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
+
+from pipeline import labeller
 
 from tests.conftest import REPO, colour_array, read_output, write_colour_images
 
@@ -107,3 +110,67 @@ def test_a_name_that_is_not_utf8_is_seen_unchanged_the_next_night(cli, tmp_path,
     assert row["top1_label"] == "red" and row["source_size"] == latin1.stat().st_size
     _, output = night(cli, folder, out, colour_checkpoint)
     assert "nothing to do: 0 new, 0 changed, 3 unchanged, 0 removed" in output
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "delta"])
+def test_a_plain_runs_table_becomes_nightly_without_labelling_it_again(
+        cli, tmp_path, colour_checkpoint, monkeypatch, fmt):
+    """Issue 44: a plain run, then --incremental, relabelled everything (or refused). Every
+    run over a folder records each image's size and version, so the first night labels only
+    what is new or changed, whatever the format, and equals a run from scratch."""
+    folder, out = tmp_path / "photos", tmp_path / "run"
+    truth = write_colour_images(folder, 8, seed=43)
+    done = cli(*job(folder, out, colour_checkpoint, "--format", fmt))
+    assert done.exit_code == 0, done.output
+    write_colour_images(folder / "new", 2, seed=44)
+    modified = sorted(truth)[1]
+    stat = os.stat(folder / modified)
+    Image.fromarray(colour_array("blue", 80, 60, seed=8)).save(folder / modified)
+    os.utime(folder / modified, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    os.unlink(folder / sorted(truth)[4])
+    labelled = []
+    real_label = labeller.label
+
+    def counting(run_dir, job_, plan, *args, **kwargs):
+        labelled.append(plan.num_items)
+        return real_label(run_dir, job_, plan, *args, **kwargs)
+
+    monkeypatch.setattr(labeller, "label", counting)
+    summary, _ = night(cli, folder, out, colour_checkpoint, "--format", fmt)
+    assert summary["changes"] == {"new": 2, "changed": 1, "unchanged": 6, "removed": 1}
+    assert labelled == [3] and summary["labelled_now"] == 3
+    scratch = tmp_path / "scratch"
+    assert cli(*job(folder, scratch, colour_checkpoint, "--format", fmt)).exit_code == 0
+    name = {"parquet": "labels.parquet", "csv": "labels.csv", "delta": "labels.delta"}[fmt]
+    table, reference = (_read(fmt, where / name) for where in (out, scratch))
+    assert table["key"].tolist() == reference["key"].tolist()
+    assert table["top1_label"].tolist() == reference["top1_label"].tolist()
+    assert table.set_index("key").loc[modified, "top1_label"] == "blue"
+    assert table["top1_score"].to_numpy() == pytest.approx(reference["top1_score"].to_numpy(),
+                                                           abs=1e-6)
+
+
+def _read(fmt: str, path):
+    if fmt == "delta":
+        import deltalake
+
+        return deltalake.DeltaTable(str(path)).to_pandas().sort_values("key", ignore_index=True)
+    return read_output(path)
+
+
+def test_a_plain_manifest_run_is_taken_over_by_labelling_it_once(cli, tmp_path,
+                                                                 colour_checkpoint):
+    """A manifest lists no versions: a plain run over it records none, so the first night
+    says it labels every image once, and the nights after label only what changed."""
+    folder, out = tmp_path / "photos", tmp_path / "run"
+    truth = write_colour_images(folder, 5, seed=45)
+    manifest = tmp_path / "photos.csv"
+    manifest.write_text("path\n" + "".join(f"{folder / key}\n" for key in sorted(truth)))
+    assert cli(*job(manifest, out, colour_checkpoint)).exit_code == 0
+    summary, said = night(cli, manifest, out, colour_checkpoint)
+    assert "records no image versions" in said
+    assert summary["labelled_now"] == 5 and summary["changes"]["unchanged"] == 0
+    assert cli(*job(manifest, tmp_path / "scratch", colour_checkpoint)).exit_code == 0
+    assert_equals_scratch(cli, tmp_path, manifest, out, colour_checkpoint, "m")
+    again = cli(*job(manifest, out, colour_checkpoint, "--incremental"))
+    assert again.exit_code == 0 and "0 new, 0 changed, 5 unchanged, 0 removed" in again.output

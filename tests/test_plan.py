@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -100,7 +101,20 @@ def test_a_plan_of_an_earlier_version_is_still_read(tmp_path):
 def test_changes_since_the_plan_are_counted_out_of_core(tmp_path):
     planned = [batch(0, 50), batch(50, 100)]
     listed = [batch(10, 60), batch(60, 130)]  # 10 gone, 30 new
-    assert keys.changes(iter(planned), iter(listed), Store(str(tmp_path))) == (30, 10)
+    moved = listed[0].set_column(1, "path", pc.binary_join_element_wise(
+        listed[0]["path"], pa.array(["/moved"] * 3 + [""] * 47), ""))  # 3 at another path
+    assert keys.changes(iter(planned), iter([moved, listed[1]]),
+                        Store(str(tmp_path))) == (30, 3, 10)
+    # with sizes and versions: a version that differs is a changed image; one unknown on
+    # either side (null) is not counted
+    versioned = [t.append_column("source_version", pa.array(
+        [None if i % 10 == 0 else str(i % 7 == 0) for i in range(t.num_rows)], pa.string()))
+        for t in planned]
+    relisted = [t.append_column("source_version", pa.array(["False"] * t.num_rows))
+                for t in planned]
+    expected = sum(1 for i in range(50) if i % 10 and i % 7 == 0) * 2
+    assert keys.changes(iter(versioned), iter(relisted), Store(str(tmp_path))) == (
+        0, expected, 0)
     assert [n for n in os.listdir(tmp_path) if n.startswith(".spill-")] == []
 
 

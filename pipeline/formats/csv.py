@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import IO
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -49,6 +50,18 @@ class _Writer:
         self._writer.close()
 
 
+def _gathered(table: pa.Table, names: list[str]) -> pa.Array:
+    """label_1..K (or score_, class_id_) as one list per row, best first; an error row's
+    (all empty) a null list, as the Parquet layout has it."""
+    columns = [table[name].combine_chunks() for name in names]
+    rows, width = table.num_rows, len(columns)
+    # row r's k-th value is the k-th column's r-th: column-major values read row by row
+    order = (np.arange(width)[None, :] * rows + np.arange(rows)[:, None]).ravel()
+    values = pa.concat_arrays(columns).take(pa.array(order))
+    offsets = pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, values, mask=pc.is_null(columns[0]))
+
+
 class CsvFormat(Format):
     name = "csv"
     list_columns = False
@@ -58,14 +71,28 @@ class CsvFormat(Format):
         return _Writer(sink, schema)
 
     def batches(self, store: Store, columns: list[str]) -> Iterator[pa.Table]:
+        """`columns` with the Parquet layout's types; the top-k lists (labels, scores,
+        class_ids) gathered again from their flat columns."""
+        with store.open(self.table_name()) as fh:
+            header = pacsv.open_csv(fh).schema.names
+        flat = {name: [c for c in header if c.rsplit("_", 1)[0] == _FLAT[name]
+                       and c.rsplit("_", 1)[1].isdigit()] for name in columns if name in _FLAT}
+        read = [c for c in columns if c not in _FLAT] + [c for cs in flat.values() for c in cs]
         # The types the Parquet layout has, where CSV's inference could guess otherwise
         # (a key of digits is not a number, a score is float32).
         types = {"key": pa.string(), "path": pa.string(), "status": pa.string(),
                  "error": pa.string(), "top1_label": pa.string(), "top1_score": pa.float32(),
-                 "width": pa.int32(), "height": pa.int32()}
+                 "width": pa.int32(), "height": pa.int32(), "source_size": pa.int64(),
+                 "source_version": pa.string()}
+        for name, names in flat.items():
+            kind = {"labels": pa.string(), "scores": pa.float32(), "class_ids": pa.int32()}[name]
+            types.update((c, kind) for c in names)
         with store.open(self.table_name()) as fh:
+            # written unquoted, an empty cell is a null (quoted, an empty string)
             reader = pacsv.open_csv(fh, convert_options=pacsv.ConvertOptions(
-                include_columns=columns,
-                column_types={name: types[name] for name in columns if name in types}))
+                include_columns=read, strings_can_be_null=True,
+                column_types={name: types[name] for name in read if name in types}))
             for batch in reader:
-                yield pa.Table.from_batches([batch])
+                table = pa.Table.from_batches([batch])
+                yield pa.table({name: _gathered(table, flat[name]) if name in flat
+                                else table[name] for name in columns})

@@ -61,6 +61,11 @@ class Source:
     # Whether each item is a file of its own at its path (folders, manifests), rather than
     # a part of one (a tar's member, a Parquet row): what a tool opening paths can open.
     holds_files = True
+    # Whether its listing brings each item's size and version at little cost (a folder's
+    # walk, an object-store listing, an inventory report): then every run records them, so
+    # a plain run's table can become a nightly one. A manifest names paths only; asking
+    # about each (a stat, a HEAD) is left to the nights, which need it.
+    lists_versions = False
 
     def __init__(self, spec: SourceSpec):
         self.spec = spec

@@ -30,6 +30,8 @@ class FolderSource(Source):
     about twice.
     """
 
+    lists_versions = True  # the walk's stat, or the object listing's size and ETag
+
     @classmethod
     def claims(cls, location: str, is_dir: bool) -> bool:
         return is_dir

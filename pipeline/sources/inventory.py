@@ -34,6 +34,8 @@ BATCH_ROWS = 65_536
 class InventorySource(Source):
     """An S3 Inventory manifest.json (CSV or Parquet reports)."""
 
+    lists_versions = True  # the report's size and ETag columns
+
     @classmethod
     def claims(cls, location: str, is_dir: bool) -> bool:
         if not is_dir:
