@@ -11,7 +11,7 @@ import torch
 
 from pipeline.backends.base import ModelSpec, head_name
 from pipeline.errors import RunError, UsageError, notice
-from pipeline.writer import Prediction
+from pipeline.prediction import Prediction
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:

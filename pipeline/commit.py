@@ -14,7 +14,8 @@ from pipeline.errors import RunError
 from pipeline.plan import Plan
 from pipeline.rundir import part_name
 from pipeline.storage import Store
-from pipeline.writer import Prediction, ShardResult, part_table, write_part
+from pipeline.prediction import Prediction
+from pipeline.writer import ShardResult, part_table, write_part
 
 # Part files waiting for the writer thread at most; beyond that the loop waits (bounded memory).
 MAX_PENDING_PARTS = 2

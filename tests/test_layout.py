@@ -141,3 +141,23 @@ def test_run_directory_file_names_are_spelled_in_rundir_only():
         if path.name == "rundir.py":
             continue
         assert not (_string_constants(path) & names), (path, _string_constants(path) & names)
+
+
+def test_the_model_side_leans_on_no_later_stage():
+    """Stages import earlier ones only: the classifier hands its Prediction over
+    (pipeline.prediction) and knows nothing of how rows are written or committed."""
+    graph = known(module_imports())
+    later = {"pipeline.writer", "pipeline.commit", "pipeline.formats", "pipeline.labeller"}
+    for name in ("pipeline.classifier", "pipeline.preprocess", "pipeline.decode",
+                 "pipeline.loader"):
+        assert not graph[name] & later, (name, graph[name] & later)
+
+
+def test_a_cluster_engine_is_handed_the_labelling_and_says_only_where_it_runs():
+    """What labels a shard on a worker, the queue of shards with deaths and poison, and
+    the shared-directory check live in engines/cluster.py; a cluster engine's module
+    imports neither the labeller nor the job, and keeps its own library's calls."""
+    graph = known(module_imports())
+    for engine in ("pipeline.engines.ray",):
+        assert "pipeline.engines.cluster" in graph[engine]
+        assert not graph[engine] & {"pipeline.labeller", "pipeline.job", "pipeline.plan"}

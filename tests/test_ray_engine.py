@@ -226,8 +226,8 @@ def test_the_driver_killed_then_rerun_labels_every_image_once(tmp_path, colour_c
     ({"CPU": 2.0}, {"CPU": 8.0}, 4), ({"CPU": 3.0}, {"CPU": 8.0}, 2), ({}, {"CPU": 8.0}, 1),
     ({"GPU": 1.0}, {}, 1)])
 def test_an_actor_counts_the_actors_its_node_holds(assigned, node, share):
-    from pipeline.engines.ray import actors_per_node
-    assert actors_per_node(assigned, node) == share
+    from pipeline.engines.cluster import per_node
+    assert per_node(assigned, node) == share
 
 
 def test_engine_flags_refused_in_one_line(cli, tmp_path, colour_checkpoint):

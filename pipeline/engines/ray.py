@@ -1,12 +1,11 @@
 """The Ray engine (`--engine ray`): the driver freezes the plan, actors take shards as they free up.
 
 The driver opens the run directory, takes its lock and freezes the plan exactly as a local
-run does; each actor builds the labelling once (its own settings, measured on its machine
-and cached) and is handed one pending shard at a time, which it commits through the usual
-commit protocol straight into the run directory. An actor that dies (SIGKILL, OOM, its node
-lost) has its shard handed to another; a shard that has killed MAX_DEATHS actors is a poison
-shard: the rest finish, and the run ends non-zero naming it. The driver merges at the end;
-if it dies, the same command resumes from the committed parts.
+run does; each actor is a cluster.ShardWorker, handed one pending shard at a time from a
+cluster.ShardQueue (deaths, retries and poison shards are the queue's). This module holds
+Ray's calls: connecting, starting actors where there is room, seeing a death or a lost node
+or cluster, and never waiting on a cluster that is gone. The driver merges at the end; if it
+dies, the same command resumes from the committed parts.
 """
 
 from __future__ import annotations
@@ -16,22 +15,19 @@ import os
 import socket
 import threading
 import time
-from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import replace
 
-from contextlib import contextmanager
-
-from pipeline import plan as planning
 from pipeline.config import RunConfig
+import pipeline.engines.cluster as cluster
 from pipeline.engines.base import Engine
+from pipeline.engines.cluster import ShardQueue, ShardWorker, cause
 from pipeline.errors import ProcessFailure, RunError, UsageError, notice
 from pipeline.launchers import Slice
 from pipeline.progress import progress_bar
-from pipeline.rundir import RunDirectory, committed_shards
-from pipeline.storage import Store
+from pipeline.rundir import committed_shards
 from pipeline.summary import RunSummary, count
 
-MAX_DEATHS = 3  # actors a shard may take down before it is called a poison shard
 _CONNECT_TIMEOUT_S = 5
 # Between waits of CHECK_SECONDS for a shard, the cluster is asked whether it is there; an
 # answer that does not come within the bound (LABEL_IMAGES_RAY_TIMEOUT, seconds) ends the
@@ -60,7 +56,7 @@ class RayEngine(Engine):
         """Connected to the cluster, which must reach the run directory, before the plan."""
         ray = _import_ray()
         _connect(ray, job.config.ray_address)
-        _check_reachable(ray, store)
+        cluster.check_reachable(store, len(_alive_nodes(ray)), "Ray", "actor")
         yield None
 
     def label(self, run_dir, job, plan, shards, summary, progress) -> None:
@@ -81,12 +77,7 @@ class RayEngine(Engine):
         run_dir.record_engine({"engine": self.name, "actors": summary.actors,
                                "redone": summary.redone, "lost_nodes": summary.lost_nodes})
         if poison:
-            first = {s: plan.read_shard(s, ["key"])["key"][:3].to_pylist() for s in poison}
-            named = "; ".join(f"shard {s} (first keys: {', '.join(map(str, keys))})"
-                              for s, keys in first.items())
-            raise RunError(f"{count(len(poison), 'poison shard')}: {named} took down its "
-                           f"actor {MAX_DEATHS} times; the other shards are committed: "
-                           "remove or fix those images and run the same command again")
+            raise cluster.poison_error(plan, poison, "actor")
 
 
 ENGINE = RayEngine()
@@ -128,32 +119,29 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], summary: 
 
     One clock for the rate: the bar and the summary's loop both start once the first
     actors are up (they start together), so every actor's labelling falls inside it."""
-    labeller = ray.remote(ShardLabeller)
+    labeller = ray.remote(RayShardWorker)
     resources = _actor_resources(ray, config)
-    queue, deaths, poison = deque(pending), Counter(), []
-    died_at: dict[int, float] = {}  # shard -> when its actor's death was seen
+    queue = ShardQueue(pending)
     stats: list[dict] = []
 
     def start(count: int = 1) -> list[tuple[object, dict]]:
         actors = [labeller.options(**resources).remote(replace(config, quiet=True))
                   for _ in range(count)]
         try:  # bounded, the cluster checked as it waits: an actor may never start
-            described = _when_started(ray, actors, resources)
+            described = [cluster.started(d) for d in _when_started(ray, actors, resources)]
         except ray.exceptions.RayActorError as exc:
             _check_cluster(ray)  # this node gone: said as such
-            raise RunError(f"a labelling actor could not start ({_cause(exc)}); the "
+            raise RunError(f"a labelling actor could not start ({cause(exc)}); the "
                            "committed shards are intact: run the same command again to "
                            "resume") from None
-        for figures in described:
-            figures.update(shards=0, images=0, seconds=0.0, loader_restarts=0)
         stats.extend(described)
         return list(zip(actors, described))
 
     in_flight: dict = {}
 
     def feed(actor, described) -> None:
-        if queue:
-            shard = queue.popleft()
+        shard = queue.take()
+        if shard is not None:
             in_flight[actor.label.remote(shard)] = (actor, described, shard)
 
     asked = _actor_count(ray, config)
@@ -173,7 +161,7 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], summary: 
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                 if (isinstance(exc, ray.exceptions.RayTaskError)
                         and not isinstance(getattr(exc, "cause", None), ProcessFailure)):
-                    raise RunError(_cause(exc)) from None  # about the job: the store, a table
+                    raise RunError(cause(exc)) from None  # about the job: the store, a table
                 # the actor's process (SIGKILL, OOM, a decode worker killed, its node lost):
                 # the shard goes to a fresh actor elsewhere
                 ray.kill(actor, no_restart=True)
@@ -182,40 +170,20 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], summary: 
                     described["node_lost"] = True
                     if described["node"] not in summary.lost_nodes:
                         summary.lost_nodes.append(described["node"])
-                deaths[shard] += 1
                 described["died"] = True
-                died_at.setdefault(shard, time.perf_counter())
-                if deaths[shard] >= MAX_DEATHS:
-                    poison.append(shard)
-                else:
-                    queue.append(shard)
+                queue.died(shard)
                 # a fresh actor in its place (its resources come back), or where there is
                 # room if its node is gone; else the living actors take the shard
                 if queue and (not in_flight or not node_lost or _room_for(ray, resources)):
                     feed(*start()[0])
                 continue
-            if shard in died_at:  # redone: how long after the death it was committed again
-                summary.redone.append({"shard": shard, "deaths": deaths[shard], "seconds": round(
-                    time.perf_counter() - died_at.pop(shard), 2)})
-            described["shards"] += 1
-            described["images"] += found["images"]
-            described["seconds"] += found["seconds"]
-            described["loader_restarts"] += found["loader_restarts"]
-            summary.labelled_now += found["images"]
-            summary.errors_now += found["errors"]
-            summary.load_seconds += found["load_seconds"]
-            summary.compute_seconds += found["compute_seconds"]
-            summary.write_seconds += found["write_seconds"]
+            queue.done(shard, found, described, summary)
             bar.advance(found["images"], found["errors"])
             feed(actor, described)
     finally:
         bar.close()
-    for described in stats:
-        described["images_per_second"] = round(
-            described["images"] / described["seconds"], 1) if described["seconds"] else 0.0
-        described["seconds"] = round(described["seconds"], 3)
     summary.loop_seconds = time.perf_counter() - started
-    return stats, sorted(poison)
+    return cluster.rates(stats), sorted(queue.poison)
 
 
 def _when_started(ray, actors: list, resources: dict) -> list[dict]:
@@ -327,102 +295,18 @@ def _actor_resources(ray, config: RunConfig) -> dict:
     return {"num_cpus": max(1, int(resources.get("CPU", 1)) // nodes // per_node)}
 
 
-# File systems that only the machine they are on can see: a run directory on one of them
-# cannot be reached by actors on other nodes. Any other (nfs, lustre, gpfs, cephfs, fuse
-# mounts of buckets...) is taken on trust, and an actor that cannot see the plan says so.
-_LOCAL_FILE_SYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "tmpfs",
-                       "ramfs", "overlay", "vfat", "exfat", "ntfs", "ntfs3"}
-
-
-def _file_system(path: str) -> str | None:
-    """The type of the file system `path` is on (/proc/mounts' longest mount point)."""
-    try:
-        with open("/proc/mounts") as fh:
-            mounts = [line.split()[1:3] for line in fh]
-    except OSError:
-        return None
-    real = os.path.realpath(path)
-    found = [(point, kind) for point, kind in mounts
-             if real == point or real.startswith(point.rstrip("/") + "/")]
-    return max(found, key=lambda m: len(m[0]))[1] if found else None
-
-
-def _check_reachable(ray, store) -> None:
-    """A run directory on this machine's own disk, on a cluster of more than one node, is
-    refused before any actor starts: actors elsewhere could not commit into it."""
-    if store.remote:
-        return
-    nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    kind = _file_system(store.url())
-    if nodes > 1 and kind in _LOCAL_FILE_SYSTEMS:
-        raise UsageError(f"the run directory {store.url()} is on this machine's own disk "
-                         f"({kind}) and the Ray cluster has {nodes} nodes: every actor must "
-                         "reach it; use a shared file system or object storage (s3://...) "
-                         "for --out")
-
-
-def _cause(exc: BaseException) -> str:
-    """The message of the error an actor raised, on one line, not Ray's traceback."""
-    cause = getattr(exc, "cause", None) or exc
-    if isinstance(cause, (RunError, UsageError)):
-        return str(cause)
-    lines = [line for line in str(cause).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(cause).__name__
-
-
-def actors_per_node(assigned: dict, node: dict) -> int:
-    """How many actors like this one its node holds: the node's GPUs (or cores) over this
-    actor's. Each sizes its cores, decode workers, shared and pinned memory as that share,
-    as torchrun's ranks on one node do."""
-    for name in ("GPU", "CPU"):
-        if assigned.get(name):
-            return max(1, int(node.get(name, 0) // assigned[name]))
-    return 1
-
-
-class ShardLabeller:
-    """An actor (wrapped by ray.remote): the job built once, then one shard per call."""
+class RayShardWorker(ShardWorker):
+    """An actor (wrapped by ray.remote): a ShardWorker sized as its share of its node."""
 
     def __init__(self, config: RunConfig):
-        store = Store(config.out)
-        if not planning.exists(store):
-            raise RunError(f"the run directory {config.out} cannot be seen from node "
-                           f"{socket.gethostname()}: on a cluster, use a shared file system "
-                           "or object storage (s3://...) for --out")
-        # Its own settings, measured on this machine (and cached as for any run); the plan
-        # is frozen, so the source is not listed again.
-        # Whether the last run died is the driver's to know: it holds the directory now.
         import ray
-
-        from pipeline.job import prepare
 
         context = ray.get_runtime_context()
         node = next((n["Resources"] for n in ray.nodes()
                      if n["NodeID"] == context.get_node_id()), {})
-        share = actors_per_node(context.get_assigned_resources(), node)
-        self.job = prepare(config, Slice(per_node=share))
-        self.job.decide(store)
-        self.run_dir = RunDirectory(config.out)
-        self.plan = planning.load(store)
+        super().__init__(config, cluster.per_node(context.get_assigned_resources(), node))
 
     def describe(self) -> dict:
         import ray
 
-        return {"node": ray.get_runtime_context().get_node_id()[:12],
-                "host": socket.gethostname(), "pid": os.getpid(),
-                "device": str(self.job.settings.device),
-                "batch_size": self.job.settings.batch_size,
-                "workers": self.job.settings.workers, "per_node": self.job.part.per_node}
-
-    def label(self, shard: int) -> dict:
-        from pipeline import labeller
-
-        summary = RunSummary(output="")
-        labeller.label(self.run_dir, self.job, self.plan, summary, progress=False,
-                       shards=[shard])
-        return {"images": summary.labelled_now, "errors": summary.errors_now,
-                "seconds": summary.loop_seconds,
-                "load_seconds": summary.load_seconds,
-                "compute_seconds": summary.compute_seconds,
-                "write_seconds": summary.write_seconds,
-                "loader_restarts": summary.loader_restarts}
+        return {"node": ray.get_runtime_context().get_node_id()[:12], **super().describe()}
