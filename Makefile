@@ -55,7 +55,7 @@ lock: $(VENV)/.installed-test $(REVIEW_TOOLS)
 
 # Optional parts, kept as an editable install of this checkout: make extras EXTRAS=openvino,s3
 extras: setup
-	@test -n "$(EXTRAS)" || { echo 'usage: make extras EXTRAS=openvino[,s3,ray,timm,keras,delta,iceberg]' >&2; exit 2; }
+	@test -n "$(EXTRAS)" || { echo 'usage: make extras EXTRAS=openvino[,s3,ray,spark,timm,keras,delta,iceberg]' >&2; exit 2; }
 	$(VENV)/bin/pip install --quiet -e '.[$(EXTRAS)]'
 
 run: setup

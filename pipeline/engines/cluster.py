@@ -10,7 +10,8 @@ machines shares, whichever cluster it runs on.
 - `check_reachable`: a run directory on one machine's own disk is refused before any worker
   starts on a cluster of several nodes.
 
-A cluster engine (engines/ray.py) says only where the workers run and how a death is seen.
+A cluster engine (engines/ray.py, engines/spark.py) says only where the workers run and how
+a death is seen.
 """
 
 from __future__ import annotations
@@ -29,9 +30,6 @@ from pipeline.storage import Store
 from pipeline.summary import RunSummary, count
 
 MAX_DEATHS = 3  # workers a shard may take down before it is called a poison shard
-# what a worker reports for a shard, added up by the driver
-FIGURES = ("images", "errors", "seconds", "load_seconds", "compute_seconds", "write_seconds",
-           "loader_restarts")
 
 
 class ShardQueue:
@@ -65,14 +63,20 @@ class ShardQueue:
             summary.redone.append({"shard": shard, "deaths": self.deaths[shard],
                                    "seconds": round(time.perf_counter()
                                                     - self._died_at.pop(shard), 2)})
-        worker["shards"] += 1
-        for name in ("images", "seconds", "loader_restarts"):
-            worker[name] += found[name]
-        summary.labelled_now += found["images"]
-        summary.errors_now += found["errors"]
-        summary.load_seconds += found["load_seconds"]
-        summary.compute_seconds += found["compute_seconds"]
-        summary.write_seconds += found["write_seconds"]
+        add_figures(found, worker, summary)
+
+
+def add_figures(found: dict, worker: dict, summary: RunSummary) -> None:
+    """One shard's figures (what ShardWorker.label returns) added to its worker's and the
+    run's."""
+    worker["shards"] += 1
+    for name in ("images", "seconds", "loader_restarts"):
+        worker[name] += found[name]
+    summary.labelled_now += found["images"]
+    summary.errors_now += found["errors"]
+    summary.load_seconds += found["load_seconds"]
+    summary.compute_seconds += found["compute_seconds"]
+    summary.write_seconds += found["write_seconds"]
 
 
 def started(described: dict) -> dict:
@@ -177,7 +181,8 @@ class ShardWorker:
                 "workers": settings.workers, "per_node": self.job.part.per_node}
 
     def label(self, shard: int) -> dict:
-        """Label and commit one shard; its figures (FIGURES)."""
+        """Label and commit one shard (a shard committed before is left as it is); its
+        figures, for add_figures."""
         from pipeline import labeller
 
         summary = RunSummary(output="")
