@@ -269,3 +269,63 @@ def test_tar_shards_under_a_prefix(s3, tmp_path, colour_checkpoint):
     # the error row must match exactly
     assert np.allclose(remote_rows["top1_score"], local_rows["top1_score"], atol=5e-3,
                        equal_nan=True)
+
+
+def test_a_prefix_is_listed_a_page_at_a_time_and_plans_as_a_manifest_of_it(
+        s3, tmp_path, monkeypatch):
+    """Issue 46: a prefix was listed in one call (fs.find), the whole listing held before
+    the first row of the plan. Listed in pages of 100 here, the first batch comes after a
+    few pages, and the plan is the one a manifest of the same objects gives."""
+    import s3fs
+
+    from pipeline import plan as planning
+    from pipeline.sources import folder, listing, open_source
+    from pipeline.sources.base import SourceSpec
+    from pipeline.storage import Store
+
+    env, fs = s3
+    names = [f"many/{i % 7}/img_{i:05d}.jpg" for i in range(2500)]
+    fs.pipe({f"bucket/{name}": b"listed, not decoded" for name in names}
+            | {"bucket/many/.hidden.jpg": b"x", "bucket/many/notes.txt": b"x"})
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # a client for this server's endpoint
+    monkeypatch.setattr(folder, "LIST_PAGE", 100)
+    monkeypatch.setattr(folder, "BATCH_ROWS", 500)
+    pages = []
+    real_call = s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method, *args, **kwargs):
+        if method == "list_objects_v2" and kwargs.get("MaxKeys") == 100:  # the listing's
+            pages.append(kwargs.get("ContinuationToken"))
+        return await real_call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    batches = listing(open_source(SourceSpec("s3://bucket/many")), versions=True)
+    first = next(batches)
+    assert first.num_rows == 500 and len(pages) <= 6  # not the whole listing first
+    listed = pa_concat([first, *batches])
+    assert len(pages) == 26 and len(set(pages)) == 26  # 2,502 objects, 100 a request
+    assert listed["path"].to_pylist() == sorted(f"s3://bucket/{n}" for n in names)
+    assert listed["key"].to_pylist() == sorted(n.removeprefix("many/") for n in names)
+    etag = fs.info(f"bucket/{names[3]}")["ETag"].strip('"')
+    row = listed["key"].to_pylist().index(names[3].removeprefix("many/"))
+    assert listed["source_version"][row].as_py() == etag
+    assert listed["source_size"][row].as_py() == len(b"listed, not decoded")
+    # the plan of the prefix and of a manifest of its objects (in another order)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path\n" + "".join(f"s3://bucket/{n}\n" for n in reversed(names)))
+    plans = {}
+    for what, location in (("prefix", "s3://bucket/many"), ("manifest", str(manifest))):
+        plans[what] = planning.freeze(listing(open_source(SourceSpec(location))),
+                                      Store(str(tmp_path / what)), 100, what=location)
+    by_prefix = pa_concat(list(plans["prefix"].batches(["path"])))["path"].to_pylist()
+    by_manifest = pa_concat(list(plans["manifest"].batches(["path"])))["path"].to_pylist()
+    assert by_prefix == sorted(by_manifest) and plans["prefix"].num_shards == 25
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def pa_concat(tables):
+    import pyarrow as pa
+
+    return pa.concat_tables(tables)

@@ -45,7 +45,7 @@ class FolderSource(Source):
                              f"but {spec.location} is a folder")
         passed_over: Counter[str] = Counter()
         if is_remote(spec.location):
-            yield self._prefix_items(passed_over)
+            yield from self._prefix_items(passed_over)
         else:
             base = printable_path(os.path.abspath(local_path(spec.location)))
             keys: list[str] = []
@@ -62,18 +62,28 @@ class FolderSource(Source):
     def list_items(self) -> pa.Table:
         return pa.concat_tables(self.batches())
 
-    def _prefix_items(self, passed_over: Counter[str]) -> pa.Table:
-        found: dict[str, tuple[int, str]] = {}
+    def _prefix_items(self, passed_over: Counter[str]) -> Iterator[pa.Table]:
+        """The prefix's images a batch at a time, as the store lists them (S3: a page at a
+        time, in key order, never the whole listing held)."""
+        base = self.spec.location.rstrip("/")
+        found: list[tuple[str, tuple[int, str]]] = []
         for relative, version in _walk_prefix(self.spec.location):
             if any(part.startswith(".") for part in relative.split("/")):
                 continue
             if _named_as_image(relative, passed_over):
-                found[relative] = version
-        keys = sorted(found)
-        base = self.spec.location.rstrip("/")
-        table = pa.table({"key": pa.array(keys, pa.string()),
-                          "path": pa.array([f"{base}/{key}" for key in keys], pa.string())})
-        return with_versions(table, [found[k] for k in keys])
+                found.append((relative, version))
+            if len(found) == BATCH_ROWS:
+                yield _prefix_batch(found, base)
+                found = []
+        if found:
+            yield _prefix_batch(found, base)
+
+
+def _prefix_batch(found: list[tuple[str, tuple[int, str]]], base: str) -> pa.Table:
+    keys = [key for key, _ in found]
+    table = pa.table({"key": pa.array(keys, pa.string()),
+                      "path": pa.array([f"{base}/{key}" for key in keys], pa.string())})
+    return with_versions(table, [version for _, version in found])
 
 
 def _local_items(keys: list[str], base: str) -> pa.Table:
@@ -114,12 +124,35 @@ def _walk_folder(root: str, relative: str = "") -> Iterator[str]:
             yield printable_path(path)
 
 
+# Objects asked for a request of the listing (S3's most; the tests ask for small pages)
+LIST_PAGE = 1000
+
+
 def _walk_prefix(location: str) -> Iterator[tuple[str, tuple[int, str]]]:
-    """Relative paths below an object-store prefix, with each object's size and version."""
+    """Relative paths below an object-store prefix, in key order, with each object's size
+    and version. S3 is listed a page at a time (list_objects_v2 and its continuation
+    token, through s3fs's retrying call); another store in one listing, sorted here."""
     fs, root = filesystem(location)
     root = root.rstrip("/")
-    for path, info in fs.find(root, detail=True).items():
-        yield path[len(root) + 1:], version_of(info)
+    if not hasattr(fs, "_call_s3"):
+        listed = fs.find(root, detail=True)
+        for path in sorted(listed):
+            yield path[len(root) + 1:], version_of(listed[path])
+        return
+    from fsspec.asyn import sync
+
+    bucket, _, key = root.partition("/")
+    request = {"Bucket": bucket, "Prefix": f"{key}/" if key else "", "MaxKeys": LIST_PAGE}
+    while True:
+        page = sync(fs.loop, fs._call_s3, "list_objects_v2", **request)
+        for entry in page.get("Contents", []):
+            if entry["Key"].endswith("/"):  # a "folder" placeholder object
+                continue
+            info = {"size": entry["Size"], "ETag": entry.get("ETag")}
+            yield entry["Key"][len(request["Prefix"]):], version_of(info)
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def _named_as_image(name: str, passed_over: Counter[str]) -> bool:
