@@ -150,3 +150,15 @@ def test_a_folder_of_images_is_still_a_folder(cli, tmp_path, colour_checkpoint):
     result = cli(*job(folder, tmp_path / "run", colour_checkpoint))
     assert result.exit_code == 0, result.output
     assert len(read_output(tmp_path / "run" / "labels.parquet")) == 4
+
+
+def test_parquet_files_are_listed_one_at_a_time_into_the_plan(img2dataset_folder):
+    """Issue 46: every file's rows were listed before the plan's first; now a file at a
+    time."""
+    from pipeline.sources import listing, open_source
+    from pipeline.sources.base import SourceSpec
+
+    batches = listing(open_source(SourceSpec(str(img2dataset_folder))))
+    first = next(batches)
+    assert first["key"].to_pylist() == [f"00000.parquet#{i}" for i in range(ROWS // 2)]
+    assert [t.num_rows for t in batches] == [ROWS // 2]

@@ -169,3 +169,20 @@ def test_kept_columns_come_from_the_samples_txt_cls_and_json(cli, tmp_path, colo
     assert table["url"].tolist() == [f"http://example.invalid/{i}.jpg" for i in range(3)]
     assert table["original_width"].tolist() == ["70", "71", "72"]
     assert table["absent"].isna().all()
+
+
+def test_tars_are_listed_one_at_a_time_into_the_plan(shards, monkeypatch):
+    """Issue 46: every tar was read before the plan's first row; now a tar's samples are a
+    batch, so a collection of thousands of shards plans as it is read."""
+    from pipeline.sources import listing, open_source, tar_shards
+    from pipeline.sources.base import SourceSpec
+
+    read = []
+    real_samples = tar_shards._samples
+    monkeypatch.setattr(tar_shards, "_samples",
+                        lambda tar, *a: read.append(tar) or real_samples(tar, *a))
+    batches = listing(open_source(SourceSpec(str(shards))))
+    first = next(batches)
+    assert len(read) == 1 and first.num_rows == PER_TAR  # the first tar only, so far
+    rest = list(batches)
+    assert len(read) == 2 and [t.num_rows for t in rest] == [PER_TAR]

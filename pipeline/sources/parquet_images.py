@@ -51,12 +51,13 @@ class ParquetImagesSource(Source):
             return False
         return bool(image_columns(_open_parquet(files[0]).schema_arrow))
 
-    def list_items(self) -> pa.Table:
+    def batches(self) -> Iterator[pa.Table]:
+        """A file's rows at a time (their keys and locators; the image bytes are read when
+        labelled): a folder of many files is never listed whole before the plan."""
         spec = self.spec
         if spec.path_column or spec.root:
             raise UsageError("--path-column and --root apply to manifests of paths, but "
                              f"{spec.location} holds the images themselves")
-        tables = []
         for file in self._files():
             source = _open_parquet(file)
             self.image_column(source.schema_arrow, file)  # there, or one line why not
@@ -78,7 +79,11 @@ class ParquetImagesSource(Source):
             table = pa.table({"key": keys, "path": pa.array(locators, pa.string())})
             for name in spec.keep_columns:
                 table = table.append_column(name, rows[name])
-            tables.append(table)
+            if table.num_rows:
+                yield table
+
+    def list_items(self) -> pa.Table:
+        tables = list(self.batches())
         return pa.concat_tables(tables) if tables else pa.table(
             {"key": pa.array([], pa.string()), "path": pa.array([], pa.string())})
 

@@ -44,30 +44,39 @@ class TarShardsSource(Source):
             return location.lower().endswith(".tar")
         return bool(_tars(location))
 
-    def list_items(self) -> pa.Table:
+    def batches(self) -> Iterator[pa.Table]:
+        """A tar's samples at a time, each tar read once as a stream: a collection of
+        thousands of shards is never listed whole before the plan takes its first rows."""
         spec = self.spec
         if spec.path_column or spec.root or spec.id_column:
             raise UsageError("--path-column, --root and --id-column apply to manifests, but "
                              f"{spec.location} holds tar shards")
-        keys: list[str] = []
-        paths: list[str] = []
-        kept: dict[str, list[str | None]] = {name: [] for name in spec.keep_columns}
         location = spec.location
         if self.claims_pattern(location):
             tars = expand_braces(location)
         else:
             tars = [location] if location.lower().endswith(".tar") else _tars(location)
         for tar in tars:
+            keys: list[str] = []
+            paths: list[str] = []
+            kept: dict[str, list[str | None]] = {name: [] for name in spec.keep_columns}
             for key, path, fields in _samples(tar, spec.keep_columns):
                 keys.append(key)
                 paths.append(path)
                 for name, values in kept.items():
                     values.append(fields.get(name))
-        table = pa.table({"key": pa.array(keys, pa.string()),
-                          "path": pa.array(paths, pa.string())})
-        for name, values in kept.items():
-            table = table.append_column(name, pa.array(values, pa.string()))
-        return table
+            if not keys:
+                continue
+            table = pa.table({"key": pa.array(keys, pa.string()),
+                              "path": pa.array(paths, pa.string())})
+            for name, values in kept.items():
+                table = table.append_column(name, pa.array(values, pa.string()))
+            yield table
+
+    def list_items(self) -> pa.Table:
+        tables = list(self.batches())
+        return pa.concat_tables(tables) if tables else pa.table(
+            {"key": pa.array([], pa.string()), "path": pa.array([], pa.string())})
 
     def fetch(self, paths: list[str], max_bytes: int) -> list[bytes | Exception]:
         """Each image's bytes; the images of one tar in a batch come in one read."""
