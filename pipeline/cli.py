@@ -182,6 +182,9 @@ Embeddings = Annotated[Optional[bool], typer.Option(
 Incremental = Annotated[Optional[bool], typer.Option(
     "--incremental", metavar="", help="Nightly mode: label only new and changed images, drop removed "
                           "ones, keep the rest.")]
+DriftThreshold = Annotated[Optional[float], typer.Option(
+    help="--incremental: say in one line when the labels shift this much since the night "
+         "before (PSI of the class shares or top-1 scores) (default: 0.1).")]
 NumSlices = Annotated[Optional[int], typer.Option(
     help="Split the job into this many slices (array jobs); see --slice-index.")]
 SliceIndex = Annotated[Optional[int], typer.Option(
@@ -229,7 +232,8 @@ def run(source: Source = None, out: Out = None, config: ConfigFile = None, model
         allow_duplicates: AllowDuplicates = None, overwrite: Overwrite = None, quiet: Quiet = None, compile: Compile = None,
         no_compile: NoCompile = None, runtime: RuntimeOption = None,
         embeddings: Embeddings = None,
-        incremental: Incremental = None, engine: Engine = None, ray_address: RayAddress = None,
+        incremental: Incremental = None, drift_threshold: DriftThreshold = None,
+        engine: Engine = None, ray_address: RayAddress = None,
         actors: Actors = None, option: KindOption = None,
         num_slices: NumSlices = None, slice_index: SliceIndex = None,
         num_shards: NumShards = None, shard_index: ShardIndex = None) -> None:
@@ -360,6 +364,7 @@ def report(
     found = reporting.analyse(reporting.read_batches(out))  # one pass, bounded memory
     found.run = reporting.describe_run(out)
     found.agreement = agreement(out)
+    found.drift = reporting.last_night(out)
     typer.echo(reporting.render_text(found))
     if html_file is not None:
         with atomic_path(html_file) as tmp:

@@ -55,6 +55,7 @@ class RunConfig:
     num_slices: int | None = None  # slices of an array job; each labels every n-th shard
     slice_index: int | None = None
     incremental: bool = False
+    drift_threshold: float = 0.1  # --incremental: the PSI of a shift said in one line (drift.py)
     embeddings: bool = False
     engine: str = "local"  # who hands out the shards: engines.ENGINES
     ray_address: str | None = None  # --engine ray: None: a running cluster, else a local Ray
@@ -221,6 +222,9 @@ def _check_values(config: RunConfig) -> None:
     if not 0 < config.int8_agreement <= 1:
         raise UsageError(f"--int8-agreement is a share of images, above 0 and at most 1 "
                          f"(0.98 for 98%), got {config.int8_agreement}")
+    if not config.drift_threshold > 0:
+        raise UsageError(f"--drift-threshold is a PSI above 0 (0.1: a moderate shift), got "
+                         f"{config.drift_threshold}")
     if config.workers is not None and config.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {config.workers}")
     if len(set(config.keep_columns)) != len(config.keep_columns):

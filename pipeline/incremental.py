@@ -18,14 +18,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import engines, formats, plan as planning, rundir, runner
+from pipeline import drift, engines, formats, plan as planning, rundir, runner
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError, notice
 from pipeline.job import Job, prepare_run
 from pipeline.night_diff import TONIGHT, NightDiff, items_to_label, local_file
 from pipeline.progress import if_long
-from pipeline.rundir import RunDirectory, increment_dir, output_name
+from pipeline.rundir import SUMMARY_FILE, RunDirectory, increment_dir, output_name, read_json
 from pipeline.sources import VERSION_COLUMNS
 from pipeline.summary import RunSummary
 from pipeline.writer import merge_parts, output_schema
@@ -134,13 +134,20 @@ def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
     started = time.perf_counter()
     # the removed keys before the new table replaces the previous one that names them
     removed = diff.removed() if diff.previous is not None else None
+    before = _last_nights_stats(top, diff, base) if diff.previous is not None else None
     with if_long(f"writing {top.output(fmt)}", not config.quiet):
-        summary.ok, upserts = assemble(top, diff, labelled, config.keep_columns, night)
+        summary.ok, upserts, tonight = assemble(top, diff, labelled, config.keep_columns, night)
         if config.format != "parquet":
             merge_parts(store, [TABLE], fmt, commit=top.commit(
                 night, base=base or None, upserts=upserts, removed=removed))
     top.remove_increments()  # only once the new table is committed
     summary.write_seconds += time.perf_counter() - started
+    if before is not None:
+        summary.drift = drift.compare(before, tonight, diff.relabelled, diff.top1_changed,
+                                      config.drift_threshold)
+        if summary.drift["drift"]:
+            notice(drift.line(summary.drift))
+    summary.drift["night"], summary.drift["label_stats"] = night, tonight.to_dict()
     summary.items = diff.items
     summary.errors = summary.items - summary.ok
     summary.seconds = time.perf_counter() - job.started
@@ -148,13 +155,22 @@ def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
     return summary
 
 
+def _last_nights_stats(top: RunDirectory, diff: NightDiff, base: str) -> drift.LabelStats:
+    """Last night's label statistics: kept in its summary.json when that night wrote the
+    table tonight starts from, else read from the table (a first night, a takeover)."""
+    kept = (read_json(top.store, SUMMARY_FILE) or {}).get("drift") or {}
+    if base and kept.get("night") == base and "label_stats" in kept:
+        return drift.LabelStats.from_dict(kept["label_stats"])
+    return drift.stats_of(diff.previous)
+
+
 def assemble(top: RunDirectory, diff: NightDiff, labelled: str | None, keep_columns,
-             night: str) -> tuple[int, list[pa.Table]]:
+             night: str) -> tuple[int, list[pa.Table], drift.LabelStats]:
     """Write the new table in source order, a batch at a time: labels of unchanged items
     from the previous table, the rest from tonight's; keys, paths, kept columns and versions
-    always from tonight's listing. How many rows are ok, and tonight's rows (the changes a
-    table format commits: as many as were labelled tonight). `labelled`: the name of
-    tonight's labels in the run directory, if any."""
+    always from tonight's listing. How many rows are ok, tonight's rows (the changes a
+    table format commits: as many as were labelled tonight), and the new table's label
+    statistics. `labelled`: the name of tonight's labels in the run directory, if any."""
     store = top.store
     local = None
     if labelled is not None:  # tonight's labels, a local file for DuckDB
@@ -165,13 +181,14 @@ def assemble(top: RunDirectory, diff: NightDiff, labelled: str | None, keep_colu
         template = pq.read_schema(diff.previous)
     template = template.with_metadata({**(template.metadata or {}), NIGHT: night.encode()})
     items = ["key", "path", *keep_columns, *VERSION_COLUMNS]
-    ok, upserts = 0, []
+    ok, upserts, stats = 0, [], drift.LabelStats()
     with store.writing(TABLE) as sink, pq.ParquetWriter(sink, template) as writer:
         for rows in diff.rows(template, local, items):
             tonight = rows[TONIGHT]
             table = rows.select(template.names).cast(template)
             writer.write_table(table)
+            stats.add(table)
             ok += int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0)
             if pc.any(tonight).as_py():
                 upserts.append(table.filter(tonight))
-    return ok, upserts
+    return ok, upserts, stats

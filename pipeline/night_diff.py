@@ -159,6 +159,7 @@ class NightDiff:
         in the join. Both are read by row number, in passes that are sequential when tonight
         lists in last night's order (a source listed as before, with images added and
         removed)."""
+        self.relabelled = self.top1_changed = 0  # changed images, and those whose top-1 moved
         labels = [f.name for f in template if f.name not in item_columns]
         label_schema = pa.schema([template.field(name) for name in labels])
         tonight_labels = _Rows(labelled, labels) if labelled else None
@@ -175,6 +176,8 @@ class NightDiff:
                     pieces.append(tonight_labels.take(numbers).cast(label_schema))
                     order.append(at_tonight)
                     labelled_before += len(at_tonight)
+                    self._count_top1_changes(places, at_tonight, pieces[-1],
+                                             previous_labels)
                 at_previous = np.flatnonzero(~mask)
                 if len(at_previous):
                     numbers = places["previous_row"].take(pa.array(at_previous)).to_numpy(
@@ -190,6 +193,25 @@ class NightDiff:
             for rows in (tonight_labels, previous_labels):
                 if rows is not None:
                     rows.close()
+
+
+    def _count_top1_changes(self, places: pa.Table, at_tonight: np.ndarray,
+                            labelled: pa.Table, previous_labels) -> None:
+        """Of tonight's labelled images that last night had (changed ones), how many got
+        another top-1: their previous rows read by number, a few per night."""
+        if previous_labels is None:
+            return
+        before = places["previous_row"].take(pa.array(at_tonight)).combine_chunks()
+        had = pc.is_valid(before).to_numpy(zero_copy_only=False)
+        if not had.any():
+            return
+        numbers = before.filter(pa.array(had)).to_numpy(zero_copy_only=False)
+        old = previous_labels.take(numbers)["top1_label"]
+        new = labelled["top1_label"].filter(pa.array(had))
+        same = pc.fill_null(pc.equal(old, new), False)
+        both_null = pc.and_(pc.is_null(old), pc.is_null(new))
+        self.relabelled += int(had.sum())
+        self.top1_changed += int(had.sum()) - int(pc.sum(pc.or_(same, both_null)).as_py() or 0)
 
 
 class _Rows:

@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from pipeline import formats, keys
 from pipeline.errors import ImageError, UsageError
 from pipeline.pixels import DECODE_ERRORS, to_rgb
-from pipeline.rundir import RUN_FILE, read_json
+from pipeline.rundir import RUN_FILE, SUMMARY_FILE, read_json
 from pipeline.storage import Store, atomic_path, read_bytes
 from pipeline.summary import count
 
@@ -57,6 +57,7 @@ class Findings:
     error_rows: list[tuple[str, str, str]] = field(default_factory=list)
     run: dict[str, str] = field(default_factory=dict)  # model, weights, date, source
     agreement: dict | None = None  # with people's reviews (review/reviews.py), if any
+    drift: dict | None = None  # a night's labels against last night's (drift.py), if any
 
 
 def describe_run(out: str) -> dict[str, str]:
@@ -71,6 +72,29 @@ def describe_run(out: str) -> dict[str, str]:
     return {"model": fingerprint.get("model", ""), "weights": weights,
             "run date": record.get("started_at", ""),
             "source": fingerprint.get("source", {}).get("location", "")}
+
+
+def last_night(out: str) -> dict | None:
+    """The last night's comparison with the night before, from summary.json (drift.py)."""
+    figures = (read_json(Store(out), SUMMARY_FILE) or {}).get("drift") or {}
+    return figures if "classes" in figures else None
+
+
+def drift_lines(figures: dict) -> list[str]:
+    """The comparison with the night before, for the terminal."""
+    lines = [f"since the night before: class shares PSI {figures['class_psi']:.3f}, top-1 "
+             f"scores PSI {figures['score_psi']:.3f} (threshold {figures['threshold']:g}"
+             f"{': shifted' if figures['drift'] else ''}); {figures['top1_changed']} of "
+             f"{figures['relabelled']} changed images changed their top-1"]
+    for name in ("appeared", "vanished"):
+        if figures[name]:
+            lines.append(f"classes {name}: {', '.join(figures[name][:10])}")
+    moved = [c for c in figures["classes"][:5] if c["share_before"] != c["share_after"]]
+    if moved:
+        lines.append("shares that moved most: " + ", ".join(
+            f"{c['label']} {_share(c['share_before'])} -> {_share(c['share_after'])}"
+            for c in moved))
+    return lines
 
 
 def finished_table(out: str) -> tuple[Store, formats.Format]:
@@ -195,6 +219,8 @@ def render_text(found: Findings) -> str:
             lines.append("agreement by the reviewers' label (reviewed, top-1, top-k):")
             lines += [f"  {c['label']:<{width}}  {c['reviewed']}  {_share(c['top1_agreement'])}"
                       f"  {_share(c['top_k_agreement'])}" for c in classes]
+    if found.drift:
+        lines += drift_lines(found.drift)
     return "\n".join(lines)
 
 
@@ -245,6 +271,43 @@ def _bars(pairs: list[tuple[str, int]], css_class: str) -> str:
     return "".join(parts)
 
 
+def _paired_bars(rows: list[tuple[str, float, float]], css_class: str) -> str:
+    """Two bars a row, the night before's (pale) and tonight's, as inline SVG: shares."""
+    if not rows:
+        return "<p>nothing to show</p>"
+    top = max(max(a, b) for _, a, b in rows) or 1
+    parts = [f'<svg class="{css_class}" width="640" height="{30 * len(rows)}" role="img">']
+    for i, (name, before, after) in enumerate(rows):
+        y = 30 * i
+        for j, (value, bar) in enumerate(((before, "before"), (after, "bar"))):
+            width = int(380 * value / top)
+            parts.append(f'<rect class="{bar}" x="200" y="{y + 2 + 13 * j}" width="{width}" '
+                         f'height="12"><title>{html.escape(str(name))}: {_share(value)} '
+                         f'({"the night before" if j == 0 else "tonight"})</title></rect>')
+        parts.append(f'<text x="0" y="{y + 17}">{html.escape(str(name))[:40]}</text>'
+                     f'<text x="{585}" y="{y + 17}">{_share(before)} &#8594; {_share(after)}'
+                     '</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _drift_section(figures: dict | None) -> str:
+    if not figures:
+        return ""
+    esc = html.escape
+    head = esc(drift_lines(figures)[0])
+    shares = [(c["label"], c["share_before"], c["share_after"]) for c in figures["classes"]]
+    before, after = (np.asarray(figures[k], np.float64) for k in ("histogram_before",
+                                                                  "histogram_after"))
+    scores = [(f"{i / 10:.1f}-{(i + 1) / 10:.1f}", b / max(before.sum(), 1),
+               a / max(after.sum(), 1)) for i, (b, a) in enumerate(zip(before, after))]
+    changed = "".join(f"<p>Classes {name}: {esc(', '.join(figures[name]))}</p>"
+                      for name in ("appeared", "vanished") if figures[name])
+    return (f'<h2>Since the night before</h2><p id="drift">{head}.</p>{changed}'
+            f'<h3>Class shares that moved most</h3>{_paired_bars(shares, "drift-classes")}'
+            f'<h3>Top-1 scores</h3>{_paired_bars(scores, "drift-scores")}')
+
+
 def _caption(key: str) -> str:
     """A key as lines that break only after a '/', each folder or file name whole (cut with
     an ellipsis where it is wider than the thumbnail; the full key is the caption's title)."""
@@ -287,6 +350,7 @@ def render_html(found: Findings, title: str) -> str:
 <style>
 body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222; }}
 svg text {{ font: 12px system-ui, sans-serif; }} .bar {{ fill: #4a78b5; }}
+.before {{ fill: #b9cbe4; }}
 figure {{ display: inline-block; margin: 4px; width: {THUMBNAIL_PX + 8}px; font-size: 11px;
           vertical-align: top; }}
 .name {{ display: inline-block; max-width: 100%; overflow: hidden; white-space: nowrap;
@@ -299,6 +363,7 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 <p id="summary">{found.rows} images: {found.ok} ok, {count(found.errors, "error")}.
 Top-1 confidence: {confidence}.</p>
 {agreed}
+{_drift_section(found.drift)}
 <h2>Labels</h2>{_bars(found.labels[:TOP_LABELS], "label-histogram")}
 <h2>Top-1 confidence</h2>{_bars(histogram, "confidence-histogram")}
 <h2>Contact sheet</h2><p>Up to {THUMBNAILS_PER_LABEL} random images for each of the

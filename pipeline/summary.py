@@ -32,6 +32,7 @@ class RunSummary:
     slice_done: str = ""  # set when this process labelled one slice and did not merge
     missing: list[int] = field(default_factory=list)  # shards other slices still owe
     changes: dict = field(default_factory=dict)  # incremental runs: new/changed/unchanged/removed
+    drift: dict = field(default_factory=dict)  # incremental runs: the labels against last night's
     stale: str = ""  # a finished run whose source has changed since: what to do about it
     actors: list[dict] = field(default_factory=list)  # --engine ray: each actor's figures
     redone: list[dict] = field(default_factory=list)  # shards redone after an actor died
@@ -92,6 +93,7 @@ class RunSummary:
             "device": self.device, "precision": self.precision,
             **({"settings": self.settings} if self.settings else {}),
             **({"changes": self.changes} if self.changes else {}),
+            **({"drift": self.drift} if self.drift else {}),
             **({"stale": self.stale} if self.stale else {}),
             **({"actors": self.actors} if self.actors else {}),
             **({"redone": self.redone} if self.redone else {}),
