@@ -413,19 +413,35 @@ def export(
              "LOCAL_FILES_DOCUMENT_ROOT); images must be below it.")] = None,
     dataset: Annotated[Optional[str], typer.Option(
         help="fiftyone: the dataset to create (default: label-images-<run name>).")] = None,
+    option: Annotated[Optional[list[str]], typer.Option(
+        "--option", "-o", metavar="NAME=VALUE",
+        help="An option the review tool declares for itself (the flags above are its "
+             "aliases); repeat for more. "
+             + "; ".join(f"{name}: " + ", ".join(o.name for o in t.options)
+                         for name, t in review.TARGETS.items() if t.options) + ".")] = None,
 ) -> None:
     """Send a finished run's rows to people: Label Studio tasks or a FiftyOne dataset."""
+    from pipeline.options import declared
     from pipeline.review.selection import Selection, chosen, run_of
 
     target = review.get(to)
-    run = run_of(out)
-    picked = Selection(rows=rows, where=where, below=below, margin=margin, limit=limit)
-    options = {"file": file and str(file), "url": url, "token": token, "project": project,
+    given = parse_flags(option)
+    takes = [o.name for o in target.options]
+    for name in given:
+        if name not in takes:
+            raise UsageError(f"--option {name} is not for --to {to} (it takes "
+                             f"{', '.join(takes) or 'none'})")
+    aliases = {"file": file and str(file), "url": url, "token": token, "project": project,
                "title": title, "dataset": dataset,
                "local_files_root": local_files_root and str(local_files_root)}
-    for name, value in options.items():
-        if value is not None and name not in target.takes:
-            raise UsageError(f"--{name.replace('_', '-')} is not for --to {to}")
+    for name, value in aliases.items():
+        if value is not None:
+            if name not in takes:
+                raise UsageError(f"--{name.replace('_', '-')} is not for --to {to}")
+            given[name] = value
+    options = declared(target, given)  # each of its type, or one line
+    run = run_of(out)
+    picked = Selection(rows=rows, where=where, below=below, margin=margin, limit=limit)
     with chosen(out, picked, embeddings=target.takes_embeddings and run.embeddings) as (
             tables, count, labels):
         if not count:

@@ -1,7 +1,7 @@
 """Each seam takes a new kind from this file alone: a runtime, an engine, a model backend, an
-output format with an option of its own and a source are defined here, registered with one
-line each (as a module's registry line would), and a real job runs through each through the
-command line. Nothing in pipeline/ names them."""
+output format with an option of its own, a source and a review tool with options of its own
+are defined here, registered with one line each (as a module's registry line would), and a
+real job runs through each through the command line. Nothing in pipeline/ names them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from pipeline import engines, formats, labeller, runtimes, sources
+from pipeline import engines, formats, labeller, review, runtimes, sources
 from pipeline.backends import BACKENDS, Backend, ModelSpec
 from pipeline.engines.base import Engine
 from pipeline.job import prepare
@@ -281,3 +281,69 @@ def test_a_source_registered_here_runs_a_job(cli, tmp_path, colour_checkpoint, m
     ok = found[found["status"] == "ok"]
     assert dict(zip(ok["key"], ok["top1_label"])) == truth
     assert found.loc[found["key"] == "notes/broken.jpg", "status"].item() == "error"
+
+
+class Sheet(review.ReviewTarget):
+    """A review tool that is a spreadsheet: the rows out as CSV, people's answers back as
+    a CSV of key and label (a file ending in .answers.csv)."""
+
+    name = "sheet"
+    options = (Option("sheet", str, "where to write the rows (CSV)"),
+               Option("scores", bool, "also write each row's top-1 score"))
+
+    def claims(self, where: str) -> bool:
+        return where.endswith(".answers.csv")
+
+    def export(self, run, rows, labels, options) -> dict:
+        lines, count = ["key,top1_label" + (",top1_score" if options.get("scores") else "")], 0
+        for table in rows:
+            for row in table.to_pylist():
+                lines.append(f"{row['key']},{row['top1_label']}" + (
+                    f",{row['top1_score']:.4f}" if options.get("scores") else ""))
+                count += 1
+        with open(options["sheet"], "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return {"samples": count, "file": options["sheet"]}
+
+    def reviews(self, where: str):
+        import pyarrow.csv as pacsv
+
+        answers = pacsv.read_csv(where)
+        n = answers.num_rows
+        yield pa.table({"key": answers["key"], "label": answers["label"],
+                        "reviewer": pa.array(["sheet"] * n),
+                        "reviewed_at": pa.nulls(n, pa.timestamp("us", tz="UTC")),
+                        "tool": pa.array(["sheet"] * n), "path": pa.nulls(n, pa.string())},
+                       schema=review.REVIEW_SCHEMA)
+
+
+def test_a_review_tool_registered_here_exports_and_reads_answers(
+        cli, tmp_path, colour_checkpoint, monkeypatch):
+    monkeypatch.setitem(review.TARGETS, "sheet", Sheet())  # the registry line
+    folder, out = tmp_path / "imgs", tmp_path / "run"
+    truth = write_colour_images(folder, 6)
+    assert cli("run", folder, "--out", out, "--weights", colour_checkpoint, *RUN).exit_code == 0
+    sheet = tmp_path / "rows.csv"
+    sent = cli("export", out, "--to", "sheet", "--rows", "all", "-o", f"sheet={sheet}",
+               "-o", "scores=yes")
+    assert sent.exit_code == 0, sent.output
+    assert sent.output.strip() == f"6 of 6 rows -> sheet: {sheet}"
+    lines = sheet.read_text().splitlines()
+    assert lines[0] == "key,top1_label,top1_score" and len(lines) == 7
+    assert {line.split(",")[0]: line.split(",")[1] for line in lines[1:]} == truth
+    refused = cli("export", out, "--to", "sheet", "-o", "dataset=x")
+    assert refused.exit_code == 2
+    assert "--option dataset is not for --to sheet (it takes sheet, scores)" in refused.output
+    typed = cli("export", out, "--to", "sheet", "-o", f"sheet={sheet}", "-o", "scores=maybe")
+    assert typed.exit_code == 2 and "--option scores=maybe: not a bool" in typed.output
+    alias = cli("export", out, "--to", "sheet", "--dataset", "x")
+    assert alias.exit_code == 2 and "--dataset is not for --to sheet" in alias.output
+    # people's answers: one disagrees with the model
+    wrong = sorted(truth)[0]
+    answers = tmp_path / "people.answers.csv"
+    answers.write_text("key,label\n" + "".join(
+        f"{key},{'red' if key == wrong and colour != 'red' else 'green' if key == wrong else colour}\n"
+        for key, colour in truth.items()))
+    back = cli("reviews", out, answers)
+    assert back.exit_code == 0, back.output
+    assert "people reviewed 6 images: the model's top-1 agrees on 83.3%" in back.output

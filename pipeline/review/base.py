@@ -42,7 +42,9 @@ class ReviewTarget:
 
     name: str = ""
     takes_embeddings = False  # it keeps the run's embeddings (for similarity views)
-    takes: tuple[str, ...] = ()  # the export options it reads (the `export` command's flags)
+    # what it declares for `export --option NAME=VALUE` (options.Option: typed, with help);
+    # the export command's named flags (--file, --url, ...) are aliases of these
+    options: tuple = ()
 
     def claims(self, where: str) -> bool:
         """Whether `where` holds this tool's answers."""
@@ -52,7 +54,8 @@ class ReviewTarget:
                options: dict) -> dict:
         """Send the chosen rows (key, path, top1_label, top1_score, labels, scores, and the
         embedding where the run has it) to the tool; what was sent, where, as figures.
-        `labels`: every label among the rows' top-k, sorted (the choices people get)."""
+        `labels`: every label among the rows' top-k, sorted (the choices people get);
+        `options`: those it declares that were given, typed."""
         raise NotImplementedError
 
     def reviews(self, where: str) -> Iterator[pa.Table]:

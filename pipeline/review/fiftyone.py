@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline.options import Option
 from pipeline.errors import UsageError
 from pipeline.review.base import REVIEW_SCHEMA, ReviewTarget
 from pipeline.storage import atomic_path
@@ -43,7 +44,10 @@ def _classifications(row: dict) -> list[dict]:
 class FiftyOne(ReviewTarget):
     name = "fiftyone"
     takes_embeddings = True
-    takes = ("file", "dataset")
+    options = (
+        Option("file", str, "write a dataset file (JSON) here instead of a dataset"),
+        Option("dataset", str, "the dataset to create (default: label-images-<run name>)"),
+    )
 
     def claims(self, where: str) -> bool:
         return where.startswith(SCHEME) or os.path.isfile(os.path.join(where, LABELS_FILE))

@@ -17,6 +17,7 @@ from xml.sax.saxutils import quoteattr
 
 import pyarrow as pa
 
+from pipeline.options import Option
 from pipeline.errors import RunError, UsageError, notice
 from pipeline.review.base import REVIEW_SCHEMA, ReviewTarget, Run
 from pipeline.storage import atomic_path, is_remote
@@ -87,10 +88,30 @@ def tasks(rows: Iterable[pa.Table], run: Run, root: str | None) -> Iterator[list
 
 class LabelStudio(ReviewTarget):
     name = "label-studio"
-    takes = ("file", "url", "token", "project", "title", "local_files_root")
+    options = (
+        Option("file", str, "write the tasks here (JSON) and the labelling config beside "
+               "it (.xml), to import by hand"),
+        Option("url", str, "import into the server at this URL through its API"),
+        Option("token", str, "a personal access token (default: LABEL_STUDIO_API_KEY)"),
+        Option("project", int, "add to this project (tasks already there are skipped); "
+               "default: a new project"),
+        Option("title", str, "the new project's title"),
+        Option("local_files_root", str, "the folder it serves local files from (its "
+               "LOCAL_FILES_DOCUMENT_ROOT); images must be below it"),
+    )
 
     def claims(self, where: str) -> bool:
-        return "://" not in where and not os.path.isdir(where)  # a file: its JSON export
+        """A file of its JSON export: named .json, or starting as JSON does (another
+        tool's answers file is left to that tool)."""
+        if "://" in where or os.path.isdir(where):
+            return False
+        if where.lower().endswith(".json"):
+            return True
+        try:
+            with open(where, "rb") as fh:
+                return fh.read(64).lstrip()[:1] in (b"[", b"{")
+        except OSError:
+            return True  # not there: its reader says so in its words
 
     def export(self, run, rows, labels, options) -> dict:
         if not run.holds_files:
