@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.backends.base import ModelSpec, head_name
+from pipeline.backends.base import ModelSpec, embedding_head
 from pipeline.errors import RunError, UsageError, notice
 from pipeline.prediction import Prediction
 
@@ -120,9 +120,8 @@ class Classifier:
         if embeddings:
             # The pooled penultimate features are the head's input: catch them on the way in,
             # from the same forward pass that gives the labels.
-            head = net.get_submodule(head_name(net))
+            head, self.embedding_size = embedding_head(net)
             head.register_forward_pre_hook(lambda _, inputs: self._features.append(inputs[0]))
-            self.embedding_size = head.in_features
         self.net = net  # what runs: the eager network, compiled, or another runtime's
         self.eager_net = net
         self.runtime = "torch"  # the registered runtime that runs it (runtimes/)

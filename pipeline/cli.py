@@ -480,6 +480,46 @@ def reviews(
         typer.echo(agreement_line(figures))
 
 
+@app.command(cls=_Command)
+@one_line_errors
+def fit(
+    out: Annotated[str, typer.Argument(help="A finished run labelled with --embeddings.",
+                                       metavar="OUT", show_default=False)],
+    labels: Annotated[str, typer.Option(
+        help="People's labels: reviews (OUT/reviews.parquet), folders (each image's folder "
+             "names its class, the recipe's layout) or both.")] = "reviews",
+    to: Annotated[Optional[Path], typer.Option(
+        help="Where to write the checkpoint (default: OUT/fitted.pt).")] = None,
+) -> None:
+    """Train a new head on the run's embeddings with people's labels; check it on held-out
+    answers; write a checkpoint --weights takes."""
+    from pipeline import fit as fitting
+
+    figures = fitting.fit(out, labels, str(to) if to else None)
+    typer.echo("\n".join(fitting.lines(figures)))
+
+
+@app.command(cls=_Command)
+@one_line_errors
+def relabel(
+    out: Annotated[str, typer.Argument(help="A finished run labelled with --embeddings.",
+                                       metavar="OUT", show_default=False)],
+    weights: Annotated[str, typer.Option(
+        help="A checkpoint `label-images fit` wrote for this run.", show_default=False)],
+    to: Annotated[str, typer.Option(
+        "--out", help="The new run directory for the relabelled table.", show_default=False)],
+) -> None:
+    """Label every row again from the stored embeddings with a fitted head: no image is
+    decoded, no backbone run."""
+    from pipeline.relabel import relabel as relabelling
+
+    from pipeline.storage import Store
+
+    figures = relabelling(out, weights, to)
+    typer.echo(f"{figures['rows']} rows relabelled in {figures['seconds']:.1f} s "
+               f"({figures['rows_per_second']:,.0f} rows/s) -> {Store(to).url('labels.parquet')}")
+
+
 weights_app = typer.Typer(no_args_is_help=True, cls=_Group, context_settings=HELP_OPTIONS,
                           help="List the named weights (torchvision, timm); stage them for "
                                "offline machines.")

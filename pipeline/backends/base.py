@@ -104,6 +104,20 @@ def head_name(net: nn.Module) -> str:
     return name
 
 
+def embedding_head(net: nn.Module) -> tuple[nn.Module, int]:
+    """The module whose input is the embedding, and its size: the last Linear, or the
+    whole of a fitted Dense-ReLU-Dense head (`label-images fit`), whose input is the same
+    pooled features the plain Linear had."""
+    name = head_name(net)
+    parent_name = name.rpartition(".")[0]
+    parent = net.get_submodule(parent_name) if parent_name else None
+    if (isinstance(parent, nn.Sequential) and len(parent) == 3
+            and isinstance(parent[0], nn.Linear) and isinstance(parent[1], nn.ReLU)):
+        return parent, parent[0].in_features
+    head = net.get_submodule(name)
+    return head, head.in_features
+
+
 def load_weights(net: nn.Module, state_dict: dict, model: str) -> nn.Module:
     """The state dict into the network, or one line saying why it does not fit."""
     try:

@@ -171,11 +171,11 @@ def _from_named_weights(model: str, name: str) -> ModelSpec:
 
 def _from_checkpoint_file(model: str, path: Path) -> ModelSpec:
     state_dict, categories = load_checkpoint(path)
-    head = head_name(get_model(model, weights=None)) + ".weight"
-    if head not in state_dict:
+    head = head_name(get_model(model, weights=None))
+    num_classes, hidden = head_shape(state_dict, head)
+    if num_classes is None:
         raise UsageError(f"--weights {path} does not look like a {model} checkpoint "
-                         f"(no {head!r} in it)")
-    num_classes = int(state_dict[head].shape[0])
+                         f"(no {head + '.weight'!r} in it)")
     if categories is not None:
         check_categories(categories, num_classes, path)
     # A staged copy of torchvision's own file keeps its class names and preprocessing.
@@ -189,7 +189,7 @@ def _from_checkpoint_file(model: str, path: Path) -> ModelSpec:
                      num_classes=num_classes,
                      categories=tuple(categories or [str(i) for i in range(num_classes)]),
                      preprocess=preprocess_of(known) if known else DEFAULT_PREPROCESS,
-                     build=partial(_build, model, num_classes, state_dict, known))
+                     build=partial(_build, model, num_classes, state_dict, known, hidden))
 
 
 def check_named_hash(path: Path, weights, digest: str) -> None:
@@ -204,11 +204,40 @@ def check_named_hash(path: Path, weights, digest: str) -> None:
                "it was trained on others")
 
 
-def _build(model: str, num_classes: int, state_dict: dict, weights) -> nn.Module:
+def head_shape(state_dict: dict, head: str) -> tuple[int | None, int | None]:
+    """(classes, hidden units) of the head a checkpoint holds under `head` (torchvision's
+    last Linear: `fc` for ResNets): a Linear, or the recipe's Dense-ReLU-Dense
+    (`head.0`, `head.2`, as `nn.Sequential(Linear, ReLU, Linear)` saves it, what
+    `label-images fit` writes). (None, None): neither."""
+    if f"{head}.weight" in state_dict:
+        return int(state_dict[f"{head}.weight"].shape[0]), None
+    if f"{head}.0.weight" in state_dict and f"{head}.2.weight" in state_dict:
+        return (int(state_dict[f"{head}.2.weight"].shape[0]),
+                int(state_dict[f"{head}.0.weight"].shape[0]))
+    return None, None
+
+
+def with_head(net: nn.Module, num_classes: int, hidden: int | None = None) -> nn.Module:
+    """The network with its last Linear replaced: a Linear to `num_classes`, or with
+    `hidden` the recipe's Dense(hidden) + ReLU + Dense(num_classes), as the tutorials do
+    it (`model.fc = nn.Sequential(...)`)."""
+    head = head_name(net)
+    features = net.get_submodule(head).in_features
+    parent, _, name = head.rpartition(".")
+    new = nn.Linear(features, num_classes) if hidden is None else nn.Sequential(
+        nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+    setattr(net.get_submodule(parent) if parent else net, name, new)
+    return net
+
+
+def _build(model: str, num_classes: int, state_dict: dict, weights,
+           hidden: int | None = None) -> nn.Module:
     # Some architectures change shape with pretrained weights (inception's input transform);
     # torchvision's builder sets those options when given weights: mirrored here.
     overrides = {}
     if weights is not None and model in ("inception_v3", "googlenet"):
         overrides = {"transform_input": True, "aux_logits": False, "init_weights": False}
     net = get_model(model, weights=None, num_classes=num_classes, **overrides)
+    if hidden is not None:
+        net = with_head(net, num_classes, hidden)
     return load_weights(net, state_dict, model)

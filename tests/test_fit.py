@@ -1,0 +1,146 @@
+"""From people's answers to a better model (issue 47): `fit` trains a head on the run's
+embeddings for the team's own classes, checked on held-out answers; the checkpoint loads
+with the tutorials' own code; `relabel` from the stored embeddings equals a full run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torchvision import transforms
+
+from pipeline import fit as fitting
+from pipeline.review.base import REVIEW_SCHEMA
+from pipeline.review.reviews import record
+from tests.conftest import FAST, colour_array, read_output
+
+# The team's classes are a grouping of what the colour model tells apart: its labels
+# (red, green, blue, grey) never name them, so it agrees with people on none.
+TEAM = {"warm": ["red"], "cool": ["green", "blue"], "neutral": ["grey"]}
+RUN = ["--model", "resnet18", "--top-k", "2", "--workers", "0", "--batch-size", "8",
+       "--quiet", "--runtime", "torch", *FAST]
+
+
+@pytest.fixture(scope="module")
+def team_photos(tmp_path_factory):
+    """12 images a class, in a folder per class (the recipe's layout)."""
+    folder = tmp_path_factory.mktemp("team")
+    truth = {}
+    for team, colours in TEAM.items():
+        (folder / team).mkdir()
+        for i in range(12):
+            colour = colours[i % len(colours)]
+            name = f"{team}/{colour}_{i:02d}.png"
+            seed = 100 * list(TEAM).index(team) + i
+            Image.fromarray(colour_array(colour, 60 + 3 * i, 50 + 2 * i, seed=seed)).save(
+                folder / name)
+            truth[name] = team
+    return folder, truth
+
+
+@pytest.fixture(scope="module")
+def labelled(team_photos, colour_checkpoint, tmp_path_factory):
+    """A run over the team's photos with --embeddings (the colour model's labels)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    folder, truth = team_photos
+    out = tmp_path_factory.mktemp("runs") / "colours"
+    done = CliRunner().invoke(app, ["run", str(folder), "--out", str(out), "--weights",
+                                    str(colour_checkpoint), "--embeddings", *RUN])
+    assert done.exit_code == 0, done.output
+    return out
+
+
+def _answers(out, truth: dict[str, str], keys) -> None:
+    """People's answers for `keys`, as the run's only reviews."""
+    (out / "reviews.parquet").unlink(missing_ok=True)
+    n = len(keys)
+    record(str(out), [pa.table({
+        "key": list(keys), "label": [truth[k] for k in keys], "reviewer": ["ann"] * n,
+        "reviewed_at": pa.nulls(n, pa.timestamp("us", tz="UTC")),
+        "tool": ["label-studio"] * n, "path": pa.nulls(n, pa.string())}, schema=REVIEW_SCHEMA)])
+
+
+def test_a_head_fitted_on_answers_beats_the_model_and_loads_as_the_tutorials_do(
+        cli, tmp_path, team_photos, labelled, colour_checkpoint):
+    folder, truth = team_photos
+    answered = sorted(truth)[::2]  # people answered half of the photos
+    _answers(labelled, truth, answered)
+    head = tmp_path / "head.pt"
+    done = cli("fit", labelled, "--to", head)
+    assert done.exit_code == 0, done.output
+    figures = json.loads((labelled / "fit.json").read_text())
+    assert figures["answers"] == len(answered) and figures["classes"] == sorted(TEAM)
+    assert figures["model_agreement"] == 0.0  # its labels are colours, not the team's
+    chosen = figures["held_out_accuracy"][figures["head"]]
+    assert chosen >= 0.9, figures
+    assert "the current model agrees on 0.0%" in done.output
+    assert {c["label"]: c["answers"] for c in figures["per_class"]} == {
+        "cool": 6, "neutral": 6, "warm": 6}
+    # the tutorials' own loading: torchvision's model, its fc replaced, load_state_dict
+    checkpoint = torch.load(head, map_location="cpu", weights_only=True)
+    net = torchvision.models.resnet18()
+    net.fc = (torch.nn.Linear(512, 3) if figures["head"] == "linear" else torch.nn.Sequential(
+        torch.nn.Linear(512, fitting.HIDDEN), torch.nn.ReLU(), torch.nn.Linear(fitting.HIDDEN, 3)))
+    net.load_state_dict(checkpoint["state_dict"])
+    net.eval()
+    loop = transforms.Compose([transforms.Resize(72), transforms.CenterCrop(64),
+                               transforms.ToTensor(),
+                               transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    with torch.no_grad():
+        by_tutorial = {k: checkpoint["categories"][int(net(loop(
+            Image.open(folder / k).convert("RGB"))[None]).argmax())] for k in truth}
+    # a full run with the fitted checkpoint, and relabel from the stored embeddings
+    full = tmp_path / "full"
+    assert cli("run", folder, "--out", full, "--weights", head, "--embeddings",
+               *RUN).exit_code == 0
+    again = tmp_path / "relabelled"
+    relabelled = cli("relabel", labelled, "--weights", head, "--out", again)
+    assert relabelled.exit_code == 0, relabelled.output
+    assert "rows relabelled in" in relabelled.output and "rows/s" in relabelled.output
+    by_run = read_output(full / "labels.parquet").set_index("key")
+    by_relabel = read_output(again / "labels.parquet").set_index("key")
+    assert by_run["top1_label"].to_dict() == by_tutorial
+    assert by_relabel["top1_label"].to_dict() == by_tutorial
+    assert np.mean([by_tutorial[k] == truth[k] for k in truth]) >= 0.9
+    # bf16 on this CPU for the run, float32 for relabel: within the fidelity tolerance
+    assert by_relabel["top1_score"].to_numpy() == pytest.approx(
+        by_run.loc[by_relabel.index, "top1_score"].to_numpy(), abs=2e-2)
+    assert [list(x) for x in by_relabel["labels"]] == [list(x) for x in by_run.loc[
+        by_relabel.index, "labels"]]
+    # the relabelled table is a run directory the report reads
+    report = cli("report", again)
+    assert report.exit_code == 0 and "36 images: 36 ok" in report.output
+
+
+def test_a_head_worse_than_the_model_is_refused_with_the_figures(
+        cli, tmp_path, team_photos, labelled, monkeypatch):
+    """People who answer with the model's own classes: it agrees on all of them; a head
+    that learns nothing (no training here) is refused, nothing written."""
+    folder, truth = team_photos
+    table = read_output(labelled / "labels.parquet")
+    own = dict(zip(table["key"], table["top1_label"]))
+    _answers(labelled, own, sorted(own)[:16])
+    monkeypatch.setattr(fitting, "EPOCHS", 0)
+    refused = cli("fit", labelled, "--to", tmp_path / "head.pt")
+    assert refused.exit_code == 1
+    line = refused.output.strip().splitlines()[-1]
+    assert "refused: the new head's top-1 accuracy on held-out answers is" in line
+    assert "below the current model's agreement with them (100.0%)" in line
+    assert not (tmp_path / "head.pt").exists()
+    assert json.loads((labelled / "fit.json").read_text())["refused"]
+
+
+def test_fit_on_the_folders_names_and_its_refusals(cli, tmp_path, labelled):
+    done = cli("fit", labelled, "--labels", "folders", "--to", tmp_path / "head.pt")
+    assert done.exit_code == 0, done.output
+    assert json.loads((labelled / "fit.json").read_text())["answers"] == 36
+    wrong = cli("fit", labelled, "--labels", "tags")
+    assert wrong.exit_code == 2 and "--labels must be one of" in wrong.output
