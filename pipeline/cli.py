@@ -385,8 +385,9 @@ def export(
         "--to", help=f"The review tool: {' or '.join(review.TARGETS)}.", show_default=False)],
     rows: Annotated[str, typer.Option(
         help="review: the rows whose top-1 score is below --below or within --margin of the "
-             "second, lowest first; all: every ok row, in the table's order (default: "
-             "review).", show_default=False)] = "review",
+             "second, lowest first; spread: --limit of those (default 100) spread over the "
+             "embedding space, what teaches a fit most (needs --embeddings); all: every ok "
+             "row, in the table's order (default: review).", show_default=False)] = "review",
     where: Annotated[Optional[str], typer.Option(
         help="Only rows where this DuckDB condition holds, e.g. \"top1_score < 0.6\" or "
              "\"top1_label = 'tabby'\".")] = None,

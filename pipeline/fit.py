@@ -156,7 +156,17 @@ def fit(out: str, source: str = "reviews", to: str | None = None) -> dict:
     if ":" in config["model"]:
         raise UsageError(f"fit writes torchvision checkpoints; {config['model']} is another "
                          "family's model")
-    answers = read_answers(out, people_labels(out, source))
+    store, fmt = finished_table(out)
+    first = next(iter(fmt.batches(store, ["key", "embedding"])), None)
+    if first is None or "embedding" not in first.column_names:
+        raise UsageError(f"{out} has no embeddings: label it with --embeddings (fit trains "
+                         "on them)")
+    labels = people_labels(out, source)
+    if not labels:
+        raise UsageError(f"no image of {out} is in a folder: --labels folders takes each "
+                         "image's folder as its class" if source == "folders" else
+                         f"{out}'s reviews.parquet holds no answers")
+    answers = read_answers(out, labels)
     names = sorted(set(answers.labels))
     counts = Counter(answers.labels)
     if len(names) < 2 or min(counts.values()) < 2:

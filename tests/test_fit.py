@@ -144,3 +144,34 @@ def test_fit_on_the_folders_names_and_its_refusals(cli, tmp_path, labelled):
     assert json.loads((labelled / "fit.json").read_text())["answers"] == 36
     wrong = cli("fit", labelled, "--labels", "tags")
     assert wrong.exit_code == 2 and "--labels must be one of" in wrong.output
+
+
+def test_the_spread_review_list_covers_the_classes_not_near_copies(cli, tmp_path,
+                                                                   team_photos, labelled):
+    """Issue 47: a review list for the next fit. Among 36 uncertain images (12 red, 6
+    green, 6 blue, 12 grey), four picked by k-center over the embeddings are one of each
+    colour; the four lowest-scored are not chosen for that."""
+    folder, _ = team_photos
+    tasks = tmp_path / "tasks.json"
+    done = cli("export", labelled, "--to", "label-studio", "--rows", "spread", "--below",
+               "1.01", "--limit", "4", "--file", tasks, "--local-files-root", folder)
+    assert done.exit_code == 0, done.output
+    keys = [t["data"]["key"] for t in json.loads(tasks.read_text())]
+    colours = {key.split("/")[1].split("_")[0] for key in keys}
+    assert len(keys) == 4 and colours == {"red", "green", "blue", "grey"}, keys
+    # the first pick is the lowest-scored row, as the plain review list's first
+    lowest = tmp_path / "lowest.json"
+    assert cli("export", labelled, "--to", "label-studio", "--below", "1.01", "--limit", "1",
+               "--file", lowest, "--local-files-root", folder).exit_code == 0
+    assert json.loads(lowest.read_text())[0]["data"]["key"] == keys[0]
+
+def test_spread_and_fit_need_embeddings(cli, tmp_path, team_photos, colour_checkpoint):
+    folder, _ = team_photos
+    plain = tmp_path / "plain"
+    assert cli("run", folder, "--out", plain, "--weights", colour_checkpoint,
+               *RUN).exit_code == 0
+    spread = cli("export", plain, "--to", "label-studio", "--rows", "spread", "--below",
+                 "1.01", "--file", tmp_path / "x.json")
+    assert spread.exit_code == 2 and "label it with --embeddings" in spread.output
+    fitted = cli("fit", plain, "--labels", "folders")
+    assert fitted.exit_code == 2 and "has no embeddings" in fitted.output
