@@ -352,6 +352,9 @@ def report(
         help="With --export: rows whose top-1 score is below this.")] = None,
     export: Annotated[Optional[Path], typer.Option(
         help="CSV of the rows to review (key, path, top1_label, top1_score).")] = None,
+    precision: Annotated[float, typer.Option(
+        help="With reviews: the top-1 score at which the reviewed images are this precise, "
+             "and the share of the collection scored at least that.")] = 0.95,
 ) -> None:
     """Summarise a run: counts, errors by kind, frequent labels, confidence; HTML; review CSV."""
     if (review_below is None) != (export is None):
@@ -364,6 +367,10 @@ def report(
     found = reporting.analyse(reporting.read_batches(out))  # one pass, bounded memory
     found.run = reporting.describe_run(out)
     found.agreement = agreement(out)
+    if found.agreement:
+        from pipeline.review import calibration
+
+        found.calibration = calibration.figures(out, precision)
     found.drift = reporting.last_night(out)
     typer.echo(reporting.render_text(found))
     if html_file is not None:

@@ -58,6 +58,7 @@ class Findings:
     run: dict[str, str] = field(default_factory=dict)  # model, weights, date, source
     agreement: dict | None = None  # with people's reviews (review/reviews.py), if any
     drift: dict | None = None  # a night's labels against last night's (drift.py), if any
+    calibration: dict | None = None  # the scores' reliability on reviewed images, if any
 
 
 def describe_run(out: str) -> dict[str, str]:
@@ -219,6 +220,10 @@ def render_text(found: Findings) -> str:
             lines.append("agreement by the reviewers' label (reviewed, top-1, top-k):")
             lines += [f"  {c['label']:<{width}}  {c['reviewed']}  {_share(c['top1_agreement'])}"
                       f"  {_share(c['top_k_agreement'])}" for c in classes]
+    if found.calibration:
+        from pipeline.review.calibration import line
+
+        lines.append(line(found.calibration))
     if found.drift:
         lines += drift_lines(found.drift)
     return "\n".join(lines)
@@ -271,8 +276,9 @@ def _bars(pairs: list[tuple[str, int]], css_class: str) -> str:
     return "".join(parts)
 
 
-def _paired_bars(rows: list[tuple[str, float, float]], css_class: str) -> str:
-    """Two bars a row, the night before's (pale) and tonight's, as inline SVG: shares."""
+def _paired_bars(rows: list[tuple[str, float, float]], css_class: str,
+                 names: tuple[str, str] = ("the night before", "tonight")) -> str:
+    """Two bars a row (the first pale), as inline SVG: shares."""
     if not rows:
         return "<p>nothing to show</p>"
     top = max(max(a, b) for _, a, b in rows) or 1
@@ -283,7 +289,7 @@ def _paired_bars(rows: list[tuple[str, float, float]], css_class: str) -> str:
             width = int(380 * value / top)
             parts.append(f'<rect class="{bar}" x="200" y="{y + 2 + 13 * j}" width="{width}" '
                          f'height="12"><title>{html.escape(str(name))}: {_share(value)} '
-                         f'({"the night before" if j == 0 else "tonight"})</title></rect>')
+                         f'({names[j]})</title></rect>')
         parts.append(f'<text x="0" y="{y + 17}">{html.escape(str(name))[:40]}</text>'
                      f'<text x="{585}" y="{y + 17}">{_share(before)} &#8594; {_share(after)}'
                      '</text>')
@@ -345,6 +351,16 @@ def render_html(found: Findings, title: str) -> str:
         agreed = (f"<h2>Agreement with people</h2><p>{esc(agreement_line(found.agreement))}."
                   f"</p><table id=\"agreement\"><tr><th>reviewers' label</th><th>reviewed</th>"
                   f"<th>top-1 agrees</th><th>top-k agrees</th></tr>{rows}</table>")
+    if found.calibration:
+        from pipeline.review.calibration import line
+
+        bins = [(f"{b['bin']} ({b['images']})", b["confidence"], b["accuracy"])
+                for b in found.calibration["reliability_before"]]
+        agreed += (f'<h3>How far the scores can be trusted</h3><p id="calibration">'
+                   f'{esc(line(found.calibration))}.</p><p>Each score bin of the reviewed '
+                   "images: its mean top-1 score (pale) and the share people agreed with "
+                   f"(dark); equal bars are calibrated scores.</p>"
+                   f'{_paired_bars(bins, "reliability", ("mean score", "agreed"))}')
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
