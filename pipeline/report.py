@@ -221,9 +221,7 @@ def render_text(found: Findings) -> str:
             lines += [f"  {c['label']:<{width}}  {c['reviewed']}  {_share(c['top1_agreement'])}"
                       f"  {_share(c['top_k_agreement'])}" for c in classes]
     if found.calibration:
-        from pipeline.review.calibration import line
-
-        lines.append(line(found.calibration))
+        lines.append(calibration_line(found.calibration))
     if found.drift:
         lines += drift_lines(found.drift)
     return "\n".join(lines)
@@ -238,6 +236,16 @@ def agreement_line(figures: dict) -> str:
         text += (f"; {count(figures['unknown_keys'], 'review')} name keys this run does not "
                  f"have (e.g. {', '.join(map(repr, figures['unknown_examples']))})")
     return text
+
+
+def calibration_line(found: dict) -> str:
+    """How far the scores can be trusted (review/calibration.py), on one line."""
+    text = (f"scores on the {found['reviewed']} reviewed images: calibration error (ECE) "
+            f"{found['ece_before']:.3f}, {found['ece_after']:.3f} once calibrated on them")
+    if found["threshold"] is None:
+        return text + f"; no top-1 score reaches {found['precision']:.0%} precision"
+    return (text + f"; top-1 >= {found['threshold']:.2f}: {found['precision']:.0%} precise on "
+            f"the reviewed images, {found['collection_share']:.0%} of the collection")
 
 
 def _share(value: float | None) -> str:
@@ -352,12 +360,10 @@ def render_html(found: Findings, title: str) -> str:
                   f"</p><table id=\"agreement\"><tr><th>reviewers' label</th><th>reviewed</th>"
                   f"<th>top-1 agrees</th><th>top-k agrees</th></tr>{rows}</table>")
     if found.calibration:
-        from pipeline.review.calibration import line
-
         bins = [(f"{b['bin']} ({b['images']})", b["confidence"], b["accuracy"])
                 for b in found.calibration["reliability_before"]]
         agreed += (f'<h3>How far the scores can be trusted</h3><p id="calibration">'
-                   f'{esc(line(found.calibration))}.</p><p>Each score bin of the reviewed '
+                   f'{esc(calibration_line(found.calibration))}.</p><p>Each score bin of the reviewed '
                    "images: its mean top-1 score (pale) and the share people agreed with "
                    f"(dark); equal bars are calibrated scores.</p>"
                    f'{_paired_bars(bins, "reliability", ("mean score", "agreed"))}')

@@ -126,13 +126,3 @@ def figures(out: str, precision: float = PRECISION) -> dict | None:
             "collection_share": None if covered is None else round(covered, 4),
             "reliability_before": reliability(scores, right),
             "reliability_after": reliability(after, right)}
-
-
-def line(found: dict) -> str:
-    """The reliability on one line, as the report says it."""
-    text = (f"scores on the {found['reviewed']} reviewed images: calibration error (ECE) "
-            f"{found['ece_before']:.3f}, {found['ece_after']:.3f} once calibrated on them")
-    if found["threshold"] is None:
-        return text + f"; no top-1 score reaches {found['precision']:.0%} precision"
-    return (text + f"; top-1 >= {found['threshold']:.2f}: {found['precision']:.0%} precise on "
-            f"the reviewed images, {found['collection_share']:.0%} of the collection")
