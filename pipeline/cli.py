@@ -354,7 +354,8 @@ def report(
         help="CSV of the rows to review (key, path, top1_label, top1_score).")] = None,
     precision: Annotated[float, typer.Option(
         help="With reviews: the top-1 score at which the reviewed images are this precise, "
-             "and the share of the collection scored at least that.")] = 0.95,
+             "and the share of the collection scored at least that (default: 0.95).",
+        show_default=False)] = 0.95,
 ) -> None:
     """Summarise a run: counts, errors by kind, frequent labels, confidence; HTML; review CSV."""
     if (review_below is None) != (export is None):
@@ -495,7 +496,8 @@ def fit(
                                        metavar="OUT", show_default=False)],
     labels: Annotated[str, typer.Option(
         help="People's labels: reviews (OUT/reviews.parquet), folders (each image's folder "
-             "names its class, the recipe's layout) or both.")] = "reviews",
+             "names its class, the recipe's layout) or both (default: reviews).",
+        show_default=False)] = "reviews",
     to: Annotated[Optional[Path], typer.Option(
         help="Where to write the checkpoint (default: OUT/fitted.pt).")] = None,
 ) -> None:
