@@ -218,7 +218,9 @@ def _write_checkpoint(config: dict, record: dict, head: nn.Module, names: list[s
     name = head_name(net) if hidden is None else head_name(net).rpartition(".")[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": net.state_dict(), "categories": names,
-                "label_images": {"backbone": (record.get("fingerprint") or {}).get("weights"),
+                # the backbone the embeddings came from: a night that took a fit records it
+                "label_images": {"backbone": record.get("backbone") or (
+                                     record.get("fingerprint") or {}).get("weights"),
                                  "model": config["model"], "head": name,
                                  "fit": {k: figures[k] for k in ("answers", "from", "head")}}},
                path)

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import drift, engines, formats, plan as planning, rundir, runner
+from pipeline import drift, engines, formats, keys, plan as planning, rundir, runner
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError, notice
@@ -55,10 +57,13 @@ def run(config: RunConfig, *, progress: bool | None = None,
 def _night(top: RunDirectory, job: Job, progress: bool | None) -> RunSummary:
     config, store = job.config, top.store
     fingerprint = job.fingerprint()
+    fitted = None if config.overwrite else _a_head_fitted_on_the_table(top, job)
+    if fitted is not None:  # the table's rows take the new head first, from their embeddings
+        _relabel_state(top, job, fitted)
     before = top.check(fingerprint, config.overwrite, refusal=(
         "labels from a different {}; an incremental table never mixes two models: rerun "
         "with --overwrite to relabel everything, or choose another --out"))
-    top.record(fingerprint, {"incremental": True, **job.record()}, before)
+    top.record(fingerprint, {"incremental": True, **_kept(before), **job.record()}, before)
     previous = _previous_state(top, job)
     if previous is not None:
         with store.open(TABLE) as fh:
@@ -72,6 +77,76 @@ def _night(top: RunDirectory, job: Job, progress: bool | None) -> RunSummary:
         diff = NightDiff(store, job.items(), previous, config.source)
     with diff:
         return _label_and_assemble(top, job, diff, progress)
+
+
+def _kept(record: dict | None) -> dict:
+    """What a night's record carries over from the last: which backbone the table's
+    embeddings come from, and which fit labels it."""
+    return {k: record[k] for k in ("backbone", "fit") if record and k in record}
+
+
+# What a head fitted on the table may change in the fingerprint: the weights, the classes
+_A_NEW_HEAD = {"weights", "num_classes", "labels_sha256", "categories", "top_k"}
+
+
+def _a_head_fitted_on_the_table(top: RunDirectory, job: Job) -> dict | None:
+    """What `fit` recorded in tonight's --weights, when it is a head fitted on the backbone
+    the nightly table's embeddings come from (and nothing else of the job changed): the
+    night then relabels the table with it instead of refusing a new model. Else None: the
+    fingerprint check says what differs."""
+    previous, store = top.read_run(), top.store
+    if previous is None or not job.config.embeddings or not store.exists(TABLE):
+        return None
+    before, now = previous.get("fingerprint") or {}, job.fingerprint()
+    changed = {k for k in set(before) | set(now) if before.get(k) != now.get(k)}
+    if not changed or not changed <= _A_NEW_HEAD:
+        return None
+    from pipeline.relabel import fit_record
+
+    fitted = fit_record(job.config.weights)
+    backbone = previous.get("backbone") or before.get("weights")
+    if fitted is None or fitted.get("backbone") != backbone:
+        return None
+    with store.open(TABLE) as fh:
+        if "embedding" not in pq.read_schema(fh).names:
+            return None
+    return {**fitted, "backbone": backbone}
+
+
+def _relabel_state(top: RunDirectory, job: Job, fitted: dict) -> None:
+    """The night's state relabelled with the fitted head from its stored embeddings (no
+    image decoded), then the new model recorded: a kill in between relabels again, the
+    same. The state loses its night's mark, so a table format takes it whole tonight."""
+    from pipeline import relabel
+
+    store, config = top.store, job.config
+    head, names, _ = relabel.load_head(config.weights, {"fingerprint": {
+        "weights": fitted["backbone"]}})
+    categories = np.array(names, dtype=object)
+    with store.open(TABLE) as fh:
+        schema = pq.read_schema(fh)
+    meta = {k: v for k, v in (schema.metadata or {}).items() if k != NIGHT}
+    meta.update({b"label_images.weights": job.spec.weights_id.encode(),
+                 b"label_images.top_k": str(config.top_k).encode()})
+    schema = schema.with_metadata(meta)
+    rows, folder = 0, keys.spill_folder(store)
+    try:  # read from a local file (the state itself, locally) while the new one is written
+        source = pq.ParquetFile(local_file(store, TABLE, folder))
+        with if_long(f"relabelling {store.url(TABLE)} with the fitted head", not config.quiet), \
+                store.writing(TABLE) as sink, pq.ParquetWriter(sink, schema) as writer:
+            for batch in source.iter_batches(batch_size=relabel.BATCH_ROWS):
+                table = relabel.relabelled(pa.Table.from_batches([batch]), head, categories,
+                                           config.top_k)
+                writer.write_table(table.cast(schema))
+                rows += batch.num_rows
+        source.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    top.record(job.fingerprint(), {"incremental": True, "backbone": fitted["backbone"],
+                                   "fit": fitted.get("fit"), **job.record()}, top.read_run())
+    notice(f"the table's {rows} rows take the fitted head ({fitted.get('head')}, fitted on "
+           f"{(fitted.get('fit') or {}).get('answers')} answers), relabelled from their "
+           "embeddings; new and changed images are labelled with it")
 
 
 def _previous_state(top: RunDirectory, job: Job) -> str | None:
@@ -118,8 +193,9 @@ def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
         with RunDirectory(store.url(increment)) as sub:
             done = runner.run_in(sub, sub_job, progress=progress)
         # what the night resolved is what labelled its increment
-        top.record(job.fingerprint(), {"incremental": True, **sub_job.record(),
-                                       "config": config.to_dict()}, top.read_run())
+        run = top.read_run()
+        top.record(job.fingerprint(), {"incremental": True, **_kept(run), **sub_job.record(),
+                                       "config": config.to_dict()}, run)
         summary.device, summary.precision = done.device, done.precision
         summary.settings = done.settings
         labelled = rundir.within(increment, TABLE)

@@ -11,6 +11,7 @@ checkpoint says which), or its labels would not be what a full run with it gives
 from __future__ import annotations
 
 import hashlib
+import pickle
 import time
 from pathlib import Path
 
@@ -30,6 +31,16 @@ TABLE = "labels.parquet"
 BATCH_ROWS = 65_536
 
 
+def fit_record(weights: str) -> dict | None:
+    """What `fit` recorded in a checkpoint (backbone, head, fit), or None: not a fit's."""
+    try:
+        raw = torch.load(weights, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError):
+        return None
+    meta = raw.get("label_images") if isinstance(raw, dict) else None
+    return meta if isinstance(meta, dict) and "head" in meta else None
+
+
 def load_head(weights: str, record: dict) -> tuple[torch.nn.Module, list[str], dict]:
     """The head a `fit` checkpoint holds, its class names, and what fit recorded in it;
     refused if it was fitted on another backbone than this run's."""
@@ -42,7 +53,7 @@ def load_head(weights: str, record: dict) -> tuple[torch.nn.Module, list[str], d
         raise UsageError(f"--weights {weights} was not written by `label-images fit` (it "
                          "names no fitted head); relabel reuses a run's embeddings only for "
                          "a head fitted on them")
-    backbone = (record.get("fingerprint") or {}).get("weights")
+    backbone = record.get("backbone") or (record.get("fingerprint") or {}).get("weights")
     if meta.get("backbone") != backbone:
         raise UsageError(f"--weights {weights} was fitted on another backbone "
                          f"({meta.get('backbone')}) than this run's ({backbone}): run the "
@@ -86,7 +97,7 @@ def relabel(out: str, weights: str, new_out: str) -> dict:
             pq.ParquetWriter(sink, schema) as writer:
         for batch in pq.ParquetFile(source).iter_batches(batch_size=BATCH_ROWS):
             table = pa.Table.from_batches([batch])
-            writer.write_table(_relabelled(table, head, categories, top_k).cast(schema))
+            writer.write_table(relabelled(table, head, categories, top_k).cast(schema))
             rows += table.num_rows
     seconds = time.perf_counter() - started
     figures = {"rows": rows, "seconds": round(seconds, 3),
@@ -104,7 +115,7 @@ def relabel(out: str, weights: str, new_out: str) -> dict:
     return figures
 
 
-def _relabelled(table: pa.Table, head: torch.nn.Module, categories: np.ndarray,
+def relabelled(table: pa.Table, head: torch.nn.Module, categories: np.ndarray,
                 top_k: int) -> pa.Table:
     """The batch with its top-k from the head; error rows (no embedding) unchanged."""
     ok = pc.fill_null(pc.equal(table["status"], "ok"), False).to_numpy(zero_copy_only=False)

@@ -175,3 +175,47 @@ def test_spread_and_fit_need_embeddings(cli, tmp_path, team_photos, colour_check
     assert spread.exit_code == 2 and "label it with --embeddings" in spread.output
     fitted = cli("fit", plain, "--labels", "folders")
     assert fitted.exit_code == 2 and "has no embeddings" in fitted.output
+
+
+def test_a_night_takes_the_fitted_head_relabelling_its_table_from_the_embeddings(
+        cli, tmp_path, team_photos, colour_checkpoint, monkeypatch):
+    """Issue 47, nights use it: a nightly table, people's answers, fit; the next night with
+    --weights HEAD relabels the table from its embeddings (no image decoded: only the new
+    images reach the labeller) and equals a night from scratch with the head."""
+    import shutil
+
+    from pipeline import labeller
+
+    folder, truth = team_photos
+    photos = tmp_path / "photos"
+    shutil.copytree(folder, photos)
+    out = tmp_path / "nightly"
+    night = ["run", photos, "--out", out, "--embeddings", "--incremental", *RUN]
+    assert cli(*night, "--weights", colour_checkpoint).exit_code == 0
+    _answers(out, truth, sorted(truth)[::2])
+    head = tmp_path / "head.pt"
+    assert cli("fit", out, "--to", head).exit_code == 0
+    Image.fromarray(colour_array("red", 64, 64, seed=900)).save(photos / "warm" / "new_red.png")
+    Image.fromarray(colour_array("green", 64, 64, seed=901)).save(photos / "cool" / "new.png")
+    labelled = []
+    real_label = labeller.label
+    monkeypatch.setattr(labeller, "label", lambda run_dir, job, plan, *a, **k: (
+        labelled.append(plan.num_items), real_label(run_dir, job, plan, *a, **k))[1])
+    taken = cli(*[a for a in night if a != "--quiet"], "--weights", head)
+    assert taken.exit_code == 0, taken.output
+    assert labelled == [2]  # the two new images; the 36 others from their embeddings
+    assert "the table's 36 rows take the fitted head" in taken.output
+    record = json.loads((out / "run.json").read_text())
+    assert record["fit"]["answers"] == 18 and record["backbone"].startswith("sha256:")
+    table = read_output(out / "labels.parquet").set_index("key")
+    assert set(table["top1_label"]) <= set(TEAM)
+    scratch = tmp_path / "scratch"
+    assert cli("run", photos, "--out", scratch, "--embeddings", "--incremental", *RUN,
+               "--weights", head).exit_code == 0
+    reference = read_output(scratch / "labels.parquet").set_index("key")
+    assert table["top1_label"].to_dict() == reference["top1_label"].to_dict()
+    assert table["top1_score"].to_numpy() == pytest.approx(
+        reference.loc[table.index, "top1_score"].to_numpy(), abs=2e-2)
+    # the next night: nothing changed, nothing to do, with the head
+    again = cli(*night, "--weights", head)
+    assert again.exit_code == 0 and "nothing to do" in again.output
