@@ -402,6 +402,10 @@ def export(
     below: Annotated[float, typer.Option(
         help=f"--rows review: top-1 scores below this (default: {REVIEW_BELOW}).",
         show_default=False)] = REVIEW_BELOW,
+    precision: Annotated[Optional[float], typer.Option(
+        help="--rows review: instead of --below, the top-1 score at which the images people "
+             "already reviewed are this precise (at least 20 answers): the labels above it "
+             "are kept, the rest go to people.")] = None,
     margin: Annotated[float, typer.Option(
         help="--rows review: and those whose first two scores are closer than this "
              f"(default: {REVIEW_MARGIN}).", show_default=False)] = REVIEW_MARGIN,
@@ -450,6 +454,18 @@ def export(
             given[name] = value
     options = declared(target, given)  # each of its type, or one line
     run = run_of(out)
+    if precision is not None:
+        from pipeline.review import calibration
+        from pipeline.review.reviews import agreement
+
+        found = calibration.figures(out, precision) if agreement(out) else None
+        if found is None or found["threshold"] is None:
+            raise UsageError(f"--precision {precision}: {out} needs at least "
+                             f"{calibration.MIN_REVIEWED} reviews whose best-scored images "
+                             "reach it; send a first review list with --below")
+        below = found["threshold"]
+        typer.echo(f"labels with top-1 >= {below:.3f} are {precision:.0%} precise on the "
+                   f"{found['reviewed']} reviewed images and kept; those below go to people")
     picked = Selection(rows=rows, where=where, below=below, margin=margin, limit=limit)
     with chosen(out, picked, embeddings=target.takes_embeddings and run.embeddings) as (
             tables, count, labels):

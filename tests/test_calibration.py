@@ -60,3 +60,32 @@ def test_the_report_says_the_threshold_for_a_precision_and_what_it_covers(
     assert after < before
     page = (tmp_path / "page.html").read_text()
     assert 'id="calibration"' in page and 'class="reliability"' in page
+
+
+def test_export_keeps_labels_above_a_precision_and_sends_the_rest(cli, tmp_path,
+                                                                   colour_checkpoint):
+    """An option keeps a label only above a precision target and marks the rest for
+    review: export --precision sends the rows below the score that reaches it."""
+    folder, out = tmp_path / "imgs", tmp_path / "run"
+    write_colour_images(folder, 30, seed=12)
+    assert cli("run", folder, "--out", out, "--model", "resnet18", "--weights",
+               colour_checkpoint, "--top-k", "2", "--workers", "0", "-q",
+               "--runtime", "torch", *FAST).exit_code == 0
+    refused = cli("export", out, "--to", "label-studio", "--precision", "0.9", "--file",
+                  tmp_path / "none.json")
+    assert refused.exit_code == 2 and "needs at least 20 reviews" in refused.output
+    table = read_output(out / "labels.parquet").sort_values("top1_score", ascending=False)
+    keys = list(table["key"])
+    labels = [label if i < 20 else "other" for i, label in enumerate(table["top1_label"])]
+    record(str(out), [pa.table({
+        "key": keys, "label": labels, "reviewer": ["ann"] * 30,
+        "reviewed_at": pa.nulls(30, pa.timestamp("us", tz="UTC")), "tool": ["sheet"] * 30,
+        "path": pa.nulls(30, pa.string())}, schema=REVIEW_SCHEMA)])
+    tasks = tmp_path / "tasks.json"
+    done = cli("export", out, "--to", "label-studio", "--precision", "0.9", "--margin", "0",
+               "--file", tasks, "--local-files-root", folder)
+    assert done.exit_code == 0, done.output
+    cut = calibration.threshold(table["top1_score"].to_numpy(), np.arange(30) < 20, 0.9)
+    sent = {t["data"]["key"] for t in __import__("json").loads(tasks.read_text())}
+    assert sent == set(table.loc[table["top1_score"] < cut, "key"])
+    assert f"labels with top-1 >= {cut:.3f} are 90% precise" in done.output

@@ -122,7 +122,7 @@ def figures(out: str, precision: float = PRECISION) -> dict | None:
         covered = float(collection[int(cut * 1000):].sum() / collection.sum())
     return {"reviewed": int(len(scores)), "ece_before": round(ece(scores, right), 4),
             "ece_after": round(ece(after, right), 4), "platt": [round(a, 4), round(b, 4)],
-            "precision": precision, "threshold": None if cut is None else round(cut, 4),
+            "precision": precision, "threshold": cut,  # unrounded: a cut between scores
             "collection_share": None if covered is None else round(covered, 4),
             "reliability_before": reliability(scores, right),
             "reliability_after": reliability(after, right)}
