@@ -96,7 +96,13 @@ class SparkEngine(Engine):
                 if failed is not None:
                     poison.append(failed)
                 committed = committed_shards(store)
-                pending = [s for s in pending if s not in committed and s not in poison]
+                left = [s for s in pending if s not in committed and s not in poison]
+                if failed is None and left:  # every task returned, yet shards are missing
+                    raise RunError(f"{count(len(left), 'shard')} reported done by Spark's "
+                                   f"tasks are not committed in {store.url()} (e.g. shard "
+                                   f"{left[0]}): is --out the same directory for the "
+                                   "executors? Run the same command again to resume")
+                pending = left
         finally:
             bar.close()
         summary.loop_seconds = time.perf_counter() - started
