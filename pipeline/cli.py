@@ -202,7 +202,7 @@ Actors = Annotated[Optional[int], typer.Option(
     help="--engine ray: labelling actors (default: one per GPU in the cluster; on CPU nodes "
          "one per node, each with the node's cores).")]
 KindOption = Annotated[Optional[list[str]], typer.Option(
-    "--option", "-o", metavar="NAME=VALUE",
+    "--option", metavar="NAME=VALUE",
     help="An option the chosen format, engine or runtime declares for itself; repeat for "
          "more (a config file's options table holds them too).")]
 # The earlier names of those two, still taken, not shown.
@@ -427,7 +427,7 @@ def export(
     dataset: Annotated[Optional[str], typer.Option(
         help="fiftyone: the dataset to create (default: label-images-<run name>).")] = None,
     option: Annotated[Optional[list[str]], typer.Option(
-        "--option", "-o", metavar="NAME=VALUE",
+        "--option", metavar="NAME=VALUE",
         help="An option the review tool declares for itself (the flags above are its "
              "aliases); repeat for more. "
              + "; ".join(f"{name}: " + ", ".join(o.name for o in t.options)

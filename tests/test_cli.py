@@ -423,3 +423,16 @@ def test_a_listing_that_takes_long_is_said_as_it_goes_and_a_quick_one_is_not(
                         said[1]) and float(said[1].split()[-2]) >= 1.5
     quiet = cli(*base_args(folder, tmp_path / "quiet", colour_checkpoint))
     assert quiet.exit_code == 0 and "into the run's plan" not in quiet.output
+
+
+def test_dash_o_is_the_run_directory_as_it_always_was():
+    """`--option` once took `-o` as well, and being declared later it won: `run SOURCE -o
+    DIR` then failed as an option without NAME=VALUE. -o is --out's alone."""
+    import typer.main
+
+    from pipeline.cli import app
+
+    command = typer.main.get_command(app).commands["run"]
+    context = command.make_context("run", ["photos", "-o", "outputs/x"],
+                                   resilient_parsing=True)
+    assert context.params["out"] == "outputs/x" and not context.params["option"]

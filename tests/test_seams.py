@@ -108,7 +108,7 @@ def test_an_engine_registered_here_runs_a_job(cli, tmp_path, colour_checkpoint, 
     assert again.exit_code == 0, again.output
     assert Backwards.order == [0, 1, 2]
     wrong = cli("run", tmp_path / "imgs", "--out", tmp_path / "wrong", "--weights",
-                colour_checkpoint, "--engine", "backwards", "-o", "sideways=1", *RUN)
+                colour_checkpoint, "--engine", "backwards", "--option", "sideways=1", *RUN)
     assert wrong.exit_code == 2
     assert "--option sideways: none of this run's kinds" in wrong.output
     assert "engine backwards: order" in wrong.output
@@ -239,7 +239,7 @@ def test_an_output_format_with_an_option_registered_here_runs_a_job(
     assert "5 images: 5 ok, 0 errors" in report.output
     # an option of the wrong type is one line
     bad = cli("run", tmp_path / "imgs", "--out", tmp_path / "bad", "--weights",
-              colour_checkpoint, "--format", "jsonl", "-o", "gzip=perhaps", *RUN)
+              colour_checkpoint, "--format", "jsonl", "--option", "gzip=perhaps", *RUN)
     assert bad.exit_code == 2 and "--option gzip=perhaps: not a bool" in bad.output
 
 
@@ -324,17 +324,18 @@ def test_a_review_tool_registered_here_exports_and_reads_answers(
     truth = write_colour_images(folder, 6)
     assert cli("run", folder, "--out", out, "--weights", colour_checkpoint, *RUN).exit_code == 0
     sheet = tmp_path / "rows.csv"
-    sent = cli("export", out, "--to", "sheet", "--rows", "all", "-o", f"sheet={sheet}",
-               "-o", "scores=yes")
+    sent = cli("export", out, "--to", "sheet", "--rows", "all", "--option", f"sheet={sheet}",
+               "--option", "scores=yes")
     assert sent.exit_code == 0, sent.output
     assert sent.output.strip() == f"6 of 6 rows -> sheet: {sheet}"
     lines = sheet.read_text().splitlines()
     assert lines[0] == "key,top1_label,top1_score" and len(lines) == 7
     assert {line.split(",")[0]: line.split(",")[1] for line in lines[1:]} == truth
-    refused = cli("export", out, "--to", "sheet", "-o", "dataset=x")
+    refused = cli("export", out, "--to", "sheet", "--option", "dataset=x")
     assert refused.exit_code == 2
     assert "--option dataset is not for --to sheet (it takes sheet, scores)" in refused.output
-    typed = cli("export", out, "--to", "sheet", "-o", f"sheet={sheet}", "-o", "scores=maybe")
+    typed = cli("export", out, "--to", "sheet", "--option", f"sheet={sheet}", "--option",
+                "scores=maybe")
     assert typed.exit_code == 2 and "--option scores=maybe: not a bool" in typed.output
     alias = cli("export", out, "--to", "sheet", "--dataset", "x")
     assert alias.exit_code == 2 and "--dataset is not for --to sheet" in alias.output
