@@ -131,7 +131,8 @@ def _relabel_state(top: RunDirectory, job: Job, fitted: dict) -> None:
     schema = schema.with_metadata(meta)
     rows, folder = 0, keys.spill_folder(store)
     try:  # read from a local file (the state itself, locally) while the new one is written
-        source = pq.ParquetFile(local_file(store, TABLE, folder))
+        source = pq.ParquetFile(local_file(store, TABLE, folder), pre_buffer=False,
+                                buffer_size=1 << 20)
         with if_long(f"relabelling {store.url(TABLE)} with the fitted head", not config.quiet), \
                 store.writing(TABLE) as sink, pq.ParquetWriter(sink, schema) as writer:
             for batch in source.iter_batches(batch_size=relabel.BATCH_ROWS):

@@ -28,7 +28,7 @@ from pipeline.rundir import RUN_FILE, SUMMARY_FILE, read_json, write_json
 from pipeline.storage import Store
 
 TABLE = "labels.parquet"
-BATCH_ROWS = 65_536
+BATCH_ROWS = 8_192  # rows a batch: 64 MB of 2048 float32 features
 
 
 def fit_record(weights: str) -> dict | None:
@@ -95,7 +95,9 @@ def relabel(out: str, weights: str, new_out: str) -> dict:
     rows = 0
     with store.open(fmt.table_name()) as source, new.writing(TABLE) as sink, \
             pq.ParquetWriter(sink, schema) as writer:
-        for batch in pq.ParquetFile(source).iter_batches(batch_size=BATCH_ROWS):
+        # no pre-buffering: a row group of embeddings is 512 MB; a batch is what is held
+        for batch in pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20).iter_batches(
+                batch_size=BATCH_ROWS):
             table = pa.Table.from_batches([batch])
             writer.write_table(relabelled(table, head, categories, top_k).cast(schema))
             rows += table.num_rows
