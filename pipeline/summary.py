@@ -34,7 +34,8 @@ class RunSummary:
     changes: dict = field(default_factory=dict)  # incremental runs: new/changed/unchanged/removed
     drift: dict = field(default_factory=dict)  # incremental runs: the labels against last night's
     stale: str = ""  # a finished run whose source has changed since: what to do about it
-    actors: list[dict] = field(default_factory=list)  # --engine ray: each actor's figures
+    actors: list[dict] = field(default_factory=list)  # a cluster engine's workers' figures
+    worker: str = "actor"  # what the cluster engine calls them, for the summary line
     redone: list[dict] = field(default_factory=list)  # shards redone after an actor died
     lost_nodes: list[str] = field(default_factory=list)  # --engine ray: nodes that went
     loader_restarts: int = 0  # decode workers killed from outside, the loader restarted
@@ -63,7 +64,7 @@ class RunSummary:
             return (f"{self.slice_done} done: labelled {self.labelled_now} at "
                     f"{self.images_per_second:.1f} images/s; {waiting}")
         actors = "" if not self.actors else (
-            f" by {count(len(self.actors), 'actor')} ("
+            f" by {count(len(self.actors), self.worker)} ("
             + ", ".join(f"{a['images']} on {a['host']}" for a in self.actors) + ")"
             + (f", {count(len(self.lost_nodes), 'node')} lost and "
                f"{count(len(self.redone), 'shard')} redone" if self.lost_nodes else ""))

@@ -107,6 +107,7 @@ class SparkEngine(Engine):
             bar.close()
         summary.loop_seconds = time.perf_counter() - started
         summary.actors = cluster.rates(list(workers.values()))
+        summary.worker = "Spark worker"  # an executor's Python worker
         run_dir.record_engine({"engine": self.name, "actors": summary.actors,
                                "redone": summary.redone, "lost_nodes": summary.lost_nodes})
         if poison:
