@@ -126,6 +126,7 @@ class Classifier:
         self.eager_net = net
         self.runtime = "torch"  # the registered runtime that runs it (runtimes/)
         self.own_kernels = False
+        self.speed_key = None  # its speeds kept under torch eager's (use_network)
         self._input_dtype = dtype  # what the network is given
         self.fixed_batch: int | None = None  # every batch padded to this size (pad_batches_to)
         # CUDA: a batch is copied to the device on a stream of its own while the one before
@@ -155,10 +156,14 @@ class Classifier:
         compiles once, and cuDNN's benchmark picks its kernels once, not for each new shape."""
         self.fixed_batch = size
 
-    def use_network(self, net, runtime: str, own_kernels: bool = False) -> None:
+    def use_network(self, net, runtime: str, own_kernels: bool = False,
+                    speed_key: str | None = None) -> None:
         """Run `net` (a runtime's form of the eager network) from now on. A runtime with
-        kernels of its own is given fp32 (its own precision is its own)."""
+        kernels of its own is given fp32 (its own precision is its own). `speed_key`: its
+        measured speeds are kept apart from torch eager's under it (tuning.py); None
+        shares them (torch's own runtimes)."""
         self.net, self.runtime, self.own_kernels = net, runtime, own_kernels
+        self.speed_key = speed_key
         self._input_dtype = torch.float32 if own_kernels else self.dtype
 
     def predict(self, images: torch.Tensor) -> Prediction:

@@ -1,10 +1,11 @@
-"""Measuring the machine: the batch size, the decode workers and whether compiling pays.
+"""Measuring the machine: the model's speed on each runtime, the decode rate, a compile's cost.
 
 A default that depends on the machine is measured on it: a few synthetic batches at
 candidate sizes on the chosen device and precision, the decode rate per core on the job's
-own first images. Batch measurements are cached per machine, model, precision, input
-size, compile and heap (heap.py) in the user's cache directory, so later runs pay
-nothing; every choice is recorded with its figures.
+own first images. `Measurements` is what the settings' decisions (settings.py) ask, each
+figure measured when first asked. Batch measurements are cached per machine, model,
+precision, input size, runtime and heap (heap.py) in the user's cache directory, so later
+runs pay nothing; every figure is recorded.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from pipeline import cache, heap, runtimes
+from pipeline import cache, heap
 from pipeline.cache import directory as cache_dir
 from pipeline.classifier import Classifier
 from pipeline.decode import DECODE_ERRORS, ImageError, decode
 from pipeline.preprocess import Preprocess
+from pipeline.progress import step
 from pipeline.loader import MAX_BYTES_PER_PIXEL
 
 CPU_BATCHES = (8, 16, 32, 64)
@@ -37,6 +39,111 @@ DECODE_SAMPLE = 16  # of the job's first images, decoded to measure the rate per
 COMPILE_SECONDS_COLD = 30.0
 COMPILE_SPEEDUP = 1.4
 BATCHES = "batch-sizes.json"  # the cache file of batch measurements
+# Below this many images to label, the batch size and other runtimes are not measured (what
+# this machine measured before is still used): measuring takes 10-60 s on a CPU, longer
+# than labelling such a job at any of the candidates. LABEL_IMAGES_MEASURE_FROM sets another.
+MIN_IMAGES_TO_MEASURE = 1000
+
+
+def min_images_to_measure() -> int:
+    return int(os.environ.get("LABEL_IMAGES_MEASURE_FROM", MIN_IMAGES_TO_MEASURE))
+
+
+@dataclass
+class Speed:
+    """A model's batch size here and its images/s there, measured when first needed;
+    `choice`: the batch measurement behind it, if one was made."""
+
+    classifier: Classifier
+    batch_size: int
+    rate: float | None = None
+    choice: BatchChoice | None = None
+
+    def images_per_second(self) -> float | None:
+        if self.rate is None:
+            self.rate = model_rate(self.classifier, self.batch_size, MEASURE_SECONDS)
+        return self.rate
+
+
+@dataclass
+class Measurements:
+    """What the run's decisions (settings.py) go by, for this machine, model and job, each
+    figure measured when a decision first asks for it (kept per machine where it does not
+    depend on the job); `record`: every figure, for run.json's `resolved.measured`.
+
+    `sample`: paths of the job's first images; `pending`: how many images this process is
+    to label; `batch_size`: the one asked for, if any; `cores`: this process's share."""
+
+    classifier: Classifier
+    source: object
+    sample: list[str]
+    pending: int
+    max_pixels: int
+    cores: int
+    batch_size: int | None = None
+    shown: bool = True
+    record: dict = field(default_factory=dict)
+    batches: dict = field(default_factory=dict)  # each runtime's batch measurement, by name
+    _speeds: dict = field(default_factory=dict)
+    _decode: list = field(default_factory=list)
+
+    def __post_init__(self):
+        # first: every measurement below, and the run, with the heap as the run will have it
+        self.record.update(machine=machine_name(self.device), heap=heap.keep_freed_memory())
+
+    @property
+    def device(self) -> torch.device:
+        return self.classifier.device
+
+    @property
+    def cache(self):
+        return cache_dir()
+
+    @property
+    def worth_measuring(self) -> bool:
+        return self.pending >= min_images_to_measure()
+
+    def too_few(self) -> str:
+        return (f"{self.pending} images to label, fewer than the {min_images_to_measure()} "
+                "that repay measuring")
+
+    def step(self, what: str, shown: bool = True):
+        return step(what, shown and self.shown)
+
+    def speed(self, runtime: str, announce: bool = True) -> Speed:
+        """The classifier's speed on `runtime` (which it runs now): at the batch size asked,
+        else at the one it is fastest at here (measured once per machine; a job too small
+        to repay measuring takes the second smallest candidate)."""
+        if runtime not in self._speeds:
+            self._speeds[runtime] = self._measure_speed(runtime, announce)
+        return self._speeds[runtime]
+
+    def _measure_speed(self, runtime: str, announce: bool) -> Speed:
+        classifier, device = self.classifier, self.device
+        if self.batch_size is not None:
+            return Speed(classifier, self.batch_size)
+        if not batch_known(classifier) and not self.worth_measuring:
+            size = candidate_batches(device)[1]
+            self.batches[runtime] = {"not_measured": self.too_few(), "chosen": size}
+            return Speed(classifier, size)
+        sizes = ", ".join(map(str, candidate_batches(device)))
+        with self.step(f"measuring the fastest batch size of {classifier.spec.model} "
+                       f"({str(classifier.dtype).removeprefix('torch.')}, {device.type}) "
+                       f"among {sizes}: once per machine, then cached",
+                       announce and not batch_known(classifier)):
+            choice = measure_batch_size(classifier)
+        self.batches[runtime] = choice.to_dict()
+        return Speed(classifier, choice.batch_size, choice.rates.get(choice.batch_size), choice)
+
+    def decode_rate(self) -> float | None:
+        """Images/s one core decodes, on the job's first images (measured once)."""
+        if not self._decode:
+            rate = decode_rate(self.source, self.sample[:DECODE_SAMPLE],
+                               self.classifier.spec.preprocess, self.max_pixels)
+            self._decode.append(rate)
+            self.record.update(decode_images_per_second_per_core=round(rate or 0, 1),
+                               cores=self.cores)
+        return self._decode[0]
 
 
 def machine_name(device: torch.device) -> str:
@@ -135,12 +242,7 @@ def _measurement_key(classifier: Classifier, *what: str) -> str:
                      classifier.spec.weights_id, str(classifier.dtype),
                      _input_size(classifier.spec.preprocess), torch.__version__, heap.state(),
                      # another runtime's speed is its own (torch eager's keys stay as they were)
-                     *filter(None, [_runtime_key(classifier)]), *what])
-
-
-def _runtime_key(classifier: Classifier) -> str | None:
-    runtime = runtimes.RUNTIMES.get(classifier.runtime)
-    return runtime.cache_key if runtime else classifier.runtime
+                     *filter(None, [classifier.speed_key]), *what])
 
 
 def model_rate(classifier: Classifier, batch_size: int, seconds: float) -> float | None:

@@ -124,6 +124,33 @@ def test_nothing_outside_runtimes_names_a_runtime():
         assert not (_string_constants(path) & (own | only_theirs)), name
 
 
+def test_the_settings_name_no_runtime():
+    """What a runtime costs and gives is its own to say (runtimes/): the settings' decisions
+    and the measurements weigh whatever is registered, naming none but torch as built (the
+    baseline). Only the --compile alias (config.py) and bench's compile stage name
+    torch.compile."""
+    for path in _modules_outside("runtimes"):
+        names = {node.attr for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.Attribute)} | {
+                     node.id for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.Name)}
+        if path.name != "config.py" and path.parent.name != "bench":
+            assert "COMPILED" not in names, path
+        if path.name in ("settings.py", "tuning.py"):
+            tree = ast.parse(path.read_text())
+            keys = {id(k) for node in ast.walk(tree) if isinstance(node, ast.Dict)
+                    for k in node.keys}  # a record's key (run.json's `compile`) is no choice
+            spelled = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                       and isinstance(node.value, str) and id(node) not in keys}
+            assert not (spelled & set(runtimes_names())), path
+
+
+def runtimes_names() -> list[str]:
+    from pipeline import runtimes
+
+    return list(runtimes.RUNTIMES)
+
+
 def test_registries_are_followed_by_reading_not_by_strings():
     """No module is imported by a string a reader (or a tool) cannot follow."""
     for path in PACKAGE.rglob("*.py"):

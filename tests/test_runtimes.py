@@ -4,6 +4,7 @@ model is cached and a changed checkpoint is not, auto records what it measured a
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -122,9 +123,11 @@ def test_auto_measures_the_installed_runtimes_and_records_its_choice(
     assert done.exit_code == 0, done.output
     resolved = json.loads((tmp_path / "run" / "run.json").read_text())["resolved"]
     measured = resolved["measured"]["runtimes"]
-    assert set(measured["images_per_second"]) == {"torch", "openvino"}
-    assert all(rate > 0 for rate in measured["images_per_second"].values())
-    fastest = max(measured["images_per_second"], key=measured["images_per_second"].get)
+    rates = {name: w["images_per_second"] for name, w in measured["weighed"].items()}
+    assert set(rates) == {"torch", "openvino"} and all(rate > 0 for rate in rates.values())
+    assert measured["not_weighed"]["compile"].startswith("4 images to label")
+    # four images: neither costs anything once (OpenVINO's conversion is kept), so the faster
+    fastest = max(rates, key=rates.get)
     assert measured["chosen"] == resolved["runtime"] == fastest
 
 
@@ -230,41 +233,66 @@ def test_int8_that_its_calibration_breaks_is_refused_with_the_figures(cli, tmp_p
 
 _WEIGHED = """
 import json, sys, torch
-from pipeline import runtimes, settings, tuning
+from pipeline import settings, tuning
 from pipeline.backends import resolve_model
 from pipeline.classifier import Classifier
 from pipeline.config import RunConfig
+from pipeline.launchers import Slice
 
 spec = resolve_model("resnet18", sys.argv[1], resize=72, crop=64)
-classifier = Classifier(spec, torch.device("cpu"), torch.float32, 2)
-config = RunConfig(source="unused", out="unused", batch_size=4, workers=0)
-model = settings._Model(classifier, 4)
-eager = model.images_per_second()
+config = RunConfig(source="unused", out="unused", batch_size=4, workers=0, quiet=True)
+
+
+def weigh(pending):
+    classifier = Classifier(spec, torch.device("cpu"), torch.float32, 2)
+    measure = tuning.Measurements(classifier, None, [], pending, config.max_pixels, cores=2,
+                                  batch_size=4, shown=False)
+    settings.runtime(settings._Draft(config, Slice(), classifier, measure, None))
+    return {**measure.record["runtimes"], "runtime": classifier.runtime,
+            "eager": measure.speed("torch").rate}
+
+
+found = {"defaults": weigh(10**6)}
+eager = found["defaults"]["eager"]
 # as if a compile here had made torch 1000x faster: no runtime can beat that
-tuning.keep_compile_figures(classifier, 4, compile_seconds=1.0, compiled_rate=eager * 1000,
-                            eager_rate=eager)
-found = {"eager": eager}
-for pending in (10**6, 10):  # ten images do not repay a compile
-    measured = {}
-    chosen, _ = settings._fastest_runtime(config, classifier, model, pending, measured)
-    found[str(pending)] = {**measured["runtimes"], "runtime": classifier.runtime,
-                           "compiled": classifier.runtime == runtimes.COMPILED}
+tuning.keep_compile_figures(Classifier(spec, torch.device("cpu"), torch.float32, 2), 4,
+                            compile_seconds=1.0, compiled_rate=eager * 1000, eager_rate=eager)
+found["this machine"] = weigh(10**6)
+found["few"] = weigh(10)  # ten images repay neither a compile nor measuring OpenVINO
 print(json.dumps(found))
 """
 
 
-def test_auto_weighs_torch_at_the_speedup_compiling_gave_on_this_machine(colour_checkpoint,
-                                                                         cache):
-    """Where compiling would pay, OpenVINO is held to torch's compiled rate (the speedup
-    kept from this machine's last compile), not to its eager one; not compiled to compare."""
+def test_auto_weighs_each_runtime_by_its_rate_and_what_it_costs_once(colour_checkpoint, cache):
+    """auto weighs torch, torch.compile and OpenVINO alike: the pending images over each
+    one's rate plus what it costs once. Compiling counts at the speedup and the seconds it
+    took on this machine last time (else our prior), and is not compiled to be weighed."""
+    env = {k: v for k, v in os.environ.items() if k != "LABEL_IMAGES_MEASURE_FROM"}
     done = subprocess.run([sys.executable, "-c", _WEIGHED, str(colour_checkpoint)], cwd=REPO,
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True, env=env)
     found = json.loads(done.stdout)
-    many, few = found[str(10**6)], found["10"]
-    assert many["chosen"] == "torch" and many["runtime"] == "torch" and not many["compiled"]
-    assert many["compiled_expected"] == pytest.approx(found["eager"] * 1000, rel=0.01)
-    assert many["compiled_expected_from"] == "this machine"
-    assert "compiled_expected" not in few  # torch weighed at its eager rate
+    for case in ("defaults", "this machine"):
+        weighed = found[case]["weighed"]
+        assert set(weighed) == {"torch", "compile", "openvino"}
+        # the chooser's pick is the least time for a million images, once-costs included
+        assert found[case]["chosen"] == min(weighed,
+                                            key=lambda n: weighed[n]["seconds_for_pending"])
+        for name, figures in weighed.items():
+            assert figures["seconds_for_pending"] == pytest.approx(
+                figures["once_seconds"] + 10**6 / figures["images_per_second"], rel=0.01)
+        assert found[case]["runtime"] != "compile"  # weighed, not compiled to weigh it
+    prior = found["defaults"]["weighed"]["compile"]
+    assert prior["from"].startswith("defaults") and prior["once_seconds"] == 30.0
+    assert prior["images_per_second"] == pytest.approx(found["defaults"]["eager"] * 1.4, rel=0.01)
+    here = found["this machine"]
+    assert here["weighed"]["compile"]["from"] == "this machine"
+    assert here["weighed"]["compile"]["once_seconds"] == 1.0
+    assert here["weighed"]["compile"]["images_per_second"] == pytest.approx(
+        here["eager"] * 1000, rel=0.01)  # the speedup kept, on tonight's eager rate
+    assert here["chosen"] == "compile"
+    few = found["few"]
+    assert few["chosen"] == "torch" and few["runtime"] == "torch" and "weighed" not in few
+    assert set(few["not_weighed"]) == {"compile", "openvino"}
 
 
 def test_a_run_keeps_the_runtime_it_began_with(cli, tmp_path, colour_checkpoint, cache):

@@ -41,7 +41,6 @@ class Exported(Runtime):
     """torch.export of the eager network (any batch size), run as the graph it exports."""
 
     name = "exported"
-    cache_key = "exported"  # its speed is its own
     prepared: list = []
 
     def prepare(self, classifier, preparing=runtimes.Preparing()):
@@ -50,7 +49,7 @@ class Exported(Runtime):
         batch = torch.export.Dim("batch", min=1, max=4096)
         graph = torch.export.export(classifier.eager_net, (example,),
                                     dynamic_shapes=({0: batch},)).module()
-        classifier.use_network(graph, self.name)
+        classifier.use_network(graph, self.name, speed_key=self.name)  # its speed is its own
         Exported.prepared.append(type(graph).__name__)
         return {"exported": {"example_batch": 2}}
 

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from pipeline import tuning
+from pipeline import runtimes, tuning
 from pipeline.bench.sample import Sample
 
 
@@ -18,9 +18,11 @@ def measure(sample: Sample) -> None:
     if chosen.compile:
         sample.found["compile"] = times(sample)
     else:
-        expected = chosen.measured.get("compile", {}).get("expected")
-        sample.found["compile"] = {"chosen": False, "expected": expected,
-                                   "runtime": chosen.runtime}
+        weighing = chosen.measured.get("runtimes", {})  # auto's record, as the job chose
+        sample.found["compile"] = {
+            "chosen": False, "runtime": chosen.runtime,
+            "expected": weighing.get("weighed", {}).get(runtimes.COMPILED),
+            "not_weighed": weighing.get("not_weighed", {}).get(runtimes.COMPILED)}
 
 
 def times(sample: Sample) -> dict:

@@ -33,13 +33,13 @@ def render(result: dict) -> str:
                      f"cold (empty kernel cache), {found['warm_seconds']:.1f} s warm (kernels "
                      "kept from an earlier run)")
     else:
-        expected = found["expected"]
-        runtime = found.get("runtime", "torch")
+        expected, why = found["expected"], found.get("not_weighed")
         lines.append("compile: not used by this job" + (
-            f" (expected {expected['compile_seconds']:.0f} s for {expected['speedup']}x, "
-            f"from {expected['from']})" if expected else
-            f" (it runs on {runtime}, measured faster here)" if runtime != "torch" else
-            " (--no-compile)") + "; --compile measures it")
+            f" (weighed at {expected['once_seconds']:.0f} s once for "
+            f"{expected['images_per_second']:.0f} images/s, from {expected['from']}: "
+            f"{found['runtime']} is quicker for the job)" if expected else
+            f" (not weighed: {why})" if why else
+            f" (--runtime {found['runtime']} asked)") + "; --compile measures it")
     if "planning" in result:
         p = result["planning"]
         lines.append(f"planning {p['rows']:,} rows: {p['plan_seconds']:.1f} s, resume check "

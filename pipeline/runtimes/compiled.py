@@ -1,14 +1,92 @@
-"""torch.compile (inductor, weights frozen) for one batch shape; settings measures whether
-compiling repays its time (tuning keeps what it cost and gave)."""
+"""torch.compile (inductor, weights frozen) for one batch shape: what compiling costs and
+gives (tuning.py keeps it per machine) weighed by `auto` like any runtime's."""
 
 from __future__ import annotations
 
 from pipeline.errors import RunError
-from pipeline.runtimes.base import Preparing, Runtime
+from pipeline.runtimes.base import Expected, Preparing, Runtime
+from pipeline.runtimes.eager import RUNTIME as _EAGER
+
+EAGER = _EAGER.name  # what compiling is weighed against
+
+# Below this many images to label, compiling cannot pay on any machine we know: it takes
+# 20-30 s and saves a third of the model's time. Not weighed, then.
+MIN_IMAGES_TO_COMPILE = 1000
 
 
 class Compiled(Runtime):
     name = "compile"
+    one_shape = True
+
+    def not_weighed(self, measure) -> str | None:
+        if measure.pending < MIN_IMAGES_TO_COMPILE:
+            return (f"{measure.pending} images to label, fewer than the "
+                    f"{MIN_IMAGES_TO_COMPILE} a compile can repay")
+        return None
+
+    def expected(self, classifier, measure) -> Expected:
+        """torch eager's rate times the speedup compiling gave on this machine last time
+        (else our prior), for the compile's seconds: compiling only to weigh it would
+        cost what is weighed. The first compile here also tries the sizes around the eager
+        best, each a compile of its own; later runs know the best and compile once."""
+        from pipeline import tuning  # loads torch: the registry's import does not
+
+        eager = measure.speed(EAGER)
+        figures = tuning.compile_figures(classifier, eager.batch_size)
+        sizes = self._sizes(measure, eager)
+        compiles = 1 if not sizes or tuning.compiled_batch_known(classifier, sizes) else len(sizes)
+        return Expected((eager.images_per_second() or 0.0) * figures["speedup"],
+                        compiles * figures["compile_seconds"], figures["from"])
+
+    def take(self, classifier, measure, preparing: Preparing):
+        """Compiled at the eager best batch, then (unless the batch was given) measured at
+        it and its neighbours, each a compile of its own: the run's batch the fastest."""
+        from pipeline import tuning  # loads torch: the registry's import does not
+
+        eager = measure.speed(EAGER)
+        eager.images_per_second()  # measured before compiling: what the compile is held to
+        sizes = self._sizes(measure, eager)
+        expected = tuning.compile_figures(classifier, eager.batch_size)["compile_seconds"]
+        with measure.step(f"compiling {classifier.spec.model} with torch.compile (about "
+                          f"{expected:.0f} s, once: the kernels are cached)"):
+            tuning.use_inductor_cache(measure.cores)
+            self.prepare(classifier, Preparing(batch_size=eager.batch_size))
+            if not sizes:
+                # The batch was given: the workers go by the eager rate, and the compiled
+                # one is measured last, at the size the run ends up with (its first call
+                # the compile).
+                return tuning.Speed(classifier, eager.batch_size, eager.rate)
+            compiled = tuning.measure_batch_size(classifier, sizes, compiled=True)
+        measure.record["compiled_batch_sizes"] = compiled.to_dict()
+        return tuning.Speed(classifier, compiled.batch_size,
+                            compiled.rates.get(compiled.batch_size), compiled)
+
+    def settled(self, classifier, measure, speed, batch_size: int) -> None:
+        """What the compile cost and gave against the eager model, kept for the next run's
+        weighing: as measured by `take` at this size, else measured now (its first call
+        the compile)."""
+        from pipeline import tuning  # loads torch: the registry's import does not
+
+        eager = measure.speed(EAGER)
+        compiled = speed.choice
+        if compiled and compiled.first_call_seconds and batch_size in compiled.rates:
+            figures = tuning.keep_compile_figures(classifier, eager.batch_size,
+                                                  compiled.first_call_seconds,
+                                                  compiled.rates[batch_size], eager.rate)
+        else:
+            figures = tuning.measure_compile(classifier, batch_size, eager.rate,
+                                             eager.batch_size)
+        measure.record["compiled"] = figures
+
+    @staticmethod
+    def _sizes(measure, eager) -> tuple[int, ...] | None:
+        """Where a compiled model's best batch is looked for: around the eager best, unless
+        the batch size was given (None)."""
+        from pipeline import tuning  # loads torch: the registry's import does not
+
+        if measure.batch_size is not None:
+            return None
+        return tuning.around(eager.batch_size, tuning.candidate_batches(measure.device))
 
     def prepare(self, classifier, preparing: Preparing = Preparing()) -> dict:
         """Compile the classifier's network for one batch shape (every batch padded to it),

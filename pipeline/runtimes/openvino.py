@@ -55,7 +55,6 @@ class OpenVino(Runtime):
     name = name
     own_kernels = True  # the network outside torch: logits only, no embeddings
     precisions = ("fp16", "bf16", "fp32", "int8")
-    cache_key = name
 
     def check(self, device, precision: str = "auto") -> None:
         if importlib.util.find_spec("openvino") is None:
@@ -191,7 +190,7 @@ def use(classifier, cache: Path) -> Network:
         compiled = core.compile_model(model, "CPU", options)
     network = Network(compiled, hint, cached, convert_seconds,
                       model, options)
-    classifier.use_network(network, name, own_kernels=True)
+    classifier.use_network(network, name, own_kernels=True, speed_key=name)
     return network
 
 
@@ -304,7 +303,7 @@ def quantize(classifier, images: list[torch.Tensor], asked: int, cache: Path,
             f"{figures['worst_top1_score_gap']:.3f}), below the {bound:.1%} bound; accept "
             f"less with --int8-agreement {_lower(figures['top1_agreement'])}, or use "
             "--precision bf16 or fp32")
-    classifier.use_network(int8, name, own_kernels=True)
+    classifier.use_network(int8, name, own_kernels=True, speed_key=name)
     return figures
 
 
