@@ -491,13 +491,13 @@ def reviews(
     """Read people's answers into OUT/reviews.parquet; say how often the model agreed."""
     from pipeline.report import agreement_line
     from pipeline.review.reviews import agreement, record
-    from pipeline.rundir import REVIEWS_FILE, SUMMARY_FILE, RunDirectory, read_json, write_json
+    from pipeline.rundir import REVIEWS_FILE, SUMMARY_FILE, RunDirectory, summary_of, write_json
 
     target = review.reading(answers)
     with RunDirectory(out) as run_dir:
         kept = record(out, target.reviews(answers))
         figures = agreement(out)
-        summary = read_json(run_dir.store, SUMMARY_FILE) or {}
+        summary = summary_of(run_dir.store)
         summary["reviews"] = figures
         write_json(run_dir.store, SUMMARY_FILE, summary)
     typer.echo(f"{kept} reviewed keys in {run_dir.store.url(REVIEWS_FILE)}")

@@ -18,7 +18,7 @@ from pipeline.config import DEFAULT_TOP_K, RunConfig
 from pipeline.errors import UsageError
 from pipeline.plan import Plan
 from pipeline.progress import if_long
-from pipeline.rundir import PARTS_DIR, RUN_FILE, RunDirectory, ended_abruptly, read_json
+from pipeline.rundir import PARTS_DIR, Recorded, RunDirectory, ended_abruptly, recorded
 from pipeline.sources import VERSION_COLUMNS, listing, open_source
 from pipeline.storage import Store
 from pipeline.summary import RunSummary
@@ -39,7 +39,7 @@ def answer(config: RunConfig) -> RunSummary | None:
         return None
     store = Store(config.out)
     try:
-        record = read_json(store, RUN_FILE)
+        record = recorded(store)
         if not record or not _same_job(config, record):
             return None
         fmt = formats.of(config)
@@ -56,13 +56,13 @@ def answer(config: RunConfig) -> RunSummary | None:
     return summary
 
 
-def _same_job(config: RunConfig, record: dict) -> bool:
-    asked, recorded = config.to_dict(), record.get("config") or {}
-    fingerprint = record.get("fingerprint") or {}
-    if any(asked.get(name) != recorded.get(name) for name in SAME_JOB):
+def _same_job(config: RunConfig, record: Recorded) -> bool:
+    asked, recorded_config = config.to_dict(), record.config
+    fingerprint = record.fingerprint
+    if any(asked.get(name) != recorded_config.get(name) for name in SAME_JOB):
         return False
     top_k = config.top_k or min(DEFAULT_TOP_K, int(fingerprint.get("num_classes", 0)))
-    if top_k != recorded.get("top_k") or top_k != fingerprint.get("top_k"):
+    if top_k != recorded_config.get("top_k") or top_k != fingerprint.get("top_k"):
         return False
     if os.path.isfile(config.weights) and fingerprint.get("weights") != _sha256(config.weights):
         return False  # the same path, other weights

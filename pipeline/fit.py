@@ -29,7 +29,7 @@ from torch import nn
 
 from pipeline.errors import RunError, UsageError
 from pipeline.report import finished_table
-from pipeline.rundir import REVIEWS_FILE, RUN_FILE, read_json, write_json
+from pipeline.rundir import REVIEWS_FILE, finished_run, write_json
 from pipeline.storage import Store
 
 FIT_FILE = "fit.json"  # what the last fit measured and wrote, in the run directory
@@ -149,10 +149,8 @@ def held_out(x: np.ndarray, y: np.ndarray, classes: int, hidden: int | None,
 def fit(out: str, source: str = "reviews", to: str | None = None) -> dict:
     """Fit, check and write the head; the figures (also kept in OUT/fit.json)."""
     started = time.perf_counter()
-    record = read_json(Store(out), RUN_FILE) or {}
-    config = record.get("config") or {}
-    if not config:
-        raise UsageError(f"{out} holds no label-images run (no run.json)")
+    record = finished_run(out)
+    config = record.config
     if ":" in config["model"]:
         raise UsageError(f"fit writes torchvision checkpoints; {config['model']} is another "
                          "family's model")
@@ -219,8 +217,7 @@ def _write_checkpoint(config: dict, record: dict, head: nn.Module, names: list[s
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": net.state_dict(), "categories": names,
                 # the backbone the embeddings came from: a night that took a fit records it
-                "label_images": {"backbone": record.get("backbone") or (
-                                     record.get("fingerprint") or {}).get("weights"),
+                "label_images": {"backbone": record.backbone,
                                  "model": config["model"], "head": name,
                                  "fit": {k: figures[k] for k in ("answers", "from", "head")}}},
                path)

@@ -27,7 +27,7 @@ from pipeline.errors import UsageError, notice
 from pipeline.job import Job, prepare_run
 from pipeline.night_diff import TONIGHT, NightDiff, items_to_label, local_file
 from pipeline.progress import if_long
-from pipeline.rundir import SUMMARY_FILE, RunDirectory, increment_dir, output_name, read_json
+from pipeline.rundir import RunDirectory, increment_dir, output_name, summary_of
 from pipeline.sources import VERSION_COLUMNS
 from pipeline.summary import RunSummary
 from pipeline.writer import merge_parts, output_schema
@@ -120,8 +120,7 @@ def _relabel_state(top: RunDirectory, job: Job, fitted: dict) -> None:
     from pipeline import relabel
 
     store, config = top.store, job.config
-    head, names, _ = relabel.load_head(config.weights, {"fingerprint": {
-        "weights": fitted["backbone"]}})
+    head, names, _ = relabel.load_head(config.weights, fitted["backbone"])
     categories = np.array(names, dtype=object)
     with store.open(TABLE) as fh:
         schema = pq.read_schema(fh)
@@ -235,7 +234,7 @@ def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
 def _last_nights_stats(top: RunDirectory, diff: NightDiff, base: str) -> drift.LabelStats:
     """Last night's label statistics: kept in its summary.json when that night wrote the
     table tonight starts from, else read from the table (a first night, a takeover)."""
-    kept = (read_json(top.store, SUMMARY_FILE) or {}).get("drift") or {}
+    kept = summary_of(top.store).get("drift") or {}
     if base and kept.get("night") == base and "label_stats" in kept:
         return drift.LabelStats.from_dict(kept["label_stats"])
     return drift.stats_of(diff.previous)

@@ -162,10 +162,9 @@ def _runtime_of_the_run(config: RunConfig, store: Store,
     if config.runtime != "auto" or config.overwrite or config.incremental:
         return config, None
     try:
-        record = rundir.read_json(store, rundir.RUN_FILE) or {}
+        resolved = rundir.recorded(store).resolved
     except (OSError, UsageError):  # no run directory to read: said where it is opened
         return config, None
-    resolved = record.get("resolved") or {}
     chosen, where = resolved.get("runtime"), str(resolved.get("device")).split(":")[0]
     if chosen not in runtimes.RUNTIMES or where != device.type:
         return config, None  # chosen for another kind of device (a CPU driver, GPU actors)

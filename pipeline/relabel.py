@@ -24,7 +24,7 @@ import torch
 from pipeline import fit as fitting
 from pipeline.errors import UsageError
 from pipeline.report import finished_table
-from pipeline.rundir import RUN_FILE, SUMMARY_FILE, read_json, write_json
+from pipeline.rundir import RUN_FILE, SUMMARY_FILE, finished_run, write_json
 from pipeline.storage import Store
 
 TABLE = "labels.parquet"
@@ -41,7 +41,7 @@ def fit_record(weights: str) -> dict | None:
     return meta if isinstance(meta, dict) and "head" in meta else None
 
 
-def load_head(weights: str, record: dict) -> tuple[torch.nn.Module, list[str], dict]:
+def load_head(weights: str, backbone: str) -> tuple[torch.nn.Module, list[str], dict]:
     """The head a `fit` checkpoint holds, its class names, and what fit recorded in it;
     refused if it was fitted on another backbone than this run's."""
     try:
@@ -53,7 +53,6 @@ def load_head(weights: str, record: dict) -> tuple[torch.nn.Module, list[str], d
         raise UsageError(f"--weights {weights} was not written by `label-images fit` (it "
                          "names no fitted head); relabel reuses a run's embeddings only for "
                          "a head fitted on them")
-    backbone = record.get("backbone") or (record.get("fingerprint") or {}).get("weights")
     if meta.get("backbone") != backbone:
         raise UsageError(f"--weights {weights} was fitted on another backbone "
                          f"({meta.get('backbone')}) than this run's ({backbone}): run the "
@@ -71,18 +70,16 @@ def load_head(weights: str, record: dict) -> tuple[torch.nn.Module, list[str], d
 def relabel(out: str, weights: str, new_out: str) -> dict:
     """Write NEW/labels.parquet; the figures (rows, rows per second)."""
     started = time.perf_counter()
-    record = read_json(Store(out), RUN_FILE) or {}
-    if not record:
-        raise UsageError(f"{out} holds no label-images run (no run.json)")
+    record = finished_run(out)
     store, fmt = finished_table(out)
     if fmt.name != "parquet":
         raise UsageError(f"relabel reads a Parquet table; {out} holds {fmt.name}")
-    head, names, meta = load_head(weights, record)
+    head, names, meta = load_head(weights, record.backbone)
     with store.open(fmt.table_name()) as fh:
         schema = pq.read_schema(fh)
     if "embedding" not in schema.names:
         raise UsageError(f"{out} has no embeddings: label it with --embeddings")
-    top_k = min(int((record.get("fingerprint") or {}).get("top_k") or 5), len(names))
+    top_k = min(int(record.fingerprint.get("top_k") or 5), len(names))
     digest = "sha256:" + hashlib.sha256(Path(weights).read_bytes()).hexdigest()
     schema = schema.with_metadata({**(schema.metadata or {}),
                                    b"label_images.weights": digest.encode(),
@@ -106,12 +103,12 @@ def relabel(out: str, weights: str, new_out: str) -> dict:
                "rows_per_second": round(rows / seconds, 1) if seconds else 0.0,
                "from": str(Path(out).resolve()) if "://" not in out else out,
                "weights": str(Path(weights).resolve()), "head": meta["head"]}
-    config = {**(record.get("config") or {}), "out": new_out,
+    config = {**record.config, "out": new_out,
               "weights": figures["weights"], "top_k": top_k, "embeddings": True}
-    fingerprint = {**(record.get("fingerprint") or {}), "weights": digest,
+    fingerprint = {**record.fingerprint, "weights": digest,
                    "num_classes": len(names), "top_k": top_k}
     write_json(new, RUN_FILE, {"config": config, "fingerprint": fingerprint,
-                               "started_at": record.get("started_at"), "relabel": figures})
+                               "started_at": record.started_at, "relabel": figures})
     write_json(new, SUMMARY_FILE, {"output": new.url(TABLE), "items": rows,
                                    "relabel": figures})
     return figures

@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from pipeline import formats, keys
 from pipeline.errors import ImageError, UsageError
 from pipeline.pixels import DECODE_ERRORS, to_rgb
-from pipeline.rundir import RUN_FILE, SUMMARY_FILE, read_json
+from pipeline.rundir import recorded, summary_of
 from pipeline.storage import Store, atomic_path, read_bytes
 from pipeline.summary import count
 
@@ -63,21 +63,21 @@ class Findings:
 
 def describe_run(out: str) -> dict[str, str]:
     """What the table was labelled with, from the run directory's run.json (if it has one)."""
-    record = read_json(Store(out), RUN_FILE) or {}
-    fingerprint, config = record.get("fingerprint", {}), record.get("config", {})
+    record = recorded(Store(out))
+    fingerprint, config = record.fingerprint, record.config
     if not fingerprint:
         return {}
     weights = fingerprint.get("weights", "")
     if config.get("weights") and config["weights"] not in weights:  # a file: its name too
         weights = f"{config['weights']} ({weights[:19]}...)"
     return {"model": fingerprint.get("model", ""), "weights": weights,
-            "run date": record.get("started_at", ""),
+            "run date": record.started_at,
             "source": fingerprint.get("source", {}).get("location", "")}
 
 
 def last_night(out: str) -> dict | None:
     """The last night's comparison with the night before, from summary.json (drift.py)."""
-    figures = (read_json(Store(out), SUMMARY_FILE) or {}).get("drift") or {}
+    figures = summary_of(Store(out)).get("drift") or {}
     return figures if "classes" in figures else None
 
 
@@ -101,7 +101,7 @@ def drift_lines(figures: dict) -> list[str]:
 def finished_table(out: str) -> tuple[Store, formats.Format]:
     """Where the finished table is, in whichever format the run wrote it."""
     store = Store(out)
-    config = (read_json(store, RUN_FILE) or {}).get("config", {})
+    config = recorded(store).config
     asked = []  # the run's own format first, where its options put the table
     if config.get("format") in formats.FORMATS:
         asked.append(formats.recorded(config))

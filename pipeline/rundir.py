@@ -96,6 +96,51 @@ def read_json(store: Store, name: str) -> dict | None:
                          "afresh") from None
 
 
+class Recorded(dict):
+    """A run directory's run.json, as every later command reads it (export, reviews, report,
+    fit, relabel, a resume): the one place its keys are named. Empty where there is none."""
+
+    @property
+    def config(self) -> dict:
+        return self.get("config") or {}
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.get("fingerprint") or {}
+
+    @property
+    def resolved(self) -> dict:
+        return self.get("resolved") or {}
+
+    @property
+    def started_at(self) -> str:
+        return self.get("started_at", "")
+
+    @property
+    def backbone(self) -> str:
+        """The weights the table's embeddings came from: kept through fitted heads."""
+        return self.get("backbone") or self.fingerprint.get("weights", "")
+
+
+def recorded(store: Store) -> Recorded:
+    """The run's record (empty if the directory holds none)."""
+    return Recorded(read_json(store, RUN_FILE) or {})
+
+
+def finished_run(out: str) -> Recorded:
+    """The record of the run a finished table in OUT came from; a one-line refusal where
+    OUT holds no run."""
+    found = recorded(Store(out))
+    if not found.config:
+        raise UsageError(f"{out} holds no label-images run (no run.json)")
+    return found
+
+
+def summary_of(store: Store) -> dict:
+    """The last run's summary.json (empty if none)."""
+    return read_json(store, SUMMARY_FILE) or {}
+
+
 def read_quarantine(store: Store) -> list[dict]:
     """Entries {index, key, error} of the files found crashing the decoder here."""
     record = read_json(store, QUARANTINE_FILE)

@@ -151,6 +151,19 @@ def runtimes_names() -> list[str]:
     return list(runtimes.RUNTIMES)
 
 
+def test_a_run_record_is_read_in_rundir_only():
+    """run.json and summary.json are parsed by rundir.py (`recorded`, `finished_run`,
+    `summary_of`): the commands that read a finished run name none of their keys' files."""
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "rundir.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(
+                    node.func, "attr", None)) == "read_json":
+                named = {getattr(a, "id", getattr(a, "attr", None)) for a in node.args}
+                assert not named & {"RUN_FILE", "SUMMARY_FILE"}, path
+
+
 def test_registries_are_followed_by_reading_not_by_strings():
     """No module is imported by a string a reader (or a tool) cannot follow."""
     for path in PACKAGE.rglob("*.py"):

@@ -18,9 +18,8 @@ from pipeline import keys
 from pipeline.errors import UsageError
 from pipeline.report import finished_table
 from pipeline.review.base import REVIEW_BELOW, REVIEW_MARGIN, Run
-from pipeline.rundir import RUN_FILE, read_json
+from pipeline.rundir import finished_run
 from pipeline.sources import open_source
-from pipeline.storage import Store
 
 COLUMNS = ["key", "path", "top1_label", "top1_score", "labels", "scores"]
 BATCH_ROWS = 65_536
@@ -51,10 +50,8 @@ class Selection:
 
 def run_of(out: str) -> Run:
     """The run a finished table came from: its model, weights, whether its images are files."""
-    record = read_json(Store(out), RUN_FILE) or {}
-    config = record.get("config") or {}
-    if not config:
-        raise UsageError(f"{out} holds no label-images run (no run.json)")
+    record = finished_run(out)
+    config = record.config
     from pipeline.config import RunConfig  # the run's source, opened (not listed) to ask
 
     fields = {k: v for k, v in config.items() if k in RunConfig.__dataclass_fields__}
@@ -63,7 +60,7 @@ def run_of(out: str) -> Run:
         holds_files = open_source(RunConfig(**fields).source_spec()).holds_files
     except UsageError:  # the source has gone since: its paths are still what the table says
         holds_files = True
-    fingerprint = record.get("fingerprint") or {}
+    fingerprint = record.fingerprint
     return Run(out=out, model=fingerprint.get("model") or config.get("model", ""),
                weights=fingerprint.get("weights") or config.get("weights", ""),
                holds_files=holds_files, embeddings=bool(config.get("embeddings")))
