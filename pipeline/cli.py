@@ -14,9 +14,9 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from pipeline import config as configuration, engines, runtimes
+from pipeline import config as configuration, engines, kinds, runtimes
 from pipeline.errors import Interrupted, RunError, UsageError
-from pipeline.options import parse_flags
+from pipeline.options import ALIASED, parse_flags
 from pipeline import review
 from pipeline.review.base import REVIEW_BELOW, REVIEW_MARGIN
 
@@ -122,9 +122,16 @@ PrecisionOption = Annotated[Optional[str], typer.Option(
     "--precision", metavar="PRECISION",
     help="auto, fp16, bf16, fp32 or int8 (OpenVINO); auto: fp16 on CUDA, bf16 on CPUs with "
          f"native bf16, else fp32 (default: {_DEFAULT.precision}).")]
-Int8Agreement = Annotated[Optional[float], typer.Option(
-    help="--precision int8: the least share of held-out images whose top-1 must agree with "
-         f"fp32, or INT8 is refused (default: {_DEFAULT.int8_agreement}).")]
+
+def _declared_help(name: str) -> str:
+    """The help of a flag kept for a declared option: what the kinds declaring it say."""
+    said = dict.fromkeys(option.help + (f" (default: {option.default})"
+                                        if option.default is not None else "")
+                         for _, option in kinds.declared(name))
+    return "; ".join(said) + f". The same as --option {name}=VALUE."
+
+
+Int8Agreement = Annotated[Optional[float], typer.Option(help=_declared_help("int8_agreement"))]
 BatchSize = Annotated[Optional[int], typer.Option(
     help="Images per batch (default: the fastest, measured on this machine and cached).")]
 Workers = Annotated[Optional[int], typer.Option(
@@ -136,12 +143,9 @@ FormatOption = Annotated[Optional[str], typer.Option(
     "--format", metavar="FORMAT",
     help=f"Output format: {', '.join(configuration.FORMATS[:-1])} or "
          f"{configuration.FORMATS[-1]} (default: {_DEFAULT.format}).")]
-TableOption = Annotated[Optional[str], typer.Option(
-    "--table", help="--format delta: the table's path or URL (default: OUT/labels.delta); "
-                    "--format iceberg: NAMESPACE.NAME (default: label_images.labels).")]
-CatalogOption = Annotated[Optional[str], typer.Option(
-    "--catalog", help="--format iceberg: the catalog, sqlite:///PATH or a REST catalog's "
-                      "http(s) URL (default: SQLite in OUT).")]
+TableOption = Annotated[Optional[str], typer.Option("--table", help=_declared_help("table"))]
+CatalogOption = Annotated[Optional[str], typer.Option("--catalog",
+                                                      help=_declared_help("catalog"))]
 TopK = Annotated[Optional[int], typer.Option(
     help=f"Labels per image (default: {configuration.DEFAULT_TOP_K}, or the model's classes if "
          "it has fewer).")]
@@ -195,27 +199,26 @@ Engine = Annotated[Optional[str], typer.Option(
          "torchrun and array slices split up front; "
          + "; ".join(f"{name}: an extra" for name in engines.ENGINES if name != "local")
          + ") (default: local).")]
-RayAddress = Annotated[Optional[str], typer.Option(
-    help="--engine ray: the cluster (auto, ray://host:10001, host:6379) (default: the running "
-         "cluster, else a local Ray for the job).")]
-Actors = Annotated[Optional[int], typer.Option(
-    help="--engine ray: labelling actors (default: one per GPU in the cluster; on CPU nodes "
-         "one per node, each with the node's cores).")]
+RayAddress = Annotated[Optional[str], typer.Option(help=_declared_help("ray_address"))]
+Actors = Annotated[Optional[int], typer.Option(help=_declared_help("actors"))]
 KindOption = Annotated[Optional[list[str]], typer.Option(
     "--option", metavar="NAME=VALUE",
     help="An option the chosen format, engine or runtime declares for itself; repeat for "
-         "more (a config file's options table holds them too).")]
+         "more (a config file's options table holds them too): " + "; ".join(
+             f"{option.name} ({kind})" for kind, option in kinds.declared()) + ".")]
 # The earlier names of those two, still taken, not shown.
 NumShards = Annotated[Optional[int], typer.Option(hidden=True)]
 ShardIndex = Annotated[Optional[int], typer.Option(hidden=True)]
 
 
 def _flags(arguments: dict) -> dict:
-    """A command's arguments that are RunConfig fields, enums as their values."""
+    """A command's arguments that are RunConfig fields (or flags kept for declared options,
+    which the config moves into `options`), enums as their values."""
     arguments = {**arguments, "options": parse_flags(arguments.get("option")) or None}
     return {name: value.value if isinstance(value, Enum) else value
             for name, value in arguments.items()
-            if name in configuration.FIELDS or name == configuration.COMPILE_ALIAS}
+            if name in configuration.FIELDS or name == configuration.COMPILE_ALIAS
+            or name in ALIASED}
 
 
 @app.command(cls=_Command)

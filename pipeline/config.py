@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import formats, runtimes
+from pipeline import formats, options, runtimes
 from pipeline.errors import UsageError
+from pipeline.options import ALIASED
 from pipeline.preprocess import INPUT_MODES
 
 FORMATS = formats.NAMES  # the built-in ones, for help texts; checks ask the registries
@@ -37,8 +38,6 @@ class RunConfig:
     batch_size: int | None = None  # None: chosen for the device
     workers: int | None = None  # None: chosen for the device
     format: str = "parquet"
-    table: str | None = None  # delta: a path or URL; iceberg: NAMESPACE.NAME
-    catalog: str | None = None  # iceberg: the catalog's URI (default: SQLite in --out)
     top_k: int | None = None  # None: 5, or the model's classes if it has fewer
     shard_size: int | None = None  # None: sized for the job (plan.shard_size_for)
     path_column: str | None = None
@@ -51,16 +50,14 @@ class RunConfig:
     overwrite: bool = False
     quiet: bool = False
     runtime: str = "auto"  # runtimes.NAMES: what runs the network; auto measures
-    int8_agreement: float = 0.99  # --precision int8: least top-1 agreement with fp32
     num_slices: int | None = None  # slices of an array job; each labels every n-th shard
     slice_index: int | None = None
     incremental: bool = False
     drift_threshold: float = 0.1  # --incremental: the PSI of a shift said in one line (drift.py)
     embeddings: bool = False
     engine: str = "local"  # who hands out the shards: engines.ENGINES
-    ray_address: str | None = None  # --engine ray: None: a running cluster, else a local Ray
-    actors: int | None = None  # --engine ray: None: one per GPU, or one per CPU node
-    # what a kind declares for itself (options.py): its format, engine or runtime checks it
+    # what a kind declares for itself (options.py): its format, engine or runtime checks it;
+    # --table, --catalog, --int8-agreement, --ray-address and --actors arrive here too
     options: dict[str, Any] = field(default_factory=dict)
 
     def source_spec(self):
@@ -109,8 +106,8 @@ def read_toml(path: str) -> dict[str, Any]:
     for key, value in raw.items():
         name = key.replace("-", "_")
         name = ALIASES.get(name, name)
-        if name not in FIELDS and name != COMPILE_ALIAS:
-            known = ", ".join(sorted(FIELDS))
+        if name not in FIELDS and name != COMPILE_ALIAS and name not in ALIASED:
+            known = ", ".join(sorted([*FIELDS, *ALIASED]))
             raise UsageError(f"unknown key '{key}' in {path} (known keys: {known})")
         values[name] = value
     return values
@@ -123,6 +120,7 @@ def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConf
     if isinstance(file_values.get("options"), dict):  # a flag adds to the file's, or overrides one
         values["options"] = {**file_values["options"], **(flag_values.get("options") or {})}
     _runtime_from_compile(values, flag_values)
+    _options_from_their_flags(values, file_values, flag_values)
     if not values.get("source"):
         raise UsageError("no SOURCE given: pass a folder or manifest, or set 'source' in --config")
     if isinstance(values.get("keep_columns"), str):
@@ -148,6 +146,24 @@ def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConf
     if config.runtime == "auto" and len(only) == 1:  # a precision one runtime offers (int8):
         config = dataclasses.replace(config, runtime=only[0])  # auto never picks it unasked
     return config
+
+
+def _options_from_their_flags(values: dict[str, Any], file_values: dict[str, Any],
+                              flags: dict[str, Any]) -> None:
+    """--table and the others that kept a flag (or a file key) of their own: options of the
+    kind that declares them, like any --option; a flag over the file, as for any setting."""
+    given = dict(values.get("options") or {})
+    for name in ALIASED:
+        value = values.pop(name, None)
+        if value is None:
+            continue
+        by_flag = flags.get(name) is not None
+        if by_flag and name in (flags.get("options") or {}):
+            raise UsageError(f"{options.flag(name)} and --option {name} say the same thing: "
+                             "give one")
+        if by_flag or name not in given:
+            given[name] = value
+    values["options"] = given
 
 
 def _runtime_from_compile(values: dict[str, Any], flags: dict[str, Any]) -> None:
@@ -190,7 +206,7 @@ def _check_type(name: str, value: Any) -> None:
 
 
 def _check_values(config: RunConfig) -> None:
-    formats.of(config)  # one of the registered formats, its --table and --catalog, or one line
+    formats.get(config.format)  # one of the registered formats, or one line
     if "://" not in config.out and os.path.exists(config.out) and not os.path.isdir(config.out):
         raise UsageError(f"--out {config.out} is a file: the output is a directory (the run "
                          "directory, with the table in it); name another")
@@ -210,18 +226,13 @@ def _check_values(config: RunConfig) -> None:
         raise UsageError(f"--precision {config.precision} runs on --runtime "
                          f"{' or '.join(runtimes.offering(config.precision))}, not "
                          f"{config.runtime}")
-    if config.engine != "ray" and (config.ray_address is not None or config.actors is not None):
-        raise UsageError("--ray-address and --actors are for --engine ray")
     if not _DEVICE_PATTERN.match(config.device):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     for name in ("top_k", "shard_size", "max_pixels", "batch_size", "resize", "crop",
-                 "num_slices", "actors"):
+                 "num_slices"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UsageError(f"{_flag(name)} must be at least 1, got {value}")
-    if not 0 < config.int8_agreement <= 1:
-        raise UsageError(f"--int8-agreement is a share of images, above 0 and at most 1 "
-                         f"(0.98 for 98%), got {config.int8_agreement}")
     if not config.drift_threshold > 0:
         raise UsageError(f"--drift-threshold is a PSI above 0 (0.1: a moderate shift), got "
                          f"{config.drift_threshold}")

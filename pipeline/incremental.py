@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import drift, engines, formats, keys, plan as planning, rundir, runner
+from pipeline import drift, engines, formats, keys, kinds, plan as planning, rundir, runner
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError, notice
@@ -44,6 +44,7 @@ def run(config: RunConfig, *, progress: bool | None = None,
                          "--allow-duplicates")
     if config.num_slices is not None or config.slice_index is not None:
         raise UsageError("--incremental runs as one process; slices are not supported with it")
+    kinds.check_options(config)  # each kind's options, typed, before any work
     engine = engines.get(config.engine)
     engine.check(config)  # its own refusals, before the listing
     job = prepare_run(config, engine, versions=True, started=started)  # every night lists

@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 import pipeline
-from pipeline import formats, options, plan as planning, rundir, runtimes
+from pipeline import formats, plan as planning, rundir, runtimes
 from pipeline import settings as machine
 from pipeline.backends import Backend, ModelSpec, backend_for, resolve_model
 from pipeline.classifier import Classifier
@@ -101,25 +101,15 @@ class Job:
 def prepare_run(config: RunConfig, engine, part: Slice = Slice(), versions: bool = False,
                 started: float | None = None) -> Job:
     """The job of the process that holds the run directory (not an engine's worker, whose
-    driver checked all this): its kept columns, the options its kinds declare, the table
-    it will write (its catalog answers, it is ours), whether the last run there crashed."""
+    driver checked all this; the options its kinds declare are checked before it:
+    kinds.check_options): its kept columns, the table it will write (its catalog answers, it is ours), whether the last run there crashed."""
     check_kept_columns(config.keep_columns)
-    options.check(config.options, _kinds(config, engine))
     job = prepare(config, part, versions, started)
     store = Store(job.config.out)
     if part.merges:  # before the listing and the labelling, not after
         formats.of(job.config).check(store)
     job.crashed_in = _ended_abruptly(job.config, store, part)
     return job
-
-
-def _kinds(config: RunConfig, engine) -> dict[str, object]:
-    """The kinds this run uses that may declare options; auto: any runtime it may pick."""
-    chosen = ([config.runtime] if config.runtime in runtimes.RUNTIMES
-              else list(runtimes.RUNTIMES))
-    return {f"format {config.format}": formats.get(config.format),
-            f"engine {config.engine}": engine,
-            **{f"runtime {name}": runtimes.get(name) for name in chosen}}
 
 
 def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,

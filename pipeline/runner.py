@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline import engines, formats, launchers, plan as planning
+from pipeline import engines, formats, kinds, launchers, plan as planning
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
 from pipeline.errors import RunError, UsageError, notice
@@ -32,6 +32,7 @@ def run(config: RunConfig, *, progress: bool | None = None,
     """
     if config.incremental:
         raise ValueError("an incremental run goes through incremental.run")
+    kinds.check_options(config)  # each kind's options, typed, before any work
     engine = engines.get(config.engine)
     engine.check(config)  # its own refusals, before anything is listed or loaded
     part = engine.part(config)

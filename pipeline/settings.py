@@ -151,7 +151,7 @@ def batch_size(d: _Draft) -> None:
     config, classifier, measure, chosen = d.config, d.classifier, d.measure, d.runtime
     preprocess = classifier.spec.preprocess
     preparing = runtimes.Preparing(
-        precision=config.precision, agreement=config.int8_agreement, cache=measure.cache,
+        precision=config.precision, cache=measure.cache,
         options=declared(chosen, config.options), images=lambda n: (tuning.first_crops(
             d.measure.source, measure.sample[:n], preprocess, config.max_pixels),
             len(measure.sample[:n])))

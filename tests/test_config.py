@@ -8,8 +8,11 @@ import tomllib
 
 import pytest
 
+from pipeline import engines, formats, runtimes
 from pipeline.config import RunConfig, read_toml, resolve
 from pipeline.errors import UsageError
+from pipeline.kinds import REGISTRIES
+from pipeline.options import ALIASED, check, declared
 from tests.conftest import REPO
 
 
@@ -29,7 +32,8 @@ def test_default_toml_lists_every_option_at_its_default():
     for name, value in tomllib.loads(text).items():
         assert value == defaults[name], name
     listed = set(tomllib.loads(text)) | set(re.findall(r"^# (\w+) = ", text, re.MULTILINE))
-    assert listed == {f.name for f in dataclasses.fields(RunConfig)}
+    # and the options that kept a key of their own (ALIASED), as the kinds declare them
+    assert listed == {f.name for f in dataclasses.fields(RunConfig)} | set(ALIASED)
     assert "float16" not in text  # embeddings have been float32 since Spark refused float16
 
 
@@ -81,3 +85,35 @@ def test_a_weights_file_is_recorded_as_its_absolute_path(tmp_path, monkeypatch):
     assert resolve({}, {"source": "photos", "weights": "IMAGENET1K_V2"}).weights == \
         "IMAGENET1K_V2"
     assert resolve({}, {"source": "photos"}).weights == "DEFAULT"
+
+
+def test_the_flags_kept_for_declared_options_are_those_options(tmp_path):
+    """--table, --catalog, --int8-agreement, --ray-address, --actors (and their config-file
+    keys) are the options their kinds declare: told to those kinds, typed and checked there,
+    refused for a run whose kinds do not take them, naming the kinds that do."""
+    in_file = tmp_path / "job.toml"
+    in_file.write_text('table = "from_file"\n[options]\ncatalog = "sqlite:///c.db"\n')
+    config = resolve(read_toml(str(in_file)), {"source": "s", "format": "iceberg"})
+    assert config.options == {"table": "from_file", "catalog": "sqlite:///c.db"}
+    config = resolve(read_toml(str(in_file)), {"source": "s", "format": "delta",
+                                               "table": "from_flag"})
+    assert config.options["table"] == "from_flag"  # the flag over the file, as for any
+    assert formats.of(config).table == "from_flag"  # told to the format that declares it
+    with pytest.raises(UsageError, match="--table and --option table say the same thing"):
+        resolve({}, {"source": "s", "table": "a", "options": {"table": "b"}})
+    # a run recorded before they were options still finds its table
+    assert formats.recorded({"format": "delta", "table": "old", "options": {}}).table == "old"
+    ray, local = engines.get("ray"), engines.get("local")
+    assert declared(ray, {"actors": "2"}) == {"actors": 2}
+    with pytest.raises(UsageError, match=r"^--actors must be at least 1, got 0$"):
+        check({"actors": "0"}, {"engine ray": ray}, REGISTRIES)
+    with pytest.raises(UsageError, match=r"^--actors is for --engine ray$"):
+        check({"actors": "2"}, {"engine local": local}, REGISTRIES)
+    with pytest.raises(UsageError, match=r"^--table is for --format delta or iceberg$"):
+        check({"table": "x"}, {"format parquet": formats.get("parquet")}, REGISTRIES)
+    openvino = runtimes.get("openvino")
+    assert declared(openvino, {}) == {"int8_agreement": 0.99}  # its default, told
+    with pytest.raises(UsageError, match="--int8-agreement is a share of images"):
+        declared(openvino, {"int8_agreement": "1.5"})
+    with pytest.raises(UsageError, match=r"--option spark_master: a str"):
+        declared(engines.get("spark"), {"spark_master": 7})

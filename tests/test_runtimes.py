@@ -225,7 +225,7 @@ def test_int8_that_its_calibration_breaks_is_refused_with_the_figures(cli, tmp_p
                         "--int8-agreement", lower))
     assert accepted.exit_code == 0, accepted.output
     record = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert record["config"]["int8_agreement"] == float(lower)
+    assert record["config"]["options"]["int8_agreement"] == float(lower)
     figures = record["resolved"]["measured"]["int8"]
     assert figures["bound"] == float(lower)
     assert abs(figures["top1_agreement"] - agreed) < 1e-3  # the same check, the same images

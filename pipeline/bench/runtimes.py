@@ -11,6 +11,7 @@ from pipeline.bench.model import alone
 from pipeline.bench.sample import Figure, Sample
 from pipeline.classifier import Classifier, resolve_precision
 from pipeline.errors import UsageError
+from pipeline.options import declared
 from pipeline.summary import count
 
 
@@ -72,7 +73,7 @@ def _model_alone(sample: Sample, name: str, precision: str | None) -> tuple[floa
     # the job's own first images where it calibrates on them
     runtime.prepare(classifier, runtimes.Preparing(
         precision=precision or "auto", batch_size=job.settings.batch_size,
-        agreement=sample.config.int8_agreement, cache=tuning.cache_dir(),
+        options=declared(runtime, sample.config.options), cache=tuning.cache_dir(),
         images=lambda n: (tuning.first_crops(job.source, sample.paths[:n], job.spec.preprocess,
                                              sample.config.max_pixels), len(sample.paths[:n]))))
     if name == runtimes.COMPILED:

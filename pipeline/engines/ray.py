@@ -24,6 +24,7 @@ from pipeline.engines.base import Engine
 from pipeline.engines.cluster import ShardQueue, ShardWorker, cause
 from pipeline.errors import ProcessFailure, RunError, UsageError, notice
 from pipeline.launchers import Slice
+from pipeline.options import Option, declared
 from pipeline.progress import progress_bar
 from pipeline.rundir import committed_shards
 from pipeline.summary import RunSummary, count
@@ -43,6 +44,13 @@ class RayEngine(Engine):
 
     name = "ray"
     labels_here = False  # the actors label; the driver keeps no model on its GPU
+    options = (
+        Option("ray_address", str, "--engine ray: the cluster (auto, ray://host:10001, "
+                                   "host:6379) (default: the running cluster, else a local "
+                                   "Ray for the job)"),
+        Option("actors", int, "--engine ray: labelling actors (default: one per GPU in the "
+                              "cluster; on CPU nodes one per node, each with the node's "
+                              "cores)", valid=lambda n: n >= 1, must="must be at least 1"))
 
     def check(self, config: RunConfig) -> None:
         """What --engine ray refuses before any work."""
@@ -55,7 +63,7 @@ class RayEngine(Engine):
     def session(self, job, store):
         """Connected to the cluster, which must reach the run directory, before the plan."""
         ray = _import_ray()
-        _connect(ray, job.config.ray_address)
+        _connect(ray, declared(self, job.config.options).get("ray_address"))
         cluster.check_reachable(store, len(_alive_nodes(ray)), "Ray", "actor")
         yield None
 
@@ -145,7 +153,7 @@ def _label_on_actors(ray, config: RunConfig, plan, pending: list[int], summary: 
             in_flight[actor.label.remote(shard)] = (actor, described, shard)
 
     asked = _actor_count(ray, config)
-    if config.actors and asked > len(pending):
+    if _actors_asked(config) and asked > len(pending):
         notice(f"--actors {asked}: {count(len(pending), 'shard')} to label, so "
                f"{count(len(pending), 'actor')} started")
     first = start(min(asked, len(pending)))
@@ -276,10 +284,14 @@ def _room_for(ray, resources: dict) -> bool:
     return all(free.get(names[name], 0) >= amount for name, amount in resources.items())
 
 
+def _actors_asked(config: RunConfig) -> int | None:
+    return declared(ENGINE, config.options).get("actors")
+
+
 def _actor_count(ray, config: RunConfig) -> int:
     """--actors, else one per GPU in the cluster, else one per alive node."""
-    if config.actors:
-        return config.actors
+    if _actors_asked(config):
+        return _actors_asked(config)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     return gpus or len([n for n in ray.nodes() if n.get("Alive")])
 

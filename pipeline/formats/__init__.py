@@ -26,8 +26,8 @@ def get(name: str) -> Format:
 
 
 def of(config) -> Format:
-    """The run's format, told where its table lives (a table format's --table, --catalog)
-    and the options it declares."""
+    """The run's format, told the options it declares (a table format: where its table
+    lives, --table and --catalog)."""
     return recorded(vars(config) if not isinstance(config, dict) else config)
 
 
@@ -38,5 +38,6 @@ def recorded(config: dict, name: str | None = None) -> Format:
     fmt = get(name)
     if name != config.get("format"):
         return fmt.configured({})
-    return fmt.configured({"table": config.get("table"), "catalog": config.get("catalog"),
-                           **declared(fmt, config.get("options") or {})})
+    # a run recorded before these were options kept them beside the others
+    earlier = {name: config[name] for name in ("table", "catalog") if config.get(name)}
+    return fmt.configured(declared(fmt, {**earlier, **(config.get("options") or {})}))

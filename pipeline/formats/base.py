@@ -9,7 +9,6 @@ from typing import IO, Protocol
 
 import pyarrow as pa
 
-from pipeline.errors import UsageError
 from pipeline.storage import Store
 
 
@@ -43,11 +42,8 @@ class Format:
     options: tuple = ()  # options.Option: what this format declares (--option NAME=VALUE)
 
     def configured(self, options: dict) -> Format:
-        """This format for one run: a table format takes where its table lives from the
-        run's options (`table`, `catalog`); a file format is always in the run directory."""
-        for name in ("table", "catalog"):
-            if options.get(name):
-                raise UsageError(f"--{name} is for --format delta or iceberg, not {self.name}")
+        """This format for one run, told the options it declares (a table format: where
+        its table lives); a file format is always in the run directory."""
         return self
 
     def check(self, store: Store) -> None:

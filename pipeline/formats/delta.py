@@ -8,6 +8,7 @@ import pyarrow as pa
 
 from pipeline.errors import UsageError
 from pipeline.formats.base import Commit
+from pipeline.options import Option
 from pipeline.formats.lakehouse import (COMMIT_KEY, OPERATION, TableFormat, as_ours, batches,
                                         check_schema, moved_on)
 from pipeline.storage import Store
@@ -40,11 +41,10 @@ def _open(where: str, version: int | None = None):
 
 class DeltaFormat(TableFormat):
     name = "delta"
+    options = (Option("table", str, "--format delta: the table's path or URL (default: "
+                                    f"OUT/{DEFAULT_TABLE})"),)
 
     def configured(self, options: dict) -> DeltaFormat:
-        if options.get("catalog"):
-            raise UsageError("--catalog is for --format iceberg; a Delta table is found by its "
-                             "--table path")
         return DeltaFormat(table=options.get("table"))
 
     def table_name(self) -> str:

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from pipeline.errors import UsageError
 from pipeline.formats.base import Commit
+from pipeline.options import Option
 from pipeline.formats.lakehouse import (COMMIT_KEY, TableFormat, as_ours, batches,
                                         check_schema, moved_on, removed_or_relabelled)
 from pipeline.storage import Store
@@ -60,6 +61,10 @@ def _catalog(uri: str, warehouse: str | None):
 
 class IcebergFormat(TableFormat):
     name = "iceberg"
+    options = (Option("table", str, "--format iceberg: the table as NAMESPACE.NAME (default: "
+                                    f"{DEFAULT_TABLE})"),
+               Option("catalog", str, "--format iceberg: the catalog, sqlite:///PATH or a "
+                                      "REST catalog's http(s) URL (default: SQLite in OUT)"))
 
     def configured(self, options: dict) -> IcebergFormat:
         table = options.get("table") or DEFAULT_TABLE

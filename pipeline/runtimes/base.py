@@ -21,7 +21,6 @@ class Preparing:
     precision: str = "auto"
     batch_size: int | None = None
     images: Callable[[int], tuple[list, int]] | None = None
-    agreement: float = 0.99  # a lossy precision's least top-1 agreement with fp32
     cache: Path = Path(".")
     options: dict = field(default_factory=dict)  # those it declares, typed (options.py)
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.errors import UsageError
+from pipeline.options import Option
 from pipeline.runtimes.base import Preparing, Runtime
 
 if TYPE_CHECKING:  # torch is imported where the network runs: the registry loads none
@@ -47,6 +48,8 @@ name = "openvino"
 # the classifier's dtype (torch's name) -> OpenVINO's inference precision hint
 HINTS = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}
 
+AGREEMENT_BOUND = 0.99  # top-1 agreement with fp32 on the held-out images
+
 
 class OpenVino(Runtime):
     """The network converted to OpenVINO and run with its CPU kernels; INT8 (below) is
@@ -55,6 +58,10 @@ class OpenVino(Runtime):
     name = name
     own_kernels = True  # the network outside torch: logits only, no embeddings
     precisions = ("fp16", "bf16", "fp32", "int8")
+    options = (Option("int8_agreement", float, "--precision int8: the least top-1 agreement "
+                      "with fp32 on the job's held-out images, or INT8 is refused",
+                      default=AGREEMENT_BOUND, valid=lambda share: 0 < share <= 1,
+                      must="is a share of images, above 0 and at most 1 (0.98 for 98%)"),)
 
     def check(self, device, precision: str = "auto") -> None:
         if importlib.util.find_spec("openvino") is None:
@@ -74,8 +81,8 @@ class OpenVino(Runtime):
             use(classifier, preparing.cache)
             return {}
         images, asked = preparing.images(sample_size()) if preparing.images else ([], 0)
-        return {"int8": quantize(classifier, images, asked, preparing.cache,
-                                      preparing.agreement)}
+        bound = preparing.options.get("int8_agreement", AGREEMENT_BOUND)
+        return {"int8": quantize(classifier, images, asked, preparing.cache, bound)}
 
 
 RUNTIME = OpenVino()
@@ -232,7 +239,6 @@ def converted(classifier, ov, cache: Path) -> tuple[Path, bool, float]:
 
 CALIBRATION_IMAGES = 300
 HELD_OUT_IMAGES = 200
-AGREEMENT_BOUND = 0.99  # top-1 agreement with fp32 on the held-out images
 MIN_HELD_OUT = 10  # fewer than this cannot say anything about 99%
 _BATCH = 16
 
