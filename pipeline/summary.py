@@ -34,7 +34,8 @@ class RunSummary:
     changes: dict = field(default_factory=dict)  # incremental runs: new/changed/unchanged/removed
     drift: dict = field(default_factory=dict)  # incremental runs: the labels against last night's
     stale: str = ""  # a finished run whose source has changed since: what to do about it
-    actors: list[dict] = field(default_factory=list)  # a cluster engine's workers' figures
+    # a cluster engine's workers (Ray's actors, Spark's Python workers): host, images, rate
+    cluster_workers: list[dict] = field(default_factory=list)
     worker: str = "actor"  # what the cluster engine calls them, for the summary line
     redone: list[dict] = field(default_factory=list)  # shards redone after an actor died
     lost_nodes: list[str] = field(default_factory=list)  # --engine ray: nodes that went
@@ -63,9 +64,9 @@ class RunSummary:
                        f"all shards are committed: run `label-images merge {self.run_dir}`")
             return (f"{self.slice_done} done: labelled {self.labelled_now} at "
                     f"{self.images_per_second:.1f} images/s; {waiting}")
-        actors = "" if not self.actors else (
-            f" by {count(len(self.actors), self.worker)} ("
-            + ", ".join(f"{a['images']} on {a['host']}" for a in self.actors) + ")"
+        actors = "" if not self.cluster_workers else (
+            f" by {count(len(self.cluster_workers), self.worker)} ("
+            + ", ".join(f"{a['images']} on {a['host']}" for a in self.cluster_workers) + ")"
             + (f", {count(len(self.lost_nodes), 'node')} lost and "
                f"{count(len(self.redone), 'shard')} redone" if self.lost_nodes else ""))
         return (f"{self.items} images: {changes}{self.ok} ok, {errors}; labelled "
@@ -80,6 +81,11 @@ class RunSummary:
             return ""
         return (f"; decoding was the bottleneck ({self.load_seconds / self.loop_seconds:.0%} "
                 "of the loop waiting for batches)")
+
+    def engine_record(self, engine: str) -> dict:
+        """What a cluster engine did, for run.json: who labelled what, where, what was redone."""
+        return {"engine": engine, "worker": self.worker, "cluster_workers": self.cluster_workers,
+                "redone": self.redone, "lost_nodes": self.lost_nodes}
 
     def to_dict(self) -> dict:
         return {
@@ -96,7 +102,7 @@ class RunSummary:
             **({"changes": self.changes} if self.changes else {}),
             **({"drift": self.drift} if self.drift else {}),
             **({"stale": self.stale} if self.stale else {}),
-            **({"actors": self.actors} if self.actors else {}),
+            **({"cluster_workers": self.cluster_workers} if self.cluster_workers else {}),
             **({"redone": self.redone} if self.redone else {}),
             **({"lost_nodes": self.lost_nodes} if self.lost_nodes else {}),
         }

@@ -158,7 +158,7 @@ def test_a_ray_actor_labels_on_the_gpu(cli, tmp_path, cpu_reference, colour_chec
     import json
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert [a["device"] for a in summary["actors"]] == ["cuda:0"]
+    assert [a["device"] for a in summary["cluster_workers"]] == ["cuda:0"]
     agrees(read_output(tmp_path / "run" / "labels.parquet"), reference)
 
 

@@ -79,7 +79,7 @@ def test_two_actors_give_the_one_process_rows(cli, tmp_path, colour_checkpoint, 
         tmp_path / "local" / "labels.parquet")
     assert list(found["status"]) == list(expected["status"])
     run = json.loads((tmp_path / "ray" / "run.json").read_text())
-    actors = run["actors"]
+    actors = run["cluster_workers"]
     assert run["engine"] == "ray" and len(actors) == 2
     assert sum(a["shards"] for a in actors) == 5 and sum(a["images"] for a in actors) == 19
     assert all(a["device"] == "cpu" and a["node"] and a["images_per_second"] > 0
@@ -88,7 +88,7 @@ def test_two_actors_give_the_one_process_rows(cli, tmp_path, colour_checkpoint, 
     assert [a["per_node"] for a in actors] == [2, 2]
     assert "by 2 actors" in done.output
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
-    assert summary["actors"] == actors and summary["items"] == 19
+    assert summary["cluster_workers"] == actors and summary["items"] == 19
     # one clock: every actor's labelling falls inside the loop the rate is counted over
     assert all(a["seconds"] <= summary["loop_seconds"] for a in actors), summary
     assert summary["images_per_second"] == pytest.approx(19 / summary["loop_seconds"], rel=1e-2)
@@ -102,7 +102,7 @@ def test_more_actors_than_shards_says_how_many_started(cli, tmp_path, colour_che
                      "--actors", "2"))
     assert done.exit_code == 0, done.output
     assert "--actors 2: 1 shard to label, so 1 actor started" in done.output
-    assert len(json.loads((tmp_path / "ray" / "run.json").read_text())["actors"]) == 1
+    assert len(json.loads((tmp_path / "ray" / "run.json").read_text())["cluster_workers"]) == 1
 
 
 def test_tar_shards_through_the_engine_give_the_one_process_rows(cli, tmp_path,
@@ -134,7 +134,7 @@ def test_an_actor_killed_mid_shard_has_its_shard_redone_once(cli, tmp_path, colo
     table = read_output(tmp_path / "run" / "labels.parquet")
     assert sorted(table["key"]) == sorted(p.name for p in folder.iterdir())
     assert (table["status"] == "ok").all()
-    actors = json.loads((tmp_path / "run" / "run.json").read_text())["actors"]
+    actors = json.loads((tmp_path / "run" / "run.json").read_text())["cluster_workers"]
     assert sum(a.get("died", False) for a in actors) == 1 and len(actors) == 3  # replaced
     redone, = json.loads((tmp_path / "run" / "summary.json").read_text())["redone"]
     assert redone["shard"] == 1 and redone["deaths"] == 1 and redone["seconds"] > 0
@@ -154,7 +154,7 @@ def test_a_decode_worker_killed_inside_an_actor_is_restarted_and_the_run_finishe
     table = read_output(tmp_path / "run" / "labels.parquet")
     assert sorted(table["key"]) == sorted(p.name for p in folder.iterdir())
     assert table["key"].is_unique and (table["status"] == "ok").all()
-    actors = json.loads((tmp_path / "run" / "run.json").read_text())["actors"]
+    actors = json.loads((tmp_path / "run" / "run.json").read_text())["cluster_workers"]
     assert len(actors) == 2 and not any(a.get("died") for a in actors)  # no actor lost
     assert kills(cluster) == 1  # the worker was killed, and its actor restarted the loader
     assert sum(a["loader_restarts"] for a in actors) == 1
@@ -175,7 +175,7 @@ def test_a_fourth_decode_worker_killed_in_one_actor_replaces_the_actor(
     table = read_output(tmp_path / "run" / "labels.parquet")
     assert sorted(table["key"]) == sorted(p.name for p in folder.iterdir())
     assert table["key"].is_unique and (table["status"] == "ok").all()
-    actors = json.loads((tmp_path / "run" / "run.json").read_text())["actors"]
+    actors = json.loads((tmp_path / "run" / "run.json").read_text())["cluster_workers"]
     assert [a.get("died", False) for a in actors] == [True, False]  # replaced once
     redone, = json.loads((tmp_path / "run" / "summary.json").read_text())["redone"]
     assert redone["shard"] == 1 and redone["deaths"] == 1

@@ -150,7 +150,7 @@ def test_executors_give_the_one_process_rows_and_a_killed_executor_loses_nothing
     assert kills(spark_cluster) == 1  # the executor died mid-shard
     assert " Spark worker" in done.stderr.strip().splitlines()[-1]
     assert rows(out / "labels.parquet") == reference  # every key once, in plan order
-    workers = json.loads((out / "run.json").read_text())["actors"]
+    workers = json.loads((out / "run.json").read_text())["cluster_workers"]
     assert sum(w["images"] for w in workers) >= 21 and all(w["host"] for w in workers)
 
 

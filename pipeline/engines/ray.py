@@ -75,15 +75,14 @@ class RayEngine(Engine):
         pending = [s for s in shards if s not in committed]
         show = (not config.quiet) if progress is None else progress
         try:
-            summary.actors, poison = _label_on_actors(
+            summary.cluster_workers, poison = _label_on_actors(
                 ray, config, plan, pending, summary, lambda: progress_bar(
                     plan.num_items, plan.num_items - plan.items_in(pending), show, Slice()))
         except ClusterLost:
             # Ray's own shutdown at exit would wait for the cluster that is gone
             atexit.unregister(ray.shutdown)
             raise
-        run_dir.record_engine({"engine": self.name, "actors": summary.actors,
-                               "redone": summary.redone, "lost_nodes": summary.lost_nodes})
+        run_dir.record_engine(summary.engine_record(self.name))
         if poison:
             raise cluster.poison_error(plan, poison, "actor")
 

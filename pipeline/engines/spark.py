@@ -106,10 +106,9 @@ class SparkEngine(Engine):
         finally:
             bar.close()
         summary.loop_seconds = time.perf_counter() - started
-        summary.actors = cluster.rates(list(workers.values()))
+        summary.cluster_workers = cluster.rates(list(workers.values()))
         summary.worker = "Spark worker"  # an executor's Python worker
-        run_dir.record_engine({"engine": self.name, "actors": summary.actors,
-                               "redone": summary.redone, "lost_nodes": summary.lost_nodes})
+        run_dir.record_engine(summary.engine_record(self.name))
         if poison:
             raise cluster.poison_error(plan, sorted(poison), "executor's task")
 
