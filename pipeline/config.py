@@ -68,7 +68,7 @@ class RunConfig:
                           id_column=self.id_column, root=self.root,
                           keep_columns=self.keep_columns,
                           allow_duplicates=self.allow_duplicates,
-                          image_column=self.image_column)
+                          image_column=self.image_column, options=self.options)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

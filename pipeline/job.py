@@ -128,7 +128,7 @@ def prepare(config: RunConfig, part: Slice = Slice(), versions: bool = False,
     # The model, its weights and the device before the listing: a typo in --model on a
     # bucket of millions is said at once, not after the whole listing.
     spec = resolve_model(config.model, config.weights, config.labels, config.resize, config.crop,
-                         config.input_mode)
+                         config.input_mode, config.options)
     if config.top_k is None:  # only a --top-k asked for is held to the model's classes
         config = dataclasses.replace(config, top_k=min(DEFAULT_TOP_K, spec.num_classes))
     device, dtype = machine.device_and_precision(config, part, spec.precision)

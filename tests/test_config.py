@@ -11,7 +11,7 @@ import pytest
 from pipeline import engines, formats, runtimes
 from pipeline.config import RunConfig, read_toml, resolve
 from pipeline.errors import UsageError
-from pipeline.kinds import REGISTRIES
+from pipeline.kinds import registries
 from pipeline.options import ALIASED, check, declared
 from tests.conftest import REPO
 
@@ -106,11 +106,11 @@ def test_the_flags_kept_for_declared_options_are_those_options(tmp_path):
     ray, local = engines.get("ray"), engines.get("local")
     assert declared(ray, {"actors": "2"}) == {"actors": 2}
     with pytest.raises(UsageError, match=r"^--actors must be at least 1, got 0$"):
-        check({"actors": "0"}, {"engine ray": ray}, REGISTRIES)
+        check({"actors": "0"}, {"engine ray": ray}, registries())
     with pytest.raises(UsageError, match=r"^--actors is for --engine ray$"):
-        check({"actors": "2"}, {"engine local": local}, REGISTRIES)
+        check({"actors": "2"}, {"engine local": local}, registries())
     with pytest.raises(UsageError, match=r"^--table is for --format delta or iceberg$"):
-        check({"table": "x"}, {"format parquet": formats.get("parquet")}, REGISTRIES)
+        check({"table": "x"}, {"format parquet": formats.get("parquet")}, registries())
     openvino = runtimes.get("openvino")
     assert declared(openvino, {}) == {"int8_agreement": 0.99}  # its default, told
     with pytest.raises(UsageError, match="--int8-agreement is a share of images"):

@@ -18,7 +18,7 @@ from pipeline.backends import BACKENDS, Backend, ModelSpec
 from pipeline.engines.base import Engine
 from pipeline.job import prepare
 from pipeline.formats.base import Format
-from pipeline.options import Option
+from pipeline.options import Option, declared
 from pipeline.preprocess import Preprocess
 from pipeline.runtimes.base import Runtime
 from pipeline.sources.base import Source
@@ -147,9 +147,16 @@ class Centroids(Backend):
 
     prefix = "centroids:"
     library = "torch"
+    options = (Option("centres", str, "the colours to tell apart, comma-separated"),)
+
+    def __init__(self, centres: str | None = None):
+        self.centres = centres
+
+    def configured(self, options):
+        return Centroids(options.get("centres"))
 
     def resolve(self, model, weights):
-        names = tuple(COLOURS)
+        names = tuple(self.centres.split(",") if self.centres else COLOURS)
         centres = torch.tensor([COLOURS[n] for n in names], dtype=torch.float32) / 255
 
         def build() -> nn.Module:
@@ -159,7 +166,7 @@ class Centroids(Backend):
                 head.bias.copy_(-(centres ** 2).sum(1))
             return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
 
-        return ModelSpec(model=self.prefix + model, weights_id="centroids-v1",
+        return ModelSpec(model=self.prefix + model, weights_id="centroids-v1:" + ",".join(names),
                          num_classes=len(names), categories=names,
                          preprocess=Preprocess(resize=72, crop=64, mean=(0, 0, 0),
                                                std=(1, 1, 1)), build=build)
@@ -177,6 +184,16 @@ def test_a_model_backend_registered_here_runs_a_job(cli, tmp_path, monkeypatch):
     assert_labelled(tmp_path / "run", truth)
     table = pa.parquet.read_table(tmp_path / "run" / "labels.parquet")
     assert table.schema.metadata[b"label_images.model"] == b"centroids:colours"
+    # its own option, told to it: two centres, so every image is one of those two
+    two = cli("run", tmp_path / "imgs", "--out", tmp_path / "two", "--model",
+              "centroids:colours", "--top-k", "2", "--workers", "0", "--quiet", "--option",
+              "centres=red,blue")
+    assert two.exit_code == 0, two.output
+    found = read_output(tmp_path / "two" / "labels.parquet")
+    assert set(found["top1_label"]) == {"red", "blue"} and len(found) == 8
+    stray = cli("run", tmp_path / "imgs", "--out", tmp_path / "stray", "--option",
+                "centres=red", "--workers", "0", "--quiet")
+    assert stray.exit_code == 2 and "--option centres is for --model centroids" in stray.output
 
 
 class JsonLines(Format):
@@ -245,13 +262,20 @@ def test_an_output_format_with_an_option_registered_here_runs_a_job(
 class ZipSource(Source):
     """The images inside a .zip archive, each read from it by its member name."""
 
+    options = (Option("under", str, "label only the members under this folder"),)
+
     @classmethod
     def claims(cls, location, is_dir):
         return not is_dir and location.endswith(".zip")
 
+    def describe(self):
+        return {**super().describe(), **declared(self, self.spec.options)}
+
     def list_items(self):
+        under = declared(self, self.spec.options).get("under", "")
         with zipfile.ZipFile(self.spec.location) as archive:
-            names = sorted(n for n in archive.namelist() if not n.endswith("/"))
+            names = sorted(n for n in archive.namelist()
+                           if not n.endswith("/") and n.startswith(under))
         return pa.table({"key": names,
                          "path": [f"{self.spec.location}#{n}" for n in names]})
 
@@ -280,6 +304,15 @@ def test_a_source_registered_here_runs_a_job(cli, tmp_path, colour_checkpoint, m
     ok = found[found["status"] == "ok"]
     assert dict(zip(ok["key"], ok["top1_label"])) == truth
     assert found.loc[found["key"] == "notes/broken.jpg", "status"].item() == "error"
+    # its own option, told to it: the members under one folder only
+    notes = cli("run", tmp_path / "photos.zip", "--out", tmp_path / "notes", "--weights",
+                colour_checkpoint, "--option", "under=notes/", *RUN)
+    assert notes.exit_code == 0, notes.output
+    assert list(read_output(tmp_path / "notes" / "labels.parquet")["key"]) == [
+        "notes/broken.jpg"]
+    stray = cli("run", tmp_path / "imgs", "--out", tmp_path / "stray", "--weights",
+                colour_checkpoint, "--option", "under=x", *RUN)
+    assert stray.exit_code == 2 and "--option under is for source zip" in stray.output
 
 
 class Sheet(review.ReviewTarget):

@@ -17,6 +17,7 @@ from pipeline.backends.timm import TimmBackend
 from pipeline.backends.torchvision import TorchvisionBackend
 from pipeline.preprocess import Preprocess
 from pipeline.errors import UsageError
+from pipeline.options import declared
 
 __all__ = ["BACKENDS", "Backend", "ModelSpec", "backend_for", "head_name", "resolve_model",
            "resolve_preprocess"]
@@ -39,11 +40,11 @@ def backend_for(model: str) -> tuple[Backend, str]:
 
 def resolve_model(model: str, weights: str, labels: str | None = None,
                   resize: int | None = None, crop: int | None = None,
-                  input_mode: str | None = None) -> ModelSpec:
+                  input_mode: str | None = None, options: dict | None = None) -> ModelSpec:
     """The spec for --model/--weights, with --labels, --resize, --crop and --input-mode
-    applied."""
+    applied; `options`: the run's, of which the family is told those it declares."""
     backend, name = backend_for(model)
-    spec = backend.resolve(name, weights)
+    spec = backend.configured(declared(backend, options or {})).resolve(name, weights)
     if labels is not None:
         spec = replace(spec, categories=tuple(read_labels(labels, spec.num_classes)))
     preprocess = overridden(spec.preprocess, resize, crop)

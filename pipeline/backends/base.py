@@ -40,6 +40,12 @@ class ModelSpec:
 class Backend:
     prefix: str  # "" for the default family
     library: str  # the distribution that builds its networks, recorded in run.json
+    options: tuple = ()  # options.Option: what this family declares (--option NAME=VALUE)
+
+    def configured(self, options: dict) -> Backend:
+        """This family for one run, told the options it declares (typed); what changes the
+        model must show in the spec's weights_id (the fingerprint)."""
+        return self
 
     def resolve(self, model: str, weights: str) -> ModelSpec:
         """Find the architecture, load the weights on the CPU, settle classes and preprocessing."""

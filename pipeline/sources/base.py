@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -36,6 +36,8 @@ class SourceSpec:
     keep_columns: tuple[str, ...] = ()
     allow_duplicates: bool = False
     image_column: str | None = None  # sources that hold the images' bytes
+    # the run's --option values: a kind reads those it declares (options.declared)
+    options: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def key_noun(self) -> str:
@@ -66,9 +68,15 @@ class Source:
     # a plain run's table can become a nightly one. A manifest names paths only; asking
     # about each (a stat, a HEAD) is left to the nights, which need it.
     lists_versions = False
+    options: tuple = ()  # options.Option: what this kind declares (--option NAME=VALUE)
 
     def __init__(self, spec: SourceSpec):
         self.spec = spec
+
+    @classmethod
+    def kind(cls) -> str:
+        """Its name in messages: FolderSource is `folder`."""
+        return cls.__name__.removesuffix("Source").lower()
 
     def describe(self) -> dict:
         """What decides which items a run labels (the fingerprint's source)."""
