@@ -41,6 +41,14 @@ def test_bench_reports_all_stages_side_by_side(cli, tmp_path, colour_checkpoint)
         assert runtimes[name]["model_alone"] > 0 and runtimes[name]["end_to_end"] > 0
         assert runtimes[name]["workers"] == 1  # the --workers asked for, OpenVINO's too
     assert "runtime openvino int8: refused" in names
+    # auto's chooser asked with bench's own figures: the least time, once-costs included
+    auto = figures["auto"]
+    for count, chosen in ((auto["images"], auto["for_the_images"]),
+                          (10**6, auto["for_a_million"])):
+        assert chosen == min(auto["once_seconds"], key=lambda n: auto["once_seconds"][n]
+                             + count / runtimes[n]["model_alone"])
+    assert (f"auto, from these figures: {auto['for_the_images']} for {auto['images']} images, "
+            f"{auto['for_a_million']} for a million") in result.output
     assert all(f["images_per_second"] > 0 for f in figures["figures"]
                if not f["name"].endswith("refused"))
     assert figures["images"] == 20 and figures["workers"] == 1

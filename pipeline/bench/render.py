@@ -40,6 +40,10 @@ def render(result: dict) -> str:
             f"{found['runtime']} is quicker for the job)" if expected else
             f" (not weighed: {why})" if why else
             f" (--runtime {found['runtime']} asked)") + "; --compile measures it")
+    if result.get("auto"):
+        choice = result["auto"]
+        lines.append(f"auto, from these figures: {choice['for_the_images']} for "
+                     f"{choice['images']} images, {choice['for_a_million']} for a million")
     if "planning" in result:
         p = result["planning"]
         lines.append(f"planning {p['rows']:,} rows: {p['plan_seconds']:.1f} s, resume check "

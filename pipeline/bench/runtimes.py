@@ -54,6 +54,21 @@ def measure(sample: Sample) -> None:
                                                run.load_seconds > 0.5 * run.loop_seconds
                                                else ""))]
     sample.found["runtimes"] = found
+    sample.found["auto"] = auto_choice(found, job.settings.measured.get("runtimes", {}),
+                                       len(sample.paths))
+
+
+def auto_choice(found: dict, weighing: dict, images: int) -> dict:
+    """What `auto` would choose from bench's own figures (each runtime's model alone at
+    its best batch; what it costs once, as the job's weighing had it), asked of the chooser
+    a run asks (runtimes.fastest): for the sample's images and for a million."""
+    weighed = weighing.get("weighed", {})
+    expected = {name: runtimes.Expected(figures["model_alone"],
+                                        weighed.get(name, {}).get("once_seconds", 0.0))
+                for name, figures in found.items() if name in runtimes.RUNTIMES}
+    return {"once_seconds": {name: e.once_seconds for name, e in expected.items()},
+            "images": images, "for_the_images": runtimes.fastest(images, expected),
+            "for_a_million": runtimes.fastest(10**6, expected)} if expected else {}
 
 
 def _runs(name: str, device, precision: str) -> bool:
