@@ -364,13 +364,14 @@ def report(
     if (review_below is None) != (export is None):
         raise UsageError("--review-below and --export go together")
     from pipeline import report as reporting
-    from pipeline.storage import atomic_path
-
     from pipeline.review.reviews import agreement
+    from pipeline.rundir import agreement_history
+    from pipeline.storage import Store, atomic_path
 
     found = reporting.analyse(reporting.read_batches(out))  # one pass, bounded memory
     found.run = reporting.describe_run(out)
     found.agreement = agreement(out)
+    found.agreement_history = agreement_history(Store(out))
     if found.agreement:
         from pipeline.review import calibration
 
@@ -493,13 +494,14 @@ def reviews(
 ) -> None:
     """Read people's answers into OUT/reviews.parquet; say how often the model agreed."""
     from pipeline.report import agreement_line
-    from pipeline.review.reviews import agreement, record
-    from pipeline.rundir import REVIEWS_FILE, SUMMARY_FILE, RunDirectory, summary_of, write_json
+    from pipeline.review.reviews import keep_agreement, record
+    from pipeline.rundir import (REVIEWS_FILE, SUMMARY_FILE, RunDirectory, recorded, summary_of,
+                                 write_json)
 
     target = review.reading(answers)
     with RunDirectory(out) as run_dir:
         kept = record(out, target.reviews(answers))
-        figures = agreement(out)
+        figures = keep_agreement(out, "answers read", recorded(run_dir.store).labelled_with)
         summary = summary_of(run_dir.store)
         summary["reviews"] = figures
         write_json(run_dir.store, SUMMARY_FILE, summary)
@@ -542,11 +544,9 @@ def relabel(
     decoded, no backbone run."""
     from pipeline.relabel import relabel as relabelling
 
-    from pipeline.storage import Store
-
     figures = relabelling(out, weights, to)
     typer.echo(f"{figures['rows']} rows relabelled in {figures['seconds']:.1f} s "
-               f"({figures['rows_per_second']:,.0f} rows/s) -> {Store(to).url('labels.parquet')}")
+               f"({figures['rows_per_second']:,.0f} rows/s) -> {figures['output']}")
 
 
 weights_app = typer.Typer(no_args_is_help=True, cls=_Group, context_settings=HELP_OPTIONS,

@@ -49,6 +49,20 @@ class Answers:
     model_top1: list[str | None]
 
 
+def embeddings_of(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """The embedding column as a (rows, features) float32 matrix, a null row (an error row)
+    as zeros. Written as fixed-size lists; a table format may give them back as plain lists.
+    (Arrow's flatten skips null rows, so the rows are placed by their validity.)"""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    width = (array.type.list_size if pa.types.is_fixed_size_list(array.type)
+             else len(values) // max(1, int(valid.sum())))
+    matrix = np.zeros((len(array), width), np.float32)
+    matrix[valid] = values.reshape(-1, width)
+    return matrix
+
+
 def people_labels(out: str, source: str) -> dict[str, str]:
     """key -> label: the run's reviews.parquet, the folder each image is in (the recipe's
     layout, a folder per class), or both (people's answers win)."""
@@ -91,10 +105,7 @@ def read_answers(out: str, labels: dict[str, str]) -> Answers:
                 continue
             keys += table["key"].to_pylist()
             top1 += table["top1_label"].to_pylist()
-            embedding = table["embedding"].combine_chunks()
-            width = embedding.type.list_size
-            vectors.append(embedding.flatten().to_numpy(zero_copy_only=False)
-                           .reshape(-1, width).astype(np.float32))
+            vectors.append(embeddings_of(table["embedding"]))
     except KeyError:
         raise UsageError(f"{out} has no embeddings: label it with --embeddings (fit trains "
                          "on them)") from None

@@ -27,7 +27,8 @@ from pipeline.errors import UsageError, notice
 from pipeline.job import Job, prepare_run
 from pipeline.night_diff import TONIGHT, NightDiff, items_to_label, local_file
 from pipeline.progress import if_long
-from pipeline.rundir import RunDirectory, increment_dir, output_name, summary_of
+from pipeline.rundir import (REVIEWS_FILE, RunDirectory, increment_dir, output_name, recorded,
+                             summary_of)
 from pipeline.sources import VERSION_COLUMNS
 from pipeline.summary import RunSummary
 from pipeline.writer import merge_parts, output_schema
@@ -207,6 +208,7 @@ def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
         top.remove_increments()
         summary.already_complete = True
         summary.items = diff.items
+        _keep_agreement(top)
         return summary
     started = time.perf_counter()
     # the removed keys before the new table replaces the previous one that names them
@@ -229,7 +231,17 @@ def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
     summary.errors = summary.items - summary.ok
     summary.seconds = time.perf_counter() - job.started
     top.write_summary(summary.to_dict())
+    _keep_agreement(top)
     return summary
+
+
+def _keep_agreement(top: RunDirectory) -> None:
+    """Tonight's table against people's answers so far, kept night by night (the report's
+    'agreement with people'); nothing where nobody has reviewed."""
+    if top.store.exists(REVIEWS_FILE):
+        from pipeline.review.reviews import keep_agreement
+
+        keep_agreement(top.store.url(), "night", recorded(top.store).labelled_with)
 
 
 def _last_nights_stats(top: RunDirectory, diff: NightDiff, base: str) -> drift.LabelStats:

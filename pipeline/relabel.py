@@ -5,12 +5,15 @@ The table is streamed a batch at a time (memory set by the batch); the new head 
 each ok row's embedding in float32, and the rows' top-k, top-1 and the table's model
 metadata are replaced; keys, paths, sizes, errors, kept columns and the embeddings
 themselves stay as they were. The head must have been fitted on this run's backbone (the
-checkpoint says which), or its labels would not be what a full run with it gives.
+checkpoint says which), or its labels would not be what a full run with it gives. NEW's
+table is in the run's format, where that format puts it by default (Delta: NEW/labels.delta;
+Iceberg: NEW's own SQLite catalog), written as one commit: a table format's one version.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import pickle
 import time
 from pathlib import Path
@@ -21,13 +24,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import fit as fitting
+from pipeline import fit as fitting, formats
 from pipeline.errors import UsageError
+from pipeline.formats.base import Commit, Format
 from pipeline.report import finished_table
 from pipeline.rundir import RUN_FILE, SUMMARY_FILE, finished_run, write_json
 from pipeline.storage import Store
 
-TABLE = "labels.parquet"
 BATCH_ROWS = 8_192  # rows a batch: 64 MB of 2048 float32 features
 
 
@@ -68,60 +71,78 @@ def load_head(weights: str, backbone: str) -> tuple[torch.nn.Module, list[str], 
 
 
 def relabel(out: str, weights: str, new_out: str) -> dict:
-    """Write NEW/labels.parquet; the figures (rows, rows per second)."""
+    """Write NEW's table (the run's format) and run record; the figures (rows, rows per
+    second)."""
     started = time.perf_counter()
     record = finished_run(out)
     store, fmt = finished_table(out)
-    if fmt.name != "parquet":
-        raise UsageError(f"relabel reads a Parquet table; {out} holds {fmt.name}")
     head, names, meta = load_head(weights, record.backbone)
-    with store.open(fmt.table_name()) as fh:
-        schema = pq.read_schema(fh)
-    if "embedding" not in schema.names:
+    batches = _batches(store, fmt)
+    first = next(batches, None)
+    if first is None or "embedding" not in first.column_names:
         raise UsageError(f"{out} has no embeddings: label it with --embeddings")
     top_k = min(int(record.fingerprint.get("top_k") or 5), len(names))
     digest = "sha256:" + hashlib.sha256(Path(weights).read_bytes()).hexdigest()
-    schema = schema.with_metadata({**(schema.metadata or {}),
-                                   b"label_images.weights": digest.encode(),
-                                   b"label_images.top_k": str(top_k).encode()})
-    new = Store(new_out)
-    if new.exists(TABLE):
-        raise UsageError(f"{new.url(TABLE)} exists: relabel writes a new table; choose "
-                         "another --out")
+    schema = first.schema.with_metadata({**(first.schema.metadata or {}),
+                                         b"label_images.weights": digest.encode(),
+                                         b"label_images.top_k": str(top_k).encode()})
+    new, new_fmt = Store(new_out), formats.recorded({"format": fmt.name})  # its default place
+    if new_fmt.exists(new) or new.exists(RUN_FILE):
+        raise UsageError(f"{new.url()} holds a table already: relabel writes a new one; "
+                         "choose another --out")
+    new.makedirs()  # where a table format's own files (a SQLite catalog) go
     categories = np.array(names, dtype=object)
-    rows = 0
-    with store.open(fmt.table_name()) as source, new.writing(TABLE) as sink, \
-            pq.ParquetWriter(sink, schema) as writer:
-        # no pre-buffering: a row group of embeddings is 512 MB; a batch is what is held
-        for batch in pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20).iter_batches(
-                batch_size=BATCH_ROWS):
-            table = pa.Table.from_batches([batch])
-            writer.write_table(relabelled(table, head, categories, top_k).cast(schema))
-            rows += table.num_rows
+    counted = {"rows": 0}
+
+    def tables():
+        for table in itertools.chain([first], batches):
+            counted["rows"] += table.num_rows
+            yield relabelled(table, head, categories, top_k).cast(schema)
+
+    fingerprint = {**record.fingerprint, "weights": digest, "num_classes": len(names),
+                   "top_k": top_k}
+    run_id = hashlib.sha256(f"{digest} {record.get('run_id')}".encode()).hexdigest()[:32]
+    new_fmt.assemble(new, schema, tables(), Commit(id=run_id, properties={
+        "label_images.run_id": run_id, "label_images.model": str(fingerprint.get("model")),
+        "label_images.weights": digest, "label_images.run_dir": new.url()}))
     seconds = time.perf_counter() - started
+    rows = counted["rows"]
     figures = {"rows": rows, "seconds": round(seconds, 3),
                "rows_per_second": round(rows / seconds, 1) if seconds else 0.0,
                "from": str(Path(out).resolve()) if "://" not in out else out,
-               "weights": str(Path(weights).resolve()), "head": meta["head"]}
-    config = {**record.config, "out": new_out,
-              "weights": figures["weights"], "top_k": top_k, "embeddings": True}
-    fingerprint = {**record.fingerprint, "weights": digest,
-                   "num_classes": len(names), "top_k": top_k}
-    write_json(new, RUN_FILE, {"config": config, "fingerprint": fingerprint,
+               "weights": str(Path(weights).resolve()), "head": meta["head"],
+               "output": new_fmt.location(new)}
+    config = {**record.config, "out": new_out, "weights": figures["weights"], "top_k": top_k,
+              "embeddings": True, "options": {}}
+    write_json(new, RUN_FILE, {"config": config, "fingerprint": fingerprint, "run_id": run_id,
                                "started_at": record.started_at, "relabel": figures})
-    write_json(new, SUMMARY_FILE, {"output": new.url(TABLE), "items": rows,
+    write_json(new, SUMMARY_FILE, {"output": figures["output"], "items": rows,
                                    "relabel": figures})
     return figures
+
+
+def _batches(store: Store, fmt: Format):
+    """The run's table a batch of BATCH_ROWS rows at a time. A Parquet table is read without
+    pre-buffering (a row group of embeddings is 512 MB; a batch is what is held); a table
+    format's batches, as its library gives them, are cut to that size."""
+    if fmt.name == "parquet":
+        with store.open(fmt.table_name()) as source:
+            for batch in pq.ParquetFile(source, pre_buffer=False,
+                                        buffer_size=1 << 20).iter_batches(batch_size=BATCH_ROWS):
+                yield pa.Table.from_batches([batch])
+        return
+    if not fmt.embeddings:
+        raise UsageError(f"relabel reads the stored embeddings; a {fmt.name} table holds none")
+    for table in fmt.batches(store, None):  # every column
+        for start in range(0, table.num_rows, BATCH_ROWS):
+            yield table.slice(start, BATCH_ROWS)
 
 
 def relabelled(table: pa.Table, head: torch.nn.Module, categories: np.ndarray,
                 top_k: int) -> pa.Table:
     """The batch with its top-k from the head; error rows (no embedding) unchanged."""
     ok = pc.fill_null(pc.equal(table["status"], "ok"), False).to_numpy(zero_copy_only=False)
-    embedding = table["embedding"].combine_chunks()
-    width = embedding.type.list_size
-    vectors = embedding.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-    # a null embedding's slot is zeros in the flat values (fixed-size lists keep the slot)
+    vectors = fitting.embeddings_of(table["embedding"])
     with torch.no_grad():
         probs = head(torch.from_numpy(np.ascontiguousarray(vectors[ok], np.float32)))
         scores, ids = probs.softmax(dim=1).topk(top_k, dim=1)

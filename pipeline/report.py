@@ -39,6 +39,7 @@ THUMBNAILS_PER_LABEL = 8
 REVIEW_ROWS = 50
 ERROR_ROWS = 100
 THUMBNAIL_PX = 96
+HISTORY_SHOWN = 30  # the last nights of agreement with people shown in the report
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Findings:
     error_rows: list[tuple[str, str, str]] = field(default_factory=list)
     run: dict[str, str] = field(default_factory=dict)  # model, weights, date, source
     agreement: dict | None = None  # with people's reviews (review/reviews.py), if any
+    agreement_history: list[dict] = field(default_factory=list)  # night by night (rundir)
     drift: dict | None = None  # a night's labels against last night's (drift.py), if any
     calibration: dict | None = None  # the scores' reliability on reviewed images, if any
 
@@ -220,6 +222,11 @@ def render_text(found: Findings) -> str:
             lines.append("agreement by the reviewers' label (reviewed, top-1, top-k):")
             lines += [f"  {c['label']:<{width}}  {c['reviewed']}  {_share(c['top1_agreement'])}"
                       f"  {_share(c['top_k_agreement'])}" for c in classes]
+    if len(found.agreement_history) > 1:
+        lines.append("agreement with people, night by night (reviewed, top-1, top-k, model):")
+        lines += [f"  {e['at']}  {e['when']:<12}  {e['reviewed']}  "
+                  f"{_share(e['top1_agreement'])}  {_share(e['top_k_agreement'])}  {e['model']}"
+                  for e in found.agreement_history[-HISTORY_SHOWN:]]
     if found.calibration:
         lines.append(calibration_line(found.calibration))
     if found.drift:
@@ -359,6 +366,16 @@ def render_html(found: Findings, title: str) -> str:
         agreed = (f"<h2>Agreement with people</h2><p>{esc(agreement_line(found.agreement))}."
                   f"</p><table id=\"agreement\"><tr><th>reviewers' label</th><th>reviewed</th>"
                   f"<th>top-1 agrees</th><th>top-k agrees</th></tr>{rows}</table>")
+    if len(found.agreement_history) > 1:
+        history = found.agreement_history[-HISTORY_SHOWN:]
+        rows = "".join(f"<tr><td>{esc(e['at'])}</td><td>{esc(e['when'])}</td>"
+                       f"<td>{esc(e['model'])}</td><td>{e['reviewed']}</td>"
+                       f"<td>{_share(e['top1_agreement'])}</td>"
+                       f"<td>{_share(e['top_k_agreement'])}</td></tr>" for e in history)
+        agreed += ("<h3>Night by night</h3><p>The table against all answers so far, as each "
+                   "night (or each reading of answers) left it.</p><table id=\"agreement-"
+                   "history\"><tr><th>when</th><th></th><th>labelled by</th><th>reviewed</th>"
+                   f"<th>top-1 agrees</th><th>top-k agrees</th></tr>{rows}</table>")
     if found.calibration:
         bins = [(f"{b['bin']} ({b['images']})", b["confidence"], b["accuracy"])
                 for b in found.calibration["reliability_before"]]

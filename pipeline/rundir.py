@@ -44,6 +44,8 @@ PARTS_DIR = "parts"
 INCREMENTS_DIR = "increments"
 QUARANTINE_FILE = "quarantine.json"
 REVIEWS_FILE = "reviews.parquet"  # people's answers (label-images reviews): key, label, who, when
+AGREEMENT_FILE = "agreement.json"  # the model's agreement with them, night by night
+AGREEMENT_KEPT = 400  # entries: a year of nights and then some
 LOCK_FILE = ".lock"
 _PART_NAME = re.compile(r"^part-(\d{6})\.parquet$")
 
@@ -117,6 +119,15 @@ class Recorded(dict):
         return self.get("started_at", "")
 
     @property
+    def labelled_with(self) -> str:
+        """What labelled the table, in a few words: a fitted head, or model and weights."""
+        fit = self.get("fit")
+        if fit:
+            return f"head fitted on {fit.get('answers')} answers"
+        weights = str(self.config.get("weights", ""))
+        return f"{self.config.get('model', '')} {os.path.basename(weights)}".strip()
+
+    @property
     def backbone(self) -> str:
         """The weights the table's embeddings came from: kept through fitted heads."""
         return self.get("backbone") or self.fingerprint.get("weights", "")
@@ -134,6 +145,18 @@ def finished_run(out: str) -> Recorded:
     if not found.config:
         raise UsageError(f"{out} holds no label-images run (no run.json)")
     return found
+
+
+def agreement_history(store: Store) -> list[dict]:
+    """The model's agreement with people's answers as each night (or reading of answers)
+    measured it, oldest first."""
+    return (read_json(store, AGREEMENT_FILE) or {}).get("entries", [])
+
+
+def add_agreement(store: Store, entry: dict) -> None:
+    """One more measurement of the agreement, kept with the last AGREEMENT_KEPT."""
+    entries = [*agreement_history(store), entry][-AGREEMENT_KEPT:]
+    write_json(store, AGREEMENT_FILE, {"entries": entries})
 
 
 def summary_of(store: Store) -> dict:

@@ -120,6 +120,59 @@ def test_a_head_fitted_on_answers_beats_the_model_and_loads_as_the_tutorials_do(
     assert report.exit_code == 0 and "36 images: 36 ok" in report.output
 
 
+@pytest.mark.parametrize("table_format", ["parquet", "delta", "iceberg"])
+def test_relabel_writes_a_table_format_run_as_one_new_version(
+        cli, tmp_path, team_photos, colour_checkpoint, table_format):
+    """A Delta or Iceberg run relabelled: NEW holds a table of the same format, written in
+    one commit, whose labels are a full run's with the fitted checkpoint; an error row (no
+    embedding) stays an error row."""
+    import shutil
+
+    pytest.importorskip({"parquet": "pyarrow", "delta": "deltalake"}.get(table_format,
+                                                                         "pyiceberg"))
+    team, truth = team_photos
+    folder = tmp_path / "photos"
+    shutil.copytree(team, folder)
+    (folder / "warm" / "broken.jpg").write_bytes(b"\xff\xd8 not a photo")
+    out = tmp_path / "lake"
+    done = cli("run", folder, "--out", out, "--weights", colour_checkpoint, "--embeddings",
+               "--format", table_format, *RUN)
+    assert done.exit_code == 0, done.output
+    _answers(out, truth, sorted(truth)[::2])
+    head = tmp_path / "head.pt"
+    assert cli("fit", out, "--to", head).exit_code == 0
+    new = tmp_path / "relabelled"
+    relabelled = cli("relabel", out, "--weights", head, "--out", new)
+    assert relabelled.exit_code == 0, relabelled.output
+    if table_format == "parquet":
+        rows = read_output(new / "labels.parquet")
+    elif table_format == "delta":
+        import deltalake
+
+        table = deltalake.DeltaTable(str(new / "labels.delta"))
+        assert table.version() == 0  # one commit
+        rows = table.to_pyarrow_table().to_pandas()
+        assert f"-> {new / 'labels.delta'}" in relabelled.output
+    else:
+        from tests.test_tables import iceberg_table
+
+        table = iceberg_table(new)
+        assert len(table.snapshots()) == 1  # one commit
+        rows = table.scan().to_arrow().to_pandas()
+    reference = tmp_path / "full"
+    assert cli("run", folder, "--out", reference, "--weights", head, *RUN).exit_code == 0
+    expected = read_output(reference / "labels.parquet").set_index("key")
+    found = rows.set_index("key")
+    assert found["top1_label"].dropna().to_dict() == expected["top1_label"].dropna().to_dict()
+    assert set(expected["top1_label"].dropna()) <= set(TEAM) and len(rows) == len(truth) + 1
+    assert found.loc["warm/broken.jpg", "status"] == "error"
+    assert found["top1_label"].isna().sum() == 1
+    report = cli("report", new)  # a run directory the report reads, in its format
+    assert report.exit_code == 0 and f"{len(truth) + 1} images: {len(truth)} ok" in report.output
+    again = cli("relabel", out, "--weights", head, "--out", new)
+    assert again.exit_code == 2 and "holds a table already" in again.output
+
+
 def test_a_head_worse_than_the_model_is_refused_with_the_figures(
         cli, tmp_path, team_photos, labelled, monkeypatch):
     """People who answer with the model's own classes: it agrees on all of them; a head
@@ -193,6 +246,8 @@ def test_a_night_takes_the_fitted_head_relabelling_its_table_from_the_embeddings
     night = ["run", photos, "--out", out, "--embeddings", "--incremental", *RUN]
     assert cli(*night, "--weights", colour_checkpoint).exit_code == 0
     _answers(out, truth, sorted(truth)[::2])
+    # a night with nothing new still measures the table against the answers so far
+    assert cli(*night, "--weights", colour_checkpoint).exit_code == 0
     head = tmp_path / "head.pt"
     assert cli("fit", out, "--to", head).exit_code == 0
     Image.fromarray(colour_array("red", 64, 64, seed=900)).save(photos / "warm" / "new_red.png")
@@ -219,3 +274,18 @@ def test_a_night_takes_the_fitted_head_relabelling_its_table_from_the_embeddings
     # the next night: nothing changed, nothing to do, with the head
     again = cli(*night, "--weights", head)
     assert again.exit_code == 0 and "nothing to do" in again.output
+    # agreement with people night over night: the colour model named none of the team's
+    # classes; the fitted head agrees on the answers (every night: all answers so far)
+    history = json.loads((out / "agreement.json").read_text())["entries"]
+    assert [e["when"] for e in history] == ["night"] * 3
+    assert [e["reviewed"] for e in history] == [18, 18, 18]
+    assert history[0]["top1_agreement"] == 0 and history[0]["model"].startswith("resnet18 ")
+    assert [e["model"] for e in history[1:]] == ["head fitted on 18 answers"] * 2
+    assert all(e["top1_agreement"] >= 0.9 for e in history[1:])
+    shown = cli("report", out, "--html", tmp_path / "report.html")
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    at = lines.index("agreement with people, night by night (reviewed, top-1, top-k, model):")
+    assert [line.split()[-1] for line in lines[at + 1:at + 4]] == ["colours.pt", "answers",
+                                                                  "answers"]
+    assert 'id="agreement-history"' in (tmp_path / "report.html").read_text()

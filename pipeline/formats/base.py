@@ -95,9 +95,9 @@ class Format:
         table's way; a format that can stream overrides `batches`)."""
         raise NotImplementedError
 
-    def batches(self, store: Store, columns: list[str]) -> Iterator[pa.Table]:
-        """`columns` of the committed table a batch at a time: what reads a table of any
-        size (the report, the counts) without holding it."""
+    def batches(self, store: Store, columns: list[str] | None) -> Iterator[pa.Table]:
+        """`columns` (None: all) of the committed table a batch at a time: what reads a
+        table of any size (the report, the counts) without holding it."""
         yield from (pa.Table.from_batches([b]) for b in self.read(store, columns).to_batches())
 
     def statuses(self, store: Store) -> Iterator[pa.Array]:

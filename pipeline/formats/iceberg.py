@@ -172,5 +172,6 @@ class IcebergFormat(TableFormat):
         table = self._open(self.location(store))
         if table is None:
             raise UsageError(f"no Iceberg table {self.location(store)}: was it dropped?")
-        for batch in table.scan(selected_fields=tuple(columns)).to_arrow_batch_reader():
+        fields = tuple(columns) if columns is not None else ("*",)  # None: every column
+        for batch in table.scan(selected_fields=fields).to_arrow_batch_reader():
             yield as_ours(pa.Table.from_batches([batch]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterable
+from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -17,7 +18,7 @@ from pipeline import keys
 from pipeline.errors import UsageError
 from pipeline.report import finished_table
 from pipeline.review.base import REVIEW_SCHEMA
-from pipeline.rundir import REVIEWS_FILE
+from pipeline.rundir import REVIEWS_FILE, add_agreement
 from pipeline.storage import Store
 
 EXAMPLES = 5  # unknown keys named in the figures
@@ -141,3 +142,16 @@ def agreement(out: str) -> dict | None:
         "error_rows_reviewed": known - ok,
         "unknown_keys": total - known, "unknown_examples": unknown,
     }
+
+
+def keep_agreement(out: str, when: str, model: str) -> dict | None:
+    """The model's agreement with all answers so far, measured now on the table and kept
+    in the run's history (`when`: a night, answers read; `model`: what labelled it), for
+    the report's night by night; None when nobody has reviewed any image."""
+    figures = agreement(out)
+    if figures and figures["reviewed"]:
+        add_agreement(Store(out), {
+            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "when": when,
+            "model": model, **{k: figures[k] for k in ("reviewed", "top1_agreement",
+                                                       "top_k_agreement")}})
+    return figures
