@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import RunError, UsageError
-from pipeline.report import finished_table
-from pipeline.rundir import REVIEWS_FILE, finished_run, write_json
+from pipeline.rundir import REVIEWS_FILE, finished_run, finished_table, write_json
 from pipeline.storage import Store
 
 FIT_FILE = "fit.json"  # what the last fit measured and wrote, in the run directory

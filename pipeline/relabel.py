@@ -27,8 +27,7 @@ import torch
 from pipeline import fit as fitting, formats
 from pipeline.errors import UsageError
 from pipeline.formats.base import Commit, Format
-from pipeline.report import finished_table
-from pipeline.rundir import RUN_FILE, SUMMARY_FILE, finished_run, write_json
+from pipeline.rundir import RUN_FILE, SUMMARY_FILE, finished_run, finished_table, write_json
 from pipeline.storage import Store
 
 BATCH_ROWS = 8_192  # rows a batch: 64 MB of 2048 float32 features

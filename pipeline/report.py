@@ -25,10 +25,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from pipeline import formats, keys
-from pipeline.errors import ImageError, UsageError
+from pipeline import keys
+from pipeline.errors import ImageError
 from pipeline.pixels import DECODE_ERRORS, to_rgb
-from pipeline.rundir import recorded, summary_of
+from pipeline.rundir import finished_table, recorded, summary_of
 from pipeline.storage import Store, atomic_path, read_bytes
 from pipeline.summary import count
 
@@ -98,21 +98,6 @@ def drift_lines(figures: dict) -> list[str]:
             f"{c['label']} {_share(c['share_before'])} -> {_share(c['share_after'])}"
             for c in moved))
     return lines
-
-
-def finished_table(out: str) -> tuple[Store, formats.Format]:
-    """Where the finished table is, in whichever format the run wrote it."""
-    store = Store(out)
-    config = recorded(store).config
-    asked = []  # the run's own format first, where its options put the table
-    if config.get("format") in formats.FORMATS:
-        asked.append(formats.recorded(config))
-    for fmt in [*asked, *formats.FORMATS.values()]:
-        if fmt.exists(store):
-            return store, fmt
-    names = ", ".join(f.table_name() for f in formats.FORMATS.values())
-    raise UsageError(f"no finished table in {out} ({names}); "
-                     "run `label-images run` to the end first")
 
 
 def read_batches(out: str) -> Iterator[pa.Table]:

@@ -147,6 +147,21 @@ def finished_run(out: str) -> Recorded:
     return found
 
 
+def finished_table(out: str) -> tuple[Store, formats.Format]:
+    """Where the finished table is, in whichever format the run wrote it."""
+    store = Store(out)
+    config = recorded(store).config
+    asked = []  # the run's own format first, where its options put the table
+    if config.get("format") in formats.FORMATS:
+        asked.append(formats.recorded(config))
+    for fmt in [*asked, *formats.FORMATS.values()]:
+        if fmt.exists(store):
+            return store, fmt
+    names = ", ".join(f.table_name() for f in formats.FORMATS.values())
+    raise UsageError(f"no finished table in {out} ({names}); "
+                     "run `label-images run` to the end first")
+
+
 def agreement_history(store: Store) -> list[dict]:
     """The model's agreement with people's answers as each night (or reading of answers)
     measured it, oldest first."""

@@ -20,8 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.report import finished_table
-from pipeline.rundir import REVIEWS_FILE
+from pipeline.rundir import REVIEWS_FILE, finished_table
 from pipeline.storage import Store
 
 BINS = 10

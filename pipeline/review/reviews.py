@@ -16,9 +16,8 @@ import pyarrow.parquet as pq
 
 from pipeline import keys
 from pipeline.errors import UsageError
-from pipeline.report import finished_table
 from pipeline.review.base import REVIEW_SCHEMA
-from pipeline.rundir import REVIEWS_FILE, add_agreement
+from pipeline.rundir import REVIEWS_FILE, add_agreement, finished_table
 from pipeline.storage import Store
 
 EXAMPLES = 5  # unknown keys named in the figures

@@ -16,9 +16,8 @@ import pyarrow.parquet as pq
 
 from pipeline import keys
 from pipeline.errors import UsageError
-from pipeline.report import finished_table
 from pipeline.review.base import REVIEW_BELOW, REVIEW_MARGIN, Run
-from pipeline.rundir import finished_run
+from pipeline.rundir import finished_run, finished_table
 from pipeline.sources import open_source
 
 COLUMNS = ["key", "path", "top1_label", "top1_score", "labels", "scores"]
