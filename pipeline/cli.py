@@ -118,10 +118,21 @@ Crop = Annotated[Optional[int], typer.Option(
     help="Centre crop size (default: from the weights, else 224).")]
 Device = Annotated[Optional[str], typer.Option(
     help=f"auto, cpu, cuda or cuda:N (default: {_DEFAULT.device}).")]
+
+
+def _precisions() -> str:
+    """The precisions the registered runtimes run; one that a runtime alone offers, with
+    its name (int8 (openvino))."""
+    said = [p + (f" ({only[0]})" if len(only := runtimes.offering(p)) == 1 else "")
+            for p in ("auto", *runtimes.precisions())]
+    return ", ".join(said[:-1]) + " or " + said[-1]
+
+
 PrecisionOption = Annotated[Optional[str], typer.Option(
     "--precision", metavar="PRECISION",
-    help="auto, fp16, bf16, fp32 or int8 (OpenVINO); auto: fp16 on CUDA, bf16 on CPUs with "
-         f"native bf16, else fp32 (default: {_DEFAULT.precision}).")]
+    help=f"{_precisions()}; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 "
+         f"(default: {_DEFAULT.precision}).")]
+
 
 def _declared_help(name: str) -> str:
     """The help of a flag kept for a declared option: what the kinds declaring it say."""
