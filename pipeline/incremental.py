@@ -20,15 +20,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import drift, engines, formats, keys, kinds, plan as planning, rundir, runner
+from pipeline import (drift, engines, formats, keys, kinds, night_table, plan as planning, rundir,
+                      runner)
 from pipeline.commit import write_failure
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError, notice
 from pipeline.job import Job, prepare_run
 from pipeline.night_diff import TONIGHT, NightDiff, items_to_label, local_file
 from pipeline.progress import if_long
-from pipeline.rundir import (REVIEWS_FILE, RunDirectory, increment_dir, output_name, recorded,
-                             summary_of)
+from pipeline.rundir import (REVIEWS_FILE, STAGING_DIR, RunDirectory, increment_dir, output_name,
+                             recorded)
 from pipeline.sources import VERSION_COLUMNS
 from pipeline.summary import RunSummary
 from pipeline.writer import merge_parts, output_schema
@@ -59,6 +60,8 @@ def run(config: RunConfig, *, progress: bool | None = None,
 def _night(top: RunDirectory, job: Job, progress: bool | None) -> RunSummary:
     config, store = job.config, top.store
     fingerprint = job.fingerprint()
+    night_table.finish_commit(store)  # a commit a kill interrupted, carried out first
+    store.remove(STAGING_DIR)  # parts a killed night staged and never committed
     fitted = None if config.overwrite else _a_head_fitted_on_the_table(top, job)
     if fitted is not None:  # the table's rows take the new head first, from their embeddings
         _relabel_state(top, job, fitted)
@@ -68,17 +71,28 @@ def _night(top: RunDirectory, job: Job, progress: bool | None) -> RunSummary:
     top.record(fingerprint, {"incremental": True, **_kept(before), **job.record()}, before)
     previous = _previous_state(top, job)
     if previous is not None:
-        with store.open(TABLE) as fh:
-            schema = pq.read_schema(fh)
-        if VERSION_COLUMNS[1] not in schema.names:
+        if VERSION_COLUMNS[1] not in _state_schema(store, previous).names:
             notice(f"{store.url(TABLE)} records no image versions (its source lists none: "
                    "a manifest); tonight labels every image once and records them, for the "
                    "nights after to compare")
     with if_long(f"comparing tonight's listing of {config.source} with the table",
                  not config.quiet):
-        diff = NightDiff(store, job.items(), previous, config.source)
+        diff = NightDiff(store, job.items(), previous, config.source, TABLE,
+                         config.keep_columns)
     with diff:
         return _label_and_assemble(top, job, diff, progress)
+
+
+def _state_schema(store, index: night_table.Index | None) -> pa.Schema | None:
+    """The nightly table's schema (its first part's), or a one-file table's; None: none."""
+    if index is not None and index.parts:
+        name = night_table.part_path(TABLE, index.parts[0])
+    elif store.exists(TABLE) and not store.is_folder(TABLE):
+        name = TABLE
+    else:
+        return None
+    with store.open(name) as fh:
+        return pq.read_schema(fh)
 
 
 def _kept(record: dict | None) -> dict:
@@ -97,7 +111,7 @@ def _a_head_fitted_on_the_table(top: RunDirectory, job: Job) -> dict | None:
     night then relabels the table with it instead of refusing a new model. Else None: the
     fingerprint check says what differs."""
     previous, store = top.read_run(), top.store
-    if previous is None or not job.config.embeddings or not store.exists(TABLE):
+    if previous is None or not job.config.embeddings:
         return None
     before, now = previous.get("fingerprint") or {}, job.fingerprint()
     changed = {k for k in set(before) | set(now) if before.get(k) != now.get(k)}
@@ -109,64 +123,88 @@ def _a_head_fitted_on_the_table(top: RunDirectory, job: Job) -> dict | None:
     backbone = previous.get("backbone") or before.get("weights")
     if fitted is None or fitted.get("backbone") != backbone:
         return None
-    with store.open(TABLE) as fh:
-        if "embedding" not in pq.read_schema(fh).names:
-            return None
+    schema = _state_schema(store, night_table.load(store))
+    if schema is None or "embedding" not in schema.names:
+        return None
     return {**fitted, "backbone": backbone}
 
 
 def _relabel_state(top: RunDirectory, job: Job, fitted: dict) -> None:
-    """The night's state relabelled with the fitted head from its stored embeddings (no
-    image decoded), then the new model recorded: a kill in between relabels again, the
-    same. The state loses its night's mark, so a table format takes it whole tonight."""
+    """The nightly table relabelled with the fitted head from its stored embeddings (no
+    image decoded), part by part in one commit, then the new model recorded: a kill in
+    between relabels again, the same. The index loses its night, so a table format takes
+    the table whole tonight."""
     from pipeline import relabel
 
     store, config = top.store, job.config
+    index = _previous_state(top, job)
     head, names, _ = relabel.load_head(config.weights, fitted["backbone"])
     categories = np.array(names, dtype=object)
-    with store.open(TABLE) as fh:
-        schema = pq.read_schema(fh)
-    meta = {k: v for k, v in (schema.metadata or {}).items() if k != NIGHT}
+    schema = _state_schema(store, index)
+    meta = dict(schema.metadata or {})
     meta.update({b"label_images.weights": job.spec.weights_id.encode(),
                  b"label_images.top_k": str(config.top_k).encode()})
     schema = schema.with_metadata(meta)
-    rows, folder = 0, keys.spill_folder(store)
-    try:  # read from a local file (the state itself, locally) while the new one is written
-        source = pq.ParquetFile(local_file(store, TABLE, folder), pre_buffer=False,
-                                buffer_size=1 << 20)
-        with if_long(f"relabelling {store.url(TABLE)} with the fitted head", not config.quiet), \
-                store.writing(TABLE) as sink, pq.ParquetWriter(sink, schema) as writer:
-            for batch in source.iter_batches(batch_size=relabel.BATCH_ROWS):
-                table = relabel.relabelled(pa.Table.from_batches([batch]), head, categories,
-                                           config.top_k)
-                writer.write_table(table.cast(schema))
-                rows += batch.num_rows
-        source.close()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    relabelled, staged = night_table.Index([], None, index.next_part), {}
+    with if_long(f"relabelling {store.url(TABLE)} with the fitted head", not config.quiet):
+        for part in index.parts:
+            staged[part.name] = night_table.staged_name(RELABEL, part.name)
+            writer = night_table.PartWriter(store, staged[part.name], schema,
+                                            config.keep_columns)
+            with store.open(night_table.part_path(TABLE, part)) as fh:
+                source = pq.ParquetFile(fh, pre_buffer=False, buffer_size=1 << 20)
+                for batch in source.iter_batches(batch_size=relabel.BATCH_ROWS):
+                    writer.write(relabel.relabelled(pa.Table.from_batches([batch]), head,
+                                                    categories, config.top_k))
+            relabelled.parts.append(writer.close(part.name, part.low, None))
+    night_table.commit(store, TABLE, RELABEL, staged, [], relabelled)
     top.record(job.fingerprint(), {"incremental": True, "backbone": fitted["backbone"],
                                    "fit": fitted.get("fit"), **job.record()}, top.read_run())
-    notice(f"the table's {rows} rows take the fitted head ({fitted.get('head')}, fitted on "
-           f"{(fitted.get('fit') or {}).get('answers')} answers), relabelled from their "
-           "embeddings; new and changed images are labelled with it")
+    notice(f"the table's {relabelled.rows} rows take the fitted head ({fitted.get('head')}, "
+           f"fitted on {(fitted.get('fit') or {}).get('answers')} answers), relabelled from "
+           "their embeddings; new and changed images are labelled with it")
 
 
-def _previous_state(top: RunDirectory, job: Job) -> str | None:
-    """The night's state (TABLE): last night's, or a plain run's table taken over. A
-    Parquet table is its own state; a plain run's CSV, Delta or Iceberg table is read back
-    into one, so a finished run becomes nightly without labelling anything again."""
+RELABEL = "relabel"  # the staging name of a table relabelled with a fitted head
+
+
+def _previous_state(top: RunDirectory, job: Job) -> night_table.Index | None:
+    """The nightly table's index: last night's, or a table taken over into parts (a plain
+    run's in any format, or a night's of an earlier version, one file), so a finished run
+    becomes nightly without labelling anything again. None: a first night."""
     store, config = top.store, job.config
+    index = night_table.load(store)
+    if index is not None:
+        return index
     fmt = formats.of(config)
-    if store.exists(TABLE) or config.format == "parquet" or not fmt.exists(store):
-        return TABLE if store.exists(TABLE) else None
-    planned = planning.load(store).schema() if planning.exists(store) else pa.schema([])
-    kept = pa.schema([planned.field(name) for name in (*config.keep_columns, *VERSION_COLUMNS)
-                      if name in planned.names])
-    schema = output_schema(config.top_k, kept, {}, embedding_size=job.classifier.embedding_size)
-    with store.writing(TABLE) as sink, pq.ParquetWriter(sink, schema) as writer:
-        for table in fmt.batches(store, schema.names):
-            writer.write_table(table.select(schema.names).cast(schema))
-    return TABLE
+    if store.exists(TABLE) and not store.is_folder(TABLE):  # one Parquet file
+        schema = _state_schema(store, None)
+        schema = schema.with_metadata({k: v for k, v in (schema.metadata or {}).items()
+                                       if k != NIGHT})
+
+        def tables():
+            with store.open(TABLE) as fh:
+                for batch in pq.ParquetFile(fh).iter_batches():
+                    yield pa.Table.from_batches([batch])
+    elif config.format != "parquet" and fmt.exists(store):
+        planned = planning.load(store).schema() if planning.exists(store) else pa.schema([])
+        kept = pa.schema([planned.field(name) for name in (*config.keep_columns,
+                                                           *VERSION_COLUMNS)
+                          if name in planned.names])
+        schema = output_schema(config.top_k, kept, {},
+                               embedding_size=job.classifier.embedding_size)
+
+        def tables():
+            yield from fmt.batches(store, schema.names)
+    else:
+        return None
+    folder = keys.spill_folder(store)
+    try:
+        with if_long(f"cutting {top.output(fmt)} into parts by key", not config.quiet):
+            return night_table.take_over(store, TABLE, tables(), schema, folder,
+                                         config.keep_columns)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
@@ -175,12 +213,10 @@ def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
     changes = diff.changes()
     fmt = formats.of(config)
     # what tonight's table holds (the model and the source as listed now): a table format
-    # finds its commit again by it, and the next night knows which night its state is
+    # finds its commit again by it, and the next night knows which night its table is
     night = top.commit().properties["label_images.fingerprint"] + diff.digest
     night = hashlib.sha256(night.encode()).hexdigest()[:32]
-    base = None
-    if diff.previous is not None:
-        base = (pq.read_schema(diff.previous).metadata or {}).get(NIGHT, b"").decode()
+    base = diff.previous.night if diff.previous is not None else None
     summary = RunSummary(output=top.output(fmt), run_dir=store.url())
     summary.changes = dataclasses.asdict(changes)
     labelled = None
@@ -204,29 +240,33 @@ def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
         summary.labelled_now, summary.loop_seconds = done.labelled_now, done.loop_seconds
         summary.load_seconds, summary.compute_seconds = done.load_seconds, done.compute_seconds
         summary.write_seconds = done.write_seconds
-    elif changes.removed == 0 and fmt.holds(store, night):
+    elif not any(rng.touched for rng in diff.ranges) and fmt.holds(store, night):
         top.remove_increments()
         summary.already_complete = True
         summary.items = diff.items
+        summary.ok = sum(part.ok for part in diff.previous.parts)
         _keep_agreement(top)
         return summary
     started = time.perf_counter()
-    # the removed keys before the new table replaces the previous one that names them
     removed = diff.removed() if diff.previous is not None else None
-    before = _last_nights_stats(top, diff, base) if diff.previous is not None else None
     with if_long(f"writing {top.output(fmt)}", not config.quiet):
-        summary.ok, upserts, tonight = assemble(top, diff, labelled, config.keep_columns, night)
+        index, upserts, written = assemble(top, diff, labelled, config.keep_columns, night)
         if config.format != "parquet":
-            merge_parts(store, [TABLE], fmt, commit=top.commit(
-                night, base=base or None, upserts=upserts, removed=removed))
+            merge_parts(store, [night_table.part_path(TABLE, p) for p in index.parts], fmt,
+                        commit=top.commit(night, base=base or None, upserts=upserts,
+                                          removed=removed))
     top.remove_increments()  # only once the new table is committed
     summary.write_seconds += time.perf_counter() - started
-    if before is not None:
-        summary.drift = drift.compare(before, tonight, diff.relabelled, diff.top1_changed,
-                                      config.drift_threshold)
+    summary.ok = sum(part.ok for part in index.parts)
+    summary.table_parts = {"total": len(index.parts), "written": written,
+                     "rows_written": sum(p.rows for p in index.parts if p.night == night)}
+    tonight = index.stats()
+    if diff.previous is not None:
+        summary.drift = drift.compare(diff.previous.stats(), tonight, diff.relabelled,
+                                      diff.top1_changed, config.drift_threshold)
         if summary.drift["drift"]:
             notice(drift.line(summary.drift))
-    summary.drift["night"], summary.drift["label_stats"] = night, tonight.to_dict()
+    summary.drift["night"] = night
     summary.items = diff.items
     summary.errors = summary.items - summary.ok
     summary.seconds = time.perf_counter() - job.started
@@ -244,40 +284,65 @@ def _keep_agreement(top: RunDirectory) -> None:
         keep_agreement(top.store.url(), "night", recorded(top.store).labelled_with)
 
 
-def _last_nights_stats(top: RunDirectory, diff: NightDiff, base: str) -> drift.LabelStats:
-    """Last night's label statistics: kept in its summary.json when that night wrote the
-    table tonight starts from, else read from the table (a first night, a takeover)."""
-    kept = summary_of(top.store).get("drift") or {}
-    if base and kept.get("night") == base and "label_stats" in kept:
-        return drift.LabelStats.from_dict(kept["label_stats"])
-    return drift.stats_of(diff.previous)
-
-
 def assemble(top: RunDirectory, diff: NightDiff, labelled: str | None, keep_columns,
-             night: str) -> tuple[int, list[pa.Table], drift.LabelStats]:
-    """Write the new table in source order, a batch at a time: labels of unchanged items
-    from the previous table, the rest from tonight's; keys, paths, kept columns and versions
-    always from tonight's listing. How many rows are ok, tonight's rows (the changes a
-    table format commits: as many as were labelled tonight), and the new table's label
-    statistics. `labelled`: the name of tonight's labels in the run directory, if any."""
-    store = top.store
+             night: str) -> tuple[night_table.Index, list[pa.Table], int]:
+    """Tonight's parts written where their keys changed, and committed with the new index
+    in one commit; the parts nothing changed in are left as they are. The new index,
+    tonight's rows (the changes a table format commits: as many as were labelled tonight)
+    and how many parts were written. `labelled`: the name of tonight's labels in the run
+    directory, if any."""
+    store, previous = top.store, diff.previous
     local = None
-    if labelled is not None:  # tonight's labels, a local file for DuckDB
+    if labelled is not None:  # tonight's labels, a local file
         with store.open(labelled) as fh:
             template = pq.read_schema(fh)
         local = local_file(store, labelled, diff.folder)
     else:
-        template = pq.read_schema(diff.previous)
-    template = template.with_metadata({**(template.metadata or {}), NIGHT: night.encode()})
+        template = _state_schema(store, previous)
+    template = template.with_metadata({k: v for k, v in (template.metadata or {}).items()
+                                       if k != NIGHT})
     items = ["key", "path", *keep_columns, *VERSION_COLUMNS]
-    ok, upserts, stats = 0, [], drift.LabelStats()
-    with store.writing(TABLE) as sink, pq.ParquetWriter(sink, template) as writer:
-        for rows in diff.rows(template, local, items):
-            tonight = rows[TONIGHT]
-            table = rows.select(template.names).cast(template)
-            writer.write_table(table)
-            stats.add(table)
-            ok += int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0)
-            if pc.any(tonight).as_py():
-                upserts.append(table.filter(tonight))
-    return ok, upserts, stats
+    index = night_table.Index([], night, previous.next_part if previous else 0)
+    names, claimed = {}, set()
+    for number, rng in enumerate(diff.ranges):
+        if not rng.rows:  # no image of tonight's in its range: no part
+            continue
+        if rng.old is not None and rng.old not in claimed:
+            names[number] = previous.parts[rng.old].name  # replaced under its own name
+            claimed.add(rng.old)
+        else:
+            names[number] = index.new_name()
+    dropped = [part.name for number, part in enumerate(previous.parts if previous else [])
+               if number not in claimed]
+    staged, written, upserts = {}, {}, []
+    writer, current = None, None
+    try:
+        for number, table in diff.rows(template, local, items):
+            if number != current:
+                if writer is not None:
+                    written[current] = writer.close(names[current], diff.ranges[current].low,
+                                                    night)
+                current = number
+                staged[names[number]] = night_table.staged_name(night, names[number])
+                writer = night_table.PartWriter(store, staged[names[number]], template,
+                                                keep_columns)
+            writer.write(table)
+            if pc.any(table[TONIGHT]).as_py():
+                upserts.append(table.filter(table[TONIGHT]).select(template.names)
+                               .cast(template))
+        if writer is not None:
+            written[current] = writer.close(names[current], diff.ranges[current].low, night)
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    for number in sorted(names):
+        rng = diff.ranges[number]
+        if number in written:
+            index.parts.append(written[number])
+        else:  # untouched: last night's part, as it is
+            kept = dataclasses.replace(previous.parts[rng.old], low=rng.low)
+            index.parts.append(kept)
+    index.parts[0].low = ""
+    night_table.commit(store, TABLE, night, staged, dropped, index)
+    return index, upserts, len(written)

@@ -1,10 +1,11 @@
-"""Tonight's listing against the last night's table, out of core: what is new, changed,
-unchanged and removed, tonight's images to label, and the new table's rows in source order.
+"""Tonight's listing against the nightly table's parts: what is new, changed, unchanged and
+removed, tonight's images to label, and the rows of the parts that changed.
 
-The listing streams to a local spool (with each item's position); DuckDB joins it with the
-previous table within keys.MEMORY_LIMIT, spilling to local disk. Memory is a batch and that
-limit, whatever the size of the table: a night over 10^8 rows with 0.1% changed costs the
-changed images and streamed passes, never the table held.
+The listing streams once into one spool file per part (night_table.route: each key to the
+part whose key range holds it); then each part's keys are compared with tonight's of its
+range in memory, one part at a time. Memory is a part and a batch, whatever the size of
+the table; what is read is tonight's listing and the keys of last night's parts, and what
+is written later is only the parts whose keys changed.
 """
 
 from __future__ import annotations
@@ -13,23 +14,26 @@ import hashlib
 import os
 import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import keys
+from pipeline import keys, night_table
 from pipeline.errors import UsageError
+from pipeline.night_table import (ColumnsDigest, Index, Writers, part_path, read_spool,
+                                  read_whole_spool, route, split_lows)
 from pipeline.sources import VERSION_COLUMNS
 from pipeline.storage import Store
 
 POSITION = "_label_images_position"  # an item's place in tonight's listing
 TONIGHT = "_label_images_tonight"  # a row labelled tonight (a table format's upsert)
+_OLD_ROW = "_label_images_old_row"  # its key's row in last night's part (null: a new key)
+_SAME = "_label_images_same"  # the same image as last night's (path, size, version)
 BATCH_ROWS = 65_536
-_SAME = ("coalesce(l.path = p.path AND l.source_size = p.source_size "
-         "AND l.source_version = p.source_version, false)")
+_IDENTITY = ("path", *VERSION_COLUMNS)  # what makes an image the same as last night's
 
 
 @dataclass
@@ -40,24 +44,37 @@ class Changes:
     removed: int = 0
 
 
-class NightDiff:
-    """Tonight's listing (spooled), the previous table (a local file), and one DuckDB join
-    between them, kept on disk in listing order: for each item, last night's row of its key
-    (if any) and whether it is the same image (path, size, version). Everything else (the
-    counts, what to label, the new table) is a streamed pass over files in listing order."""
+@dataclass
+class Range:
+    """One part of tonight's table: its low key, the part of last night's that held its
+    keys (None: a first night), and whether it must be written tonight."""
 
-    def __init__(self, store: Store, listing: Iterable[pa.Table], previous: str | None,
-                 what: str):
+    low: str
+    old: int | None
+    split: bool = False  # last night's part is cut in several tonight
+    rows: int = 0
+    spool: str | None = None  # tonight's items of the range (with POSITION), listing order
+    joined: str | None = None  # the same rows with _OLD_ROW and _SAME
+    labelled: int = 0  # of its rows, how many are labelled tonight
+    touched: bool = False
+    removed: list = field(default_factory=list)
+    identity: str | None = None  # the digest of tonight's items of the range, as listed
+
+
+class NightDiff:
+    """Tonight's listing spooled by part, and each part compared with last night's."""
+
+    def __init__(self, store: Store, listing: Iterable[pa.Table], previous: Index | None,
+                 what: str, table: str = "labels.parquet", kept: Iterable[str] = ()):
+        self.store, self.table, self.previous = store, table, previous
+        self.kept = list(kept)
         self.folder = keys.spill_folder(store)
-        self.con = None
+        self.relabelled = self.top1_changed = 0  # changed images, and those whose top-1 moved
         try:
-            self.listing, self.items, self.digest = _spool(listing, self.folder)
+            self.ranges, self.items, self.digest = self._spool(listing)
             if not self.items:
                 raise UsageError(f"no images in {what}")
-            keys.refuse_duplicates(self.listing, self.folder, what)  # the spool holds them
-            self.previous = local_file(store, previous, self.folder) if previous else None
-            self.con = keys.connect(self.folder, keys.JOIN_MEMORY)
-            self.joined = self._join()
+            self._compare(what)
         except BaseException:
             self.__exit__()
             raise
@@ -66,159 +83,306 @@ class NightDiff:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self.con is not None:
-            self.con.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _join(self) -> str:
-        """joined.parquet: POSITION, previous_row (null: a new key), same (an unchanged
-        image), in listing order: the night's one join of tonight's keys with last night's."""
-        path = os.path.join(self.folder, "joined.parquet")
-        tonight = f"read_parquet('{_quoted(self.listing)}')"
-        if self.previous is None:
-            query = (f"SELECT {POSITION}, NULL::BIGINT AS previous_row, false AS same "
-                     f"FROM {tonight}")
-        else:
-            # a table that records no versions (a plain run over a manifest): nothing in it
-            # compares as the same image, so every image is labelled once and recorded
-            recorded = pq.read_schema(self.previous).names
-            versions = ", ".join(name if name in recorded else f"NULL::{kind} AS {name}"
-                                 for name, kind in zip(VERSION_COLUMNS, ("BIGINT", "VARCHAR")))
-            query = (f"SELECT l.{POSITION}, p.row AS previous_row, {_SAME} AS same FROM "
-                     f"(SELECT key, path, source_size, source_version, {POSITION} FROM "
-                     f"{tonight}) l LEFT JOIN (SELECT key, path, {versions}, "
-                     f"file_row_number AS row FROM read_parquet('{_quoted(self.previous)}', "
-                     "file_row_number = true)) p ON l.key = p.key")
-        self.con.execute(f"COPY ({query} ORDER BY {POSITION}) TO '{_quoted(path)}' "
-                         "(FORMAT parquet)")
-        return path
+    # -- the listing, by part
 
-    def _previous_rows(self) -> int:
-        return pq.ParquetFile(self.previous).metadata.num_rows if self.previous else 0
+    def _spool(self, listing: Iterable[pa.Table]) -> tuple[list[Range], int, str]:
+        lows = self.previous.lows if self.previous else [""]
+        writers, count = Writers(self.folder, "tonight", self.kept), 0
+        try:
+            for table in listing:
+                if not table.num_rows:
+                    continue
+                table = table.append_column(POSITION, pa.array(
+                    np.arange(count, count + table.num_rows, dtype=np.int64)))
+                writers.write(table, route(table["key"], lows))
+                count += table.num_rows
+        finally:
+            writers.close()
+        ranges, digest = [], hashlib.sha256()
+        for i, low in enumerate(lows):
+            old = i if self.previous else None
+            rows = writers.rows.get(i, 0)
+            spool = writers.path(i) if rows else None
+            identity = writers.digests[i].hexdigest() if rows else None
+            # the night's digest: each part's items as listed (one pass hashes both)
+            digest.update(f"{low}\0{rows}\0{identity}\0".encode())
+            ranges.extend(self._cut(Range(low, old, rows=rows, spool=spool,
+                                          identity=identity)))
+        return ranges, count, digest.hexdigest()
+
+    def _cut(self, whole: Range) -> list[Range]:
+        """A range with more of tonight's items than two parts' worth, cut into parts (a
+        first night, a night that added millions in one place): its bounds from a sample
+        of its keys, its spool split by them in one more pass."""
+        if whole.rows <= 2 * night_table.PART_ROWS:
+            return [whole]
+        cuts = split_lows((t["key"].combine_chunks() for t in read_spool(
+            whole.spool, ["key"])), whole.rows, whole.low)
+        if not cuts:
+            return [whole]
+        lows = [whole.low, *cuts]
+        writers = Writers(self.folder, os.path.basename(whole.spool)[:-len(".arrow")])
+        try:
+            for table in read_spool(whole.spool):
+                writers.write(table, route(table["key"], lows))
+        finally:
+            writers.close()
+        os.unlink(whole.spool)
+        return [Range(low, whole.old, split=whole.old is not None, rows=writers.rows.get(k, 0),
+                      spool=writers.path(k) if writers.rows.get(k) else None)
+                for k, low in enumerate(lows)]
+
+    # -- each part against last night's
+
+    def _compare(self, what: str) -> None:
+        self.counts = Changes()
+        repeated: list[tuple[str, list[int]]] = []
+        repeats = 0
+        to_label, label_digest = None, ColumnsDigest()
+        self._to_label = os.path.join(self.folder, "to-label.parquet")
+        old_cache: tuple[int, pa.Table, np.ndarray | None] | None = None
+        try:
+            for number, rng in enumerate(self.ranges):
+                if (rng.old is not None and not rng.split and rng.identity is not None
+                        and rng.identity == self.previous.parts[rng.old].identity):
+                    self.counts.unchanged += rng.rows  # listed as last night: not read
+                    continue
+                tonight = (read_whole_spool(rng.spool) if rng.spool
+                           else pa.table({"key": pa.array([], pa.string())}))
+                found, examples = _repeated(tonight)
+                repeats += found
+                repeated.extend(examples)
+                if found:
+                    continue
+                old = None
+                if rng.old is not None:
+                    if old_cache is None or old_cache[0] != rng.old:
+                        old_cache = self._old_part(rng.old)
+                    _, old_keys, sub = old_cache
+                    old = old_keys if sub is None else old_keys.filter(
+                        pa.array(sub == self._sub_number(number)))
+                rng.touched = rng.old is None or rng.split
+                if not tonight.num_rows:
+                    rng.touched = True  # the whole range is gone
+                    if old is not None:
+                        rng.removed.append(old["key"])
+                        self.counts.removed += old.num_rows
+                    continue
+                joined, same = self._join(tonight, old)
+                rng.joined = os.path.join(self.folder, f"joined-{number:06d}.arrow")
+                with night_table.spool_writer(rng.joined, joined.schema) as writer:
+                    writer.write_table(joined, max_chunksize=BATCH_ROWS)
+                new = int(pc.sum(pc.is_null(joined[_OLD_ROW])).as_py() or 0)
+                unchanged = int(same.sum())
+                rng.labelled = tonight.num_rows - unchanged
+                self.counts.new += new
+                self.counts.unchanged += unchanged
+                self.counts.changed += rng.labelled - new
+                if old is not None:
+                    gone = pc.invert(pc.is_in(old["key"], value_set=tonight["key"]))
+                    if pc.any(gone).as_py():
+                        rng.removed.append(old["key"].filter(gone))
+                        self.counts.removed += int(pc.sum(gone).as_py())
+                rng.touched = (rng.touched or rng.labelled > 0 or bool(rng.removed)
+                               or self._kept_differ(joined, old, same))
+                if rng.labelled:
+                    todo = tonight.filter(pa.array(~same))
+                    to_label = to_label or pq.ParquetWriter(self._to_label, todo.schema)
+                    to_label.write_table(todo.cast(to_label.schema))
+                    label_digest.update(todo)
+        finally:
+            if to_label is not None:
+                to_label.close()
+        if repeats:
+            repeated.sort(key=lambda entry: entry[1][0])
+            named = ", ".join(f"{key!r} (items {' and '.join(map(str, rows))})"
+                              for key, rows in repeated[:5])
+            raise UsageError(f"{repeats} key(s) appear more than once in {what} (e.g. "
+                             f"{named}); fix the manifest or pass --allow-duplicates")
+        self._label_digest = label_digest.hexdigest()[:16] if to_label is not None else None
+
+    def _sub_number(self, number: int) -> int:
+        """A range's place among the ranges cut from the same part of last night's."""
+        old = self.ranges[number].old
+        return sum(1 for rng in self.ranges[:number] if rng.old == old)
+
+    def _old_part(self, index: int) -> tuple[int, pa.Table, np.ndarray | None]:
+        """Last night's part `index`: the columns that say which image each key was (and
+        the kept columns), and, when tonight cuts it, which of tonight's ranges each row
+        falls in."""
+        part = self.previous.parts[index]
+        with self.store.open(part_path(self.table, part)) as fh:
+            source = pq.ParquetFile(fh)
+            names = source.schema_arrow.names
+            wanted = [n for n in ("key", *_IDENTITY, *self.kept) if n in names]
+            old = source.read(columns=wanted)
+        for name, kind in zip(VERSION_COLUMNS, (pa.int64(), pa.string())):
+            if name not in old.column_names:  # a table of a source that lists no versions
+                old = old.append_column(name, pa.nulls(old.num_rows, kind))
+        old = old.append_column(_OLD_ROW, pa.array(np.arange(old.num_rows, dtype=np.int64)))
+        cut = [rng.low for rng in self.ranges if rng.old == index]
+        return index, old, (route(old["key"], cut) if len(cut) > 1 else None)
+
+    def _join(self, tonight: pa.Table, old: pa.Table | None) -> tuple[pa.Table, np.ndarray]:
+        """Tonight's rows of a range, in listing order, with their key's row in last
+        night's part and whether it is the same image."""
+        items = tonight.drop_columns([POSITION]) if POSITION in tonight.column_names else tonight
+        if old is None or not old.num_rows:
+            rows = pa.nulls(tonight.num_rows, pa.int64())
+        else:
+            here = pa.table({"key": tonight["key"], "_i": np.arange(tonight.num_rows)})
+            matched = here.join(old.select(["key", _OLD_ROW]), keys="key",
+                                join_type="left outer").sort_by("_i")
+            rows = matched[_OLD_ROW].combine_chunks()
+        same = np.zeros(tonight.num_rows, dtype=bool)
+        had = pc.is_valid(rows).to_numpy(zero_copy_only=False)
+        if had.any():
+            at = rows.filter(pa.array(had))
+            before = old.take(at)
+            now = tonight.filter(pa.array(had))
+            equal = np.ones(len(at), dtype=bool)
+            for name in _IDENTITY:
+                if name not in now.column_names:
+                    equal[:] = False
+                    break
+                equal &= _equal(now[name], before[name])
+            same[had] = equal
+        joined = items.append_column(POSITION, tonight[POSITION]) \
+            if POSITION in tonight.column_names else items
+        joined = joined.append_column(_OLD_ROW, rows).append_column(_SAME, pa.array(same))
+        return joined, same
+
+    def _kept_differ(self, joined: pa.Table, old: pa.Table | None, same: np.ndarray) -> bool:
+        """Whether an unchanged image's kept columns (a manifest's own columns, taken from
+        tonight's listing) differ from what its part holds: the part is rewritten."""
+        if old is None or not self.kept or not same.any():
+            return False
+        mask = pa.array(same)
+        at = joined[_OLD_ROW].filter(mask)
+        before, now = old.take(at), joined.filter(mask)
+        return any(name in before.column_names and not _equal(now[name], before[name]).all()
+                   for name in self.kept)
+
+    # -- what the night asks of it
 
     def changes(self) -> Changes:
-        new, unchanged = self.con.execute(
-            "SELECT count(*) FILTER (WHERE previous_row IS NULL), count(*) FILTER (WHERE same) "
-            f"FROM read_parquet('{_quoted(self.joined)}')").fetchall()[0]
-        # keys are unique on both sides: what last night had and tonight matched is the rest
-        removed = self._previous_rows() - (self.items - new)
-        return Changes(new=new, changed=self.items - new - unchanged, unchanged=unchanged,
-                       removed=removed)
-
-    def _in_order(self, columns: list[str] | None = None) -> Iterator[tuple[pa.Table, pa.Table]]:
-        """(listing rows, their join rows), a batch at a time, in listing order."""
-        listed = _Rebatch(pq.ParquetFile(self.listing).iter_batches(
-            batch_size=BATCH_ROWS, columns=columns))
-        for places in pq.ParquetFile(self.joined).iter_batches(batch_size=BATCH_ROWS):
-            yield listed.take(places.num_rows), pa.Table.from_batches([places])
+        return self.counts
 
     def to_label(self) -> tuple[str, str]:
-        """Tonight's new and changed images, in listing order, written to a local file
+        """Tonight's new and changed images, by part then in listing order, in a local file
         (its path), and the digest that names tonight's increment."""
-        path = os.path.join(self.folder, "to-label.parquet")
-        digest, writer = ColumnsDigest(), None
-        try:
-            for items, places in self._in_order():
-                todo = items.filter(pc.invert(places["same"]))
-                writer = writer or pq.ParquetWriter(path, todo.schema)
-                writer.write_table(todo)
-                digest.update(todo)
-        finally:
-            if writer is not None:
-                writer.close()
-        return path, digest.hexdigest()[:16]
+        return self._to_label, self._label_digest
 
     def removed(self) -> pa.Array:
-        """Keys of the previous table's images that are gone (as many as were removed):
-        last night's rows no item of tonight's matched, marked in a byte a row (100 MB at
-        10^8; DuckDB's anti-join took 22 s and 1 GB more here), then read in one pass."""
-        if self.previous is None:
-            return pa.array([], pa.string())
-        matched = np.zeros(self._previous_rows(), dtype=bool)
-        for batch in pq.ParquetFile(self.joined).iter_batches(columns=["previous_row"]):
-            rows = batch.column(0).drop_null().to_numpy()
-            matched[rows] = True
-        gone, start = [], 0
-        for batch in pq.ParquetFile(self.previous).iter_batches(columns=["key"]):
-            keep = ~matched[start:start + batch.num_rows]
-            if keep.any():
-                gone.append(batch.column(0).filter(pa.array(keep)))
-            start += batch.num_rows
-        return (pa.concat_arrays(gone).cast(pa.string()) if gone
-                else pa.array([], pa.string()))
+        """Keys of last night's images that are gone."""
+        gone = [keys.cast(pa.string()) for rng in self.ranges for keys in rng.removed]
+        return (pa.concat_arrays([g.combine_chunks() if isinstance(g, pa.ChunkedArray) else g
+                                  for g in gone]) if gone else pa.array([], pa.string()))
 
     def rows(self, template: pa.Schema, labelled: str | None,
-             item_columns: list[str]) -> Iterator[pa.Table]:
-        """The new table in listing order, a batch at a time: keys, paths, kept columns and
-        versions from tonight's listing; the labels from tonight's labelling where the image
-        is new or changed, else from the previous table. `TONIGHT` marks the rows labelled
-        tonight.
-
-        No join: tonight's labels (`labelled`) are in the order of to_label's images, so the
-        k-th image to label is their k-th row; last night's row of each unchanged image is
-        in the join. Both are read by row number, in passes that are sequential when tonight
-        lists in last night's order (a source listed as before, with images added and
-        removed)."""
-        self.relabelled = self.top1_changed = 0  # changed images, and those whose top-1 moved
+             item_columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
+        """The rows of each range to write tonight (number, a batch), in listing order:
+        keys, paths, kept columns and versions from tonight's listing; the labels from
+        tonight's labelling where the image is new or changed, else from last night's part
+        (by row number: sequential when tonight lists as last night did). `TONIGHT` marks
+        the rows labelled tonight. Tonight's labels are in the order of to_label's images,
+        so each range takes the next of them."""
         labels = [f.name for f in template if f.name not in item_columns]
         label_schema = pa.schema([template.field(name) for name in labels])
-        tonight_labels = _Rows(labelled, labels) if labelled else None
-        previous_labels = _Rows(self.previous, labels) if self.previous else None
-        labelled_before = 0
+        tonight_labels = _Rebatch(night_table.batches(labelled, labels)) if labelled else None
+        previous_labels = None
         try:
-            for items, places in self._in_order(item_columns):
-                tonight = pc.invert(places["same"]).combine_chunks()
-                mask = tonight.to_numpy(zero_copy_only=False)
-                pieces, order = [], []
-                at_tonight = np.flatnonzero(mask)
-                if len(at_tonight):
-                    numbers = labelled_before + np.arange(len(at_tonight))
-                    pieces.append(tonight_labels.take(numbers).cast(label_schema))
-                    order.append(at_tonight)
-                    labelled_before += len(at_tonight)
-                    self._count_top1_changes(places, at_tonight, pieces[-1],
-                                             previous_labels)
-                at_previous = np.flatnonzero(~mask)
-                if len(at_previous):
-                    numbers = places["previous_row"].take(pa.array(at_previous)).to_numpy(
-                        zero_copy_only=False)
-                    pieces.append(previous_labels.take(numbers).cast(label_schema))
-                    order.append(at_previous)
-                chosen = pa.concat_tables(pieces).take(np.argsort(np.concatenate(order)))
-                table = items
-                for name in labels:
-                    table = table.append_column(template.field(name), chosen[name])
-                yield table.append_column(TONIGHT, tonight)
+            for number, rng in enumerate(self.ranges):
+                if not rng.touched or not rng.rows:
+                    continue
+                if rng.old is not None and (previous_labels is None
+                                            or previous_labels[0] != rng.old):
+                    if previous_labels is not None:
+                        previous_labels[1].close()
+                    part = self.previous.parts[rng.old]
+                    previous_labels = (rng.old, _Rows(self.store.open(
+                        part_path(self.table, part)), labels))
+                old = previous_labels[1] if rng.old is not None else None
+                for batch in read_spool(rng.joined):
+                    yield number, self._batch(batch, labels, label_schema, tonight_labels,
+                                              old, template)
         finally:
-            for rows in (tonight_labels, previous_labels):
-                if rows is not None:
-                    rows.close()
+            if previous_labels is not None:
+                previous_labels[1].close()
 
+    def _batch(self, places: pa.Table, labels, label_schema, tonight_labels, old,
+               template) -> pa.Table:
+        mask = pc.invert(places[_SAME]).combine_chunks().to_numpy(zero_copy_only=False)
+        pieces, order = [], []
+        at_tonight = np.flatnonzero(mask)
+        if len(at_tonight):
+            pieces.append(tonight_labels.take(len(at_tonight)).cast(label_schema))
+            order.append(at_tonight)
+            self._count_top1_changes(places, at_tonight, pieces[-1], old)
+        at_previous = np.flatnonzero(~mask)
+        if len(at_previous):
+            numbers = places[_OLD_ROW].take(pa.array(at_previous)).to_numpy(
+                zero_copy_only=False)
+            pieces.append(old.take(numbers).cast(label_schema))
+            order.append(at_previous)
+        chosen = pa.concat_tables(pieces).take(np.argsort(np.concatenate(order)))
+        table = places.drop_columns([c for c in (POSITION, _OLD_ROW, _SAME)
+                                     if c in places.column_names])
+        for name in labels:
+            table = table.append_column(template.field(name), chosen[name])
+        return table.append_column(TONIGHT, pa.array(mask))
 
     def _count_top1_changes(self, places: pa.Table, at_tonight: np.ndarray,
-                            labelled: pa.Table, previous_labels) -> None:
+                            labelled: pa.Table, old) -> None:
         """Of tonight's labelled images that last night had (changed ones), how many got
         another top-1: their previous rows read by number, a few per night."""
-        if previous_labels is None:
+        if old is None:
             return
-        before = places["previous_row"].take(pa.array(at_tonight)).combine_chunks()
+        before = places[_OLD_ROW].take(pa.array(at_tonight)).combine_chunks()
         had = pc.is_valid(before).to_numpy(zero_copy_only=False)
         if not had.any():
             return
         numbers = before.filter(pa.array(had)).to_numpy(zero_copy_only=False)
-        old = previous_labels.take(numbers)["top1_label"]
+        previous = old.take(numbers)["top1_label"]
         new = labelled["top1_label"].filter(pa.array(had))
-        same = pc.fill_null(pc.equal(old, new), False)
-        both_null = pc.and_(pc.is_null(old), pc.is_null(new))
+        same = pc.fill_null(pc.equal(previous, new), False)
+        both_null = pc.and_(pc.is_null(previous), pc.is_null(new))
         self.relabelled += int(had.sum())
         self.top1_changed += int(had.sum()) - int(pc.sum(pc.or_(same, both_null)).as_py() or 0)
+
+
+def _equal(a, b) -> np.ndarray:
+    """Element-wise equality where two nulls are equal too."""
+    equal = pc.fill_null(pc.equal(a, b.cast(a.type) if a.type != b.type else b), False)
+    both = pc.and_(pc.is_null(a), pc.is_null(b))
+    return pc.or_(equal, both).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _repeated(tonight: pa.Table) -> tuple[int, list[tuple[str, list[int]]]]:
+    """Keys listed more than once in a range (how many, and up to five with the 1-based
+    positions where they stand)."""
+    if not tonight.num_rows or POSITION not in tonight.column_names:
+        return 0, []
+    counts = pc.value_counts(tonight["key"])
+    twice = counts.filter(pc.greater(counts.field("counts"), 1))
+    if not len(twice):
+        return 0, []
+    examples = []
+    for key in twice.field("values")[:5].to_pylist():
+        where = pc.equal(tonight["key"], key)
+        positions = tonight[POSITION].filter(where).to_numpy()
+        examples.append((key, sorted(int(p) + 1 for p in positions)[:3]))
+    return len(twice), examples
 
 
 class _Rows:
     """Rows of a Parquet file fetched by number, a row group at a time (one kept)."""
 
-    def __init__(self, path: str, columns: list[str]):
-        self._file = pq.ParquetFile(path)
+    def __init__(self, source, columns: list[str]):
+        self._handle = source
+        self._file = pq.ParquetFile(source)
         self._columns = columns
         meta = self._file.metadata
         sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
@@ -241,20 +405,22 @@ class _Rows:
 
     def close(self) -> None:
         self._file.close()
+        if hasattr(self._handle, "close"):
+            self._handle.close()
 
 
 class _Rebatch:
-    """Rows of a stream of batches, taken so many at a time."""
+    """Rows of a stream of tables, taken so many at a time."""
 
-    def __init__(self, batches):
-        self._batches = iter(batches)
+    def __init__(self, tables):
+        self._tables = iter(tables)
         self._pending = pa.table({})
 
     def take(self, count: int) -> pa.Table:
         pieces, rows = [], 0
         while rows < count:
             if not self._pending.num_rows:
-                self._pending = pa.Table.from_batches([next(self._batches)])
+                self._pending = next(self._tables)
             piece = self._pending.slice(0, count - rows)
             self._pending = self._pending.slice(piece.num_rows)
             pieces.append(piece)
@@ -262,56 +428,9 @@ class _Rebatch:
         return pa.concat_tables(pieces)
 
 
-def _spool(listing: Iterable[pa.Table], folder: str) -> tuple[str, int, str]:
-    """Tonight's listing to a local Parquet file with each item's position; how many items,
-    and a digest of their keys, paths and versions (what names tonight's table)."""
-    path = os.path.join(folder, "tonight.parquet")
-    writer, count, digest = None, 0, ColumnsDigest()
-    try:
-        for table in listing:
-            if not table.num_rows:
-                continue
-            table = table.append_column(POSITION, pa.array(range(count, count + table.num_rows),
-                                                           pa.int64()))
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema)
-            writer.write_table(table.cast(writer.schema))
-            digest.update(table)
-            count += table.num_rows
-    finally:
-        if writer is not None:
-            writer.close()
-    return path, count, digest.hexdigest()
-
-
-class ColumnsDigest:
-    """A hash of the keys, paths and versions in order, whatever the batches they come in:
-    each column's value lengths and bytes are hashed apart, from Arrow's buffers."""
-
-    NAMES = ("key", "path", VERSION_COLUMNS[1])
-
-    def __init__(self):
-        self._parts = {name: (hashlib.sha256(), hashlib.sha256()) for name in self.NAMES}
-
-    def update(self, table: pa.Table) -> None:
-        for name, (lengths, data) in self._parts.items():
-            column = table[name].cast(pa.string()).fill_null("").combine_chunks()
-            offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[
-                column.offset:column.offset + len(column) + 1]
-            lengths.update(np.diff(offsets).astype(np.int64).tobytes())
-            if len(column) and offsets[-1] > offsets[0]:
-                data.update(memoryview(column.buffers()[2])[offsets[0]:offsets[-1]])
-
-    def hexdigest(self) -> str:
-        whole = hashlib.sha256()
-        for lengths, data in self._parts.values():
-            whole.update(lengths.digest() + data.digest())
-        return whole.hexdigest()
-
-
 def local_file(store: Store, name: str, folder: str) -> str:
-    """A file of the run directory as a local file for DuckDB: itself, or a copy of a
-    remote one in `folder`."""
+    """A file of the run directory as a local file: itself, or a copy of a remote one in
+    `folder`."""
     if not store.remote:
         return os.path.join(store.root, name)
     local = os.path.join(folder, name.replace("/", "_"))
@@ -320,19 +439,7 @@ def local_file(store: Store, name: str, folder: str) -> str:
     return local
 
 
-def _read(path: str) -> Iterator[pa.Table]:
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
-        yield pa.Table.from_batches([batch]).drop_columns([POSITION])
-
-
 def items_to_label(path: str) -> Iterator[pa.Table]:
     """The spooled images to label, a batch at a time, without their positions."""
-    return _read(path)
-
-
-def _quoted(path: str) -> str:
-    return path.replace("'", "''")
-
-
-def _name(column: str) -> str:
-    return '"' + column.replace('"', '""') + '"'
+    for table in night_table.batches(path, batch_rows=BATCH_ROWS):
+        yield table.drop_columns([POSITION])

@@ -125,10 +125,11 @@ def _batches(store: Store, fmt: Format):
     pre-buffering (a row group of embeddings is 512 MB; a batch is what is held); a table
     format's batches, as its library gives them, are cut to that size."""
     if fmt.name == "parquet":
-        with store.open(fmt.table_name()) as source:
-            for batch in pq.ParquetFile(source, pre_buffer=False,
-                                        buffer_size=1 << 20).iter_batches(batch_size=BATCH_ROWS):
-                yield pa.Table.from_batches([batch])
+        for name in fmt.files(store):  # one file, or a nightly table's parts
+            with store.open(name) as source:
+                for batch in pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20
+                                            ).iter_batches(batch_size=BATCH_ROWS):
+                    yield pa.Table.from_batches([batch])
         return
     if not fmt.embeddings:
         raise UsageError(f"relabel reads the stored embeddings; a {fmt.name} table holds none")

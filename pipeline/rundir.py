@@ -6,9 +6,11 @@ plan.json         the frozen plan's commit: how many items, the shard size, its 
 plan/ID/          items-000000.parquet ...: the frozen items, 1,024 shards a file
 parts/            part-000000.parquet ... one committed file per finished shard
 increments/       an incremental night's labelling of new and changed images
+parts.json        a nightly table's parts: their key ranges, rows and label counts
+.night/NIGHT/     a night's parts before its commit (parts-commit.json: the commit's intent)
 quarantine.json   files that crashed the decoder (error rows)
 summary.json      counts and timings of the last invocation
-labels.parquet    the final table (or labels.csv)
+labels.parquet    the final table (or labels.csv; a nightly run's: a folder of parts)
 ```
 """
 
@@ -42,6 +44,10 @@ LEGACY_PLAN_FILE = "plan.parquet"  # the one-file plan of earlier versions, stil
 SPILL_PREFIX = ".spill-"
 PARTS_DIR = "parts"
 INCREMENTS_DIR = "increments"
+# A nightly table's parts (night_table.py): their index, a commit's intent, the staged parts
+TABLE_INDEX = "parts.json"
+TABLE_COMMIT = "parts-commit.json"
+STAGING_DIR = ".night"
 QUARANTINE_FILE = "quarantine.json"
 REVIEWS_FILE = "reviews.parquet"  # people's answers (label-images reviews): key, label, who, when
 AGREEMENT_FILE = "agreement.json"  # the model's agreement with them, night by night
@@ -351,7 +357,8 @@ class RunDirectory:
         # a table format's table stays (its history is its own): only its note of the run goes
         owned = [name for f in formats.FORMATS.values() for name in f.run_files()]
         for name in (RUN_FILE, SUMMARY_FILE, PLAN_RECORD, PLAN_DIR, LEGACY_PLAN_FILE, *owned,
-                     PARTS_DIR, INCREMENTS_DIR, QUARANTINE_FILE):
+                     PARTS_DIR, INCREMENTS_DIR, QUARANTINE_FILE, TABLE_INDEX, TABLE_COMMIT,
+                     STAGING_DIR):
             self.store.remove(name)
 
     def check(self, fingerprint: dict, overwrite: bool,

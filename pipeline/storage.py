@@ -245,6 +245,22 @@ class Store:
         elif os.path.lexists(path):
             os.unlink(path)
 
+    def is_folder(self, name: str) -> bool:
+        if self.remote:
+            return self.fs.isdir(self._path(name))
+        return os.path.isdir(self._path(name))
+
+    def move(self, name: str, to: str) -> None:
+        """`name` becomes `to`, replacing it: locally one atomic rename; an object store
+        copies the whole object over `to` (which readers see change at once) and deletes."""
+        if self.remote:
+            self.fs.mv(self._path(name), self._path(to))
+            return
+        target = Path(self._path(to))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._path(name), target)
+        _fsync_directory(target.parent)
+
     @contextmanager
     def writing(self, name: str, replace: bool = True) -> Iterator[IO[bytes]]:
         """A file to write `name` through; it becomes visible whole, on success only.

@@ -33,6 +33,8 @@ class RunSummary:
     missing: list[int] = field(default_factory=list)  # shards other slices still owe
     changes: dict = field(default_factory=dict)  # incremental runs: new/changed/unchanged/removed
     drift: dict = field(default_factory=dict)  # incremental runs: the labels against last night's
+    # incremental runs: the table's parts, how many tonight wrote, and their rows
+    table_parts: dict = field(default_factory=dict)
     stale: str = ""  # a finished run whose source has changed since: what to do about it
     # a cluster engine's workers (Ray's actors, Spark's Python workers): host, images, rate
     cluster_workers: list[dict] = field(default_factory=list)
@@ -101,6 +103,7 @@ class RunSummary:
             **({"settings": self.settings} if self.settings else {}),
             **({"changes": self.changes} if self.changes else {}),
             **({"drift": self.drift} if self.drift else {}),
+            **({"table_parts": self.table_parts} if self.table_parts else {}),
             **({"stale": self.stale} if self.stale else {}),
             **({"cluster_workers": self.cluster_workers} if self.cluster_workers else {}),
             **({"redone": self.redone} if self.redone else {}),

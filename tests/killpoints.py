@@ -7,6 +7,8 @@ POINT is where the process dies, at the N-th time it gets there (1-based):
   part-committed      a part was committed (local: renamed; object storage: uploaded)
   merge-mid-write     the final file is being assembled
   merge-after-rename  the final file is in place, before the parts are removed
+  night-staged        a night's rewritten part is staged, before the night's commit
+  night-moved         a staged part was moved into the nightly table, mid-commit
 or, with a file's path for N, `decoding FILE`: every process that decodes FILE dies of
 SIGSEGV, as in a decoder crash, with the default of no loader workers of a small CPU.
 Under torchrun, set KILL_RANK to kill only that rank.
@@ -91,6 +93,17 @@ def writing(store, name, **options):
         yield sink
     if POINT == "part-committed" and is_part(name) and die_on_count():  # committed: die
         die()
+    if POINT == "night-staged" and name.startswith(".night/") and die_on_count():
+        die()
+
+
+real_move = storage.Store.move
+
+
+def move(store, name, to):
+    real_move(store, name, to)
+    if POINT == "night-moved" and die_on_count():
+        die()
 
 
 real_decode = loader.decode
@@ -108,6 +121,7 @@ if POINT == "decoding":
     loader.decode = decode
     settings.default_workers = lambda *measured: 0
 storage.Store.writing = writing
+storage.Store.move = move
 os.replace = replace
 writer.pq.write_table = write_table
 writer.pq.ParquetWriter = ParquetWriter

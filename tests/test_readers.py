@@ -107,3 +107,19 @@ def test_spark_reads_csv_with_odd_names_as_the_readme_says(spark, cli, tmp_path,
     frame = spark.read.csv(str(tmp_path / "run" / "labels.csv"), header=True, multiLine=True,
                            escape='"')
     assert sorted(r["key"] for r in frame.select("key").collect()) == sorted(names)
+
+
+@SPARK_SOCKETS
+def test_spark_reads_a_nightly_table_of_parts(spark, tmp_path, colour_checkpoint, monkeypatch):
+    from pipeline import night_table
+
+    monkeypatch.setattr(night_table, "PART_ROWS", 2)  # six images, three parts
+    names = sorted(write_colour_images(tmp_path / "imgs", 6))
+    result = invoke("run", tmp_path / "imgs", "--out", tmp_path / "run", "--model", "resnet18",
+                    "--weights", colour_checkpoint, "--incremental", "--workers", "0", "-q",
+                    *FAST)
+    assert result.exit_code == 0, result.output
+    table = tmp_path / "run" / "labels.parquet"
+    assert len(list(table.iterdir())) == 3
+    rows = spark.read.parquet(str(table)).select("key", "status").orderBy("key").collect()
+    assert [(r["key"], r["status"]) for r in rows] == [(n, "ok") for n in names]

@@ -1,4 +1,7 @@
-"""Parquet: the schema as it is, list columns and all; what DuckDB, pandas and Spark read best."""
+"""Parquet: the schema as it is, list columns and all; what DuckDB, pandas and Spark read best.
+
+A plain run's table is one file; a nightly run's is a folder of parts (night_table.py),
+which every reader opens as one table too."""
 
 from __future__ import annotations
 
@@ -29,7 +32,16 @@ class ParquetFormat(Format):
     def open(self, sink: IO[bytes], schema: pa.Schema) -> _Writer:
         return _Writer(sink, schema)
 
-    def batches(self, store: Store, columns: list[str]) -> Iterator[pa.Table]:
-        with store.open(self.table_name()) as fh:
-            for batch in pq.ParquetFile(fh).iter_batches(columns=columns):
-                yield pa.Table.from_batches([batch])
+    def files(self, store: Store) -> list[str]:
+        """The table's files: itself, or a nightly table's parts."""
+        name = self.table_name()
+        if not store.is_folder(name):
+            return [name]
+        return [f"{name}/{part}" for part in sorted(store.list(name))
+                if part.endswith(".parquet") and not part.startswith((".", "_"))]
+
+    def batches(self, store: Store, columns: list[str] | None) -> Iterator[pa.Table]:
+        for name in self.files(store):
+            with store.open(name) as fh:
+                for batch in pq.ParquetFile(fh).iter_batches(columns=columns):
+                    yield pa.Table.from_batches([batch])
