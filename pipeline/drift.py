@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 BINS = 10  # top-1 score bins of 0.1
 EPSILON = 1e-4
@@ -53,15 +52,6 @@ class LabelStats:
     @classmethod
     def from_dict(cls, data: dict) -> LabelStats:
         return cls(Counter(data["counts"]), np.asarray(data["histogram"], np.int64))
-
-
-def stats_of(path: str) -> LabelStats:
-    """A Parquet table's label statistics, read a batch of three columns at a time."""
-    stats = LabelStats()
-    for batch in pq.ParquetFile(path).iter_batches(
-            columns=["status", "top1_label", "top1_score"]):
-        stats.add(pa.Table.from_batches([batch]))
-    return stats
 
 
 def psi(before: np.ndarray, after: np.ndarray) -> float:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pipeline import keys, night_table
 from pipeline.errors import UsageError
 from pipeline.night_table import (ColumnsDigest, Index, Writers, part_path, read_spool,
-                                  read_whole_spool, route, split_lows)
+                                  read_whole_spool, remove_spool, route, split_lows)
 from pipeline.sources import VERSION_COLUMNS
 from pipeline.storage import Store
 
@@ -53,7 +53,7 @@ class Range:
     old: int | None
     split: bool = False  # last night's part is cut in several tonight
     rows: int = 0
-    spool: str | None = None  # tonight's items of the range (with POSITION), listing order
+    spool: list[str] | None = None  # tonight's items of the range (with POSITION), in order
     joined: str | None = None  # the same rows with _OLD_ROW and _SAME
     labelled: int = 0  # of its rows, how many are labelled tonight
     touched: bool = False
@@ -104,7 +104,7 @@ class NightDiff:
         for i, low in enumerate(lows):
             old = i if self.previous else None
             rows = writers.rows.get(i, 0)
-            spool = writers.path(i) if rows else None
+            spool = writers.paths(i) if rows else None
             identity = writers.digests[i].hexdigest() if rows else None
             # the night's digest: each part's items as listed (one pass hashes both)
             digest.update(f"{low}\0{rows}\0{identity}\0".encode())
@@ -123,15 +123,15 @@ class NightDiff:
         if not cuts:
             return [whole]
         lows = [whole.low, *cuts]
-        writers = Writers(self.folder, os.path.basename(whole.spool)[:-len(".arrow")])
+        writers = Writers(self.folder, os.path.basename(whole.spool[0])[:-len(".arrow")])
         try:
             for table in read_spool(whole.spool):
                 writers.write(table, route(table["key"], lows))
         finally:
             writers.close()
-        os.unlink(whole.spool)
+        remove_spool(whole.spool)
         return [Range(low, whole.old, split=whole.old is not None, rows=writers.rows.get(k, 0),
-                      spool=writers.path(k) if writers.rows.get(k) else None)
+                      spool=writers.paths(k) if writers.rows.get(k) else None)
                 for k, low in enumerate(lows)]
 
     # -- each part against last night's

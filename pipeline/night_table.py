@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -183,18 +184,24 @@ def spool_writer(path: str, schema: pa.Schema) -> pa.ipc.RecordBatchFileWriter:
 
 
 class Writers:
-    """One local spool per part, opened when its first rows come; with each part's
-    ColumnsDigest if asked."""
+    """Local spools by part, with each part's ColumnsDigest if asked. At most MAX_OPEN are
+    open at once (a listing in key order fills one part after another; 10^9 images make
+    a thousand parts, past a process's open files): a part whose rows come again after
+    its spool was closed gets another segment."""
+
+    MAX_OPEN = 64
 
     def __init__(self, folder: str, prefix: str, digest: Iterable[str] | None = None):
         self.folder, self.prefix, self._digest = folder, prefix, digest
-        self._open: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+        self._open: OrderedDict[int, pa.ipc.RecordBatchFileWriter] = OrderedDict()
         self._schemas: dict[int, pa.Schema] = {}
+        self._segments: dict[int, list[str]] = {}
         self.rows: dict[int, int] = {}
         self.digests: dict[int, ColumnsDigest] = {}
 
-    def path(self, part: int) -> str:
-        return os.path.join(self.folder, f"{self.prefix}-{part:06d}.arrow")
+    def paths(self, part: int) -> list[str]:
+        """The part's spool, in the order its rows came."""
+        return self._segments.get(part, [])
 
     def write(self, table: pa.Table, parts: np.ndarray) -> None:
         if not table.num_rows:
@@ -211,10 +218,18 @@ class Writers:
     def _write(self, part: int, table: pa.Table) -> None:
         writer = self._open.get(part)
         if writer is None:
-            self._schemas[part] = table.schema
-            writer = self._open[part] = spool_writer(self.path(part), table.schema)
-            if self._digest is not None:
+            if len(self._open) >= self.MAX_OPEN:
+                self._open.popitem(last=False)[1].close()  # the part least lately written
+            segments = self._segments.setdefault(part, [])
+            path = os.path.join(self.folder,
+                                f"{self.prefix}-{part:06d}-{len(segments):04d}.arrow")
+            segments.append(path)
+            schema = self._schemas.setdefault(part, table.schema)
+            writer = self._open[part] = spool_writer(path, schema)
+            if self._digest is not None and part not in self.digests:
                 self.digests[part] = ColumnsDigest(self._digest)
+        else:
+            self._open.move_to_end(part)
         table = table.cast(self._schemas[part])
         writer.write_table(table)
         if self._digest is not None:
@@ -227,19 +242,24 @@ class Writers:
         self._open.clear()
 
 
-def read_spool(path: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """A spool's tables as they were written (memory-mapped)."""
-    with pa.memory_map(path) as source:
-        reader = pa.ipc.open_file(source)
-        for number in range(reader.num_record_batches):
-            batch = reader.get_batch(number)
-            yield pa.Table.from_batches([batch]).select(columns) if columns else \
-                pa.Table.from_batches([batch])
+def read_spool(paths: str | list[str], columns: list[str] | None = None
+               ) -> Iterator[pa.Table]:
+    """A spool's tables (of one file, or of a part's segments) as they were written."""
+    for path in [paths] if isinstance(paths, str) else paths:
+        with pa.memory_map(path) as source:
+            reader = pa.ipc.open_file(source)
+            for number in range(reader.num_record_batches):
+                table = pa.Table.from_batches([reader.get_batch(number)])
+                yield table.select(columns) if columns else table
 
 
-def read_whole_spool(path: str) -> pa.Table:
-    with pa.memory_map(path) as source:
-        return pa.ipc.open_file(source).read_all()
+def read_whole_spool(paths: str | list[str]) -> pa.Table:
+    return pa.concat_tables(read_spool(paths))
+
+
+def remove_spool(paths: str | list[str]) -> None:
+    for path in [paths] if isinstance(paths, str) else paths:
+        os.unlink(path)
 
 
 def batches(path: str, columns: list[str] | None = None,
@@ -343,10 +363,10 @@ def take_over(store: Store, table: str, tables: Iterable[pa.Table], schema: pa.S
         name = index.new_name()
         staged[name] = staged_name(TAKEOVER, name)
         part = PartWriter(store, staged[name], schema, kept)
-        for piece in read_spool(by_part.path(number)):
+        for piece in read_spool(by_part.paths(number)):
             part.write(piece)
         index.parts.append(part.close(name, low, None))
-        os.unlink(by_part.path(number))
+        remove_spool(by_part.paths(number))
     index.parts[0].low = ""
     commit(store, table, TAKEOVER, staged, [], index)
     return index

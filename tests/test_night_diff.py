@@ -61,11 +61,16 @@ def night(tmp_path, monkeypatch):
     return tmp_path, order, tonight, index
 
 
-def test_the_counts_what_to_label_and_what_is_gone(night):
+@pytest.mark.parametrize("max_open", [64, 1])
+def test_the_counts_what_to_label_and_what_is_gone(night, monkeypatch, max_open):
+    """With one spool open at a time, a listing out of key order writes each part's rows
+    in several segments: the same counts, order and digests."""
+    monkeypatch.setattr(night_table.Writers, "MAX_OPEN", max_open)
     tmp_path, order, tonight, index = night
     store = Store(str(tmp_path))
     with NightDiff(store, iter(in_batches(tonight, 3)), index, "photos/") as diff:
         assert diff.items == 11
+        assert any(len(rng.spool) > 1 for rng in diff.ranges) == (max_open == 1)
         assert diff.changes() == night_diff.Changes(new=3, changed=1, unchanged=7, removed=2)
         assert [rng.touched for rng in diff.ranges] == [True, True, False]
         path, digest = diff.to_label()
