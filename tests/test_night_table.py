@@ -110,8 +110,26 @@ def test_readers_open_the_folder_as_one_table(cli, tmp_path, colour_checkpoint, 
         f"SELECT key FROM read_parquet('{table}')").fetchall()) == keys
     assert sorted(polars.read_parquet(f"{table}/*.parquet")["key"].to_list()) == keys
     assert sorted(pq.read_table(table)["key"].to_pylist()) == keys
+    # the README's own lines, as written (Spark's: test_readers)
+    duck, pandas_, polars_ = readme_readers()[:3]
+    names = {"duckdb": duckdb, "pd": pd, "pl": polars}
+    assert eval(duck.replace("runs/photos", str(out)), names).fetchall() == [(10,)]
+    assert sorted(eval(pandas_.replace("runs/photos", str(out)), names)["key"]) == keys
+    assert sorted(eval(polars_.replace("runs/photos", str(out)), names)["key"]) == keys
     report = cli("report", str(out))
     assert report.exit_code == 0 and "10 images" in report.output, report.output
+
+
+def readme_readers() -> list[str]:
+    """The Nightly job section's lines that open a nightly table: DuckDB, pandas, Polars,
+    Spark."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Nightly job"):readme.index("## Report")]
+    block = section[section.index("```python"):]
+    block = block[len("```python"):block.index("```", 3)]
+    lines = [line.split("  #")[0].strip() for line in block.strip().splitlines()]
+    assert len(lines) == 4, lines
+    return lines
 
 
 def killed_night(folder, out, checkpoint, point, count):

@@ -123,3 +123,7 @@ def test_spark_reads_a_nightly_table_of_parts(spark, tmp_path, colour_checkpoint
     assert len(list(table.iterdir())) == 3
     rows = spark.read.parquet(str(table)).select("key", "status").orderBy("key").collect()
     assert [(r["key"], r["status"]) for r in rows] == [(n, "ok") for n in names]
+    from tests.test_night_table import readme_readers
+
+    line = readme_readers()[3].replace("runs/photos", str(tmp_path / "run"))
+    assert eval(line, {"spark": spark}).count() == 6  # the README's line, as written
