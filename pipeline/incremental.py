@@ -182,9 +182,9 @@ def _previous_state(top: RunDirectory, job: Job) -> night_table.Index | None:
         schema = schema.with_metadata({k: v for k, v in (schema.metadata or {}).items()
                                        if k != NIGHT})
 
-        def tables():
+        def tables(columns):
             with store.open(TABLE) as fh:
-                for batch in pq.ParquetFile(fh).iter_batches():
+                for batch in pq.ParquetFile(fh).iter_batches(columns=columns):
                     yield pa.Table.from_batches([batch])
     elif config.format != "parquet" and fmt.exists(store):
         planned = planning.load(store).schema() if planning.exists(store) else pa.schema([])
@@ -194,14 +194,14 @@ def _previous_state(top: RunDirectory, job: Job) -> night_table.Index | None:
         schema = output_schema(config.top_k, kept, {},
                                embedding_size=job.classifier.embedding_size)
 
-        def tables():
-            yield from fmt.batches(store, schema.names)
+        def tables(columns):
+            yield from fmt.batches(store, columns or schema.names)
     else:
         return None
     folder = keys.spill_folder(store)
     try:
         with if_long(f"cutting {top.output(fmt)} into parts by key", not config.quiet):
-            return night_table.take_over(store, TABLE, tables(), schema, folder,
+            return night_table.take_over(store, TABLE, tables, schema, folder,
                                          config.keep_columns)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -119,7 +119,7 @@ class NightDiff:
         if whole.rows <= 2 * night_table.PART_ROWS:
             return [whole]
         cuts = split_lows((t["key"].combine_chunks() for t in read_spool(
-            whole.spool, ["key"])), whole.rows, whole.low)
+            whole.spool, ["key"])), whole.low)
         if not cuts:
             return [whole]
         lows = [whole.low, *cuts]

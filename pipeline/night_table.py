@@ -17,7 +17,7 @@ import hashlib
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -34,7 +34,7 @@ from pipeline.storage import Store
 # A part's rows: a night reads and writes whole parts, so this is both its memory and its
 # write when one image in the range changes. A part past twice this is split.
 PART_ROWS = int(os.environ.get("LABEL_IMAGES_PART_ROWS", 1_000_000))
-SAMPLE = 200  # keys sampled per part to come, to place a split's bounds
+SAMPLE_KEYS = 1 << 20  # keys sampled (at most twice this) to place a cut's bounds: 50 MB
 
 
 @dataclass
@@ -117,20 +117,26 @@ def route(keys: pa.Array | pa.ChunkedArray, lows: list[str]) -> np.ndarray:
     return parts
 
 
-def split_lows(keys: Iterable[pa.Array], rows: int, low: str) -> list[str]:
-    """Lows that cut a range of `rows` keys (streamed) into parts of about PART_ROWS: from
-    a sample of SAMPLE keys per part to come, never the keys held."""
-    pieces = max(1, math.ceil(rows / PART_ROWS))
-    if pieces == 1:
-        return []
-    step, seen, sample = max(1, rows // (pieces * SAMPLE)), 0, []
+def split_lows(keys: Iterable[pa.Array], low: str) -> list[str]:
+    """Lows that cut a range of keys (streamed) into parts of about PART_ROWS, from a
+    sample of evenly spaced keys: every `step`-th, the step doubled (and every other key
+    of the sample dropped) whenever the sample passes SAMPLE_KEYS, so it stays bounded
+    whatever the number of keys."""
+    step, seen, sample, held = 1, 0, [], 0
     for batch in keys:
-        start = (-seen) % step
-        sample.append(batch.slice(start)[::step] if step > 1 else batch)
+        taken = batch.slice((-seen) % step)
+        taken = taken.take(pa.array(np.arange(0, len(taken), step))) if step > 1 else taken
+        sample.append(taken.cast(pa.string()))
+        held += len(taken)
         seen += len(batch)
-    taken = pa.concat_arrays([s.cast(pa.string()) for s in sample if len(s)]) if sample else None
-    if taken is None:
+        if held > SAMPLE_KEYS:  # keys at positions 0, step, 2 step...: keep 0, 2 step...
+            whole = pa.concat_arrays(sample)
+            sample = [whole.take(pa.array(np.arange(0, len(whole), 2)))]
+            held, step = len(sample[0]), step * 2
+    pieces = max(1, math.ceil(seen / PART_ROWS))
+    if pieces == 1 or not held:
         return []
+    taken = pa.concat_arrays(sample)
     ordered = pc.array_sort_indices(taken).to_numpy()
     cuts = [taken[int(ordered[(len(ordered) * i) // pieces])].as_py() for i in range(1, pieces)]
     return sorted({cut for cut in cuts if cut > low})
@@ -335,27 +341,22 @@ class PartWriter:
         self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
-def take_over(store: Store, table: str, tables: Iterable[pa.Table], schema: pa.Schema,
-              folder: str, kept: Iterable[str] = ()) -> Index | None:
+def take_over(store: Store, table: str, read: Callable[[list[str] | None], Iterable[pa.Table]],
+              schema: pa.Schema, folder: str, kept: Iterable[str] = ()) -> Index | None:
     """A table that is not yet in parts (a plain run's, or a night's of an earlier version)
-    cut into parts in key ranges and committed as the nightly table: one streamed pass
-    into a local spool, one over its keys for the bounds, one to write the parts."""
-    spool, rows = os.path.join(folder, "taken.arrow"), 0
-    with spool_writer(spool, schema) as writer:
-        for piece in tables:
-            writer.write_table(piece.select(schema.names).cast(schema))
-            rows += piece.num_rows
-    if not rows:
-        return None
-    lows = ["", *split_lows((t["key"].combine_chunks() for t in read_spool(spool, ["key"])),
-                            rows, "")]
+    cut into parts in key ranges and committed as the nightly table: one pass over its keys
+    for the bounds (`read(columns)` streams the table), one routing its rows into a spool
+    per part, then each part written from its spool."""
+    lows = ["", *split_lows((piece["key"].combine_chunks() for piece in read(["key"])), "")]
     by_part = Writers(folder, "taken")
     try:
-        for piece in read_spool(spool):
-            by_part.write(piece, route(piece["key"], lows))
+        for piece in read(None):
+            by_part.write(piece.select(schema.names).cast(schema),
+                          route(piece["key"], lows))
     finally:
         by_part.close()
-    os.unlink(spool)
+    if not by_part.rows:
+        return None
     index, staged = Index([]), {}
     for number, low in enumerate(lows):
         if not by_part.rows.get(number):

@@ -8,6 +8,7 @@ import bisect
 import os
 import random
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -148,3 +149,17 @@ def test_a_first_night_labels_everything_and_a_key_twice_is_refused(tmp_path):
     with pytest.raises(UsageError, match="no images in photos/"):
         NightDiff(store, iter([]), None, "photos/")
     assert [n for n in os.listdir(tmp_path) if n.startswith(".spill-")] == []
+
+
+def test_the_cuts_come_from_a_bounded_sample_and_make_even_parts(monkeypatch):
+    """100,000 keys out of order, a sample held to 20,000 keys (its step doubles three
+    times as the keys come): 100 parts of about 1,000 keys each."""
+    monkeypatch.setattr(night_table, "PART_ROWS", 1_000)
+    monkeypatch.setattr(night_table, "SAMPLE_KEYS", 20_000)
+    keys = [f"photos/{i:07d}.jpg" for i in range(100_000)]
+    random.Random(5).shuffle(keys)
+    batches = [pa.array(keys[i:i + 777]) for i in range(0, len(keys), 777)]
+    lows = ["", *night_table.split_lows(iter(batches), "")]
+    assert len(lows) == 100 and lows == sorted(set(lows))
+    sizes = np.bincount(night_table.route(pa.array(keys), lows))
+    assert sizes.sum() == 100_000 and 600 <= sizes.min() and sizes.max() <= 1_500
