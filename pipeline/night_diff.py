@@ -170,7 +170,7 @@ class NightDiff:
                         rng.removed.append(old["key"])
                         self.counts.removed += old.num_rows
                     continue
-                joined, same = self._join(tonight, old)
+                joined, same, local = self._join(tonight, old)
                 rng.joined = os.path.join(self.folder, f"joined-{number:06d}.arrow")
                 with night_table.spool_writer(rng.joined, joined.schema) as writer:
                     writer.write_table(joined, max_chunksize=BATCH_ROWS)
@@ -180,13 +180,14 @@ class NightDiff:
                 self.counts.new += new
                 self.counts.unchanged += unchanged
                 self.counts.changed += rng.labelled - new
-                if old is not None:
-                    gone = pc.invert(pc.is_in(old["key"], value_set=tonight["key"]))
-                    if pc.any(gone).as_py():
-                        rng.removed.append(old["key"].filter(gone))
-                        self.counts.removed += int(pc.sum(gone).as_py())
+                if old is not None:  # last night's keys no item of tonight's matched
+                    gone = np.ones(old.num_rows, dtype=bool)
+                    gone[local.drop_null().to_numpy(zero_copy_only=False)] = False
+                    if gone.any():
+                        rng.removed.append(old["key"].filter(pa.array(gone)))
+                        self.counts.removed += int(gone.sum())
                 rng.touched = (rng.touched or rng.labelled > 0 or bool(rng.removed)
-                               or self._kept_differ(joined, old, same))
+                               or self._kept_differ(joined, old, same, local))
                 if rng.labelled:
                     todo = tonight.filter(pa.array(~same))
                     to_label = to_label or pq.ParquetWriter(self._to_label, todo.schema)
@@ -225,21 +226,25 @@ class NightDiff:
         cut = [rng.low for rng in self.ranges if rng.old == index]
         return index, old, (route(old["key"], cut) if len(cut) > 1 else None)
 
-    def _join(self, tonight: pa.Table, old: pa.Table | None) -> tuple[pa.Table, np.ndarray]:
+    def _join(self, tonight: pa.Table, old: pa.Table | None
+              ) -> tuple[pa.Table, np.ndarray, pa.Array]:
         """Tonight's rows of a range, in listing order, with their key's row in last
-        night's part and whether it is the same image."""
+        night's part and whether it is the same image; and where each key stands in `old`
+        (null: a new key). `old` may be the rows of a part that tonight cuts: its
+        _OLD_ROW is the row in the part's file, not in `old`."""
         items = tonight.drop_columns([POSITION]) if POSITION in tonight.column_names else tonight
         if old is None or not old.num_rows:
-            rows = pa.nulls(tonight.num_rows, pa.int64())
-        else:
-            here = pa.table({"key": tonight["key"], "_i": np.arange(tonight.num_rows)})
-            matched = here.join(old.select(["key", _OLD_ROW]), keys="key",
-                                join_type="left outer").sort_by("_i")
-            rows = matched[_OLD_ROW].combine_chunks()
+            local = pa.nulls(tonight.num_rows, pa.int32())
+        else:  # one hash of last night's keys, probed by tonight's (no sort, no reorder)
+            local = pc.index_in(tonight["key"], value_set=old["key"])
+            if isinstance(local, pa.ChunkedArray):
+                local = local.combine_chunks()
         same = np.zeros(tonight.num_rows, dtype=bool)
-        had = pc.is_valid(rows).to_numpy(zero_copy_only=False)
+        had = pc.is_valid(local).to_numpy(zero_copy_only=False)
+        rows = pa.nulls(tonight.num_rows, pa.int64())
         if had.any():
-            at = rows.filter(pa.array(had))
+            rows = old[_OLD_ROW].take(local).combine_chunks()
+            at = local.filter(pa.array(had))
             before = old.take(at)
             now = tonight.filter(pa.array(had))
             equal = np.ones(len(at), dtype=bool)
@@ -252,16 +257,16 @@ class NightDiff:
         joined = items.append_column(POSITION, tonight[POSITION]) \
             if POSITION in tonight.column_names else items
         joined = joined.append_column(_OLD_ROW, rows).append_column(_SAME, pa.array(same))
-        return joined, same
+        return joined, same, local
 
-    def _kept_differ(self, joined: pa.Table, old: pa.Table | None, same: np.ndarray) -> bool:
+    def _kept_differ(self, joined: pa.Table, old: pa.Table | None, same: np.ndarray,
+                     local: pa.Array) -> bool:
         """Whether an unchanged image's kept columns (a manifest's own columns, taken from
         tonight's listing) differ from what its part holds: the part is rewritten."""
         if old is None or not self.kept or not same.any():
             return False
         mask = pa.array(same)
-        at = joined[_OLD_ROW].filter(mask)
-        before, now = old.take(at), joined.filter(mask)
+        before, now = old.take(local.filter(mask)), joined.filter(mask)
         return any(name in before.column_names and not _equal(now[name], before[name]).all()
                    for name in self.kept)
 
@@ -365,13 +370,16 @@ def _repeated(tonight: pa.Table) -> tuple[int, list[tuple[str, list[int]]]]:
     positions where they stand)."""
     if not tonight.num_rows or POSITION not in tonight.column_names:
         return 0, []
-    counts = pc.value_counts(tonight["key"])
+    keys = tonight["key"].combine_chunks()
+    if len(keys) < 2 or pc.all(pc.less(keys.slice(0, len(keys) - 1), keys.slice(1))).as_py():
+        return 0, []  # listed in key order, each key after the last: none twice, no hashing
+    counts = pc.value_counts(keys)
     twice = counts.filter(pc.greater(counts.field("counts"), 1))
     if not len(twice):
         return 0, []
     examples = []
     for key in twice.field("values")[:5].to_pylist():
-        where = pc.equal(tonight["key"], key)
+        where = pc.equal(keys, key)
         positions = tonight[POSITION].filter(where).to_numpy()
         examples.append((key, sorted(int(p) + 1 for p in positions)[:3]))
     return len(twice), examples

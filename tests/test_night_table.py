@@ -171,3 +171,31 @@ def test_a_night_killed_mid_commit_is_finished_by_the_next(cli, tmp_path, colour
     assert result.exit_code == 0 and "nothing to do" in result.output, result.output
     assert not (out / "parts-commit.json").exists()
     assert_equals_scratch(cli, tmp_path, folder, out, colour_checkpoint, "after")
+
+
+def test_a_part_grown_past_twice_its_size_is_cut_and_its_images_keep_their_labels(
+        cli, tmp_path, colour_checkpoint, small_parts):
+    """Tonight brings five more images into the second part's key range (3 + 5 > 6): the
+    range is cut in three by its keys, its unchanged images keep last night's rows, its
+    changed one is labelled again, and the table equals a run from scratch."""
+    folder, out = tmp_path / "photos", tmp_path / "nightly"
+    truth = write_colour_images(folder, 12, seed=41)
+    night(cli, folder, out, colour_checkpoint)
+    second = json.loads((out / "parts.json").read_text())["entries"][1]
+    assert second["low"] == sorted(truth)[3]
+    for i, colour in enumerate(["red", "green", "blue", "grey", "red"]):
+        Image.fromarray(colour_array(colour, 70, 50, seed=90 + i)).save(
+            folder / f"{sorted(truth)[4]}-{i}.png")
+    touch_up(folder, sorted(truth)[5], "green")
+    summary, _ = night(cli, folder, out, colour_checkpoint)
+    assert summary["changes"] == {"new": 5, "changed": 1, "unchanged": 11, "removed": 0}
+    assert summary["table_parts"]["total"] == 6 and summary["labelled_now"] == 6
+    # the new parts' names come after the others (names are never reused): compared by key
+    scratch = tmp_path / "scratch"
+    assert cli(*job(folder, scratch, colour_checkpoint)).exit_code == 0
+    table, reference = (read_output(path / "labels.parquet").sort_values("key")
+                        .reset_index(drop=True) for path in (out, scratch))
+    for column in ("key", "path", "status", "top1_label", "source_version"):
+        assert table[column].tolist() == reference[column].tolist(), column
+    assert table["top1_score"].to_numpy() == pytest.approx(reference["top1_score"].to_numpy(),
+                                                           abs=1e-6)
