@@ -100,6 +100,12 @@ def open_plan(run_dir: RunDirectory, job: Job, group=None) -> tuple[Plan, bool, 
     if group is None or job.part.index == 0:
         try:
             previous = run_dir.check(job.fingerprint(), job.config.overwrite)
+            if previous and previous.get("incremental") and not job.config.incremental:
+                # a plan of tonight's listing beside last night's table would say the
+                # table is complete when it is not
+                raise UsageError(f"{store.url()} holds a nightly table (written with "
+                                 "--incremental): rerun with --incremental, or with "
+                                 "--overwrite to replace it")
             # the fingerprint first: a plan here is only ever this job's
             run_dir.record(job.fingerprint(), job.record(), previous)
             if not run_dir.has_plan():
@@ -135,7 +141,7 @@ def already_complete(run_dir: RunDirectory, fmt: Format, plan: Plan,
     store = run_dir.store
     if not fmt.exists(store):
         # A finished run asked for in another format: convert, do not relabel.
-        counts = merge_parts(store, [formats.get("parquet").table_name()], fmt,
+        counts = merge_parts(store, formats.get("parquet").files(store), fmt,
                              commit=run_dir.commit())
         summary.items, summary.ok, summary.errors = counts.rows, counts.ok, counts.errors
         return summary

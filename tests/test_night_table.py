@@ -199,3 +199,18 @@ def test_a_part_grown_past_twice_its_size_is_cut_and_its_images_keep_their_label
         assert table[column].tolist() == reference[column].tolist(), column
     assert table["top1_score"].to_numpy() == pytest.approx(reference["top1_score"].to_numpy(),
                                                            abs=1e-6)
+
+
+def test_a_plain_run_over_a_nightly_table_is_refused(cli, tmp_path, colour_checkpoint):
+    """Without --incremental, a plan of tonight's listing beside last night's table said
+    'nothing to do: ... is complete (6 rows)' over a table of 4."""
+    folder, out = tmp_path / "photos", tmp_path / "nightly"
+    write_colour_images(folder, 4, seed=41)
+    night(cli, folder, out, colour_checkpoint)
+    write_colour_images(folder / "z", 2, seed=42)
+    plain = cli(*job(folder, out, colour_checkpoint))
+    assert plain.exit_code == 2 and "holds a nightly table" in plain.output, plain.output
+    assert "--incremental" in plain.output and "--overwrite" in plain.output
+    assert len(read_output(out / "labels.parquet")) == 4  # untouched
+    summary, _ = night(cli, folder, out, colour_checkpoint)
+    assert summary["changes"]["new"] == 2
