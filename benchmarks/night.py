@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from benchmarks.scale import keys
 from pipeline import night_table
 from pipeline.night_diff import NightDiff, items_to_label
+from pipeline.night_rows import PartRows
 from pipeline.night_table import Index, PartWriter
 from pipeline.plan_probe import peak_rss_mb
 from pipeline.storage import Store
@@ -138,7 +139,7 @@ def main(work: str, rows: int, shape: str = "spread") -> dict:
         template = pq.read_schema(labels)
         written, parts, writer, current = 0, 0, None, None
         staged = Store(str(work_dir / "staged"))
-        for number, batch in diff.rows(template, str(labels), ITEMS):
+        for number, batch in PartRows(diff, template, str(labels), ITEMS):
             if number != current:
                 if writer is not None:
                     writer.close("part", "", None)

@@ -27,6 +27,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import UsageError, notice
 from pipeline.job import Job, prepare_run
 from pipeline.night_diff import TONIGHT, NightDiff, items_to_label, local_file
+from pipeline.night_rows import PartRows
 from pipeline.progress import if_long
 from pipeline.rundir import (REVIEWS_FILE, STAGING_DIR, RunDirectory, increment_dir, output_name,
                              recorded)
@@ -250,7 +251,8 @@ def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
     started = time.perf_counter()
     removed = diff.removed() if diff.previous is not None else None
     with if_long(f"writing {top.output(fmt)}", not config.quiet):
-        index, upserts, written = assemble(top, diff, labelled, config.keep_columns, night)
+        index, upserts, written, (relabelled, top1_changed) = assemble(
+            top, diff, labelled, config.keep_columns, night)
         if config.format != "parquet":
             merge_parts(store, [night_table.part_path(TABLE, p) for p in index.parts], fmt,
                         commit=top.commit(night, base=base or None, upserts=upserts,
@@ -262,8 +264,8 @@ def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
                      "rows_written": sum(p.rows for p in index.parts if p.night == night)}
     tonight = index.stats()
     if diff.previous is not None:
-        summary.drift = drift.compare(diff.previous.stats(), tonight, diff.relabelled,
-                                      diff.top1_changed, config.drift_threshold)
+        summary.drift = drift.compare(diff.previous.stats(), tonight, relabelled,
+                                      top1_changed, config.drift_threshold)
         if summary.drift["drift"]:
             notice(drift.line(summary.drift))
     summary.drift["night"] = night
@@ -285,11 +287,12 @@ def _keep_agreement(top: RunDirectory) -> None:
 
 
 def assemble(top: RunDirectory, diff: NightDiff, labelled: str | None, keep_columns,
-             night: str) -> tuple[night_table.Index, list[pa.Table], int]:
+             night: str) -> tuple[night_table.Index, list[pa.Table], int, tuple[int, int]]:
     """Tonight's parts written where their keys changed, and committed with the new index
     in one commit; the parts nothing changed in are left as they are. The new index,
-    tonight's rows (the changes a table format commits: as many as were labelled tonight)
-    and how many parts were written. `labelled`: the name of tonight's labels in the run
+    tonight's rows (the changes a table format commits: as many as were labelled tonight),
+    how many parts were written, and how many changed images were labelled again and how
+    many of them changed their top-1. `labelled`: the name of tonight's labels in the run
     directory, if any."""
     store, previous = top.store, diff.previous
     local = None
@@ -317,7 +320,8 @@ def assemble(top: RunDirectory, diff: NightDiff, labelled: str | None, keep_colu
     staged, written, upserts = {}, {}, []
     writer, current = None, None
     try:
-        for number, table in diff.rows(template, local, items):
+        rows = PartRows(diff, template, local, items)
+        for number, table in rows:
             if number != current:
                 if writer is not None:
                     written[current] = writer.close(names[current], diff.ranges[current].low,
@@ -345,4 +349,4 @@ def assemble(top: RunDirectory, diff: NightDiff, labelled: str | None, keep_colu
             index.parts.append(kept)
     index.parts[0].low = ""
     night_table.commit(store, TABLE, night, staged, dropped, index)
-    return index, upserts, len(written)
+    return index, upserts, len(written), (rows.relabelled, rows.top1_changed)

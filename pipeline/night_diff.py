@@ -30,8 +30,8 @@ from pipeline.storage import Store
 
 POSITION = "_label_images_position"  # an item's place in tonight's listing
 TONIGHT = "_label_images_tonight"  # a row labelled tonight (a table format's upsert)
-_OLD_ROW = "_label_images_old_row"  # its key's row in last night's part (null: a new key)
-_SAME = "_label_images_same"  # the same image as last night's (path, size, version)
+OLD_ROW = "_label_images_old_row"  # its key's row in last night's part (null: a new key)
+SAME = "_label_images_same"  # the same image as last night's (path, size, version)
 BATCH_ROWS = 65_536
 _IDENTITY = ("path", *VERSION_COLUMNS)  # what makes an image the same as last night's
 
@@ -54,7 +54,7 @@ class Range:
     split: bool = False  # last night's part is cut in several tonight
     rows: int = 0
     spool: list[str] | None = None  # tonight's items of the range (with POSITION), in order
-    joined: str | None = None  # the same rows with _OLD_ROW and _SAME
+    joined: str | None = None  # the same rows with OLD_ROW and SAME
     labelled: int = 0  # of its rows, how many are labelled tonight
     touched: bool = False
     removed: list = field(default_factory=list)
@@ -69,7 +69,6 @@ class NightDiff:
         self.store, self.table, self.previous = store, table, previous
         self.kept = list(kept)
         self.folder = keys.spill_folder(store)
-        self.relabelled = self.top1_changed = 0  # changed images, and those whose top-1 moved
         try:
             self.ranges, self.items, self.digest = self._spool(listing)
             if not self.items:
@@ -174,7 +173,7 @@ class NightDiff:
                 rng.joined = os.path.join(self.folder, f"joined-{number:06d}.arrow")
                 with night_table.spool_writer(rng.joined, joined.schema) as writer:
                     writer.write_table(joined, max_chunksize=BATCH_ROWS)
-                new = int(pc.sum(pc.is_null(joined[_OLD_ROW])).as_py() or 0)
+                new = int(pc.sum(pc.is_null(joined[OLD_ROW])).as_py() or 0)
                 unchanged = int(same.sum())
                 rng.labelled = tonight.num_rows - unchanged
                 self.counts.new += new
@@ -222,7 +221,7 @@ class NightDiff:
         for name, kind in zip(VERSION_COLUMNS, (pa.int64(), pa.string())):
             if name not in old.column_names:  # a table of a source that lists no versions
                 old = old.append_column(name, pa.nulls(old.num_rows, kind))
-        old = old.append_column(_OLD_ROW, pa.array(np.arange(old.num_rows, dtype=np.int64)))
+        old = old.append_column(OLD_ROW, pa.array(np.arange(old.num_rows, dtype=np.int64)))
         cut = [rng.low for rng in self.ranges if rng.old == index]
         return index, old, (route(old["key"], cut) if len(cut) > 1 else None)
 
@@ -231,7 +230,7 @@ class NightDiff:
         """Tonight's rows of a range, in listing order, with their key's row in last
         night's part and whether it is the same image; and where each key stands in `old`
         (null: a new key). `old` may be the rows of a part that tonight cuts: its
-        _OLD_ROW is the row in the part's file, not in `old`."""
+        OLD_ROW is the row in the part's file, not in `old`."""
         items = tonight.drop_columns([POSITION]) if POSITION in tonight.column_names else tonight
         if old is None or not old.num_rows:
             local = pa.nulls(tonight.num_rows, pa.int32())
@@ -243,7 +242,7 @@ class NightDiff:
         had = pc.is_valid(local).to_numpy(zero_copy_only=False)
         rows = pa.nulls(tonight.num_rows, pa.int64())
         if had.any():
-            rows = old[_OLD_ROW].take(local).combine_chunks()
+            rows = old[OLD_ROW].take(local).combine_chunks()
             at = local.filter(pa.array(had))
             before = old.take(at)
             now = tonight.filter(pa.array(had))
@@ -256,7 +255,7 @@ class NightDiff:
             same[had] = equal
         joined = items.append_column(POSITION, tonight[POSITION]) \
             if POSITION in tonight.column_names else items
-        joined = joined.append_column(_OLD_ROW, rows).append_column(_SAME, pa.array(same))
+        joined = joined.append_column(OLD_ROW, rows).append_column(SAME, pa.array(same))
         return joined, same, local
 
     def _kept_differ(self, joined: pa.Table, old: pa.Table | None, same: np.ndarray,
@@ -286,78 +285,6 @@ class NightDiff:
         return (pa.concat_arrays([g.combine_chunks() if isinstance(g, pa.ChunkedArray) else g
                                   for g in gone]) if gone else pa.array([], pa.string()))
 
-    def rows(self, template: pa.Schema, labelled: str | None,
-             item_columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
-        """The rows of each range to write tonight (number, a batch), in listing order:
-        keys, paths, kept columns and versions from tonight's listing; the labels from
-        tonight's labelling where the image is new or changed, else from last night's part
-        (by row number: sequential when tonight lists as last night did). `TONIGHT` marks
-        the rows labelled tonight. Tonight's labels are in the order of to_label's images,
-        so each range takes the next of them."""
-        labels = [f.name for f in template if f.name not in item_columns]
-        label_schema = pa.schema([template.field(name) for name in labels])
-        tonight_labels = _Rebatch(night_table.batches(labelled, labels)) if labelled else None
-        previous_labels = None
-        try:
-            for number, rng in enumerate(self.ranges):
-                if not rng.touched or not rng.rows:
-                    continue
-                if rng.old is not None and (previous_labels is None
-                                            or previous_labels[0] != rng.old):
-                    if previous_labels is not None:
-                        previous_labels[1].close()
-                    part = self.previous.parts[rng.old]
-                    previous_labels = (rng.old, _Rows(self.store.open(
-                        part_path(self.table, part)), labels))
-                old = previous_labels[1] if rng.old is not None else None
-                for batch in read_spool(rng.joined):
-                    yield number, self._batch(batch, labels, label_schema, tonight_labels,
-                                              old, template)
-        finally:
-            if previous_labels is not None:
-                previous_labels[1].close()
-
-    def _batch(self, places: pa.Table, labels, label_schema, tonight_labels, old,
-               template) -> pa.Table:
-        mask = pc.invert(places[_SAME]).combine_chunks().to_numpy(zero_copy_only=False)
-        pieces, order = [], []
-        at_tonight = np.flatnonzero(mask)
-        if len(at_tonight):
-            pieces.append(tonight_labels.take(len(at_tonight)).cast(label_schema))
-            order.append(at_tonight)
-            self._count_top1_changes(places, at_tonight, pieces[-1], old)
-        at_previous = np.flatnonzero(~mask)
-        if len(at_previous):
-            numbers = places[_OLD_ROW].take(pa.array(at_previous)).to_numpy(
-                zero_copy_only=False)
-            pieces.append(old.take(numbers).cast(label_schema))
-            order.append(at_previous)
-        chosen = pa.concat_tables(pieces).take(np.argsort(np.concatenate(order)))
-        table = places.drop_columns([c for c in (POSITION, _OLD_ROW, _SAME)
-                                     if c in places.column_names])
-        for name in labels:
-            table = table.append_column(template.field(name), chosen[name])
-        return table.append_column(TONIGHT, pa.array(mask))
-
-    def _count_top1_changes(self, places: pa.Table, at_tonight: np.ndarray,
-                            labelled: pa.Table, old) -> None:
-        """Of tonight's labelled images that last night had (changed ones), how many got
-        another top-1: their previous rows read by number, a few per night."""
-        if old is None:
-            return
-        before = places[_OLD_ROW].take(pa.array(at_tonight)).combine_chunks()
-        had = pc.is_valid(before).to_numpy(zero_copy_only=False)
-        if not had.any():
-            return
-        numbers = before.filter(pa.array(had)).to_numpy(zero_copy_only=False)
-        previous = old.take(numbers)["top1_label"]
-        new = labelled["top1_label"].filter(pa.array(had))
-        same = pc.fill_null(pc.equal(previous, new), False)
-        both_null = pc.and_(pc.is_null(previous), pc.is_null(new))
-        self.relabelled += int(had.sum())
-        self.top1_changed += int(had.sum()) - int(pc.sum(pc.or_(same, both_null)).as_py() or 0)
-
-
 def _equal(a, b) -> np.ndarray:
     """Element-wise equality where two nulls are equal too."""
     equal = pc.fill_null(pc.equal(a, b.cast(a.type) if a.type != b.type else b), False)
@@ -383,58 +310,6 @@ def _repeated(tonight: pa.Table) -> tuple[int, list[tuple[str, list[int]]]]:
         positions = tonight[POSITION].filter(where).to_numpy()
         examples.append((key, sorted(int(p) + 1 for p in positions)[:3]))
     return len(twice), examples
-
-
-class _Rows:
-    """Rows of a Parquet file fetched by number, a row group at a time (one kept)."""
-
-    def __init__(self, source, columns: list[str]):
-        self._handle = source
-        self._file = pq.ParquetFile(source)
-        self._columns = columns
-        meta = self._file.metadata
-        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-        self._starts = np.concatenate([[0], np.cumsum(sizes)])
-        self._cached: tuple[int, pa.Table] | None = None
-
-    def _group(self, group: int) -> pa.Table:
-        if self._cached is None or self._cached[0] != group:
-            self._cached = (group, self._file.read_row_group(group, columns=self._columns))
-        return self._cached[1]
-
-    def take(self, numbers: np.ndarray) -> pa.Table:
-        """The rows numbered `numbers`, in that order."""
-        groups = np.searchsorted(self._starts, numbers, side="right") - 1
-        order = np.argsort(groups, kind="stable")
-        numbers, groups = numbers[order], groups[order]
-        pieces = [self._group(g).take(numbers[groups == g] - self._starts[g])
-                  for g in np.unique(groups)]
-        return pa.concat_tables(pieces).take(np.argsort(order, kind="stable"))
-
-    def close(self) -> None:
-        self._file.close()
-        if hasattr(self._handle, "close"):
-            self._handle.close()
-
-
-class _Rebatch:
-    """Rows of a stream of tables, taken so many at a time."""
-
-    def __init__(self, tables):
-        self._tables = iter(tables)
-        self._pending = pa.table({})
-
-    def take(self, count: int) -> pa.Table:
-        pieces, rows = [], 0
-        while rows < count:
-            if not self._pending.num_rows:
-                self._pending = next(self._tables)
-            piece = self._pending.slice(0, count - rows)
-            self._pending = self._pending.slice(piece.num_rows)
-            pieces.append(piece)
-            rows += piece.num_rows
-        return pa.concat_tables(pieces)
-
 
 def local_file(store: Store, name: str, folder: str) -> str:
     """A file of the run directory as a local file: itself, or a copy of a remote one in

@@ -16,6 +16,7 @@ import pytest
 from pipeline import night_diff, night_table
 from pipeline.errors import UsageError
 from pipeline.night_diff import TONIGHT, NightDiff, items_to_label
+from pipeline.night_rows import PartRows
 from pipeline.night_table import Index, Part
 from pipeline.storage import Store
 
@@ -94,8 +95,9 @@ def test_the_parts_that_changed_in_listing_order_with_tonights_labels_and_last_n
     pq.write_table(labels(todo_keys, "tonight"), tmp_path / "new.parquet", row_group_size=2)
     template = pq.read_schema(tmp_path / "new.parquet")
     with NightDiff(store, iter(in_batches(tonight, 4)), index, "photos/") as diff:
-        batches = list(diff.rows(template, str(tmp_path / "new.parquet"),
-                                 ["key", "path", "source_size", "source_version"]))
+        part_rows = PartRows(diff, template, str(tmp_path / "new.parquet"),
+                             ["key", "path", "source_size", "source_version"])
+        batches = list(part_rows)
     assert max(b.num_rows for _, b in batches) <= 3  # streamed, a batch at a time
     assert sorted({number for number, _ in batches}) == [0, 1]  # the third part is not read
     for number, keys in ((0, ["new2", "old0", "new0", "old4", "old1", "new1", "old2"]),
@@ -105,7 +107,7 @@ def test_the_parts_that_changed_in_listing_order_with_tonights_labels_and_last_n
         assert rows["top1_label"].to_pylist() == [
             f"{'tonight' if k in todo_keys else 'before'}-{k}" for k in keys]
         assert rows[TONIGHT].to_pylist() == [k in todo_keys for k in keys]
-    assert diff.relabelled == 1 and diff.top1_changed == 1  # old5: before -> tonight
+    assert part_rows.relabelled == 1 and part_rows.top1_changed == 1  # old5: before -> tonight
 
 
 def test_a_range_too_large_for_a_part_is_cut_by_its_keys(tmp_path, monkeypatch):
