@@ -94,6 +94,7 @@ def test_the_writer_side_and_the_registries_load_no_torch():
     """What writes and commits the table, the run directory's owner, the plan, and the
     seams' registries (read by the CLI before any work) import no torch."""
     modules = ("commit", "writer", "formats", "rundir", "plan", "keys", "night_diff",
+               "night_table", "night_rows",
                "options", "config", "runtimes", "engines", "sources", "launchers")
     code = (f"import sys; import {', '.join('pipeline.' + m for m in modules)}; "
             "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
