@@ -275,11 +275,13 @@ def test_auto_weighs_each_runtime_by_its_rate_and_what_it_costs_once(colour_chec
         weighed = found[case]["weighed"]
         assert set(weighed) == {"torch", "compile", "openvino"}
         # the chooser's pick is the least time for a million images, once-costs included
-        assert found[case]["chosen"] == min(weighed,
-                                            key=lambda n: weighed[n]["seconds_for_pending"])
+        # (each figure is recorded to 0.1: two runtimes within that of each other may tie)
+        least = min(figures["seconds_for_pending"] for figures in weighed.values())
+        assert weighed[found[case]["chosen"]]["seconds_for_pending"] <= least + 0.1
         for name, figures in weighed.items():
             assert figures["seconds_for_pending"] == pytest.approx(
-                figures["once_seconds"] + 10**6 / figures["images_per_second"], rel=0.01)
+                figures["once_seconds"] + 10**6 / figures["images_per_second"], rel=0.01,
+                abs=0.1)
         assert found[case]["runtime"] != "compile"  # weighed, not compiled to weigh it
     prior = found["defaults"]["weighed"]["compile"]
     assert prior["from"].startswith("defaults") and prior["once_seconds"] == 30.0
