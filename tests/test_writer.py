@@ -215,3 +215,26 @@ def test_a_damaged_part_is_named_wherever_it_is(tmp_path, damaged):
     with pytest.raises(RunError, match=f"{parts[damaged]} cannot be read"):
         merge_parts(store, parts, formats.get("parquet"))
     assert not (tmp_path / "labels.parquet").exists()
+
+
+def test_labels_are_written_with_dictionaries_and_keys_without(tmp_path):
+    """Our Parquet options name the columns as Parquet does (a list's values are
+    `labels.list.element`): were the names wrong, pyarrow would quietly write every column
+    plain. Keys and scores, nearly all distinct, get no dictionary; what readers skip row
+    groups by (scalar columns) keeps its statistics. The rows read back as written."""
+    keys = [f"img{i:03d}.jpg" for i in range(300)]
+    extra = pa.schema([pa.field("camera", pa.string())])
+    table = part_table(shard_rows(keys, {"camera": [f"cam{i % 2}" for i in range(300)]}),
+                       result_for(300, failed={7}), CATEGORIES, schema(extra))
+    store = Store(str(tmp_path))
+    write_part(store, "part.parquet", table)
+    meta = pq.ParquetFile(tmp_path / "part.parquet").metadata.row_group(0)
+    columns = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    dictionary = {path for path, column in columns.items()
+                  if "RLE_DICTIONARY" in column.encodings}
+    assert dictionary == {"status", "error", "width", "height", "top1_label",
+                          "labels.list.element", "class_ids.list.element", "camera"}
+    assert {path for path, column in columns.items() if column.is_stats_set} == {
+        "key", "path", "status", "error", "width", "height", "top1_label", "top1_score",
+        "camera"}
+    assert pq.read_table(tmp_path / "part.parquet").equals(table)

@@ -13,11 +13,12 @@ import pyarrow.parquet as pq
 
 from pipeline.formats.base import Format
 from pipeline.storage import Store
+from pipeline.writer import parquet_options
 
 
 class _Writer:
     def __init__(self, sink: IO[bytes], schema: pa.Schema):
-        self._writer = pq.ParquetWriter(sink, schema)
+        self._writer = pq.ParquetWriter(sink, schema, **parquet_options(schema))
 
     def write(self, table: pa.Table) -> None:
         self._writer.write_table(table)
