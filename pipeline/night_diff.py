@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +35,7 @@ TONIGHT = "_label_images_tonight"  # a row labelled tonight (a table format's up
 OLD_ROW = "_label_images_old_row"  # its key's row in last night's part (null: a new key)
 SAME = "_label_images_same"  # the same image as last night's (path, size, version)
 BATCH_ROWS = 65_536
+COMPARE_THREADS = 2  # parts compared at once: each holds one part's keys in memory
 _IDENTITY = ("path", *VERSION_COLUMNS)  # what makes an image the same as last night's
 
 
@@ -42,6 +45,22 @@ class Changes:
     changed: int = 0
     unchanged: int = 0
     removed: int = 0
+
+    def add(self, other: Changes) -> None:
+        self.new += other.new
+        self.changed += other.changed
+        self.unchanged += other.unchanged
+        self.removed += other.removed
+
+
+@dataclass
+class _Outcome:
+    """What comparing one range found, for the night's totals and its images to label."""
+
+    counts: Changes = field(default_factory=Changes)
+    repeats: int = 0  # keys listed twice in the range (the night is refused)
+    examples: list = field(default_factory=list)
+    todo: pa.Table | None = None  # its new and changed images, in listing order
 
 
 @dataclass
@@ -141,57 +160,16 @@ class NightDiff:
         repeats = 0
         to_label, label_digest = None, ColumnsDigest()
         self._to_label = os.path.join(self.folder, "to-label.parquet")
-        old_cache: tuple[int, pa.Table, np.ndarray | None] | None = None
         try:
-            for number, rng in enumerate(self.ranges):
-                if (rng.old is not None and not rng.split and rng.identity is not None
-                        and rng.identity == self.previous.parts[rng.old].identity):
-                    self.counts.unchanged += rng.rows  # listed as last night: not read
-                    continue
-                tonight = (read_whole_spool(rng.spool) if rng.spool
-                           else pa.table({"key": pa.array([], pa.string())}))
-                found, examples = _repeated(tonight)
-                repeats += found
-                repeated.extend(examples)
-                if found:
-                    continue
-                old = None
-                if rng.old is not None:
-                    if old_cache is None or old_cache[0] != rng.old:
-                        old_cache = self._old_part(rng.old)
-                    _, old_keys, sub = old_cache
-                    old = old_keys if sub is None else old_keys.filter(
-                        pa.array(sub == self._sub_number(number)))
-                rng.touched = rng.old is None or rng.split
-                if not tonight.num_rows:
-                    rng.touched = True  # the whole range is gone
-                    if old is not None:
-                        rng.removed.append(old["key"])
-                        self.counts.removed += old.num_rows
-                    continue
-                joined, same, local = self._join(tonight, old)
-                rng.joined = os.path.join(self.folder, f"joined-{number:06d}.arrow")
-                with night_table.spool_writer(rng.joined, joined.schema) as writer:
-                    writer.write_table(joined, max_chunksize=BATCH_ROWS)
-                new = int(pc.sum(pc.is_null(joined[OLD_ROW])).as_py() or 0)
-                unchanged = int(same.sum())
-                rng.labelled = tonight.num_rows - unchanged
-                self.counts.new += new
-                self.counts.unchanged += unchanged
-                self.counts.changed += rng.labelled - new
-                if old is not None:  # last night's keys no item of tonight's matched
-                    gone = np.ones(old.num_rows, dtype=bool)
-                    gone[local.drop_null().to_numpy(zero_copy_only=False)] = False
-                    if gone.any():
-                        rng.removed.append(old["key"].filter(pa.array(gone)))
-                        self.counts.removed += int(gone.sum())
-                rng.touched = (rng.touched or rng.labelled > 0 or bool(rng.removed)
-                               or self._kept_differ(joined, old, same, local))
-                if rng.labelled:
-                    todo = tonight.filter(pa.array(~same))
-                    to_label = to_label or pq.ParquetWriter(self._to_label, todo.schema)
-                    to_label.write_table(todo.cast(to_label.schema))
-                    label_digest.update(todo)
+            for outcome in self._compared():
+                repeats += outcome.repeats
+                repeated.extend(outcome.examples)
+                self.counts.add(outcome.counts)
+                if outcome.todo is not None:  # in the ranges' order, whatever the threads'
+                    to_label = to_label or pq.ParquetWriter(self._to_label,
+                                                            outcome.todo.schema)
+                    to_label.write_table(outcome.todo.cast(to_label.schema))
+                    label_digest.update(outcome.todo)
         finally:
             if to_label is not None:
                 to_label.close()
@@ -203,10 +181,81 @@ class NightDiff:
                              f"{named}); fix the manifest or pass --allow-duplicates")
         self._label_digest = label_digest.hexdigest()[:16] if to_label is not None else None
 
-    def _sub_number(self, number: int) -> int:
-        """A range's place among the ranges cut from the same part of last night's."""
-        old = self.ranges[number].old
-        return sum(1 for rng in self.ranges[:number] if rng.old == old)
+    def _groups(self) -> Iterator[list[int]]:
+        """The ranges to compare, by the part of last night's their keys were in (read once
+        for them all); a range listed exactly as last night's part is counted, not read."""
+        group: list[int] = []
+        for number, rng in enumerate(self.ranges):
+            if (rng.old is not None and not rng.split and rng.identity is not None
+                    and rng.identity == self.previous.parts[rng.old].identity):
+                self.counts.unchanged += rng.rows
+                continue
+            if group and (rng.old is None or self.ranges[group[-1]].old != rng.old):
+                yield group
+                group = []
+            group.append(number)
+        if group:
+            yield group
+
+    def _compared(self) -> Iterator[_Outcome]:
+        """Each compared range's outcome, in order; COMPARE_THREADS groups compared at once
+        (Arrow lets go of the GIL: two cores, twice the parts in memory)."""
+        with ThreadPoolExecutor(COMPARE_THREADS, "compare") as pool:
+            pending: deque[Future] = deque()
+            for group in self._groups():
+                pending.append(pool.submit(self._compare_group, group))
+                if len(pending) >= COMPARE_THREADS:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+
+    def _compare_group(self, numbers: list[int]) -> list[_Outcome]:
+        first = self.ranges[numbers[0]]
+        _, old_keys, sub = self._old_part(first.old) if first.old is not None else (
+            None, None, None)
+        outcomes = []
+        for place, number in enumerate(numbers):  # a cut part's ranges: its rows in each
+            old = old_keys if sub is None else old_keys.filter(pa.array(sub == place))
+            outcomes.append(self._compare_range(number, old))
+        return outcomes
+
+    def _compare_range(self, number: int, old: pa.Table | None) -> _Outcome:
+        """One range of tonight's against its keys' rows of last night's part (`old`):
+        its counts, duplicate keys, images to label; its removed keys, joined spool and
+        whether it is written are set on the range."""
+        rng, outcome = self.ranges[number], _Outcome()
+        tonight = (read_whole_spool(rng.spool) if rng.spool
+                   else pa.table({"key": pa.array([], pa.string())}))
+        outcome.repeats, outcome.examples = _repeated(tonight)
+        if outcome.repeats:
+            return outcome
+        counts = outcome.counts
+        rng.touched = rng.old is None or rng.split
+        if not tonight.num_rows:
+            rng.touched = True  # the whole range is gone
+            if old is not None:
+                rng.removed.append(old["key"])
+                counts.removed += old.num_rows
+            return outcome
+        joined, same, local = self._join(tonight, old)
+        rng.joined = os.path.join(self.folder, f"joined-{number:06d}.arrow")
+        with night_table.spool_writer(rng.joined, joined.schema) as writer:
+            writer.write_table(joined, max_chunksize=BATCH_ROWS)
+        new = int(pc.sum(pc.is_null(joined[OLD_ROW])).as_py() or 0)
+        unchanged = int(same.sum())
+        rng.labelled = tonight.num_rows - unchanged
+        counts.new, counts.unchanged, counts.changed = new, unchanged, rng.labelled - new
+        if old is not None:  # last night's keys no item of tonight's matched
+            gone = np.ones(old.num_rows, dtype=bool)
+            gone[local.drop_null().to_numpy(zero_copy_only=False)] = False
+            if gone.any():
+                rng.removed.append(old["key"].filter(pa.array(gone)))
+                counts.removed += int(gone.sum())
+        rng.touched = (rng.touched or rng.labelled > 0 or bool(rng.removed)
+                       or self._kept_differ(joined, old, same, local))
+        if rng.labelled:
+            outcome.todo = tonight.filter(pa.array(~same))
+        return outcome
 
     def _old_part(self, index: int) -> tuple[int, pa.Table, np.ndarray | None]:
         """Last night's part `index`: the columns that say which image each key was (and
@@ -234,10 +283,8 @@ class NightDiff:
         items = tonight.drop_columns([POSITION]) if POSITION in tonight.column_names else tonight
         if old is None or not old.num_rows:
             local = pa.nulls(tonight.num_rows, pa.int32())
-        else:  # one hash of last night's keys, probed by tonight's (no sort, no reorder)
-            local = pc.index_in(tonight["key"], value_set=old["key"])
-            if isinstance(local, pa.ChunkedArray):
-                local = local.combine_chunks()
+        else:
+            local = _positions(tonight["key"], old["key"].combine_chunks())
         same = np.zeros(tonight.num_rows, dtype=bool)
         had = pc.is_valid(local).to_numpy(zero_copy_only=False)
         rows = pa.nulls(tonight.num_rows, pa.int64())
@@ -285,6 +332,27 @@ class NightDiff:
         return (pa.concat_arrays([g.combine_chunks() if isinstance(g, pa.ChunkedArray) else g
                                   for g in gone]) if gone else pa.array([], pa.string()))
 
+def _positions(needles: pa.ChunkedArray, keys: pa.Array) -> pa.Array:
+    """Where each needle stands in `keys` (int32, null: not there). Keys in order (a part
+    of a listing in key order) are searched in order, a third of the time of hashing
+    them; any others are hashed once and probed (no sort, no reorder)."""
+    if not _ascending(keys):
+        local = pc.index_in(needles, value_set=keys)
+        return local.combine_chunks() if isinstance(local, pa.ChunkedArray) else local
+    at = pc.search_sorted(keys, needles).to_numpy(zero_copy_only=False)
+    at = np.minimum(at, len(keys) - 1).astype(np.int32)
+    found = pc.equal(needles, keys.take(pa.array(at)))
+    if isinstance(found, pa.ChunkedArray):
+        found = found.combine_chunks()
+    return pa.array(at, pa.int32(), mask=~found.to_numpy(zero_copy_only=False))
+
+
+def _ascending(keys: pa.Array) -> bool:
+    """Each key after the one before (so none twice)."""
+    return len(keys) < 2 or bool(pc.all(pc.less(keys.slice(0, len(keys) - 1),
+                                                keys.slice(1))).as_py())
+
+
 def _equal(a, b) -> np.ndarray:
     """Element-wise equality where two nulls are equal too."""
     equal = pc.fill_null(pc.equal(a, b.cast(a.type) if a.type != b.type else b), False)
@@ -298,7 +366,7 @@ def _repeated(tonight: pa.Table) -> tuple[int, list[tuple[str, list[int]]]]:
     if not tonight.num_rows or POSITION not in tonight.column_names:
         return 0, []
     keys = tonight["key"].combine_chunks()
-    if len(keys) < 2 or pc.all(pc.less(keys.slice(0, len(keys) - 1), keys.slice(1))).as_py():
+    if _ascending(keys):
         return 0, []  # listed in key order, each key after the last: none twice, no hashing
     counts = pc.value_counts(keys)
     twice = counts.filter(pc.greater(counts.field("counts"), 1))

@@ -15,6 +15,10 @@ from pipeline import night_table
 from pipeline.night_diff import OLD_ROW, POSITION, SAME, TONIGHT, NightDiff
 from pipeline.night_table import part_path, read_spool
 
+# Past this many runs in a batch, rows are gathered by number (one copy) rather than as
+# slices (a chunk each, which the Parquet writer and hashing then pay for per chunk).
+MAX_RUNS = 256
+
 
 class PartRows:
     """(range number, a batch) for each range tonight writes. `labelled`: tonight's labels,
@@ -62,19 +66,17 @@ class PartRows:
     def _batch(self, places: pa.Table, labels, label_schema, tonight_labels, old,
                template) -> pa.Table:
         mask = pc.invert(places[SAME]).combine_chunks().to_numpy(zero_copy_only=False)
-        pieces, order = [], []
+        labelled = previous = label_schema.empty_table()
         at_tonight = np.flatnonzero(mask)
         if len(at_tonight):
-            pieces.append(tonight_labels.take(len(at_tonight)).cast(label_schema))
-            order.append(at_tonight)
-            self._count_top1_changes(places, at_tonight, pieces[-1], old)
+            labelled = tonight_labels.take(len(at_tonight)).cast(label_schema)
+            self._count_top1_changes(places, at_tonight, labelled, old)
         at_previous = np.flatnonzero(~mask)
         if len(at_previous):
             numbers = places[OLD_ROW].take(pa.array(at_previous)).to_numpy(
                 zero_copy_only=False)
-            pieces.append(old.take(numbers).cast(label_schema))
-            order.append(at_previous)
-        chosen = pa.concat_tables(pieces).take(np.argsort(np.concatenate(order)))
+            previous = old.take(numbers).cast(label_schema)
+        chosen = _interleave(mask, labelled, previous)
         table = places.drop_columns([c for c in (POSITION, OLD_ROW, SAME)
                                      if c in places.column_names])
         for name in labels:
@@ -100,6 +102,21 @@ class PartRows:
         self.top1_changed += int(had.sum()) - int(pc.sum(pc.or_(same, both_null)).as_py() or 0)
 
 
+def _interleave(mask: np.ndarray, first: pa.Table, second: pa.Table) -> pa.Table:
+    """Rows in order: where `mask`, the next of `first`, else the next of `second`; as
+    slices of the two when they alternate seldom (a few changes among last night's rows)."""
+    edges = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1
+    if len(edges) >= MAX_RUNS:
+        order = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
+        return pa.concat_tables([first, second]).take(np.argsort(order))
+    pieces, taken = [], [0, 0]
+    for start, stop in zip([0, *edges], [*edges, len(mask)]):
+        which = 0 if mask[start] else 1
+        pieces.append((first, second)[which].slice(taken[which], stop - start))
+        taken[which] += stop - start
+    return pa.concat_tables(pieces)
+
+
 class _Rows:
     """Rows of a Parquet file fetched by number, a row group at a time (one kept)."""
 
@@ -118,7 +135,20 @@ class _Rows:
         return self._cached[1]
 
     def take(self, numbers: np.ndarray) -> pa.Table:
-        """The rows numbered `numbers`, in that order."""
+        """The rows numbered `numbers`, in that order: runs of consecutive numbers (last
+        night's rows, between tonight's few changes) as slices, not copied row by row."""
+        breaks = np.flatnonzero(np.diff(numbers) != 1) + 1
+        if len(breaks) < MAX_RUNS:
+            pieces = []
+            for run in np.split(numbers, breaks):
+                start, stop = int(run[0]), int(run[-1]) + 1
+                while start < stop:
+                    group = int(np.searchsorted(self._starts, start, side="right")) - 1
+                    end = min(stop, int(self._starts[group + 1]))
+                    pieces.append(self._group(group).slice(start - self._starts[group],
+                                                           end - start))
+                    start = end
+            return pa.concat_tables(pieces)
         groups = np.searchsorted(self._starts, numbers, side="right") - 1
         order = np.argsort(groups, kind="stable")
         numbers, groups = numbers[order], groups[order]

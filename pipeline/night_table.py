@@ -18,6 +18,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -30,6 +31,7 @@ from pipeline.rundir import (STAGING_DIR, TABLE_COMMIT, TABLE_INDEX, read_json, 
                              write_json)
 from pipeline.sources import VERSION_COLUMNS
 from pipeline.storage import Store
+from pipeline.writer import parquet_options
 
 # A part's rows: a night reads and writes whole parts, so this is both its memory and its
 # write when one image in the range changes. A part past twice this is split.
@@ -193,7 +195,11 @@ class Writers:
     """Local spools by part, with each part's ColumnsDigest if asked. At most MAX_OPEN are
     open at once (a listing in key order fills one part after another; 10^9 images make
     a thousand parts, past a process's open files): a part whose rows come again after
-    its spool was closed gets another segment."""
+    its spool was closed gets another segment.
+
+    A batch is compressed, written and hashed on another thread while the caller lists
+    and routes the next (at most two batches held); `rows` and `digests` are whole after
+    close()."""
 
     MAX_OPEN = 64
 
@@ -204,6 +210,8 @@ class Writers:
         self._segments: dict[int, list[str]] = {}
         self.rows: dict[int, int] = {}
         self.digests: dict[int, ColumnsDigest] = {}
+        self._spooler = ThreadPoolExecutor(1, "spool-writer")
+        self._spooling: Future | None = None
 
     def paths(self, part: int) -> list[str]:
         """The part's spool, in the order its rows came."""
@@ -212,6 +220,16 @@ class Writers:
     def write(self, table: pa.Table, parts: np.ndarray) -> None:
         if not table.num_rows:
             return
+        self._spooled()
+        self._spooling = self._spooler.submit(self._write_routed, table, parts)
+
+    def _spooled(self) -> None:
+        """Waits for the batch being spooled; raises what its write raised."""
+        if self._spooling is not None:
+            spooling, self._spooling = self._spooling, None
+            spooling.result()
+
+    def _write_routed(self, table: pa.Table, parts: np.ndarray) -> None:
         if (parts == parts[0]).all():  # a listing in key order: a batch is one part's
             self._write(int(parts[0]), table)
             return
@@ -243,9 +261,13 @@ class Writers:
         self.rows[part] = self.rows.get(part, 0) + table.num_rows
 
     def close(self) -> None:
-        for writer in self._open.values():
-            writer.close()
-        self._open.clear()
+        try:
+            self._spooled()
+        finally:
+            self._spooler.shutdown()
+            for writer in self._open.values():
+                writer.close()
+            self._open.clear()
 
 
 def read_spool(paths: str | list[str], columns: list[str] | None = None
@@ -315,24 +337,43 @@ def staged_name(night: str, part: str) -> str:
 
 class PartWriter:
     """One part staged in the run directory, counted as it is written: its rows, ok rows
-    and label statistics (what the index keeps, so no night reads them again)."""
+    and label statistics (what the index keeps, so no night reads them again).
+
+    A batch is encoded on another thread while the caller makes the next (Parquet's
+    encoder lets go of the GIL): at most two batches are held."""
 
     def __init__(self, store: Store, name: str, schema: pa.Schema, kept: Iterable[str] = ()):
         self._stack = contextlib.ExitStack()
         self._identity = ColumnsDigest(kept)
         sink = self._stack.enter_context(store.writing(name))
-        self._writer = self._stack.enter_context(pq.ParquetWriter(sink, schema))
+        self._writer = self._stack.enter_context(pq.ParquetWriter(sink, schema,
+                                                                  **parquet_options(schema)))
+        # entered last, so left first: the last batch is written before the file closes
+        self._encoder = self._stack.enter_context(ThreadPoolExecutor(1, "part-writer"))
+        self._encoding: Future | None = None
         self.schema, self.rows, self.ok, self.stats = schema, 0, 0, drift.LabelStats()
 
     def write(self, table: pa.Table) -> None:
         table = table.select(self.schema.names).cast(self.schema)
-        self._writer.write_table(table)
+        self._written()
+        self._encoding = self._encoder.submit(self._writer.write_table, table)
         self._identity.update(table)
         self.rows += table.num_rows
         self.ok += int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0)
         self.stats.add(table)
 
+    def _written(self) -> None:
+        """Waits for the batch being encoded; raises what its write raised."""
+        if self._encoding is not None:
+            encoding, self._encoding = self._encoding, None
+            encoding.result()
+
     def close(self, name: str, low: str, night: str | None) -> Part:
+        try:
+            self._written()
+        except BaseException as error:
+            self._stack.__exit__(type(error), error, error.__traceback__)
+            raise
         self._stack.close()
         return Part(name, low, self.rows, self.ok, self.stats.to_dict(), night,
                     self._identity.hexdigest())

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import night_diff, night_table
+from pipeline import night_diff, night_rows, night_table
 from pipeline.errors import UsageError
 from pipeline.night_diff import TONIGHT, NightDiff, items_to_label
 from pipeline.night_rows import PartRows
@@ -165,3 +165,114 @@ def test_the_cuts_come_from_a_bounded_sample_and_make_even_parts(monkeypatch):
     assert len(lows) == 100 and lows == sorted(set(lows))
     sizes = np.bincount(night_table.route(pa.array(keys), lows))
     assert sizes.sum() == 100_000 and 600 <= sizes.min() and sizes.max() <= 1_500
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("ordered", [True, False])
+def test_each_key_is_found_where_it_stands_in_last_nights_part(seed, ordered):
+    """Against a dict: a part's keys in order (a listing in key order) are searched, in
+    any other order hashed; tonight's keys in any order, absent, before the first and after
+    the last, prefixes of a key, non-ASCII, empty, repeated, in several chunks."""
+    rng = random.Random(seed)
+    alphabet = ["a", "b", "ab", "\u00e9", "\u65e5", "z"]
+    words = sorted({"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4)))
+                    for _ in range(300)})
+    held = sorted(rng.sample(words, len(words) // 2))
+    if not ordered:
+        rng.shuffle(held)
+    needles = [*words, *rng.sample(held, 20), "zzzzz", held[0] + "a"]
+    rng.shuffle(needles)
+    where = {key: row for row, key in enumerate(held)}
+    found = night_diff._positions(pa.chunked_array([needles[:100], needles[100:]]),
+                                  pa.array(held))
+    assert night_diff._ascending(pa.array(held)) == ordered
+    assert found.type == pa.int32()
+    assert found.to_pylist() == [where.get(needle) for needle in needles]
+
+
+def rows_table(n):
+    return pa.table({"key": [f"k{i:04d}" for i in range(n)],
+                     "labels": [[f"l{i}", "x"] for i in range(n)]})
+
+
+@pytest.mark.parametrize("numbers", ["all", "a few gone", "many gone", "shuffled", "one"])
+def test_last_nights_rows_come_by_number_as_pyarrow_takes_them(tmp_path, numbers):
+    """Runs of consecutive rows (last night's, between tonight's changes) are sliced from
+    the row groups, across their edges; past MAX_RUNS runs, or out of order, rows are
+    gathered by number: either way the rows pyarrow's own take gives."""
+    table = rows_table(1000)
+    pq.write_table(table, tmp_path / "part.parquet", row_group_size=64)
+    draw = np.random.default_rng(7)
+    wanted = {"all": np.arange(1000),
+              "a few gone": np.delete(np.arange(1000), draw.choice(1000, 9, replace=False)),
+              "many gone": np.delete(np.arange(1000), draw.choice(1000, 400, replace=False)),
+              "shuffled": draw.permutation(1000),
+              "one": np.array([517])}[numbers]
+    rows = night_rows._Rows(str(tmp_path / "part.parquet"), ["key", "labels"])
+    try:
+        taken = rows.take(wanted)
+    finally:
+        rows.close()
+    assert taken.equals(table.take(pa.array(wanted)))
+
+
+@pytest.mark.parametrize("switches", [0, 1, 30, 600])
+def test_tonights_and_last_nights_rows_interleave_in_listing_order(switches):
+    """Where the mask says tonight's, the next of tonight's rows, else the next of last
+    night's: as slices when they switch seldom, gathered past MAX_RUNS switches."""
+    draw = np.random.default_rng(switches)
+    mask = np.zeros(2000, bool)
+    for edge in np.sort(draw.choice(np.arange(1, 2000), switches, replace=False)):
+        mask[edge:] = ~mask[edge:]
+    first, second = rows_table(int(mask.sum())), rows_table(int((~mask).sum()))
+    second = second.set_column(0, "key", pa.array([f"old{i}" for i in range(len(second))]))
+    made = night_rows._interleave(mask, first, second)
+    expected, taken = [], [iter(first["key"].to_pylist()), iter(second["key"].to_pylist())]
+    for tonight in mask:
+        expected.append(next(taken[0] if tonight else taken[1]))
+    assert made["key"].to_pylist() == expected
+    assert made["labels"].num_chunks == (1 if switches >= night_rows.MAX_RUNS
+                                         else switches + 1)
+
+
+def test_a_part_whose_write_fails_is_raised_and_never_appears(tmp_path, monkeypatch):
+    """Batches are encoded on another thread: a full disk there is raised by the writer
+    (at the next batch or at close), and the staged part is not left behind."""
+    from benchmarks.night import items, labelled
+    written = []
+
+    def full_disk(self, table, *args, **kwargs):
+        written.append(table.num_rows)
+        if len(written) == 2:
+            raise OSError(28, "No space left on device")
+        return original(self, table, *args, **kwargs)
+
+    original = pq.ParquetWriter.write_table
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk)
+    writer = night_table.PartWriter(Store(str(tmp_path)), "staged/part-000000.parquet",
+                                    labelled(items(np.arange(1))).schema)
+    with pytest.raises(OSError, match="No space left"):
+        for start in range(0, 300, 100):
+            writer.write(labelled(items(np.arange(start, start + 100))))
+        writer.close("part-000000.parquet", "", "tonight")
+    writer.abort()
+    assert written == [100, 100]  # the third batch waited for the second, and stopped
+    assert not [name for _, _, names in os.walk(tmp_path) for name in names]
+
+
+def test_a_spool_that_cannot_be_written_stops_the_night_and_leaves_nothing(tmp_path,
+                                                                         monkeypatch):
+    """The listing is spooled on another thread: its error reaches the night."""
+    spool_writer = night_table.spool_writer
+
+    def full_disk(path, schema):
+        if "-000001-" in os.path.basename(path):
+            raise OSError(28, "No space left on device")
+        return spool_writer(path, schema)
+
+    monkeypatch.setattr(night_table, "spool_writer", full_disk)
+    index = parts_table(tmp_path, [("", ["a", "b"]), ("c", ["c", "d"])])
+    with pytest.raises(OSError, match="No space left"):
+        NightDiff(Store(str(tmp_path)), iter(in_batches(listed(["a", "b", "c", "d", "e"]), 2)),
+                  index, "photos/")
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".spill-")] == []
