@@ -3,7 +3,7 @@ removed, tonight's images to label, and the rows of the parts that changed.
 
 The listing streams once into one spool file per part (night_table.route: each key to the
 part whose key range holds it); then each part's keys are compared with tonight's of its
-range in memory, one part at a time. Memory is a part and a batch, whatever the size of
+range in memory, two parts at a time. Memory is two parts and a batch, whatever the size of
 the table; what is read is tonight's listing and the keys of last night's parts, and what
 is written later is only the parts whose keys changed.
 """
