@@ -27,11 +27,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import drift
+from pipeline.formats.parquet import parquet_options
 from pipeline.rundir import (STAGING_DIR, TABLE_COMMIT, TABLE_INDEX, read_json, within,
                              write_json)
 from pipeline.sources import VERSION_COLUMNS
 from pipeline.storage import Store
-from pipeline.writer import parquet_options
 
 # A part's rows: a night reads and writes whole parts, so this is both its memory and its
 # write when one image in the range changes. A part past twice this is split.

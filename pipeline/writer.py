@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import RunError, UsageError
 from pipeline.formats.base import Commit, Format
+from pipeline.formats.parquet import parquet_options
 from pipeline.storage import Store
 
 # Our columns, optional ones included: a kept manifest column may not take one's name.
@@ -20,31 +21,6 @@ OUTPUT_COLUMNS = frozenset({"key", "path", "status", "error", "width", "height",
 # Rows gathered before the merge writes a row group: big enough for DuckDB/Spark to scan
 # well, small enough to keep memory flat.
 MERGE_ROW_GROUP = 65_536
-
-# Columns whose values are nearly all distinct: a dictionary for them is built for every
-# row group and thrown away.
-_DISTINCT = frozenset({"key", "path", "source_version", "source_size", "top1_score", "scores",
-                       "embedding"})
-
-
-def parquet_options(schema: pa.Schema) -> dict:
-    """How our Parquet files are written: dictionaries where values repeat (labels, status,
-    sizes, kept columns) and statistics on the scalar columns (what readers skip row groups
-    by). Against pyarrow's defaults, a million rows of labels write in 0.56 s instead of
-    0.96 s and take 67 MB instead of 82 (docs/benchmarks.md)."""
-    dictionary, statistics = [], []
-    for field in schema:
-        nested = pa.types.is_nested(field.type)
-        if not nested:
-            statistics.append(field.name)
-        if field.name in _DISTINCT:
-            continue
-        if not nested:
-            dictionary.append(field.name)
-        elif pa.types.is_list(field.type) and not pa.types.is_nested(field.type.value_type):
-            dictionary.append(f"{field.name}.list.element")  # a list's values' column
-    return {"use_dictionary": dictionary, "write_statistics": statistics}
-
 
 @dataclass
 class ShardResult:

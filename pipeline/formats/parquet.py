@@ -13,7 +13,31 @@ import pyarrow.parquet as pq
 
 from pipeline.formats.base import Format
 from pipeline.storage import Store
-from pipeline.writer import parquet_options
+
+
+# Columns whose values are nearly all distinct: a dictionary for them is built for every
+# row group and thrown away.
+_DISTINCT = frozenset({"key", "path", "source_version", "source_size", "top1_score", "scores",
+                       "embedding"})
+
+
+def parquet_options(schema: pa.Schema) -> dict:
+    """How our Parquet files are written: dictionaries where values repeat (labels, status,
+    sizes, kept columns) and statistics on the scalar columns (what readers skip row groups
+    by). Against pyarrow's defaults, a million rows of labels write in 0.56 s instead of
+    0.96 s and take 67 MB instead of 82 (docs/benchmarks.md)."""
+    dictionary, statistics = [], []
+    for field in schema:
+        nested = pa.types.is_nested(field.type)
+        if not nested:
+            statistics.append(field.name)
+        if field.name in _DISTINCT:
+            continue
+        if not nested:
+            dictionary.append(field.name)
+        elif pa.types.is_list(field.type) and not pa.types.is_nested(field.type.value_type):
+            dictionary.append(f"{field.name}.list.element")  # a list's values' column
+    return {"use_dictionary": dictionary, "write_statistics": statistics}
 
 
 class _Writer:
