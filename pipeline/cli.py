@@ -374,6 +374,7 @@ def report(
     if (review_below is None) != (export is None):
         raise UsageError("--review-below and --export go together")
     from pipeline import report as reporting
+    from pipeline.report_page import render_html
     from pipeline.review.reviews import agreement
     from pipeline.rundir import agreement_history
     from pipeline.storage import Store, atomic_path
@@ -390,7 +391,7 @@ def report(
     typer.echo(reporting.render_text(found))
     if html_file is not None:
         with atomic_path(html_file) as tmp:
-            tmp.write_text(reporting.render_html(found, f"label-images report: {out}"))
+            tmp.write_text(render_html(found, f"label-images report: {out}"))
         typer.echo(f"report page: {html_file}")
     if export is not None:
         count = reporting.export_review(reporting.read_batches(out), review_below,

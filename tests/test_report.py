@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline import report as reporting
+from pipeline.report_page import render_html
 from tests.conftest import FAST, invoke, write_colour_images
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -75,7 +76,7 @@ def test_contact_sheet_captions_break_between_folders_never_inside_a_name():
         "key": ["2026/12/06/cam07/IMG_0000001234_a_rather_long_name.jpg"], "path": ["x.jpg"],
         "status": ["ok"], "error": pa.array([None], pa.string()), "top1_label": ["red"],
         "top1_score": pa.array([0.9], pa.float32())})])
-    page = reporting.render_html(findings, "t")
+    page = render_html(findings, "t")
     caption = re.search(r"<figcaption[^>]*>(.*?)<br>", page).group(1)
     assert re.sub(r"<[^>]+>", "", caption) == "2026/12/06/cam07/IMG_0000001234_a_rather_long_name.jpg"
     assert caption.count("<wbr>") == 4  # after each '/', and nowhere else
@@ -192,7 +193,7 @@ def test_a_huge_table_gives_a_small_page(cli, tmp_path):
 
 
 def test_thumbnails_show_photos_the_way_up_their_exif_says(tmp_path):
-    from pipeline.report import thumbnail
+    from pipeline.report_page import thumbnail
 
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, displayed rotated to portrait
