@@ -254,9 +254,11 @@ def _label_and_assemble(top: RunDirectory, job: Job, diff: NightDiff,
         index, upserts, written, (relabelled, top1_changed) = assemble(
             top, diff, labelled, config.keep_columns, night)
         if config.format != "parquet":
+            # the table format takes tonight's changes (upserts, removed); the parts are
+            # read only if it replaces the table whole (a first night, or one moved on)
             merge_parts(store, [night_table.part_path(TABLE, p) for p in index.parts], fmt,
                         commit=top.commit(night, base=base or None, upserts=upserts,
-                                          removed=removed))
+                                          removed=removed), count=False)
     top.remove_increments()  # only once the new table is committed
     summary.write_seconds += time.perf_counter() - started
     summary.ok = sum(part.ok for part in index.parts)

@@ -128,13 +128,15 @@ class MergeCounts:
 
 def merge_parts(store: Store, parts: list[str], fmt: Format,
                 expected_rows: list[int] | None = None,
-                commit: Commit | None = None) -> MergeCounts:
+                commit: Commit | None = None, count: bool = True) -> MergeCounts | None:
     """Stream the parts, in shard order, into the final table in `fmt`, committed as one
     (`commit`: what a table format records with it).
 
     With expected_rows, a part with another row count aborts the merge before the commit:
     the exactly-once check. The counts are of the rows streamed: a table format that takes
-    a night's changes only (or finds its commit already made) reads them all the same.
+    a night's changes only (or finds its commit already made) reads them all the same,
+    unless `count` is False (a night, whose index has its counts): then only what the
+    format asked for is read, and None is returned.
     """
     try:
         with store.open(parts[0]) as fh:
@@ -161,6 +163,9 @@ def merge_parts(store: Store, parts: list[str], fmt: Format,
 
     streamed = tables()
     fmt.assemble(store, schema, streamed, commit)
+    if not count:
+        streamed.close()
+        return None
     for _ in streamed:  # counted whether or not the format needed them
         pass
     return MergeCounts(rows=counts["rows"], ok=counts["ok"], errors=counts["rows"] - counts["ok"])

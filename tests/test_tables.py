@@ -359,3 +359,29 @@ def test_slices_of_an_array_job_merge_into_one_delta_commit(cli, tmp_path, photo
     assert sorted(rows["key"]) == sorted(p.name for p in folder.iterdir())
     commits = deltalake.DeltaTable(str(table)).history()
     assert [h["operation"] for h in commits] == ["WRITE"]
+
+
+@pytest.mark.parametrize("fmt", ["delta", "iceberg"])
+def test_a_night_reads_only_the_parts_it_rewrites(cli, tmp_path, colour_checkpoint,
+                                                   monkeypatch, fmt):
+    """A Delta or Iceberg night commits tonight's rows and removed keys: the run
+    directory's parts it did not rewrite are not read (one is made unreadable before the
+    night; reading it, to count rows say, would end the night naming it)."""
+    from pipeline import night_table
+    from tests.test_night_table import touch_up
+
+    monkeypatch.setattr(night_table, "PART_ROWS", 3)
+    folder, out = tmp_path / "photos", tmp_path / "nightly"
+    truth = write_colour_images(folder, 12, seed=71)
+    _night(cli, folder, out, colour_checkpoint, "--format", fmt)
+    state = out / "labels.parquet"
+    names = sorted(os.listdir(state))
+    assert len(names) == 4
+    touch_up(folder, sorted(truth)[4])  # in the second part
+    (state / names[2]).write_bytes(b"not Parquet any more")  # the third: not tonight's
+    _night(cli, folder, out, colour_checkpoint, "--format", fmt)
+    rows = (deltalake.DeltaTable(str(out / "labels.delta")).to_pandas() if fmt == "delta"
+            else iceberg_table(out).scan().to_pandas())
+    assert sorted(rows["key"]) == sorted(truth)
+    assert rows.set_index("key").loc[sorted(truth)[4], "top1_label"] == "blue"
+    assert (state / names[2]).read_bytes() == b"not Parquet any more"
